@@ -1,0 +1,448 @@
+//! The decoder-only transformer. Struct nesting mirrors HF checkpoint keys
+//! (`model.layers.3.self_attn.q_proj`), so loading is a walk over the fields.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor};
+use ember_lora::LoraLinear;
+
+use crate::config::{Activation, DecoderConfig};
+use crate::error::{ModelError, Result};
+use crate::rope::{inverse_frequencies, RopeTables};
+use crate::weights::Weights;
+
+/// The value added to masked attention scores (transformers uses the dtype's minimum).
+const MASK_VALUE: f32 = f32::MIN;
+
+/// Token embedding table (`embed_tokens`).
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    /// `[vocab, hidden]`.
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Embedding<B> {
+    /// Looks up token rows.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.weight.val(), ids)
+    }
+}
+
+/// Root-mean-square layer norm, `x / √(mean(x²) + ε) · w`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[dim]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// ε.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Normalises over the last dimension.
+    ///
+    /// # Shapes
+    /// - `x`: `[..., dim]`
+    /// - output: same as `x`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let normed = x * variance.add_scalar(self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze::<D>()
+    }
+}
+
+/// Multi-head attention with grouped key/value heads (`self_attn`).
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[heads·head_dim, hidden]`.
+    pub q_proj: LoraLinear<B>,
+    /// `[kv_heads·head_dim, hidden]`.
+    pub k_proj: LoraLinear<B>,
+    /// `[kv_heads·head_dim, hidden]`.
+    pub v_proj: LoraLinear<B>,
+    /// `[hidden, heads·head_dim]`.
+    pub o_proj: LoraLinear<B>,
+    /// Per-head RMS norm of queries (Qwen3).
+    pub q_norm: Option<RmsNorm<B>>,
+    /// Per-head RMS norm of keys (Qwen3).
+    pub k_norm: Option<RmsNorm<B>>,
+    /// Number of query heads.
+    pub num_heads: usize,
+    /// Number of key/value heads.
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Attends causally over the sequence.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    /// - `mask`: additive, `[batch, 1, seq, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let mut q = self.q_proj.forward(x.clone()).reshape([batch, seq, heads, head_dim]);
+        let mut k = self.k_proj.forward(x.clone()).reshape([batch, seq, kv_heads, head_dim]);
+        let v = self.v_proj.forward(x).reshape([batch, seq, kv_heads, head_dim]);
+        if let Some(norm) = &self.q_norm {
+            q = norm.forward(q);
+        }
+        if let Some(norm) = &self.k_norm {
+            k = norm.forward(k);
+        }
+        let q = rope.apply(q.swap_dims(1, 2));
+        let k = rope.apply(k.swap_dims(1, 2));
+        let v = v.swap_dims(1, 2);
+        let k = repeat_kv(k, heads / kv_heads);
+        let v = repeat_kv(v, heads / kv_heads);
+
+        let scale = (head_dim as f64).powf(-0.5);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask;
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, heads * head_dim]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// Repeats each key/value head `groups` times, as transformers' `repeat_kv`.
+///
+/// # Shapes
+/// - `x`: `[batch, kv_heads, seq, head_dim]`
+/// - output: `[batch, kv_heads·groups, seq, head_dim]`
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
+    if groups == 1 {
+        return x;
+    }
+    let [batch, kv_heads, seq, head_dim] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([batch, kv_heads, groups, seq, head_dim])
+        .reshape([batch, kv_heads * groups, seq, head_dim])
+}
+
+/// The gated feed-forward block (`mlp`): `down(act(gate(x)) · up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[intermediate, hidden]`.
+    pub gate_proj: LoraLinear<B>,
+    /// `[intermediate, hidden]`.
+    pub up_proj: LoraLinear<B>,
+    /// `[hidden, intermediate]`.
+    pub down_proj: LoraLinear<B>,
+    /// The activation of the gate.
+    #[module(skip)]
+    pub act: Activation,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = self.gate_proj.forward(x.clone());
+        let gate = match self.act {
+            Activation::Silu => silu(gate),
+            Activation::Gelu => gelu(gate),
+            Activation::GeluTanh => gelu_tanh(gate),
+        };
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// GeLU with the tanh approximation, as `gelu_pytorch_tanh`.
+fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let c = (2.0f64 / std::f64::consts::PI).sqrt();
+    let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar(c);
+    x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
+}
+
+/// One pre-norm decoder block.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Attention.
+    pub self_attn: Attention<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// Feed-forward block.
+    pub mlp: Mlp<B>,
+    /// Sliding window of this layer (`None` = global).
+    pub sliding_window: Option<usize>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    /// - `mask`: additive, `[batch, 1, seq, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4>) -> Tensor<B, 3> {
+        let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask);
+        let x = x + h;
+        let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        x + h
+    }
+}
+
+/// The decoder body (`model.`): embeddings, layers, final norm.
+#[derive(Module, Debug)]
+pub struct DecoderModel<B: Backend> {
+    /// Token embeddings.
+    pub embed_tokens: Embedding<B>,
+    /// Decoder blocks.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+}
+
+/// A batch of token sequences with optional padding mask and positions.
+#[derive(Debug, Clone)]
+pub struct ModelInput<B: Backend> {
+    /// Token ids, `[batch, seq]`.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// 1 for real tokens, 0 for padding, `[batch, seq]`; `None` = all real.
+    pub attention_mask: Option<Tensor<B, 2, Int>>,
+    /// Positions for RoPE, `[batch, seq]`; `None` = `0..seq` for every row.
+    pub position_ids: Option<Tensor<B, 2, Int>>,
+}
+
+impl<B: Backend> ModelInput<B> {
+    /// A batch with no padding and default positions.
+    pub fn new(input_ids: Tensor<B, 2, Int>) -> Self {
+        Self {
+            input_ids,
+            attention_mask: None,
+            position_ids: None,
+        }
+    }
+}
+
+/// Output of a forward pass.
+#[derive(Debug, Clone)]
+pub struct ModelOutput<B: Backend> {
+    /// `[batch, seq, vocab]`.
+    pub logits: Tensor<B, 3>,
+    /// Embedding output, the output of every layer but the last, and the final normed state,
+    /// each `[batch, seq, hidden]` (transformers' `output_hidden_states`); empty unless asked.
+    pub hidden_states: Vec<Tensor<B, 3>>,
+}
+
+/// A causal language model: decoder body plus output head.
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    /// The decoder body.
+    pub model: DecoderModel<B>,
+    /// The output head; `None` when tied to the embeddings.
+    pub lm_head: Option<LoraLinear<B>>,
+    /// The normalised config.
+    #[module(skip)]
+    pub config: DecoderConfig,
+    /// RoPE inverse frequencies, `[rotary_dim / 2]`.
+    #[module(skip)]
+    pub inv_freq: Vec<f32>,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Reads `config.json` and the safetensors weights of a HF model folder.
+    pub fn from_dir(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config = DecoderConfig::from_file(dir.join("config.json"))?;
+        let weights = Weights::open_dir(dir)?;
+        Self::load(config, &weights, device)
+    }
+
+    /// Builds the model from `weights`, checking every key and shape.
+    pub fn load(config: DecoderConfig, weights: &Weights, device: &B::Device) -> Result<Self> {
+        let c = &config;
+        let linear = |key: &str, out: usize, inp: usize, bias: bool| -> Result<LoraLinear<B>> {
+            let w = weights.tensor::<B, 2>(&format!("{key}.weight"), [out, inp], device)?;
+            let b = if bias {
+                Some(weights.tensor::<B, 1>(&format!("{key}.bias"), [out], device)?)
+            } else {
+                None
+            };
+            Ok(LoraLinear::frozen(w, b))
+        };
+        let norm = |key: &str, dim: usize| -> Result<RmsNorm<B>> {
+            let w = weights.tensor::<B, 1>(&format!("{key}.weight"), [dim], device)?;
+            Ok(RmsNorm {
+                weight: Param::from_tensor(w).set_require_grad(false),
+                eps: c.rms_norm_eps,
+            })
+        };
+        let (h, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let self_attn = Attention {
+                q_proj: linear(&format!("{p}.self_attn.q_proj"), q_dim, h, c.qkv_bias)?,
+                k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_dim, h, c.qkv_bias)?,
+                v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_dim, h, c.qkv_bias)?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q_dim, c.o_bias)?,
+                q_norm: c
+                    .qk_norm
+                    .then(|| norm(&format!("{p}.self_attn.q_norm"), c.head_dim))
+                    .transpose()?,
+                k_norm: c
+                    .qk_norm
+                    .then(|| norm(&format!("{p}.self_attn.k_norm"), c.head_dim))
+                    .transpose()?,
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+            };
+            let i_dim = c.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: linear(&format!("{p}.mlp.gate_proj"), i_dim, h, c.mlp_bias)?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), i_dim, h, c.mlp_bias)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), h, i_dim, c.mlp_bias)?,
+                act: c.act,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm"), h)?,
+                self_attn,
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"), h)?,
+                mlp,
+                sliding_window: c.sliding_window[i],
+            });
+        }
+        let embed = weights.tensor::<B, 2>("model.embed_tokens.weight", [c.vocab_size, h], device)?;
+        let model = DecoderModel {
+            embed_tokens: Embedding {
+                weight: Param::from_tensor(embed).set_require_grad(false),
+            },
+            layers,
+            norm: norm("model.norm", h)?,
+        };
+        let lm_head = if c.tie_word_embeddings {
+            // Some tied checkpoints also store the (identical) head; transformers ignores it.
+            weights.skip("lm_head.weight");
+            None
+        } else {
+            Some(linear("lm_head", c.vocab_size, h, false)?)
+        };
+        weights.ensure_all_used()?;
+        let inv_freq = inverse_frequencies(&c.rope);
+        Ok(Self {
+            model,
+            lm_head,
+            config,
+            inv_freq,
+        })
+    }
+
+    /// Runs the model and returns logits for every position.
+    ///
+    /// # Shapes
+    /// - `input.input_ids`: `[batch, seq]`
+    /// - output logits: `[batch, seq, vocab]`
+    pub fn forward(&self, input: ModelInput<B>) -> Tensor<B, 3> {
+        self.forward_with_hidden(input, false).logits
+    }
+
+    /// Runs the model; with `output_hidden_states` also returns every layer's hidden state.
+    ///
+    /// # Shapes
+    /// - `input.input_ids`: `[batch, seq]`
+    /// - `logits`: `[batch, seq, vocab]`; each hidden state `[batch, seq, hidden]`
+    pub fn forward_with_hidden(&self, input: ModelInput<B>, output_hidden_states: bool) -> ModelOutput<B> {
+        let [batch, seq] = input.input_ids.dims();
+        let device = input.input_ids.device();
+        let position_ids = input.position_ids.unwrap_or_else(|| {
+            Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
+                .reshape([1, seq])
+                .expand([batch, seq])
+        });
+        let rope = RopeTables::new(position_ids, &self.inv_freq, 1.0);
+        let mut masks: BTreeMap<Option<usize>, Tensor<B, 4>> = BTreeMap::new();
+        for layer in &self.model.layers {
+            masks.entry(layer.sliding_window).or_insert_with(|| {
+                attention_mask::<B>(input.attention_mask.clone(), batch, seq, 0, layer.sliding_window, &device)
+            });
+        }
+
+        let mut x = self.model.embed_tokens.forward(input.input_ids);
+        let mut hidden_states = Vec::new();
+        for layer in &self.model.layers {
+            if output_hidden_states {
+                hidden_states.push(x.clone());
+            }
+            x = layer.forward(x, &rope, masks[&layer.sliding_window].clone());
+        }
+        let x = self.model.norm.forward(x);
+        if output_hidden_states {
+            hidden_states.push(x.clone());
+        }
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => ember_lora::linear(x, self.model.embed_tokens.weight.val(), None),
+        };
+        ModelOutput { logits, hidden_states }
+    }
+
+    /// The normalised config the model was built from.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.config
+    }
+}
+
+/// The additive attention mask: 0 where query `i` may see key `j`, the dtype minimum elsewhere.
+///
+/// Key `j` is visible to query `i` when `j ≤ i + past`, key `j` is not padding, and, with a
+/// sliding window `w`, `i + past − j < w` (transformers' rule).
+///
+/// # Shapes
+/// - `padding`: `[batch, past + seq]` (1 real, 0 pad)
+/// - output: `[batch, 1, seq, past + seq]`
+pub fn attention_mask<B: Backend>(
+    padding: Option<Tensor<B, 2, Int>>,
+    batch: usize,
+    seq: usize,
+    past: usize,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let keys = past + seq;
+    let q = Tensor::<B, 1, Int>::arange(past as i64..keys as i64, device)
+        .reshape([seq, 1])
+        .expand([seq, keys]);
+    let k = Tensor::<B, 1, Int>::arange(0..keys as i64, device)
+        .reshape([1, keys])
+        .expand([seq, keys]);
+    let mut hidden: Tensor<B, 2, Bool> = k.clone().greater(q.clone());
+    if let Some(w) = window {
+        // Hidden when i - j >= w, i.e. j <= i - w.
+        hidden = hidden.bool_or(k.lower_equal(q.sub_scalar(w as i64)));
+    }
+    let hidden = hidden.reshape([1, 1, seq, keys]).expand([batch, 1, seq, keys]);
+    let hidden = match padding {
+        Some(pad) => {
+            let pad = pad.equal_elem(0).reshape([batch, 1, 1, keys]).expand([batch, 1, seq, keys]);
+            hidden.bool_or(pad)
+        }
+        None => hidden,
+    };
+    Tensor::<B, 4>::zeros([batch, 1, seq, keys], device).mask_fill(hidden, MASK_VALUE)
+}
+
+/// Checks that a padding mask matches the ids it belongs to.
+pub fn check_input_shapes(ids: [usize; 2], mask: Option<[usize; 2]>, positions: Option<[usize; 2]>) -> Result<()> {
+    for (name, dims) in [("attention_mask", mask), ("position_ids", positions)] {
+        if let Some(d) = dims {
+            if d != ids {
+                return Err(ModelError::InvalidInput(format!(
+                    "{name} has shape {d:?} but input_ids has {ids:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}

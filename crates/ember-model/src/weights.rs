@@ -1,0 +1,244 @@
+//! Reading safetensors checkpoints: one file or shards with an index, memory-mapped, every
+//! tensor converted to f32 on the host before it reaches the backend.
+//!
+//! [`Weights`] hands out tensors by HF key and remembers which were taken, so that loading can
+//! report missing keys, unexpected keys and shape mismatches by name.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorInfo};
+use safetensors::SafeTensors;
+
+use crate::error::{ModelError, Result};
+
+/// The storage dtype of a checkpoint tensor.
+pub type StorageDtype = Dtype;
+
+/// One memory-mapped safetensors file with its parsed header.
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // SAFETY: the file is opened read-only; a concurrent writer truncating it is outside
+        // what any model loader can defend against (transformers and candle map the same way).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::CorruptWeights {
+                path: path.to_path_buf(),
+                message: format!("{e:?}"),
+            })?;
+        let tensors = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + header_len,
+            tensors,
+        })
+    }
+}
+
+/// A checkpoint opened for loading: every tensor of every shard, by key.
+pub struct Weights {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    index: BTreeMap<String, usize>,
+    taken: RefCell<BTreeSet<String>>,
+}
+
+impl Weights {
+    /// Opens `model.safetensors` or `model.safetensors.index.json` + shards in `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: BTreeMap<String, String>,
+            }
+            let parsed: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: index.clone(),
+                source,
+            })?;
+            let files: BTreeSet<&String> = parsed.weight_map.values().collect();
+            let paths: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+            let weights = Self::open_files(dir, &paths)?;
+            for (key, file) in &parsed.weight_map {
+                if !weights.index.contains_key(key) {
+                    return Err(ModelError::MissingTensor {
+                        key: format!("{key} (listed in the index for `{file}`)"),
+                        dir: dir.to_path_buf(),
+                    });
+                }
+            }
+            Ok(weights)
+        } else if single.exists() {
+            Self::open_files(dir, &[single])
+        } else {
+            Err(ModelError::NoWeights {
+                dir: dir.to_path_buf(),
+            })
+        }
+    }
+
+    /// Opens the given safetensors files as one checkpoint; `dir` names it in errors.
+    pub fn open_files(dir: &Path, paths: &[PathBuf]) -> Result<Self> {
+        let mut shards = Vec::with_capacity(paths.len());
+        let mut index = BTreeMap::new();
+        for path in paths {
+            let shard = Shard::open(path)?;
+            for key in shard.tensors.keys() {
+                index.insert(key.clone(), shards.len());
+            }
+            shards.push(shard);
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shards,
+            index,
+            taken: RefCell::new(BTreeSet::new()),
+        })
+    }
+
+    /// Whether the checkpoint holds `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    /// All keys, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    /// The stored shape and dtype of `key`.
+    pub fn info(&self, key: &str) -> Option<(Vec<usize>, StorageDtype)> {
+        let shard = &self.shards[*self.index.get(key)?];
+        let info = &shard.tensors[key];
+        Some((info.shape.clone(), info.dtype))
+    }
+
+    /// The stored dtype most tensors have (what `inspect` reports).
+    pub fn dominant_dtype(&self) -> Option<StorageDtype> {
+        let mut counts: BTreeMap<String, (usize, StorageDtype)> = BTreeMap::new();
+        for shard in &self.shards {
+            for info in shard.tensors.values() {
+                let n = info.shape.iter().product::<usize>();
+                let e = counts.entry(format!("{:?}", info.dtype)).or_insert((0, info.dtype));
+                e.0 += n;
+            }
+        }
+        counts.into_values().max_by_key(|(n, _)| *n).map(|(_, d)| d)
+    }
+
+    /// Reads `key` as f32 values, checking the stored shape against `expected`.
+    pub fn read_f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let shard_index = *self.index.get(key).ok_or_else(|| ModelError::MissingTensor {
+            key: key.to_string(),
+            dir: self.dir.clone(),
+        })?;
+        let shard = &self.shards[shard_index];
+        let info = &shard.tensors[key];
+        if info.shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                key: key.to_string(),
+                path: shard.path.clone(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
+        let values = bytes_to_f32(bytes, info.dtype).ok_or_else(|| ModelError::UnsupportedDtype {
+            key: key.to_string(),
+            path: shard.path.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        self.taken.borrow_mut().insert(key.to_string());
+        Ok(values)
+    }
+
+    /// Reads `key` into a backend tensor of rank `D` with shape `expected`.
+    pub fn tensor<B: Backend, const D: usize>(
+        &self,
+        key: &str,
+        expected: [usize; D],
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        let values = self.read_f32(key, &expected)?;
+        Ok(Tensor::from_data(TensorData::new(values, expected), device))
+    }
+
+    /// Marks `key` as deliberately unused (e.g. a stored copy of a tied `lm_head`).
+    pub fn skip(&self, key: &str) {
+        self.taken.borrow_mut().insert(key.to_string());
+    }
+
+    /// Errors if any tensor of the checkpoint was not taken.
+    pub fn ensure_all_used(&self) -> Result<()> {
+        let taken = self.taken.borrow();
+        let left: Vec<&str> = self
+            .index
+            .keys()
+            .filter(|k| !taken.contains(*k))
+            // Older checkpoints store RoPE tables as buffers; they are recomputed.
+            .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+            .map(String::as_str)
+            .collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::UnexpectedTensors {
+                keys: left.join(", "),
+                dir: self.dir.clone(),
+            })
+        }
+    }
+}
+
+/// Converts little-endian stored values to f32; `None` for dtypes that are not floating point.
+fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        _ => return None,
+    })
+}

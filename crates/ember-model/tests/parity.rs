@@ -1,0 +1,84 @@
+//! Golden tests: Ember's logits, hidden states and per-token loss against transformers 5.24.
+//!
+//! The references in `tests/fixtures/<arch>/` come from `../shared/fixtures/_generator`:
+//! `PYTHONHASHSEED=0 python gen_fixtures.py OUT` (transformers 5.24.0, torch 2.15, CPU f32,
+//! eager attention). Tolerance: 1e-4 absolute, compared only where attention_mask is 1.
+
+mod common;
+
+use burn::tensor::Tensor;
+use common::*;
+use ember_model::{CausalLm, DecoderConfig, Weights};
+
+const TOL: f32 = 1e-4;
+
+fn check_arch(arch: &str, config_file: &str) {
+    let dir = fixtures().join(arch);
+    let device = Default::default();
+    let config = DecoderConfig::from_file(dir.join(config_file)).unwrap();
+    let weights = Weights::open_dir(&dir).unwrap();
+    let model = CausalLm::<TestBackend>::load(config, &weights, &device).unwrap();
+    let inputs = Inputs::read(arch);
+    let out = model.forward_with_hidden(inputs.to_model_input(), true);
+
+    let reference_file = dir.join("logits.safetensors");
+    let (expected, shape) = reference(&reference_file, "logits");
+    let dims: [usize; 3] = out.logits.dims();
+    assert_eq!(dims.to_vec(), shape);
+    let logits = out.logits.into_data().to_vec::<f32>().unwrap();
+    let tag = format!("{arch} ({config_file})");
+    assert_close(&format!("{tag} logits"), masked_max_diff(&logits, &expected, &shape, &inputs.attention_mask), TOL);
+
+    assert_eq!(out.hidden_states.len(), model.config().num_layers + 1);
+    for (i, hidden) in out.hidden_states.into_iter().enumerate() {
+        let (expected, shape) = reference(&reference_file, &format!("hidden_states.{i}"));
+        let actual = hidden.into_data().to_vec::<f32>().unwrap();
+        let diff = masked_max_diff(&actual, &expected, &shape, &inputs.attention_mask);
+        assert_close(&format!("{tag} hidden_states.{i}"), diff, TOL);
+    }
+
+    let (expected_loss, loss_shape) = reference(&reference_file, "per_token_loss");
+    let loss = per_token_loss(&logits, dims, &inputs.labels);
+    let worst = loss
+        .iter()
+        .zip(&expected_loss)
+        .map(|(a, e)| (a - e).abs())
+        .enumerate()
+        .fold((0.0f32, 0usize), |w, (i, d)| if d > w.0 { (d, i) } else { w });
+    assert_eq!(loss_shape, vec![dims[0], dims[1] - 1]);
+    assert_close(&format!("{tag} per_token_loss"), worst, TOL);
+}
+
+macro_rules! parity {
+    ($($name:ident: $arch:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                check_arch($arch, "config.json");
+                check_arch($arch, "config.v4.json");
+            }
+        )*
+    };
+}
+
+parity! {
+    llama: "llama",
+    llama_rope3: "llama_rope3",
+    mistral: "mistral",
+    qwen2: "qwen2",
+    qwen3: "qwen3",
+}
+
+/// bf16 weights upcast to f32 and computed in f32 match transformers'
+/// `logits_bf16_weights_f32_compute` (a fresh reload of `llama/bf16/` with `dtype=torch.float32`).
+#[test]
+fn llama_bf16_weights_f32_compute() {
+    let dir = fixtures().join("llama");
+    let device = Default::default();
+    let model = CausalLm::<TestBackend>::from_dir(&dir.join("bf16"), &device).unwrap();
+    let inputs = Inputs::read("llama");
+    let logits: Tensor<TestBackend, 3> = model.forward(inputs.to_model_input());
+    let (expected, shape) = reference(&dir.join("logits_bf16.safetensors"), "logits_bf16_weights_f32_compute");
+    let actual = logits.into_data().to_vec::<f32>().unwrap();
+    assert_close("llama bf16 weights, f32 compute", masked_max_diff(&actual, &expected, &shape, &inputs.attention_mask), TOL);
+}
