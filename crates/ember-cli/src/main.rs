@@ -1,1 +1,186 @@
-fn main() {}
+//! `ember`: LoRA fine-tuning for open-weight models.
+//!
+//! Subcommands: `inspect` (a model folder), `forward` (logits for given token ids).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::{Parser, Subcommand, ValueEnum};
+use ember_model::{CausalLm, DecoderConfig, ModelInput, Weights};
+
+#[derive(Parser)]
+#[command(name = "ember", version, about = "LoRA fine-tuning for open-weight models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where tensors live.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum DeviceKind {
+    /// burn-ndarray on the CPU.
+    Cpu,
+    /// burn-cuda on the first GPU (build with `--features cuda`).
+    Cuda,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a HuggingFace model folder: architecture, sizes, dtype, parameter count.
+    Inspect {
+        /// The model folder (config.json + *.safetensors).
+        path: PathBuf,
+    },
+    /// Compute logits for token ids and write them as safetensors (`logits` [batch, seq, vocab], f32).
+    Forward {
+        /// The model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON with `input_ids` [[..]], optional `attention_mask` and `position_ids` of the same shape.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Device to run on.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("EMBER_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Inspect { path } => inspect(&path),
+        Command::Forward {
+            model,
+            inputs,
+            out,
+            device,
+        } => match device {
+            DeviceKind::Cpu => forward::<burn::backend::NdArray<f32>>(&model, &inputs, &out, &Default::default()),
+            DeviceKind::Cuda => forward_cuda(&model, &inputs, &out),
+        },
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn forward_cuda(model: &Path, inputs: &Path, out: &Path) -> Result<()> {
+    forward::<burn::backend::Cuda<f32>>(model, inputs, out, &Default::default())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn forward_cuda(_: &Path, _: &Path, _: &Path) -> Result<()> {
+    bail!("this ember was built without CUDA; rebuild with `cargo build --release --features cuda`")
+}
+
+fn inspect(path: &Path) -> Result<()> {
+    let config = DecoderConfig::from_file(path.join("config.json"))?;
+    let weights = Weights::open_dir(path)?;
+    let mut params = 0usize;
+    for key in weights.keys() {
+        let (shape, _) = weights.info(key).expect("key from the checkpoint");
+        params += shape.iter().product::<usize>();
+    }
+    let dtype = weights
+        .dominant_dtype()
+        .map(|d| format!("{d:?}").to_lowercase())
+        .unwrap_or_else(|| "none".into());
+    let windows: Vec<String> = config
+        .sliding_window
+        .iter()
+        .map(|w| w.map_or("global".to_string(), |w| format!("window {w}")))
+        .collect();
+    println!("model:          {}", path.display());
+    println!("architecture:   {}", config.model_type);
+    println!("parameters:     {params} ({:.1} M)", params as f64 / 1e6);
+    println!("dtype:          {dtype}");
+    println!("layers:         {}", config.num_layers);
+    println!("hidden size:    {}", config.hidden_size);
+    println!("intermediate:   {}", config.intermediate_size);
+    println!(
+        "heads:          {} query, {} key/value, head_dim {}",
+        config.num_heads, config.num_kv_heads, config.head_dim
+    );
+    println!("vocab:          {}", config.vocab_size);
+    println!("tied embeddings: {}", if config.tie_word_embeddings { "yes" } else { "no" });
+    println!("rope:           theta {} {:?}, {} rotary dims", config.rope.theta, config.rope.scaling, config.rope.rotary_dim);
+    println!("attention:      {}", compress(&windows));
+    println!("max positions:  {}", config.max_position_embeddings);
+    Ok(())
+}
+
+/// `a, a, b` → `2× a, 1× b`.
+fn compress(items: &[String]) -> String {
+    let mut out: Vec<(usize, &String)> = Vec::new();
+    for item in items {
+        match out.last_mut() {
+            Some((n, last)) if *last == item => *n += 1,
+            _ => out.push((1, item)),
+        }
+    }
+    out.iter().map(|(n, s)| format!("{n}× {s}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Reads a `[[i64]]` field of the inputs file; `None` when absent or a note (a string).
+fn matrix(value: &serde_json::Value, key: &str, path: &Path) -> Result<Option<(Vec<i64>, [usize; 2])>> {
+    let Some(v) = value.get(key) else { return Ok(None) };
+    if v.is_string() || v.is_null() {
+        return Ok(None);
+    }
+    let rows: Vec<Vec<i64>> = serde_json::from_value(v.clone())
+        .with_context(|| format!("{}: `{key}` must be a list of lists of integers", path.display()))?;
+    let width = rows.first().map_or(0, Vec::len);
+    if rows.is_empty() || width == 0 {
+        bail!("{}: `{key}` is empty", path.display());
+    }
+    if let Some(i) = rows.iter().position(|r| r.len() != width) {
+        bail!("{}: `{key}` row {i} has {} entries, row 0 has {width}", path.display(), rows[i].len());
+    }
+    Ok(Some((rows.concat(), [rows.len(), width])))
+}
+
+fn forward<B: Backend>(model_dir: &Path, inputs: &Path, out: &Path, device: &B::Device) -> Result<()> {
+    let text = std::fs::read_to_string(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", inputs.display()))?;
+    let (ids, dims) = matrix(&value, "input_ids", inputs)?
+        .with_context(|| format!("{}: missing `input_ids`", inputs.display()))?;
+    let mask = matrix(&value, "attention_mask", inputs)?;
+    let positions = matrix(&value, "position_ids", inputs)?;
+    for (name, m) in [("attention_mask", &mask), ("position_ids", &positions)] {
+        if let Some((_, d)) = m {
+            if *d != dims {
+                bail!("{}: `{name}` has shape {d:?} but `input_ids` has {dims:?}", inputs.display());
+            }
+        }
+    }
+    let model = CausalLm::<B>::from_dir(model_dir, device)?;
+    let vocab = model.config().vocab_size as i64;
+    if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= vocab) {
+        bail!("{}: token id {bad} is outside the vocabulary (0..{vocab})", inputs.display());
+    }
+    let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, dims), device);
+    let input = ModelInput {
+        input_ids: int(ids),
+        attention_mask: mask.map(|(m, _)| int(m)),
+        position_ids: positions.map(|(p, _)| int(p)),
+    };
+    let logits = model.forward(input);
+    let shape = logits.dims().to_vec();
+    let values = logits.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes)?;
+    let tmp = out.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(vec![("logits", view)], None, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("wrote logits {shape:?} to {}", out.display());
+    Ok(())
+}

@@ -1,15 +1,23 @@
 //! PEFT-exact LoRA adapters on burn.
 //!
 //! This crate knows no model architecture. It provides:
+//! - [`LoraConfig`]: PEFT's settings and target-matching rules;
 //! - [`LoraLinear`]: a frozen linear layer (`weight` [out, in], optional `bias`) with an optional
-//!   low-rank adapter, `y = x·Wᵀ + b + s·B(A(dropout(x)))`.
+//!   low-rank adapter, `y = x·Wᵀ + b + s·B(A(dropout(x)))`, mergeable in memory;
+//! - [`adapter`]: PEFT's `adapter_config.json` + `adapter_model.safetensors`, read and written;
+//! - [`merge`]: a streaming merge of an adapter into safetensors shards.
 //!
 //! Weight paths such as `model.layers.3.self_attn.q_proj` are born in `ember-model` and handed
 //! here; this crate never learns a model's names.
 #![warn(missing_docs)]
 
+pub mod adapter;
+pub mod config;
 mod error;
 mod linear;
+pub mod merge;
 
-pub use error::LoraError;
+pub use adapter::{AdapterFiles, AdapterTensors};
+pub use config::{InitLoraWeights, LoraConfig, ModuleLora, TargetModules};
+pub use error::{LoraError, Result};
 pub use linear::{linear, LoraAdapter, LoraLinear};

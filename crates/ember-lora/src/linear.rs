@@ -2,7 +2,10 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Distribution, ElementConversion, Tensor};
+
+use crate::config::{InitLoraWeights, ModuleLora};
+use crate::error::{LoraError, Result};
 
 /// A low-rank adapter `s·B(A(dropout(x)))` attached to a linear layer.
 ///
@@ -19,6 +22,52 @@ pub struct LoraAdapter<B: Backend> {
     pub dropout: f64,
     /// When false the adapter branch is skipped (the base layer alone is computed).
     pub enabled: bool,
+    /// True while `s·B·A` is folded into the base weight (the branch is then skipped).
+    pub merged: bool,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// A fresh adapter for a `[out, in]` layer, initialised as PEFT does.
+    ///
+    /// `true`: A ~ U(−1/√in, 1/√in) (`kaiming_uniform_(a=√5)`), B = 0. `"gaussian"`:
+    /// A ~ N(0, 1/r²), B = 0. `false`: A as `true`, B ~ U(−1/√r, 1/√r).
+    pub fn init(out: usize, inp: usize, lora: ModuleLora, dropout: f64, init: InitLoraWeights, device: &B::Device) -> Self {
+        let r = lora.r;
+        let kaiming = |fan_in: usize| Distribution::Uniform(-1.0 / (fan_in as f64).sqrt(), 1.0 / (fan_in as f64).sqrt());
+        let a = match init {
+            InitLoraWeights::Named(crate::config::InitName::Gaussian) => {
+                Tensor::random([r, inp], Distribution::Normal(0.0, 1.0 / r as f64), device)
+            }
+            InitLoraWeights::Bool(_) => Tensor::random([r, inp], kaiming(inp), device),
+        };
+        let b = match init {
+            InitLoraWeights::Bool(false) => Tensor::random([out, r], kaiming(r), device),
+            _ => Tensor::zeros([out, r], device),
+        };
+        Self::from_tensors(a, b, lora.scaling, dropout)
+    }
+
+    /// An adapter from given A `[r, in]` and B `[out, r]`.
+    pub fn from_tensors(lora_a: Tensor<B, 2>, lora_b: Tensor<B, 2>, scaling: f64, dropout: f64) -> Self {
+        Self {
+            lora_a: Param::from_tensor(lora_a),
+            lora_b: Param::from_tensor(lora_b),
+            scaling,
+            dropout,
+            enabled: true,
+            merged: false,
+        }
+    }
+
+    /// The rank r.
+    pub fn rank(&self) -> usize {
+        self.lora_a.val().dims()[0]
+    }
+
+    /// `s·B·A` in f32, shape `[out, in]`.
+    pub fn delta_weight(&self) -> Tensor<B, 2> {
+        self.lora_b.val().matmul(self.lora_a.val()).mul_scalar(self.scaling)
+    }
 }
 
 /// A linear layer whose base weight is frozen, with an optional LoRA adapter.
@@ -48,6 +97,59 @@ impl<B: Backend> LoraLinear<B> {
         }
     }
 
+    /// Attaches `adapter`, checking its shapes against the base weight.
+    ///
+    /// # Shapes
+    /// - `adapter.lora_a`: `[r, in]`; `adapter.lora_b`: `[out, r]`
+    pub fn attach(&mut self, adapter: LoraAdapter<B>, path: &str) -> Result<()> {
+        let [out, inp] = self.dims();
+        let [r, a_in] = adapter.lora_a.val().dims();
+        let b_dims = adapter.lora_b.val().dims();
+        if a_in != inp {
+            return Err(LoraError::ShapeMismatch {
+                key: format!("{path}.lora_A.weight"),
+                expected: vec![r, inp],
+                found: vec![r, a_in],
+            });
+        }
+        if b_dims != [out, r] {
+            return Err(LoraError::ShapeMismatch {
+                key: format!("{path}.lora_B.weight"),
+                expected: vec![out, r],
+                found: b_dims.to_vec(),
+            });
+        }
+        self.adapter = Some(adapter);
+        Ok(())
+    }
+
+    /// Folds `s·B·A` into the base weight; the adapter stays attached but is skipped.
+    /// Errors (and changes nothing) if the result would hold NaN or infinity.
+    pub fn merge(&mut self, path: &str) -> Result<()> {
+        let Some(adapter) = self.adapter.as_mut().filter(|a| !a.merged) else {
+            return Ok(());
+        };
+        let merged = self.weight.val() + adapter.delta_weight();
+        let non_finite: i64 = merged.clone().is_finite().bool_not().int().sum().into_scalar().elem();
+        if non_finite > 0 {
+            return Err(LoraError::NonFinite {
+                key: format!("{path}.weight"),
+            });
+        }
+        self.weight = Param::from_tensor(merged).set_require_grad(false);
+        adapter.merged = true;
+        Ok(())
+    }
+
+    /// Undoes [`LoraLinear::merge`] by subtracting `s·B·A` again.
+    pub fn unmerge(&mut self) {
+        if let Some(adapter) = self.adapter.as_mut().filter(|a| a.merged) {
+            let restored = self.weight.val() - adapter.delta_weight();
+            self.weight = Param::from_tensor(restored).set_require_grad(false);
+            adapter.merged = false;
+        }
+    }
+
     /// `[out, in]` of the base weight.
     pub fn dims(&self) -> [usize; 2] {
         self.weight.val().dims()
@@ -61,7 +163,7 @@ impl<B: Backend> LoraLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let base = linear(x.clone(), self.weight.val(), self.bias.as_ref().map(|b| b.val()));
         match &self.adapter {
-            Some(adapter) if adapter.enabled => {
+            Some(adapter) if adapter.enabled && !adapter.merged => {
                 // Dropout is active only under autodiff, i.e. while training.
                 let x = burn::nn::DropoutConfig::new(adapter.dropout)
                     .init()

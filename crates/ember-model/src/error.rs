@@ -104,6 +104,9 @@ pub enum ModelError {
     /// The chat template could not be parsed or rendered.
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    /// Attaching, loading or saving an adapter failed.
+    #[error(transparent)]
+    Lora(#[from] ember_lora::LoraError),
     /// Inputs given to the model are inconsistent.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -14,6 +14,7 @@
 
 pub mod config;
 mod error;
+pub mod lora;
 pub mod model;
 pub mod rope;
 pub mod tokenizer;
@@ -21,6 +22,7 @@ pub mod weights;
 
 pub use config::{DecoderConfig, HfConfig};
 pub use error::{ModelError, Result};
+pub use lora::LoraReport;
 pub use model::{CausalLm, ModelInput, ModelOutput};
 pub use tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 pub use weights::Weights;

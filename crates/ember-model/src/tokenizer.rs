@@ -213,6 +213,29 @@ impl Tokenizer {
             })
     }
 
+    /// Token offsets in characters (as Python's `tokenizers` reports them); the Rust crate
+    /// reports bytes.
+    pub fn char_offsets(text: &str, encoding: &tokenizers::Encoding) -> Vec<(usize, usize)> {
+        let mut byte_to_char = vec![0usize; text.len() + 1];
+        let mut chars = 0;
+        for (i, _) in text.char_indices() {
+            byte_to_char[i] = chars;
+            chars += 1;
+        }
+        byte_to_char[text.len()] = chars;
+        // Bytes inside a multi-byte character map to the character that holds them.
+        for i in 1..byte_to_char.len() {
+            if !text.is_char_boundary(i) {
+                byte_to_char[i] = byte_to_char[i - 1];
+            }
+        }
+        encoding
+            .get_offsets()
+            .iter()
+            .map(|&(a, b)| (byte_to_char[a.min(text.len())], byte_to_char[b.min(text.len())]))
+            .collect()
+    }
+
     /// Decodes ids to text.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner

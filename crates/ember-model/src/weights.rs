@@ -173,7 +173,7 @@ impl Weights {
         }
         let (start, end) = info.data_offsets;
         let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
-        let values = bytes_to_f32(bytes, info.dtype).ok_or_else(|| ModelError::UnsupportedDtype {
+        let values = ember_lora::adapter::bytes_to_f32(bytes, info.dtype).ok_or_else(|| ModelError::UnsupportedDtype {
             key: key.to_string(),
             path: shard.path.clone(),
             dtype: format!("{:?}", info.dtype),
@@ -218,27 +218,4 @@ impl Weights {
             })
         }
     }
-}
-
-/// Converts little-endian stored values to f32; `None` for dtypes that are not floating point.
-fn bytes_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
-        _ => return None,
-    })
 }

@@ -1,0 +1,84 @@
+//! The `ember` binary end to end on the fixtures.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn ember(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ember")).args(args).output().unwrap()
+}
+
+fn read_f32(path: &std::path::Path, key: &str) -> (Vec<f32>, Vec<usize>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(key).unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    (v, t.shape().to_vec())
+}
+
+/// `ember forward` reproduces transformers' logits (≤ 1e-4 where attention_mask is 1).
+#[test]
+fn forward_writes_reference_logits() {
+    for arch in ["llama", "qwen3"] {
+        let dir = fixtures().join(arch);
+        let out = std::env::temp_dir().join(format!("ember-cli-{}-{arch}.safetensors", std::process::id()));
+        let o = ember(&[
+            "forward",
+            "--model",
+            dir.to_str().unwrap(),
+            "--inputs",
+            dir.join("inputs.json").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (logits, shape) = read_f32(&out, "logits");
+        let (expected, eshape) = read_f32(&dir.join("logits.safetensors"), "logits");
+        assert_eq!(shape, eshape);
+        let inputs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
+        let mask: Vec<Vec<i64>> = serde_json::from_value(inputs["attention_mask"].clone()).unwrap();
+        let vocab = shape[2];
+        let mut worst = 0.0f32;
+        for (i, (a, e)) in logits.iter().zip(&expected).enumerate() {
+            let pos = i / vocab;
+            if mask[pos / shape[1]][pos % shape[1]] == 1 {
+                worst = worst.max((a - e).abs());
+            }
+        }
+        assert!(worst <= 1e-4, "{arch}: max abs diff {worst:.3e}");
+    }
+}
+
+#[test]
+fn inspect_reports_the_architecture() {
+    let o = ember(&["inspect", fixtures().join("llama_rope3").to_str().unwrap()]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for needle in ["architecture:   llama", "layers:         2", "4 query, 2 key/value, head_dim 16", "vocab:          384", "tied embeddings: yes", "Llama3", "dtype:          f32"] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let dir = std::env::temp_dir().join(format!("ember-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let inputs = dir.join("inputs.json");
+    std::fs::write(&inputs, r#"{"input_ids": [[1, 2, 3], [4, 5]]}"#).unwrap();
+    let model = fixtures().join("llama");
+    let out = dir.join("out.safetensors");
+    let o = ember(&["forward", "--model", model.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("inputs.json") && err.contains("row 1"), "{err}");
+    assert!(!out.exists());
+
+    std::fs::write(&inputs, r#"{"input_ids": [[1, 2, 999]]}"#).unwrap();
+    let o = ember(&["forward", "--model", model.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("token id 999"), "{err}");
+}

@@ -1,0 +1,278 @@
+//! Merging an adapter into a safetensors checkpoint, shard by shard.
+//!
+//! For every adapted module `P`, `P.weight` becomes `W + s·B·A`, computed in f32 whatever the
+//! storage dtype. Peak memory is about one output shard plus the adapter. Everything is written
+//! into a temporary folder beside the output, renamed at the end; the base is only read.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+use crate::adapter::{bytes_to_f32, commit_dir, staging_dir, AdapterFiles};
+use crate::error::{LoraError, Result};
+
+/// Storage dtype of the merged checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeDtype {
+    /// Keep each tensor's stored dtype.
+    Same,
+    /// float32.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    F16,
+}
+
+impl MergeDtype {
+    fn target(self, stored: Dtype) -> Dtype {
+        let float = matches!(stored, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64);
+        match self {
+            _ if !float => stored,
+            MergeDtype::Same => stored,
+            MergeDtype::F32 => Dtype::F32,
+            MergeDtype::Bf16 => Dtype::BF16,
+            MergeDtype::F16 => Dtype::F16,
+        }
+    }
+
+    fn config_name(self) -> Option<&'static str> {
+        match self {
+            MergeDtype::Same => None,
+            MergeDtype::F32 => Some("float32"),
+            MergeDtype::Bf16 => Some("bfloat16"),
+            MergeDtype::F16 => Some("float16"),
+        }
+    }
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Default)]
+pub struct MergeReport {
+    /// Weights that changed.
+    pub merged: Vec<String>,
+    /// Shard files written.
+    pub shards: Vec<String>,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LoraError + '_ {
+    move |source| LoraError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The safetensors files of a HF model folder, in order, and whether an index lists them.
+pub fn checkpoint_files(dir: &Path) -> Result<(Vec<String>, Option<Value>)> {
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.exists() {
+        let text = std::fs::read_to_string(&index_path).map_err(io(&index_path))?;
+        let index: Value = serde_json::from_str(&text).map_err(|source| LoraError::Json {
+            path: index_path.clone(),
+            source,
+        })?;
+        let files: BTreeSet<String> = index
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| LoraError::InvalidConfig {
+                key: "weight_map".into(),
+                message: format!("missing in `{}`", index_path.display()),
+            })?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        Ok((files.into_iter().collect(), Some(index)))
+    } else if dir.join("model.safetensors").exists() {
+        Ok((vec!["model.safetensors".into()], None))
+    } else {
+        Err(LoraError::Io {
+            path: dir.join("model.safetensors"),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors or index"),
+        })
+    }
+}
+
+fn open(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(io(path))?;
+    // SAFETY: read-only map of a file this process does not modify.
+    unsafe { Mmap::map(&file) }.map_err(io(path))
+}
+
+fn parse<'a>(path: &Path, mmap: &'a Mmap) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(mmap).map_err(|e| LoraError::Safetensors {
+        path: path.to_path_buf(),
+        message: format!("{e:?}"),
+    })
+}
+
+fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::BF16 => values.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+        Dtype::F16 => values.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        Dtype::F64 => values.iter().flat_map(|x| (*x as f64).to_le_bytes()).collect(),
+        _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// Merges `adapter` into the checkpoint at `base` and writes a complete HF folder at `out`
+/// (weights, index, config.json and every other file of the base folder). Refuses an
+/// existing `out`, adapters that do not fit the base, and non-finite results.
+pub fn merge_checkpoint(base: &Path, adapter: &AdapterFiles, out: &Path, dtype: MergeDtype) -> Result<MergeReport> {
+    if out.exists() {
+        return Err(LoraError::Io {
+            path: out.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "output folder exists; choose a new one"),
+        });
+    }
+    let (files, index) = checkpoint_files(base)?;
+
+    // Check that the adapter fits before writing anything.
+    let mut shapes: BTreeMap<String, (Vec<usize>, PathBuf)> = BTreeMap::new();
+    for file in &files {
+        let path = base.join(file);
+        let mmap = open(&path)?;
+        let st = parse(&path, &mmap)?;
+        for (key, view) in st.iter() {
+            shapes.insert(key.to_string(), (view.shape().to_vec(), path.clone()));
+        }
+    }
+    for (module, t) in &adapter.tensors {
+        let key = format!("{module}.weight");
+        let (shape, _) = shapes.get(&key).ok_or_else(|| LoraError::UnexpectedTensor {
+            path: base.to_path_buf(),
+            key: format!("base_model.model.{module}.lora_A.weight"),
+            message: format!("the base has no `{key}`"),
+        })?;
+        let expected = vec![t.b_shape[0], t.a_shape[1]];
+        if *shape != expected {
+            return Err(LoraError::ShapeMismatch {
+                key: format!("{key} (adapter B·A is {expected:?})"),
+                expected,
+                found: shape.clone(),
+            });
+        }
+    }
+
+    let staging = staging_dir(out)?;
+    let result = write_merged(base, adapter, &files, index, &staging, dtype);
+    match result {
+        Ok(report) => {
+            commit_dir(&staging, out)?;
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
+
+fn write_merged(
+    base: &Path,
+    adapter: &AdapterFiles,
+    files: &[String],
+    index: Option<Value>,
+    staging: &Path,
+    dtype: MergeDtype,
+) -> Result<MergeReport> {
+    let mut report = MergeReport::default();
+    for file in files {
+        let path = base.join(file);
+        let mmap = open(&path)?;
+        let st = parse(&path, &mmap)?;
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        names.sort();
+        for key in names {
+            let view = st.tensor(&key).map_err(|e| LoraError::Safetensors {
+                path: path.clone(),
+                message: format!("{key}: {e:?}"),
+            })?;
+            let target = dtype.target(view.dtype());
+            let module = key.strip_suffix(".weight");
+            let lora = module.and_then(|m| adapter.tensors.get(m).map(|t| (m, t)));
+            let bytes = match lora {
+                Some((module, t)) => {
+                    let mut w = bytes_to_f32(view.data(), view.dtype()).ok_or_else(|| LoraError::UnexpectedTensor {
+                        path: path.clone(),
+                        key: key.clone(),
+                        message: format!("cannot merge into dtype {:?}", view.dtype()),
+                    })?;
+                    let delta = t.delta(adapter.config.module_lora(module).scaling);
+                    for (w, d) in w.iter_mut().zip(&delta) {
+                        *w += d;
+                    }
+                    if w.iter().any(|x| !x.is_finite()) {
+                        return Err(LoraError::NonFinite { key });
+                    }
+                    report.merged.push(key.clone());
+                    encode(&w, target)
+                }
+                None if target == view.dtype() => view.data().to_vec(),
+                None => {
+                    let w = bytes_to_f32(view.data(), view.dtype()).unwrap_or_default();
+                    encode(&w, target)
+                }
+            };
+            report.bytes += bytes.len() as u64;
+            owned.push((key, target, view.shape().to_vec(), bytes));
+        }
+        let views = owned
+            .iter()
+            .map(|(k, d, s, b)| {
+                TensorView::new(*d, s.clone(), b)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| LoraError::Safetensors {
+                        path: path.clone(),
+                        message: format!("{k}: {e:?}"),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let out_path = staging.join(file);
+        let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
+        safetensors::serialize_to_file(views, metadata, &out_path).map_err(|e| LoraError::Safetensors {
+            path: out_path.clone(),
+            message: format!("cannot write: {e:?}"),
+        })?;
+        report.shards.push(file.clone());
+    }
+    if let Some(mut index) = index {
+        if let Some(meta) = index.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("total_size".into(), Value::from(report.bytes));
+        }
+        let p = staging.join("model.safetensors.index.json");
+        let text = serde_json::to_string_pretty(&index).map_err(|source| LoraError::Json { path: p.clone(), source })?;
+        std::fs::write(&p, text).map_err(io(&p))?;
+    }
+    // Every other file of the base (config, tokenizer, generation config, template, license).
+    for entry in std::fs::read_dir(base).map_err(io(base))? {
+        let entry = entry.map_err(io(base))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let is_weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+        if !entry.path().is_file() || is_weights {
+            continue;
+        }
+        let dest = staging.join(&name);
+        if name == "config.json" {
+            let p = entry.path();
+            let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+            let mut config: Value = serde_json::from_str(&text).map_err(|source| LoraError::Json { path: p.clone(), source })?;
+            if let (Some(name), Some(obj)) = (dtype.config_name(), config.as_object_mut()) {
+                let key = if obj.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" };
+                obj.insert(key.into(), Value::from(name));
+            }
+            let text = serde_json::to_string_pretty(&config).map_err(|source| LoraError::Json { path: p.clone(), source })?;
+            std::fs::write(&dest, text + "\n").map_err(io(&dest))?;
+        } else {
+            std::fs::copy(entry.path(), &dest).map_err(io(&dest))?;
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,226 @@
+//! LoRA on a loaded decoder: attach adapters by HF module path, load and save PEFT adapters,
+//! merge in memory. The paths (`model.layers.3.self_attn.q_proj`) are born here and handed to
+//! `ember-lora`, which knows no architecture.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use ember_lora::{AdapterFiles, AdapterTensors, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules};
+
+use crate::error::Result;
+use crate::model::CausalLm;
+
+/// What attaching or loading an adapter did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraReport {
+    /// Adapted module paths, in model order.
+    pub targets: Vec<String>,
+    /// Trainable parameters, Σ r·(in + out).
+    pub trainable_params: usize,
+    /// All parameters of the base model.
+    pub base_params: usize,
+}
+
+impl std::fmt::Display for LoraReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} modules adapted, trainable params {} of {} ({:.4}%)",
+            self.targets.len(),
+            self.trainable_params,
+            self.base_params,
+            100.0 * self.trainable_params as f64 / self.base_params.max(1) as f64
+        )
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Every linear layer with its HF module path, in model order.
+    pub fn linear_layers(&self) -> Vec<(String, &LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &layer.self_attn;
+            for (name, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+                out.push((format!("{p}.self_attn.{name}"), l));
+            }
+            let m = &layer.mlp;
+            for (name, l) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
+                out.push((format!("{p}.mlp.{name}"), l));
+            }
+        }
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    /// Every linear layer with its HF module path, mutable, in model order.
+    pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut layer.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut layer.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    /// Number of parameters of the base model (adapters excluded).
+    pub fn base_param_count(&self) -> usize {
+        let c = &self.config;
+        let linear: usize = self
+            .linear_layers()
+            .iter()
+            .map(|(_, l)| {
+                let [o, i] = l.dims();
+                o * i + l.bias.as_ref().map_or(0, |_| o)
+            })
+            .sum();
+        let norms = c.num_layers * (2 * c.hidden_size + if c.qk_norm { 2 * c.head_dim } else { 0 }) + c.hidden_size;
+        linear + c.vocab_size * c.hidden_size + norms
+    }
+
+    fn report(&self) -> LoraReport {
+        let mut targets = Vec::new();
+        let mut trainable_params = 0;
+        for (path, layer) in self.linear_layers() {
+            if let Some(adapter) = &layer.adapter {
+                let [o, i] = layer.dims();
+                trainable_params += adapter.rank() * (i + o);
+                targets.push(path);
+            }
+        }
+        LoraReport {
+            targets,
+            trainable_params,
+            base_params: self.base_param_count(),
+        }
+    }
+
+    /// Attaches fresh adapters to every linear layer `config` targets (PEFT's matching rules),
+    /// initialised as PEFT initialises them. Errors if `config` is invalid or matches nothing.
+    pub fn attach_lora(&mut self, config: &LoraConfig, device: &B::Device) -> Result<LoraReport> {
+        config.validate()?;
+        let mut matched = 0;
+        let mut example = String::new();
+        for (path, layer) in self.linear_layers_mut() {
+            if example.is_empty() {
+                example = path.clone();
+            }
+            if !config.targets(&path, path == "lm_head") {
+                continue;
+            }
+            let [out, inp] = layer.dims();
+            let lora = config.module_lora(&path);
+            let adapter = LoraAdapter::init(out, inp, lora, config.lora_dropout, config.init_lora_weights, device);
+            layer.attach(adapter, &path)?;
+            matched += 1;
+        }
+        if matched == 0 {
+            let targets = match &config.target_modules {
+                TargetModules::List(l) => format!("{l:?}"),
+                TargetModules::Pattern(p) => format!("{p:?}"),
+            };
+            return Err(LoraError::NoTargets { targets, example }.into());
+        }
+        Ok(self.report())
+    }
+
+    /// Loads a PEFT adapter: every tensor must name a linear layer of this model with matching
+    /// shapes; nothing is attached unless all fit.
+    pub fn load_adapter(&mut self, files: &AdapterFiles, device: &B::Device) -> Result<LoraReport> {
+        let mut pending: BTreeMap<String, LoraAdapter<B>> = BTreeMap::new();
+        let known: BTreeMap<String, [usize; 2]> =
+            self.linear_layers().into_iter().map(|(p, l)| (p, l.dims())).collect();
+        for (path, t) in &files.tensors {
+            let Some(&[out, inp]) = known.get(path) else {
+                return Err(LoraError::UnexpectedTensor {
+                    path: "adapter_model.safetensors".into(),
+                    key: format!("base_model.model.{path}.lora_A.weight"),
+                    message: format!("the model has no linear layer `{path}`"),
+                }
+                .into());
+            };
+            if t.a_shape[1] != inp || t.b_shape[0] != out {
+                return Err(LoraError::ShapeMismatch {
+                    key: format!("base_model.model.{path}.lora_A/B (B·A must be {:?})", [out, inp]),
+                    expected: vec![out, inp],
+                    found: vec![t.b_shape[0], t.a_shape[1]],
+                }
+                .into());
+            }
+            let a = Tensor::from_data(TensorData::new(t.lora_a.clone(), t.a_shape), device);
+            let b = Tensor::from_data(TensorData::new(t.lora_b.clone(), t.b_shape), device);
+            let scaling = files.config.module_lora(path).scaling;
+            pending.insert(path.clone(), LoraAdapter::from_tensors(a, b, scaling, files.config.lora_dropout));
+        }
+        for (path, layer) in self.linear_layers_mut() {
+            if let Some(adapter) = pending.remove(&path) {
+                layer.attach(adapter, &path)?;
+            }
+        }
+        Ok(self.report())
+    }
+
+    /// The attached adapters as PEFT files (host f32 copies), ready to write.
+    pub fn adapter_files(&self, config: &LoraConfig, base_model_name_or_path: Option<String>) -> AdapterFiles {
+        let mut tensors = BTreeMap::new();
+        for (path, layer) in self.linear_layers() {
+            if let Some(adapter) = &layer.adapter {
+                let a = adapter.lora_a.val();
+                let b = adapter.lora_b.val();
+                let (a_shape, b_shape) = (a.dims(), b.dims());
+                tensors.insert(
+                    path,
+                    AdapterTensors {
+                        lora_a: a.into_data().convert::<f32>().to_vec().unwrap_or_default(),
+                        a_shape,
+                        lora_b: b.into_data().convert::<f32>().to_vec().unwrap_or_default(),
+                        b_shape,
+                    },
+                );
+            }
+        }
+        AdapterFiles {
+            config: config.clone(),
+            base_model_name_or_path,
+            tensors,
+        }
+    }
+
+    /// Folds every attached adapter into its base weight (in memory).
+    pub fn merge_adapters(&mut self) -> Result<()> {
+        for (path, layer) in self.linear_layers_mut() {
+            layer.merge(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`CausalLm::merge_adapters`].
+    pub fn unmerge_adapters(&mut self) {
+        for (_, layer) in self.linear_layers_mut() {
+            layer.unmerge();
+        }
+    }
+
+    /// Turns every adapter branch on or off (the base alone is computed when off).
+    pub fn set_adapters_enabled(&mut self, enabled: bool) {
+        for (_, layer) in self.linear_layers_mut() {
+            if let Some(adapter) = layer.adapter.as_mut() {
+                adapter.enabled = enabled;
+            }
+        }
+    }
+}

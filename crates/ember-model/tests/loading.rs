@@ -1,0 +1,174 @@
+//! Loading: sharded checkpoints and f16 storage load like the single f32 file; every broken
+//! checkpoint gives an error that names the key, the shapes or the file, and nothing panics.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use ember_model::{CausalLm, ModelError, Weights};
+use safetensors::tensor::{Dtype, TensorView};
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ember-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// All tensors of `llama/model.safetensors` as (key, f32 values, shape).
+fn llama_tensors() -> Vec<(String, Vec<f32>, Vec<usize>)> {
+    let dir = fixtures().join("llama");
+    let weights = Weights::open_dir(&dir).unwrap();
+    let keys: Vec<String> = weights.keys().cloned().collect();
+    keys.into_iter()
+        .map(|k| {
+            let (shape, _) = weights.info(&k).unwrap();
+            let values = weights.read_f32(&k, &shape).unwrap();
+            (k, values, shape)
+        })
+        .collect()
+}
+
+fn write_safetensors(path: &Path, tensors: &[(String, Vec<u8>, Vec<usize>, Dtype)]) {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(k, bytes, shape, dtype)| (k.clone(), TensorView::new(*dtype, shape.clone(), bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A llama copy with `edit` applied to its tensor list.
+fn llama_copy(name: &str, edit: impl FnOnce(&mut Vec<(String, Vec<f32>, Vec<usize>)>)) -> PathBuf {
+    let dir = tempdir(name);
+    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
+    let mut tensors = llama_tensors();
+    edit(&mut tensors);
+    let raw: Vec<_> = tensors.into_iter().map(|(k, v, s)| (k, f32_bytes(&v), s, Dtype::F32)).collect();
+    write_safetensors(&dir.join("model.safetensors"), &raw);
+    dir
+}
+
+fn load(dir: &Path) -> Result<CausalLm<TestBackend>, ModelError> {
+    CausalLm::<TestBackend>::from_dir(dir, &Default::default())
+}
+
+fn llama_logits_diff(dir: &Path) -> f32 {
+    let model = load(dir).unwrap();
+    let inputs = Inputs::read("llama");
+    let logits = model.forward(inputs.to_model_input()).into_data().to_vec::<f32>().unwrap();
+    let (expected, shape) = reference(&fixtures().join("llama/logits.safetensors"), "logits");
+    masked_max_diff(&logits, &expected, &shape, &inputs.attention_mask).0
+}
+
+#[test]
+fn sharded_checkpoint_with_index_loads() {
+    let dir = tempdir("sharded");
+    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
+    let tensors = llama_tensors();
+    let half = tensors.len() / 2;
+    let mut weight_map = BTreeMap::new();
+    for (i, chunk) in [&tensors[..half], &tensors[half..]].iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let raw: Vec<_> = chunk.iter().map(|(k, v, s)| (k.clone(), f32_bytes(v), s.clone(), Dtype::F32)).collect();
+        write_safetensors(&dir.join(&file), &raw);
+        for (k, _, _) in chunk.iter() {
+            weight_map.insert(k.clone(), file.clone());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let diff = llama_logits_diff(&dir);
+    assert!(diff <= 1e-4, "sharded logits differ by {diff}");
+}
+
+#[test]
+fn f16_storage_is_converted_while_loading() {
+    let dir = tempdir("f16");
+    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
+    let raw: Vec<_> = llama_tensors()
+        .into_iter()
+        .map(|(k, v, s)| {
+            let bytes = v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
+            (k, bytes, s, Dtype::F16)
+        })
+        .collect();
+    write_safetensors(&dir.join("model.safetensors"), &raw);
+    let model = load(&dir).unwrap();
+    // Every weight equals its f16 rounding exactly.
+    let w = model.model.layers[0].self_attn.q_proj.weight.val().into_data().to_vec::<f32>().unwrap();
+    let reference = llama_tensors().into_iter().find(|(k, _, _)| k == "model.layers.0.self_attn.q_proj.weight").unwrap().1;
+    for (a, r) in w.iter().zip(&reference) {
+        assert_eq!(*a, half::f16::from_f32(*r).to_f32());
+    }
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = llama_copy("missing", |t| t.retain(|(k, _, _)| k != "model.layers.1.mlp.up_proj.weight"));
+    let err = load(&dir).unwrap_err();
+    assert!(matches!(err, ModelError::MissingTensor { .. }), "{err}");
+    assert!(err.to_string().contains("missing tensor `model.layers.1.mlp.up_proj.weight`"), "{err}");
+}
+
+#[test]
+fn unexpected_tensor_is_named() {
+    let dir = llama_copy("unexpected", |t| t.push(("model.layers.0.extra.weight".into(), vec![0.0; 4], vec![4])));
+    let err = load(&dir).unwrap_err().to_string();
+    assert!(err.contains("unexpected tensor(s)") && err.contains("model.layers.0.extra.weight"), "{err}");
+}
+
+#[test]
+fn wrong_shape_names_key_and_both_shapes() {
+    let dir = llama_copy("shape", |t| {
+        let entry = t.iter_mut().find(|(k, _, _)| k == "model.layers.0.self_attn.k_proj.weight").unwrap();
+        entry.2 = vec![64, 32];
+    });
+    let err = load(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("[32, 64]") && err.contains("[64, 32]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_file_is_a_clear_error() {
+    let dir = llama_copy("truncated", |_| {});
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 1000]).unwrap();
+    let err = load(&dir).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors file"), "{err}");
+
+    std::fs::write(&path, b"\x05\x00").unwrap();
+    let err = load(&dir).unwrap_err().to_string();
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+}
+
+#[test]
+fn unsupported_model_type_lists_supported_ones() {
+    let dir = tempdir("model_type");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("llama/config.json")).unwrap()).unwrap();
+    config["model_type"] = "mamba".into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let err = load(&dir).unwrap_err().to_string();
+    assert!(err.contains("unsupported model_type `mamba`") && err.contains("llama, mistral, qwen2, qwen3"), "{err}");
+}
+
+#[test]
+fn missing_folder_and_broken_config_are_named() {
+    let dir = tempdir("no_weights");
+    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
+    let err = load(&dir).unwrap_err().to_string();
+    assert!(err.contains("no `model.safetensors`"), "{err}");
+
+    std::fs::write(dir.join("config.json"), "{\"model_type\": \"llama\", \"vocab_size\": \"many\"}").unwrap();
+    let err = load(&dir).unwrap_err().to_string();
+    assert!(err.contains("config.json") && err.contains("line 1"), "{err}");
+}
