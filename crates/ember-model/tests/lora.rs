@@ -1,0 +1,304 @@
+//! LoRA against PEFT 0.21.2: adapters loaded into Ember give PEFT's logits, merging gives
+//! PEFT's merged weights, and the LoRA invariants hold.
+//!
+//! References in `tests/fixtures/<arch>/` come from `../shared/fixtures/_generator/gen_fixtures.py`
+//! (`adapter_random_b` → `lora_logits`, `adapter_trained` → `trained_lora_logits`,
+//! `merge_and_unload()` → `merged/`, `merged_logits`). Tolerances: logits 1e-4, merged weights 1e-6.
+
+mod common;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use common::*;
+use ember_lora::merge::{merge_checkpoint, MergeDtype};
+use ember_lora::{AdapterFiles, LoraConfig, TargetModules};
+use ember_model::{CausalLm, ModelInput, Weights};
+
+const ARCHS: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+
+fn model(arch: &str) -> CausalLm<TestBackend> {
+    CausalLm::from_dir(&fixtures().join(arch), &Default::default()).unwrap()
+}
+
+fn logits(model: &CausalLm<TestBackend>, inputs: &Inputs) -> Vec<f32> {
+    model.forward(inputs.to_model_input()).into_data().to_vec::<f32>().unwrap()
+}
+
+fn compare(arch: &str, what: &str, actual: &[f32], reference_file: &str, inputs: &Inputs) {
+    let (expected, shape) = reference(&fixtures().join(arch).join(reference_file), "logits");
+    assert_close(&format!("{arch} {what}"), masked_max_diff(actual, &expected, &shape, &inputs.attention_mask), 1e-4);
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ember-lora-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn peft_adapters_give_peft_logits() {
+    let device = Default::default();
+    for arch in ARCHS {
+        let inputs = Inputs::read(arch);
+        for (adapter, reference_file) in [("adapter_random_b", "lora_logits.safetensors"), ("adapter_trained", "trained_lora_logits.safetensors")] {
+            let mut m = model(arch);
+            let files = AdapterFiles::read(&fixtures().join(arch).join(adapter)).unwrap();
+            let report = m.load_adapter(&files, &device).unwrap();
+            assert_eq!(report.targets.len(), 14, "{arch}: 7 modules × 2 layers");
+            compare(arch, adapter, &logits(&m, &inputs), reference_file, &inputs);
+
+            if adapter == "adapter_trained" {
+                // In-memory merge gives PEFT's merged logits; unmerge restores the unmerged ones.
+                m.merge_adapters().unwrap();
+                compare(arch, "merged in memory", &logits(&m, &inputs), "merged_logits.safetensors", &inputs);
+                m.unmerge_adapters();
+                compare(arch, "unmerged again", &logits(&m, &inputs), reference_file, &inputs);
+            }
+        }
+    }
+}
+
+#[test]
+fn streaming_merge_reproduces_peft_merged_checkpoint() {
+    for arch in ARCHS {
+        let dir = fixtures().join(arch);
+        let files = AdapterFiles::read(&dir.join("adapter_trained")).unwrap();
+        let out = tempdir(&format!("merged-{arch}"));
+        let report = merge_checkpoint(&dir, &files, &out, MergeDtype::Same).unwrap();
+        assert_eq!(report.merged.len(), 14);
+        let ours = Weights::open_dir(&out).unwrap();
+        let theirs = Weights::open_dir(&dir.join("merged")).unwrap();
+        let our_keys: Vec<&String> = ours.keys().collect();
+        let their_keys: Vec<&String> = theirs.keys().collect();
+        assert_eq!(our_keys, their_keys, "{arch}: merged key sets differ");
+        let mut worst = (0.0f32, String::new());
+        for key in theirs.keys() {
+            let (shape, _) = theirs.info(key).unwrap();
+            let a = ours.read_f32(key, &shape).unwrap();
+            let b = theirs.read_f32(key, &shape).unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                if (x - y).abs() > worst.0 {
+                    worst = ((x - y).abs(), key.clone());
+                }
+            }
+        }
+        println!("{arch}: merged weights max abs diff {:.3e} in {}", worst.0, worst.1);
+        assert!(worst.0 <= 1e-6, "{arch}: merged weight {} differs by {:.3e}", worst.1, worst.0);
+        for f in ["config.json", "generation_config.json"] {
+            assert!(out.join(f).exists(), "{arch}: {f} not copied");
+        }
+        let inputs = Inputs::read(arch);
+        let merged = CausalLm::<TestBackend>::from_dir(&out, &Default::default()).unwrap();
+        compare(arch, "merged checkpoint", &logits(&merged, &inputs), "merged_logits.safetensors", &inputs);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+#[test]
+fn merge_refuses_misfits_and_existing_output() {
+    let dir = fixtures().join("llama");
+    let mut files = AdapterFiles::read(&dir.join("adapter_trained")).unwrap();
+    let out = tempdir("misfit");
+    // An adapter for another model: qwen3's head_dim is 32, so its k_proj delta is [64, 64]
+    // where llama's k_proj is [32, 64].
+    let qwen3 = AdapterFiles::read(&fixtures().join("qwen3/adapter_trained")).unwrap();
+    let err = merge_checkpoint(&dir, &qwen3, &out, MergeDtype::Same).unwrap_err().to_string();
+    assert!(err.contains("k_proj.weight") && err.contains("[32, 64]") && err.contains("[64, 64]"), "{err}");
+    assert!(!out.exists(), "a refused merge must not create the output");
+    // NaN in the adapter is refused, and nothing is left behind.
+    files.tensors.values_mut().next().unwrap().lora_b[0] = f32::NAN;
+    let err = merge_checkpoint(&dir, &files, &out, MergeDtype::Same).unwrap_err().to_string();
+    assert!(err.contains("non-finite"), "{err}");
+    assert!(!out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!(".ember-lora-{}-misfit.tmp", std::process::id())))
+        .collect();
+    assert!(leftovers.is_empty(), "staging folder left behind");
+    // An existing output folder is never overwritten.
+    std::fs::create_dir_all(&out).unwrap();
+    let good = AdapterFiles::read(&dir.join("adapter_trained")).unwrap();
+    let err = merge_checkpoint(&dir, &good, &out, MergeDtype::Same).unwrap_err().to_string();
+    assert!(err.contains("exists"), "{err}");
+}
+
+#[test]
+fn merge_to_bf16_rounds_once_from_f32() {
+    let dir = fixtures().join("llama");
+    let files = AdapterFiles::read(&dir.join("adapter_trained")).unwrap();
+    let out = tempdir("bf16");
+    merge_checkpoint(&dir, &files, &out, MergeDtype::Bf16).unwrap();
+    let ours = Weights::open_dir(&out).unwrap();
+    let theirs = Weights::open_dir(&dir.join("merged")).unwrap();
+    for key in theirs.keys() {
+        let (shape, dtype) = ours.info(key).unwrap();
+        assert_eq!(dtype, safetensors::Dtype::BF16);
+        let a = ours.read_f32(key, &shape).unwrap();
+        let b = theirs.read_f32(key, &shape).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            // f32 merge result rounded to bf16 (PEFT's f32 merge may differ by 1 ulp of f32).
+            assert!((x - half::bf16::from_f32(*y).to_f32()).abs() <= y.abs() * 4e-3 + 1e-6, "{key}: {x} vs {y}");
+        }
+    }
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "bfloat16");
+}
+
+#[test]
+fn fresh_adapter_is_the_identity_and_counts_parameters() {
+    let device = Default::default();
+    let inputs = Inputs::read("llama");
+    let base = model("llama");
+    let base_logits = logits(&base, &inputs);
+    let mut m = model("llama");
+    let config = LoraConfig { r: 4, lora_alpha: 8.0, target_modules: TargetModules::Pattern("all-linear".into()), ..Default::default() };
+    let report = m.attach_lora(&config, &device).unwrap();
+    // all-linear: 7 per layer, never the output head.
+    assert_eq!(report.targets.len(), 14);
+    assert!(!report.targets.iter().any(|t| t == "lm_head"));
+    let c = m.config().clone();
+    let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let per_layer = 4 * ((h + q) + (h + kv) + (h + kv) + (q + h)) + 4 * ((h + i) + (h + i) + (i + h));
+    assert_eq!(report.trainable_params, c.num_layers * per_layer);
+    assert_eq!(logits(&m, &inputs), base_logits, "B = 0 must leave the output unchanged");
+    // adapter_init (PEFT's own B = 0 adapter) also leaves it unchanged.
+    let mut m2 = model("llama");
+    m2.load_adapter(&AdapterFiles::read(&fixtures().join("llama/adapter_init")).unwrap(), &device).unwrap();
+    assert_eq!(logits(&m2, &inputs), base_logits);
+}
+
+#[test]
+fn merged_equals_unmerged_with_nonzero_b_and_alpha_not_r() {
+    let device = Default::default();
+    let inputs = Inputs::read("qwen2");
+    let mut m = model("qwen2");
+    let config = LoraConfig {
+        r: 3,
+        lora_alpha: 7.0,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        init_lora_weights: ember_lora::InitLoraWeights::Bool(false),
+        ..Default::default()
+    };
+    m.attach_lora(&config, &device).unwrap();
+    let unmerged = logits(&m, &inputs);
+    let base = logits(&model("qwen2"), &inputs);
+    let moved = unmerged.iter().zip(&base).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(moved > 1e-2, "non-zero B must change the output (moved {moved})");
+    m.merge_adapters().unwrap();
+    let merged = logits(&m, &inputs);
+    let d = masked_max_diff(&merged, &unmerged, &[2, 16, 384], &inputs.attention_mask);
+    assert_close("merged vs unmerged", d, 1e-4);
+}
+
+#[test]
+fn save_load_round_trip_is_exact() {
+    let device = Default::default();
+    let inputs = Inputs::read("mistral");
+    let mut m = model("mistral");
+    let config = LoraConfig {
+        r: 2,
+        lora_alpha: 5.0,
+        target_modules: TargetModules::List(vec!["q_proj".into(), "down_proj".into()]),
+        init_lora_weights: ember_lora::InitLoraWeights::Bool(false),
+        ..Default::default()
+    };
+    m.attach_lora(&config, &device).unwrap();
+    let files = m.adapter_files(&config, Some("tests/fixtures/mistral".into()));
+    let dir = tempdir("roundtrip");
+    files.write(&dir).unwrap();
+    let back = AdapterFiles::read(&dir).unwrap();
+    assert_eq!(back.tensors, files.tensors);
+    assert_eq!(back.config, config);
+    assert_eq!(back.base_model_name_or_path.as_deref(), Some("tests/fixtures/mistral"));
+    let mut m2 = model("mistral");
+    m2.load_adapter(&back, &device).unwrap();
+    assert_eq!(logits(&m2, &inputs), logits(&m, &inputs));
+    // PEFT's key layout and shapes.
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let a = st.tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap();
+    let b = st.tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").unwrap();
+    assert_eq!((a.shape(), b.shape()), (&[2usize, 64][..], &[64usize, 2][..]));
+    let down_b = st.tensor("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight").unwrap();
+    assert_eq!(down_b.shape(), &[64, 2]);
+}
+
+#[test]
+fn rslora_scales_by_alpha_over_sqrt_r() {
+    let device = Default::default();
+    let inputs = Inputs::read("llama");
+    let dir = fixtures().join("llama/adapter_random_b");
+    let mut rs = AdapterFiles::read(&dir).unwrap();
+    rs.config.use_rslora = true;
+    let mut plain = AdapterFiles::read(&dir).unwrap();
+    // r = 4: alpha/√r = alpha·√r/r, so rsLoRA with alpha equals plain LoRA with 2·alpha.
+    assert_eq!(plain.config.r, 4);
+    plain.config.lora_alpha *= 2.0;
+    let mut a = model("llama");
+    a.load_adapter(&rs, &device).unwrap();
+    let mut b = model("llama");
+    b.load_adapter(&plain, &device).unwrap();
+    let d = masked_max_diff(&logits(&a, &inputs), &logits(&b, &inputs), &[2, 16, 384], &inputs.attention_mask);
+    assert_close("rsLoRA vs 2·alpha", d, 1e-5);
+    let mut c = model("llama");
+    c.load_adapter(&AdapterFiles::read(&dir).unwrap(), &device).unwrap();
+    let moved = masked_max_diff(&logits(&a, &inputs), &logits(&c, &inputs), &[2, 16, 384], &inputs.attention_mask).0;
+    assert!(moved > 1e-3, "rsLoRA must change the scale");
+}
+
+#[test]
+fn adapter_misfits_are_refused_before_anything_is_attached() {
+    let device = Default::default();
+    let mut m = model("llama");
+    let mut files = AdapterFiles::read(&fixtures().join("llama/adapter_trained")).unwrap();
+    let t = files.tensors.remove("model.layers.1.mlp.up_proj").unwrap();
+    files.tensors.insert("model.layers.7.mlp.up_proj".into(), t);
+    let err = m.load_adapter(&files, &device).unwrap_err().to_string();
+    assert!(err.contains("model.layers.7.mlp.up_proj"), "{err}");
+    assert!(m.linear_layers().iter().all(|(_, l)| l.adapter.is_none()), "half-loaded adapter");
+
+    let qwen3 = AdapterFiles::read(&fixtures().join("qwen3/adapter_trained")).unwrap();
+    let err = m.load_adapter(&qwen3, &device).unwrap_err().to_string();
+    assert!(err.contains("k_proj") && err.contains("[32, 64]"), "{err}");
+    assert!(m.linear_layers().iter().all(|(_, l)| l.adapter.is_none()));
+
+    let config = LoraConfig { target_modules: TargetModules::List(vec!["query".into()]), ..Default::default() };
+    let err = m.attach_lora(&config, &device).unwrap_err().to_string();
+    assert!(err.contains("matched no linear layer") && err.contains("model.layers.0.self_attn.q_proj"), "{err}");
+}
+
+#[test]
+fn unsupported_adapter_files_are_refused() {
+    let src = fixtures().join("llama/adapter_random_b");
+    let dir = tempdir("dora");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+    config["use_dora"] = true.into();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    std::fs::copy(src.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    let err = AdapterFiles::read(&dir).unwrap_err().to_string();
+    assert!(err.contains("DoRA"), "{err}");
+
+    // Embedding LoRA tensors in the weights file.
+    config["use_dora"] = false.into();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let data = vec![0u8; 4 * 4 * 384];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 384], &data).unwrap();
+    safetensors::serialize_to_file(vec![("base_model.model.model.embed_tokens.lora_embedding_A", view)], None, &dir.join("adapter_model.safetensors")).unwrap();
+    let err = AdapterFiles::read(&dir).unwrap_err().to_string();
+    assert!(err.contains("embeddings"), "{err}");
+}
+
+/// Dropout is active only under autodiff: inference with dropout > 0 is deterministic.
+#[test]
+fn dropout_is_off_at_inference() {
+    let device = Default::default();
+    let inputs = Inputs::read("llama");
+    let mut files = AdapterFiles::read(&fixtures().join("llama/adapter_random_b")).unwrap();
+    files.config.lora_dropout = 0.5;
+    let mut m = model("llama");
+    m.load_adapter(&files, &device).unwrap();
+    compare("llama", "dropout 0.5 at inference", &logits(&m, &inputs), "lora_logits.safetensors", &inputs);
+    let _ = Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(vec![1i64], [1, 1]), &device);
+    let _ = ModelInput::<TestBackend>::new(Tensor::from_data(TensorData::new(vec![1i64], [1, 1]), &device));
+}
