@@ -1,6 +1,7 @@
 //! `ember`: LoRA fine-tuning for open-weight models.
 //!
-//! Subcommands: `inspect` (a model folder), `forward` (logits for given token ids).
+//! Subcommands: `inspect` (a model or adapter folder), `forward` (logits for given token ids,
+//! optionally with an adapter), `merge` (fold an adapter into the base weights).
 
 use std::path::{Path, PathBuf};
 
@@ -8,10 +9,16 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand, ValueEnum};
+use ember_lora::merge::{merge_checkpoint, MergeDtype};
+use ember_lora::AdapterFiles;
 use ember_model::{CausalLm, DecoderConfig, ModelInput, Weights};
 
 #[derive(Parser)]
-#[command(name = "ember", version, about = "LoRA fine-tuning for open-weight models")]
+#[command(
+    name = "ember",
+    version,
+    about = "LoRA fine-tuning for open-weight models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,12 +33,41 @@ enum DeviceKind {
     Cuda,
 }
 
+/// Storage dtype of a merged checkpoint.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DtypeArg {
+    /// Keep each tensor's stored dtype.
+    Same,
+    /// float32.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    F16,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Describe a HuggingFace model folder: architecture, sizes, dtype, parameter count.
+    /// Describe a HuggingFace model folder (architecture, sizes, dtype, parameter count) or a
+    /// PEFT adapter folder (rank, alpha, targets, parameters).
     Inspect {
-        /// The model folder (config.json + *.safetensors).
+        /// The model folder (config.json + *.safetensors) or adapter folder (adapter_config.json).
         path: PathBuf,
+    },
+    /// Merge a PEFT adapter into the base weights and write a HuggingFace folder.
+    Merge {
+        /// The base model folder (read only).
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter folder (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The output folder; must not exist.
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype of the output (the delta is always computed in f32).
+        #[arg(long, value_enum, default_value = "same")]
+        dtype: DtypeArg,
     },
     /// Compute logits for token ids and write them as safetensors (`logits` [batch, seq, vocab], f32).
     Forward {
@@ -44,6 +80,9 @@ enum Command {
         /// Output file.
         #[arg(long)]
         out: PathBuf,
+        /// A PEFT adapter to apply (unmerged).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Device to run on.
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceKind,
@@ -57,26 +96,57 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Inspect { path } => inspect(&path),
+        Command::Inspect { path } => {
+            if path.join("adapter_config.json").exists() {
+                inspect_adapter(&path)
+            } else {
+                inspect(&path)
+            }
+        }
+        Command::Merge {
+            base,
+            adapter,
+            out,
+            dtype,
+        } => merge(&base, &adapter, &out, dtype),
         Command::Forward {
             model,
             inputs,
             out,
+            adapter,
             device,
-        } => match device {
-            DeviceKind::Cpu => forward::<burn::backend::NdArray<f32>>(&model, &inputs, &out, &Default::default()),
-            DeviceKind::Cuda => forward_cuda(&model, &inputs, &out),
-        },
+        } => {
+            let job = ForwardJob {
+                model,
+                inputs,
+                out,
+                adapter,
+            };
+            match device {
+                DeviceKind::Cpu => {
+                    forward::<burn::backend::NdArray<f32>>(&job, &Default::default())
+                }
+                DeviceKind::Cuda => forward_cuda(&job),
+            }
+        }
     }
 }
 
+/// What `ember forward` was asked to do.
+struct ForwardJob {
+    model: PathBuf,
+    inputs: PathBuf,
+    out: PathBuf,
+    adapter: Option<PathBuf>,
+}
+
 #[cfg(feature = "cuda")]
-fn forward_cuda(model: &Path, inputs: &Path, out: &Path) -> Result<()> {
-    forward::<burn::backend::Cuda<f32>>(model, inputs, out, &Default::default())
+fn forward_cuda(job: &ForwardJob) -> Result<()> {
+    forward::<burn::backend::Cuda<f32>>(job, &Default::default())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn forward_cuda(_: &Path, _: &Path, _: &Path) -> Result<()> {
+fn forward_cuda(_: &ForwardJob) -> Result<()> {
     bail!("this ember was built without CUDA; rebuild with `cargo build --release --features cuda`")
 }
 
@@ -109,8 +179,18 @@ fn inspect(path: &Path) -> Result<()> {
         config.num_heads, config.num_kv_heads, config.head_dim
     );
     println!("vocab:          {}", config.vocab_size);
-    println!("tied embeddings: {}", if config.tie_word_embeddings { "yes" } else { "no" });
-    println!("rope:           theta {} {:?}, {} rotary dims", config.rope.theta, config.rope.scaling, config.rope.rotary_dim);
+    println!(
+        "tied embeddings: {}",
+        if config.tie_word_embeddings {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    println!(
+        "rope:           theta {} {:?}, {} rotary dims",
+        config.rope.theta, config.rope.scaling, config.rope.rotary_dim
+    );
     println!("attention:      {}", compress(&windows));
     println!("max positions:  {}", config.max_position_embeddings);
     Ok(())
@@ -125,31 +205,50 @@ fn compress(items: &[String]) -> String {
             _ => out.push((1, item)),
         }
     }
-    out.iter().map(|(n, s)| format!("{n}× {s}")).collect::<Vec<_>>().join(", ")
+    out.iter()
+        .map(|(n, s)| format!("{n}× {s}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Reads a `[[i64]]` field of the inputs file; `None` when absent or a note (a string).
-fn matrix(value: &serde_json::Value, key: &str, path: &Path) -> Result<Option<(Vec<i64>, [usize; 2])>> {
-    let Some(v) = value.get(key) else { return Ok(None) };
+fn matrix(
+    value: &serde_json::Value,
+    key: &str,
+    path: &Path,
+) -> Result<Option<(Vec<i64>, [usize; 2])>> {
+    let Some(v) = value.get(key) else {
+        return Ok(None);
+    };
     if v.is_string() || v.is_null() {
         return Ok(None);
     }
-    let rows: Vec<Vec<i64>> = serde_json::from_value(v.clone())
-        .with_context(|| format!("{}: `{key}` must be a list of lists of integers", path.display()))?;
+    let rows: Vec<Vec<i64>> = serde_json::from_value(v.clone()).with_context(|| {
+        format!(
+            "{}: `{key}` must be a list of lists of integers",
+            path.display()
+        )
+    })?;
     let width = rows.first().map_or(0, Vec::len);
     if rows.is_empty() || width == 0 {
         bail!("{}: `{key}` is empty", path.display());
     }
     if let Some(i) = rows.iter().position(|r| r.len() != width) {
-        bail!("{}: `{key}` row {i} has {} entries, row 0 has {width}", path.display(), rows[i].len());
+        bail!(
+            "{}: `{key}` row {i} has {} entries, row 0 has {width}",
+            path.display(),
+            rows[i].len()
+        );
     }
     Ok(Some((rows.concat(), [rows.len(), width])))
 }
 
-fn forward<B: Backend>(model_dir: &Path, inputs: &Path, out: &Path, device: &B::Device) -> Result<()> {
-    let text = std::fs::read_to_string(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", inputs.display()))?;
+fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
+    let (model_dir, inputs, out) = (job.model.as_path(), job.inputs.as_path(), job.out.as_path());
+    let text = std::fs::read_to_string(inputs)
+        .with_context(|| format!("cannot read {}", inputs.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", inputs.display()))?;
     let (ids, dims) = matrix(&value, "input_ids", inputs)?
         .with_context(|| format!("{}: missing `input_ids`", inputs.display()))?;
     let mask = matrix(&value, "attention_mask", inputs)?;
@@ -157,14 +256,31 @@ fn forward<B: Backend>(model_dir: &Path, inputs: &Path, out: &Path, device: &B::
     for (name, m) in [("attention_mask", &mask), ("position_ids", &positions)] {
         if let Some((_, d)) = m {
             if *d != dims {
-                bail!("{}: `{name}` has shape {d:?} but `input_ids` has {dims:?}", inputs.display());
+                bail!(
+                    "{}: `{name}` has shape {d:?} but `input_ids` has {dims:?}",
+                    inputs.display()
+                );
             }
         }
     }
-    let model = CausalLm::<B>::from_dir(model_dir, device)?;
+    let mut model = CausalLm::<B>::from_dir(model_dir, device)?;
+    if let Some(adapter) = &job.adapter {
+        let files = AdapterFiles::read(adapter)?;
+        let report = model.load_adapter(&files, device).with_context(|| {
+            format!(
+                "adapter {} does not fit {}",
+                adapter.display(),
+                model_dir.display()
+            )
+        })?;
+        eprintln!("adapter {}: {report}", adapter.display());
+    }
     let vocab = model.config().vocab_size as i64;
     if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= vocab) {
-        bail!("{}: token id {bad} is outside the vocabulary (0..{vocab})", inputs.display());
+        bail!(
+            "{}: token id {bad} is outside the vocabulary (0..{vocab})",
+            inputs.display()
+        );
     }
     let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, dims), device);
     let input = ModelInput {
@@ -174,13 +290,89 @@ fn forward<B: Backend>(model_dir: &Path, inputs: &Path, out: &Path, device: &B::
     };
     let logits = model.forward(input);
     let shape = logits.dims().to_vec();
-    let values = logits.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let values = logits
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes)?;
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes)?;
     let tmp = out.with_extension("safetensors.tmp");
     safetensors::serialize_to_file(vec![("logits", view)], None, &tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!("wrote logits {shape:?} to {}", out.display());
+    Ok(())
+}
+
+fn inspect_adapter(path: &Path) -> Result<()> {
+    let files = AdapterFiles::read(path)?;
+    let c = &files.config;
+    let params: usize = files
+        .tensors
+        .values()
+        .map(|t| t.lora_a.len() + t.lora_b.len())
+        .sum();
+    let mut ranks: Vec<usize> = files.tensors.values().map(|t| t.rank()).collect();
+    ranks.sort();
+    ranks.dedup();
+    let mut names: Vec<&str> = files
+        .tensors
+        .keys()
+        .map(|p| p.rsplit('.').next().unwrap_or(p))
+        .collect();
+    names.sort();
+    names.dedup();
+    println!("adapter:        {}", path.display());
+    println!("type:           LoRA (PEFT)");
+    println!(
+        "base model:     {}",
+        files
+            .base_model_name_or_path
+            .as_deref()
+            .unwrap_or("(not recorded)")
+    );
+    println!("rank r:         {} (in file: {ranks:?})", c.r);
+    println!("lora_alpha:     {}", c.lora_alpha);
+    println!(
+        "scaling:        {}{}",
+        c.module_lora("x").scaling,
+        if c.use_rslora {
+            " (rsLoRA: alpha/√r)"
+        } else {
+            " (alpha/r)"
+        }
+    );
+    println!("dropout:        {}", c.lora_dropout);
+    println!("target_modules: {:?}", c.target_modules);
+    println!(
+        "adapted:        {} modules ({})",
+        files.tensors.len(),
+        names.join(", ")
+    );
+    println!("parameters:     {params} ({:.2} M)", params as f64 / 1e6);
+    Ok(())
+}
+
+fn merge(base: &Path, adapter: &Path, out: &Path, dtype: DtypeArg) -> Result<()> {
+    let files = AdapterFiles::read(adapter)?;
+    let dtype = match dtype {
+        DtypeArg::Same => MergeDtype::Same,
+        DtypeArg::F32 => MergeDtype::F32,
+        DtypeArg::Bf16 => MergeDtype::Bf16,
+        DtypeArg::F16 => MergeDtype::F16,
+    };
+    let start = std::time::Instant::now();
+    let report = merge_checkpoint(base, &files, out, dtype)
+        .with_context(|| format!("merging {} into {}", adapter.display(), base.display()))?;
+    eprintln!(
+        "merged {} weights into {} shard(s), {:.1} MB, in {:.2} s -> {}",
+        report.merged.len(),
+        report.shards.len(),
+        report.bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64(),
+        out.display()
+    );
     Ok(())
 }

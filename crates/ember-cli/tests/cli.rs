@@ -8,7 +8,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn ember(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ember")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn read_f32(path: &std::path::Path, key: &str) -> (Vec<f32>, Vec<usize>) {
@@ -16,7 +19,11 @@ fn read_f32(path: &std::path::Path, key: &str) -> (Vec<f32>, Vec<usize>) {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor(key).unwrap();
     assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     (v, t.shape().to_vec())
 }
 
@@ -25,7 +32,10 @@ fn read_f32(path: &std::path::Path, key: &str) -> (Vec<f32>, Vec<usize>) {
 fn forward_writes_reference_logits() {
     for arch in ["llama", "qwen3"] {
         let dir = fixtures().join(arch);
-        let out = std::env::temp_dir().join(format!("ember-cli-{}-{arch}.safetensors", std::process::id()));
+        let out = std::env::temp_dir().join(format!(
+            "ember-cli-{}-{arch}.safetensors",
+            std::process::id()
+        ));
         let o = ember(&[
             "forward",
             "--model",
@@ -39,7 +49,9 @@ fn forward_writes_reference_logits() {
         let (logits, shape) = read_f32(&out, "logits");
         let (expected, eshape) = read_f32(&dir.join("logits.safetensors"), "logits");
         assert_eq!(shape, eshape);
-        let inputs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
+        let inputs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap())
+                .unwrap();
         let mask: Vec<Vec<i64>> = serde_json::from_value(inputs["attention_mask"].clone()).unwrap();
         let vocab = shape[2];
         let mut worst = 0.0f32;
@@ -58,7 +70,15 @@ fn inspect_reports_the_architecture() {
     let o = ember(&["inspect", fixtures().join("llama_rope3").to_str().unwrap()]);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
-    for needle in ["architecture:   llama", "layers:         2", "4 query, 2 key/value, head_dim 16", "vocab:          384", "tied embeddings: yes", "Llama3", "dtype:          f32"] {
+    for needle in [
+        "architecture:   llama",
+        "layers:         2",
+        "4 query, 2 key/value, head_dim 16",
+        "vocab:          384",
+        "tied embeddings: yes",
+        "Llama3",
+        "dtype:          f32",
+    ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
 }
@@ -71,14 +91,122 @@ fn bad_inputs_are_named() {
     std::fs::write(&inputs, r#"{"input_ids": [[1, 2, 3], [4, 5]]}"#).unwrap();
     let model = fixtures().join("llama");
     let out = dir.join("out.safetensors");
-    let o = ember(&["forward", "--model", model.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = ember(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("inputs.json") && err.contains("row 1"), "{err}");
+    assert!(
+        err.contains("inputs.json") && err.contains("row 1"),
+        "{err}"
+    );
     assert!(!out.exists());
 
     std::fs::write(&inputs, r#"{"input_ids": [[1, 2, 999]]}"#).unwrap();
-    let o = ember(&["forward", "--model", model.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = ember(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("token id 999"), "{err}");
+}
+
+/// `ember merge` then `ember forward` on the merged folder gives PEFT's merged logits, and
+/// `ember forward --adapter` gives PEFT's unmerged adapter logits.
+#[test]
+fn merge_and_forward_with_adapter() {
+    let dir = fixtures().join("qwen3");
+    let tmp = std::env::temp_dir().join(format!("ember-cli-merge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let merged = tmp.join("merged");
+    let o = ember(&[
+        "merge",
+        "--base",
+        dir.to_str().unwrap(),
+        "--adapter",
+        dir.join("adapter_trained").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let inputs = dir.join("inputs.json");
+    let run =
+        |model: &std::path::Path, adapter: Option<&std::path::Path>, out: &std::path::Path| {
+            let mut args = vec![
+                "forward",
+                "--model",
+                model.to_str().unwrap(),
+                "--inputs",
+                inputs.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ];
+            if let Some(a) = adapter {
+                args.extend(["--adapter", a.to_str().unwrap()]);
+            }
+            let o = ember(&args);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            read_f32(out, "logits").0
+        };
+    let mask: Vec<Vec<i64>> = serde_json::from_value(
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&inputs).unwrap())
+            .unwrap()["attention_mask"]
+            .clone(),
+    )
+    .unwrap();
+    let check = |actual: &[f32], reference: &str| {
+        let (expected, shape) = read_f32(&dir.join(reference), "logits");
+        let mut worst = 0.0f32;
+        for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
+            let pos = i / shape[2];
+            if mask[pos / shape[1]][pos % shape[1]] == 1 {
+                worst = worst.max((a - e).abs());
+            }
+        }
+        assert!(worst <= 1e-4, "{reference}: {worst:.3e}");
+    };
+    check(
+        &run(&merged, None, &tmp.join("m.safetensors")),
+        "merged_logits.safetensors",
+    );
+    check(
+        &run(
+            &dir,
+            Some(&dir.join("adapter_trained")),
+            &tmp.join("a.safetensors"),
+        ),
+        "trained_lora_logits.safetensors",
+    );
+
+    // A second merge into the same folder is refused and leaves it intact.
+    let o = ember(&[
+        "merge",
+        "--base",
+        dir.to_str().unwrap(),
+        "--adapter",
+        dir.join("adapter_trained").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(merged.join("model.safetensors").exists());
+
+    let o = ember(&["inspect", dir.join("adapter_trained").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("rank r:         4") && text.contains("14 modules"),
+        "{text}"
+    );
 }

@@ -117,11 +117,12 @@ impl AdapterFiles {
     pub fn read(dir: &Path) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
         let config = LoraConfig::from_peft_file(&config_path)?;
-        let raw: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(io(&config_path))?)
-            .map_err(|source| LoraError::Json {
-                path: config_path.clone(),
-                source,
-            })?;
+        let raw: Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(io(&config_path))?)
+                .map_err(|source| LoraError::Json {
+                    path: config_path.clone(),
+                    source,
+                })?;
         let base_model_name_or_path = raw
             .get("base_model_name_or_path")
             .and_then(Value::as_str)
@@ -134,12 +135,18 @@ impl AdapterFiles {
             });
         }
         let bytes = std::fs::read(&weights_path).map_err(io(&weights_path))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| LoraError::Safetensors {
-            path: weights_path.clone(),
-            message: format!("{e:?}"),
-        })?;
-        let mut halves: BTreeMap<String, (Option<(Vec<f32>, Vec<usize>)>, Option<(Vec<f32>, Vec<usize>)>)> =
-            BTreeMap::new();
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| LoraError::Safetensors {
+                path: weights_path.clone(),
+                message: format!("{e:?}"),
+            })?;
+        let mut halves: BTreeMap<
+            String,
+            (
+                Option<(Vec<f32>, Vec<usize>)>,
+                Option<(Vec<f32>, Vec<usize>)>,
+            ),
+        > = BTreeMap::new();
         for (key, view) in st.tensors() {
             let unexpected = |message: &str| LoraError::UnexpectedTensor {
                 path: weights_path.clone(),
@@ -172,9 +179,13 @@ impl AdapterFiles {
                 return Err(unexpected("not a lora_A/lora_B weight"));
             };
             if view.shape().len() != 2 {
-                return Err(unexpected(&format!("rank-{} tensor, LoRA weights are 2-D", view.shape().len())));
+                return Err(unexpected(&format!(
+                    "rank-{} tensor, LoRA weights are 2-D",
+                    view.shape().len()
+                )));
             }
-            let values = view_to_f32(&view).ok_or_else(|| unexpected(&format!("dtype {:?}", view.dtype())))?;
+            let values = view_to_f32(&view)
+                .ok_or_else(|| unexpected(&format!("dtype {:?}", view.dtype())))?;
             let entry = halves.entry(module.to_string()).or_default();
             let slot = if is_a { &mut entry.0 } else { &mut entry.1 };
             *slot = Some((values, view.shape().to_vec()));
@@ -242,8 +253,16 @@ impl AdapterFiles {
 
         let mut data: Vec<(String, Vec<u8>, [usize; 2])> = Vec::new();
         for (module, t) in &self.tensors {
-            data.push((format!("{KEY_PREFIX}{module}.lora_A.weight"), f32_to_bytes(&t.lora_a), t.a_shape));
-            data.push((format!("{KEY_PREFIX}{module}.lora_B.weight"), f32_to_bytes(&t.lora_b), t.b_shape));
+            data.push((
+                format!("{KEY_PREFIX}{module}.lora_A.weight"),
+                f32_to_bytes(&t.lora_a),
+                t.a_shape,
+            ));
+            data.push((
+                format!("{KEY_PREFIX}{module}.lora_B.weight"),
+                f32_to_bytes(&t.lora_b),
+                t.b_shape,
+            ));
         }
         let weights_path = staging.join(WEIGHTS_FILE);
         write_safetensors(&weights_path, &data)?;
@@ -264,7 +283,10 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<u8>, [usize; 2])])
                 })
         })
         .collect::<Result<Vec<_>>>()?;
-    let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
     safetensors::serialize_to_file(views, metadata, path).map_err(|e| LoraError::Safetensors {
         path: path.to_path_buf(),
         message: format!("cannot write: {e:?}"),
@@ -277,7 +299,10 @@ pub fn staging_dir(target: &Path) -> Result<PathBuf> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "out".into());
-    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
     let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if staging.exists() {

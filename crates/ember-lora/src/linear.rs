@@ -31,9 +31,18 @@ impl<B: Backend> LoraAdapter<B> {
     ///
     /// `true`: A ~ U(−1/√in, 1/√in) (`kaiming_uniform_(a=√5)`), B = 0. `"gaussian"`:
     /// A ~ N(0, 1/r²), B = 0. `false`: A as `true`, B ~ U(−1/√r, 1/√r).
-    pub fn init(out: usize, inp: usize, lora: ModuleLora, dropout: f64, init: InitLoraWeights, device: &B::Device) -> Self {
+    pub fn init(
+        out: usize,
+        inp: usize,
+        lora: ModuleLora,
+        dropout: f64,
+        init: InitLoraWeights,
+        device: &B::Device,
+    ) -> Self {
         let r = lora.r;
-        let kaiming = |fan_in: usize| Distribution::Uniform(-1.0 / (fan_in as f64).sqrt(), 1.0 / (fan_in as f64).sqrt());
+        let kaiming = |fan_in: usize| {
+            Distribution::Uniform(-1.0 / (fan_in as f64).sqrt(), 1.0 / (fan_in as f64).sqrt())
+        };
         let a = match init {
             InitLoraWeights::Named(crate::config::InitName::Gaussian) => {
                 Tensor::random([r, inp], Distribution::Normal(0.0, 1.0 / r as f64), device)
@@ -48,7 +57,12 @@ impl<B: Backend> LoraAdapter<B> {
     }
 
     /// An adapter from given A `[r, in]` and B `[out, r]`.
-    pub fn from_tensors(lora_a: Tensor<B, 2>, lora_b: Tensor<B, 2>, scaling: f64, dropout: f64) -> Self {
+    pub fn from_tensors(
+        lora_a: Tensor<B, 2>,
+        lora_b: Tensor<B, 2>,
+        scaling: f64,
+        dropout: f64,
+    ) -> Self {
         Self {
             lora_a: Param::from_tensor(lora_a),
             lora_b: Param::from_tensor(lora_b),
@@ -66,7 +80,10 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// `s·B·A` in f32, shape `[out, in]`.
     pub fn delta_weight(&self) -> Tensor<B, 2> {
-        self.lora_b.val().matmul(self.lora_a.val()).mul_scalar(self.scaling)
+        self.lora_b
+            .val()
+            .matmul(self.lora_a.val())
+            .mul_scalar(self.scaling)
     }
 }
 
@@ -130,7 +147,14 @@ impl<B: Backend> LoraLinear<B> {
             return Ok(());
         };
         let merged = self.weight.val() + adapter.delta_weight();
-        let non_finite: i64 = merged.clone().is_finite().bool_not().int().sum().into_scalar().elem();
+        let non_finite: i64 = merged
+            .clone()
+            .is_finite()
+            .bool_not()
+            .int()
+            .sum()
+            .into_scalar()
+            .elem();
         if non_finite > 0 {
             return Err(LoraError::NonFinite {
                 key: format!("{path}.weight"),
@@ -161,7 +185,11 @@ impl<B: Backend> LoraLinear<B> {
     /// - `x`: `[..., in]`
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let base = linear(x.clone(), self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        let base = linear(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
         match &self.adapter {
             Some(adapter) if adapter.enabled && !adapter.merged => {
                 // Dropout is active only under autodiff, i.e. while training.

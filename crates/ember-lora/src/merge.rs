@@ -94,7 +94,10 @@ pub fn checkpoint_files(dir: &Path) -> Result<(Vec<String>, Option<Value>)> {
     } else {
         Err(LoraError::Io {
             path: dir.join("model.safetensors"),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors or index"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no model.safetensors or index",
+            ),
         })
     }
 }
@@ -114,9 +117,18 @@ fn parse<'a>(path: &Path, mmap: &'a Mmap) -> Result<SafeTensors<'a>> {
 
 fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
-        Dtype::BF16 => values.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-        Dtype::F64 => values.iter().flat_map(|x| (*x as f64).to_le_bytes()).collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        Dtype::F64 => values
+            .iter()
+            .flat_map(|x| (*x as f64).to_le_bytes())
+            .collect(),
         _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
     }
 }
@@ -124,11 +136,19 @@ fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
 /// Merges `adapter` into the checkpoint at `base` and writes a complete HF folder at `out`
 /// (weights, index, config.json and every other file of the base folder). Refuses an
 /// existing `out`, adapters that do not fit the base, and non-finite results.
-pub fn merge_checkpoint(base: &Path, adapter: &AdapterFiles, out: &Path, dtype: MergeDtype) -> Result<MergeReport> {
+pub fn merge_checkpoint(
+    base: &Path,
+    adapter: &AdapterFiles,
+    out: &Path,
+    dtype: MergeDtype,
+) -> Result<MergeReport> {
     if out.exists() {
         return Err(LoraError::Io {
             path: out.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "output folder exists; choose a new one"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "output folder exists; choose a new one",
+            ),
         });
     }
     let (files, index) = checkpoint_files(base)?;
@@ -145,11 +165,13 @@ pub fn merge_checkpoint(base: &Path, adapter: &AdapterFiles, out: &Path, dtype: 
     }
     for (module, t) in &adapter.tensors {
         let key = format!("{module}.weight");
-        let (shape, _) = shapes.get(&key).ok_or_else(|| LoraError::UnexpectedTensor {
-            path: base.to_path_buf(),
-            key: format!("base_model.model.{module}.lora_A.weight"),
-            message: format!("the base has no `{key}`"),
-        })?;
+        let (shape, _) = shapes
+            .get(&key)
+            .ok_or_else(|| LoraError::UnexpectedTensor {
+                path: base.to_path_buf(),
+                key: format!("base_model.model.{module}.lora_A.weight"),
+                message: format!("the base has no `{key}`"),
+            })?;
         let expected = vec![t.b_shape[0], t.a_shape[1]];
         if *shape != expected {
             return Err(LoraError::ShapeMismatch {
@@ -200,10 +222,12 @@ fn write_merged(
             let lora = module.and_then(|m| adapter.tensors.get(m).map(|t| (m, t)));
             let bytes = match lora {
                 Some((module, t)) => {
-                    let mut w = bytes_to_f32(view.data(), view.dtype()).ok_or_else(|| LoraError::UnexpectedTensor {
-                        path: path.clone(),
-                        key: key.clone(),
-                        message: format!("cannot merge into dtype {:?}", view.dtype()),
+                    let mut w = bytes_to_f32(view.data(), view.dtype()).ok_or_else(|| {
+                        LoraError::UnexpectedTensor {
+                            path: path.clone(),
+                            key: key.clone(),
+                            message: format!("cannot merge into dtype {:?}", view.dtype()),
+                        }
                     })?;
                     let delta = t.delta(adapter.config.module_lora(module).scaling);
                     for (w, d) in w.iter_mut().zip(&delta) {
@@ -236,10 +260,15 @@ fn write_merged(
             })
             .collect::<Result<Vec<_>>>()?;
         let out_path = staging.join(file);
-        let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
-        safetensors::serialize_to_file(views, metadata, &out_path).map_err(|e| LoraError::Safetensors {
-            path: out_path.clone(),
-            message: format!("cannot write: {e:?}"),
+        let metadata = Some(std::collections::HashMap::from([(
+            "format".to_string(),
+            "pt".to_string(),
+        )]));
+        safetensors::serialize_to_file(views, metadata, &out_path).map_err(|e| {
+            LoraError::Safetensors {
+                path: out_path.clone(),
+                message: format!("cannot write: {e:?}"),
+            }
         })?;
         report.shards.push(file.clone());
     }
@@ -248,14 +277,31 @@ fn write_merged(
             meta.insert("total_size".into(), Value::from(report.bytes));
         }
         let p = staging.join("model.safetensors.index.json");
-        let text = serde_json::to_string_pretty(&index).map_err(|source| LoraError::Json { path: p.clone(), source })?;
+        let text = serde_json::to_string_pretty(&index).map_err(|source| LoraError::Json {
+            path: p.clone(),
+            source,
+        })?;
         std::fs::write(&p, text).map_err(io(&p))?;
     }
     // Every other file of the base (config, tokenizer, generation config, template, license).
     for entry in std::fs::read_dir(base).map_err(io(base))? {
         let entry = entry.map_err(io(base))?;
         let name = entry.file_name().to_string_lossy().to_string();
-        let is_weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+        // Other weight formats of the same model would be stale next to the merged weights.
+        let is_weights = [
+            ".safetensors",
+            ".bin",
+            ".pt",
+            ".pth",
+            ".gguf",
+            ".h5",
+            ".msgpack",
+            ".onnx",
+            ".ckpt",
+        ]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+            || name.ends_with(".index.json");
         if !entry.path().is_file() || is_weights {
             continue;
         }
@@ -263,12 +309,23 @@ fn write_merged(
         if name == "config.json" {
             let p = entry.path();
             let text = std::fs::read_to_string(&p).map_err(io(&p))?;
-            let mut config: Value = serde_json::from_str(&text).map_err(|source| LoraError::Json { path: p.clone(), source })?;
+            let mut config: Value =
+                serde_json::from_str(&text).map_err(|source| LoraError::Json {
+                    path: p.clone(),
+                    source,
+                })?;
             if let (Some(name), Some(obj)) = (dtype.config_name(), config.as_object_mut()) {
-                let key = if obj.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" };
+                let key = if obj.contains_key("torch_dtype") {
+                    "torch_dtype"
+                } else {
+                    "dtype"
+                };
                 obj.insert(key.into(), Value::from(name));
             }
-            let text = serde_json::to_string_pretty(&config).map_err(|source| LoraError::Json { path: p.clone(), source })?;
+            let text = serde_json::to_string_pretty(&config).map_err(|source| LoraError::Json {
+                path: p.clone(),
+                source,
+            })?;
             std::fs::write(&dest, text + "\n").map_err(io(&dest))?;
         } else {
             std::fs::copy(entry.path(), &dest).map_err(io(&dest))?;

@@ -20,46 +20,193 @@ fn target_matching_follows_peft() {
     let head = "lm_head";
     let cases: Vec<(LoraConfig, &str, bool, bool)> = vec![
         // (config, path, is_output_head, expected)
-        (LoraConfig { target_modules: list(&["q_proj"]), ..Default::default() }, q, false, true),
-        (LoraConfig { target_modules: list(&["proj"]), ..Default::default() }, q, false, false),
-        (LoraConfig { target_modules: list(&["self_attn.q_proj"]), ..Default::default() }, q, false, true),
-        (LoraConfig { target_modules: list(&[q]), ..Default::default() }, q, false, true),
-        (LoraConfig { target_modules: list(&["layers.0.self_attn.q_proj"]), ..Default::default() }, q, false, true),
-        (LoraConfig { target_modules: list(&["lm_head"]), ..Default::default() }, head, true, true),
+        (
+            LoraConfig {
+                target_modules: list(&["q_proj"]),
+                ..Default::default()
+            },
+            q,
+            false,
+            true,
+        ),
+        (
+            LoraConfig {
+                target_modules: list(&["proj"]),
+                ..Default::default()
+            },
+            q,
+            false,
+            false,
+        ),
+        (
+            LoraConfig {
+                target_modules: list(&["self_attn.q_proj"]),
+                ..Default::default()
+            },
+            q,
+            false,
+            true,
+        ),
+        (
+            LoraConfig {
+                target_modules: list(&[q]),
+                ..Default::default()
+            },
+            q,
+            false,
+            true,
+        ),
+        (
+            LoraConfig {
+                target_modules: list(&["layers.0.self_attn.q_proj"]),
+                ..Default::default()
+            },
+            q,
+            false,
+            true,
+        ),
+        (
+            LoraConfig {
+                target_modules: list(&["lm_head"]),
+                ..Default::default()
+            },
+            head,
+            true,
+            true,
+        ),
         // A string is a regex that must match the whole path.
-        (LoraConfig { target_modules: TargetModules::Pattern(r".*\.(q|v)_proj".into()), ..Default::default() }, q, false, true),
-        (LoraConfig { target_modules: TargetModules::Pattern("q_proj".into()), ..Default::default() }, q, false, false),
-        (LoraConfig { target_modules: TargetModules::Pattern(r".*layers\.[12]\..*proj".into()), ..Default::default() }, q, false, false),
+        (
+            LoraConfig {
+                target_modules: TargetModules::Pattern(r".*\.(q|v)_proj".into()),
+                ..Default::default()
+            },
+            q,
+            false,
+            true,
+        ),
+        (
+            LoraConfig {
+                target_modules: TargetModules::Pattern("q_proj".into()),
+                ..Default::default()
+            },
+            q,
+            false,
+            false,
+        ),
+        (
+            LoraConfig {
+                target_modules: TargetModules::Pattern(r".*layers\.[12]\..*proj".into()),
+                ..Default::default()
+            },
+            q,
+            false,
+            false,
+        ),
         // all-linear: everything but the output head.
-        (LoraConfig { target_modules: TargetModules::Pattern("all-linear".into()), ..Default::default() }, down3, false, true),
-        (LoraConfig { target_modules: TargetModules::Pattern("all-linear".into()), ..Default::default() }, head, true, false),
+        (
+            LoraConfig {
+                target_modules: TargetModules::Pattern("all-linear".into()),
+                ..Default::default()
+            },
+            down3,
+            false,
+            true,
+        ),
+        (
+            LoraConfig {
+                target_modules: TargetModules::Pattern("all-linear".into()),
+                ..Default::default()
+            },
+            head,
+            true,
+            false,
+        ),
         // exclude_modules: list (exact or suffix) and regex.
-        (LoraConfig { target_modules: TargetModules::Pattern("all-linear".into()), exclude_modules: Some(list(&["down_proj"])), ..Default::default() }, down3, false, false),
-        (LoraConfig { target_modules: list(&["q_proj"]), exclude_modules: Some(TargetModules::Pattern(r".*layers\.0\..*".into())), ..Default::default() }, q, false, false),
+        (
+            LoraConfig {
+                target_modules: TargetModules::Pattern("all-linear".into()),
+                exclude_modules: Some(list(&["down_proj"])),
+                ..Default::default()
+            },
+            down3,
+            false,
+            false,
+        ),
+        (
+            LoraConfig {
+                target_modules: list(&["q_proj"]),
+                exclude_modules: Some(TargetModules::Pattern(r".*layers\.0\..*".into())),
+                ..Default::default()
+            },
+            q,
+            false,
+            false,
+        ),
         // layers_to_transform applies to list targets matched by suffix.
-        (LoraConfig { target_modules: list(&["down_proj"]), layers_to_transform: Some(vec![3]), ..Default::default() }, down3, false, true),
-        (LoraConfig { target_modules: list(&["q_proj"]), layers_to_transform: Some(vec![3]), ..Default::default() }, q, false, false),
+        (
+            LoraConfig {
+                target_modules: list(&["down_proj"]),
+                layers_to_transform: Some(vec![3]),
+                ..Default::default()
+            },
+            down3,
+            false,
+            true,
+        ),
+        (
+            LoraConfig {
+                target_modules: list(&["q_proj"]),
+                layers_to_transform: Some(vec![3]),
+                ..Default::default()
+            },
+            q,
+            false,
+            false,
+        ),
         // ...but not to exact matches (PEFT checks `key in target_modules` first).
-        (LoraConfig { target_modules: list(&[q]), layers_to_transform: Some(vec![3]), ..Default::default() }, q, false, true),
+        (
+            LoraConfig {
+                target_modules: list(&[q]),
+                layers_to_transform: Some(vec![3]),
+                ..Default::default()
+            },
+            q,
+            false,
+            true,
+        ),
     ];
     for (i, (config, path, head, expected)) in cases.iter().enumerate() {
-        assert_eq!(config.targets(path, *head), *expected, "case {i}: {:?} on {path}", config.target_modules);
+        assert_eq!(
+            config.targets(path, *head),
+            *expected,
+            "case {i}: {:?} on {path}",
+            config.target_modules
+        );
     }
 }
 
 #[test]
 fn layer_index_is_the_first_numbered_segment() {
     assert_eq!(layer_index("model.layers.12.self_attn.q_proj"), Some(12));
-    assert_eq!(layer_index("model.layers.1.mlp.experts.7.down_proj"), Some(1));
+    assert_eq!(
+        layer_index("model.layers.1.mlp.experts.7.down_proj"),
+        Some(1)
+    );
     assert_eq!(layer_index("lm_head"), None);
     assert_eq!(layer_index("model.norm"), None);
 }
 
 #[test]
 fn rank_and_alpha_patterns_and_rslora() {
-    let mut config = LoraConfig { r: 8, lora_alpha: 16.0, ..Default::default() };
+    let mut config = LoraConfig {
+        r: 8,
+        lora_alpha: 16.0,
+        ..Default::default()
+    };
     config.rank_pattern.insert("q_proj".into(), json!(4));
-    config.rank_pattern.insert(r"layers\.1\.mlp\..*".into(), json!(2));
+    config
+        .rank_pattern
+        .insert(r"layers\.1\.mlp\..*".into(), json!(2));
     config.alpha_pattern.insert("down_proj".into(), json!(3));
     let q = config.module_lora("model.layers.0.self_attn.q_proj");
     assert_eq!((q.r, q.alpha, q.scaling), (4, 16.0, 4.0));
@@ -72,23 +219,52 @@ fn rank_and_alpha_patterns_and_rslora() {
     let mut c2 = LoraConfig::default();
     c2.rank_pattern.insert("proj".into(), json!(2));
     assert_eq!(c2.module_lora("model.layers.0.self_attn.q_proj").r, 8);
-    let rs = LoraConfig { r: 16, lora_alpha: 8.0, use_rslora: true, ..Default::default() };
+    let rs = LoraConfig {
+        r: 16,
+        lora_alpha: 8.0,
+        use_rslora: true,
+        ..Default::default()
+    };
     assert_eq!(rs.module_lora("x.q_proj").scaling, 2.0);
 }
 
 #[test]
 fn invalid_values_name_the_key() {
-    let err = LoraConfig { r: 0, ..Default::default() }.validate().unwrap_err().to_string();
+    let err = LoraConfig {
+        r: 0,
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("`r`") && err.contains("at least 1"), "{err}");
-    let err = LoraConfig { lora_dropout: 1.5, ..Default::default() }.validate().unwrap_err().to_string();
+    let err = LoraConfig {
+        lora_dropout: 1.5,
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("lora_dropout"), "{err}");
-    let err = LoraConfig { bias: "all".into(), ..Default::default() }.validate().unwrap_err().to_string();
+    let err = LoraConfig {
+        bias: "all".into(),
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("bias"), "{err}");
-    let err = LoraConfig { target_modules: TargetModules::Pattern("(".into()), ..Default::default() }
-        .validate()
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("target_modules") && err.contains("regex"), "{err}");
+    let err = LoraConfig {
+        target_modules: TargetModules::Pattern("(".into()),
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("target_modules") && err.contains("regex"),
+        "{err}"
+    );
     let unknown: Result<LoraConfig, _> = serde_json::from_value(json!({"r": 4, "lora_alhpa": 8}));
     assert!(unknown.unwrap_err().to_string().contains("lora_alhpa"));
 }
@@ -113,8 +289,13 @@ fn unsupported_peft_features_are_refused() {
     }
     let mut v = base.clone();
     v["r"] = json!(0);
-    let err = LoraConfig::from_peft_json(&v, path).unwrap_err().to_string();
-    assert!(err.contains("`r`") && err.contains("adapter_config.json"), "{err}");
+    let err = LoraConfig::from_peft_json(&v, path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`r`") && err.contains("adapter_config.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -133,17 +314,34 @@ fn peft_json_round_trip() {
     assert_eq!(json["peft_type"], "LORA");
     assert_eq!(json["task_type"], "CAUSAL_LM");
     assert_eq!(json["lora_alpha"], json!(32));
-    assert_eq!(json["base_model_name_or_path"], "HuggingFaceTB/SmolLM2-135M-Instruct");
+    assert_eq!(
+        json["base_model_name_or_path"],
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    );
     let back = LoraConfig::from_peft_json(&json, Path::new("x")).unwrap();
     assert_eq!(back, config);
 }
 
 #[test]
 fn all_linear_is_saved_resolved() {
-    let config = LoraConfig { target_modules: TargetModules::Pattern("all-linear".into()), ..Default::default() };
-    let json = config.to_peft_json(None, &["model.layers.0.self_attn.q_proj".into(), "model.layers.0.mlp.up_proj".into(), "model.layers.1.self_attn.q_proj".into()]);
+    let config = LoraConfig {
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        ..Default::default()
+    };
+    let json = config.to_peft_json(
+        None,
+        &[
+            "model.layers.0.self_attn.q_proj".into(),
+            "model.layers.0.mlp.up_proj".into(),
+            "model.layers.1.self_attn.q_proj".into(),
+        ],
+    );
     assert_eq!(
         json["target_modules"],
-        json!(["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"])
+        json!([
+            "model.layers.0.mlp.up_proj",
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.self_attn.q_proj"
+        ])
     );
 }

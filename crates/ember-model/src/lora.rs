@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use ember_lora::{AdapterFiles, AdapterTensors, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules};
+use ember_lora::{
+    AdapterFiles, AdapterTensors, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules,
+};
 
 use crate::error::Result;
 use crate::model::CausalLm;
@@ -42,11 +44,20 @@ impl<B: Backend> CausalLm<B> {
         for (i, layer) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &layer.self_attn;
-            for (name, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+            for (name, l) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
                 out.push((format!("{p}.self_attn.{name}"), l));
             }
             let m = &layer.mlp;
-            for (name, l) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
+            for (name, l) in [
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
+            ] {
                 out.push((format!("{p}.mlp.{name}"), l));
             }
         }
@@ -88,7 +99,8 @@ impl<B: Backend> CausalLm<B> {
                 o * i + l.bias.as_ref().map_or(0, |_| o)
             })
             .sum();
-        let norms = c.num_layers * (2 * c.hidden_size + if c.qk_norm { 2 * c.head_dim } else { 0 }) + c.hidden_size;
+        let norms = c.num_layers * (2 * c.hidden_size + if c.qk_norm { 2 * c.head_dim } else { 0 })
+            + c.hidden_size;
         linear + c.vocab_size * c.hidden_size + norms
     }
 
@@ -124,7 +136,14 @@ impl<B: Backend> CausalLm<B> {
             }
             let [out, inp] = layer.dims();
             let lora = config.module_lora(&path);
-            let adapter = LoraAdapter::init(out, inp, lora, config.lora_dropout, config.init_lora_weights, device);
+            let adapter = LoraAdapter::init(
+                out,
+                inp,
+                lora,
+                config.lora_dropout,
+                config.init_lora_weights,
+                device,
+            );
             layer.attach(adapter, &path)?;
             matched += 1;
         }
@@ -142,8 +161,11 @@ impl<B: Backend> CausalLm<B> {
     /// shapes; nothing is attached unless all fit.
     pub fn load_adapter(&mut self, files: &AdapterFiles, device: &B::Device) -> Result<LoraReport> {
         let mut pending: BTreeMap<String, LoraAdapter<B>> = BTreeMap::new();
-        let known: BTreeMap<String, [usize; 2]> =
-            self.linear_layers().into_iter().map(|(p, l)| (p, l.dims())).collect();
+        let known: BTreeMap<String, [usize; 2]> = self
+            .linear_layers()
+            .into_iter()
+            .map(|(p, l)| (p, l.dims()))
+            .collect();
         for (path, t) in &files.tensors {
             let Some(&[out, inp]) = known.get(path) else {
                 return Err(LoraError::UnexpectedTensor {
@@ -155,7 +177,10 @@ impl<B: Backend> CausalLm<B> {
             };
             if t.a_shape[1] != inp || t.b_shape[0] != out {
                 return Err(LoraError::ShapeMismatch {
-                    key: format!("base_model.model.{path}.lora_A/B (B·A must be {:?})", [out, inp]),
+                    key: format!(
+                        "base_model.model.{path}.lora_A/B (B·A must be {:?})",
+                        [out, inp]
+                    ),
                     expected: vec![out, inp],
                     found: vec![t.b_shape[0], t.a_shape[1]],
                 }
@@ -164,7 +189,10 @@ impl<B: Backend> CausalLm<B> {
             let a = Tensor::from_data(TensorData::new(t.lora_a.clone(), t.a_shape), device);
             let b = Tensor::from_data(TensorData::new(t.lora_b.clone(), t.b_shape), device);
             let scaling = files.config.module_lora(path).scaling;
-            pending.insert(path.clone(), LoraAdapter::from_tensors(a, b, scaling, files.config.lora_dropout));
+            pending.insert(
+                path.clone(),
+                LoraAdapter::from_tensors(a, b, scaling, files.config.lora_dropout),
+            );
         }
         for (path, layer) in self.linear_layers_mut() {
             if let Some(adapter) = pending.remove(&path) {
@@ -175,7 +203,11 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// The attached adapters as PEFT files (host f32 copies), ready to write.
-    pub fn adapter_files(&self, config: &LoraConfig, base_model_name_or_path: Option<String>) -> AdapterFiles {
+    pub fn adapter_files(
+        &self,
+        config: &LoraConfig,
+        base_model_name_or_path: Option<String>,
+    ) -> AdapterFiles {
         let mut tensors = BTreeMap::new();
         for (path, layer) in self.linear_layers() {
             if let Some(adapter) = &layer.adapter {

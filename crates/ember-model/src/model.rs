@@ -88,12 +88,26 @@ impl<B: Backend> Attention<B> {
     /// - `x`: `[batch, seq, hidden]`
     /// - `mask`: additive, `[batch, 1, seq, seq]`
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = self.q_proj.forward(x.clone()).reshape([batch, seq, heads, head_dim]);
-        let mut k = self.k_proj.forward(x.clone()).reshape([batch, seq, kv_heads, head_dim]);
-        let v = self.v_proj.forward(x).reshape([batch, seq, kv_heads, head_dim]);
+        let mut q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([batch, seq, heads, head_dim]);
+        let mut k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([batch, seq, kv_heads, head_dim]);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([batch, seq, kv_heads, head_dim]);
         if let Some(norm) = &self.q_norm {
             q = norm.forward(q);
         }
@@ -109,7 +123,10 @@ impl<B: Backend> Attention<B> {
         let scale = (head_dim as f64).powf(-0.5);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask;
         let probs = softmax(scores, 3);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, heads * head_dim]);
+        let out = probs
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, seq, heads * head_dim]);
         self.o_proj.forward(out)
     }
 }
@@ -185,10 +202,19 @@ impl<B: Backend> DecoderLayer<B> {
     /// - `x`: `[batch, seq, hidden]`
     /// - `mask`: additive, `[batch, 1, seq, seq]`
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4>) -> Tensor<B, 3> {
-        let h = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, mask);
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
+        let h = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), rope, mask);
         let x = x + h;
-        let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        let h = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
         x + h
     }
 }
@@ -278,7 +304,11 @@ impl<B: Backend> CausalLm<B> {
                 eps: c.rms_norm_eps,
             })
         };
-        let (h, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (h, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
@@ -314,7 +344,8 @@ impl<B: Backend> CausalLm<B> {
                 sliding_window: c.sliding_window[i],
             });
         }
-        let embed = weights.tensor::<B, 2>("model.embed_tokens.weight", [c.vocab_size, h], device)?;
+        let embed =
+            weights.tensor::<B, 2>("model.embed_tokens.weight", [c.vocab_size, h], device)?;
         let model = DecoderModel {
             embed_tokens: Embedding {
                 weight: Param::from_tensor(embed).set_require_grad(false),
@@ -353,7 +384,11 @@ impl<B: Backend> CausalLm<B> {
     /// # Shapes
     /// - `input.input_ids`: `[batch, seq]`
     /// - `logits`: `[batch, seq, vocab]`; each hidden state `[batch, seq, hidden]`
-    pub fn forward_with_hidden(&self, input: ModelInput<B>, output_hidden_states: bool) -> ModelOutput<B> {
+    pub fn forward_with_hidden(
+        &self,
+        input: ModelInput<B>,
+        output_hidden_states: bool,
+    ) -> ModelOutput<B> {
         let [batch, seq] = input.input_ids.dims();
         let device = input.input_ids.device();
         let position_ids = input.position_ids.unwrap_or_else(|| {
@@ -365,7 +400,14 @@ impl<B: Backend> CausalLm<B> {
         let mut masks: BTreeMap<Option<usize>, Tensor<B, 4>> = BTreeMap::new();
         for layer in &self.model.layers {
             masks.entry(layer.sliding_window).or_insert_with(|| {
-                attention_mask::<B>(input.attention_mask.clone(), batch, seq, 0, layer.sliding_window, &device)
+                attention_mask::<B>(
+                    input.attention_mask.clone(),
+                    batch,
+                    seq,
+                    0,
+                    layer.sliding_window,
+                    &device,
+                )
             });
         }
 
@@ -385,7 +427,10 @@ impl<B: Backend> CausalLm<B> {
             Some(head) => head.forward(x),
             None => ember_lora::linear(x, self.model.embed_tokens.weight.val(), None),
         };
-        ModelOutput { logits, hidden_states }
+        ModelOutput {
+            logits,
+            hidden_states,
+        }
     }
 
     /// The normalised config the model was built from.
@@ -422,10 +467,15 @@ pub fn attention_mask<B: Backend>(
         // Hidden when i - j >= w, i.e. j <= i - w.
         hidden = hidden.bool_or(k.lower_equal(q.sub_scalar(w as i64)));
     }
-    let hidden = hidden.reshape([1, 1, seq, keys]).expand([batch, 1, seq, keys]);
+    let hidden = hidden
+        .reshape([1, 1, seq, keys])
+        .expand([batch, 1, seq, keys]);
     let hidden = match padding {
         Some(pad) => {
-            let pad = pad.equal_elem(0).reshape([batch, 1, 1, keys]).expand([batch, 1, seq, keys]);
+            let pad = pad
+                .equal_elem(0)
+                .reshape([batch, 1, 1, keys])
+                .expand([batch, 1, seq, keys]);
             hidden.bool_or(pad)
         }
         None => hidden,
@@ -434,7 +484,11 @@ pub fn attention_mask<B: Backend>(
 }
 
 /// Checks that a padding mask matches the ids it belongs to.
-pub fn check_input_shapes(ids: [usize; 2], mask: Option<[usize; 2]>, positions: Option<[usize; 2]>) -> Result<()> {
+pub fn check_input_shapes(
+    ids: [usize; 2],
+    mask: Option<[usize; 2]>,
+    positions: Option<[usize; 2]>,
+) -> Result<()> {
     for (name, dims) in [("attention_mask", mask), ("position_ids", positions)] {
         if let Some(d) = dims {
             if d != ids {

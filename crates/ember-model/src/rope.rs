@@ -25,14 +25,22 @@ pub fn inverse_frequencies(rope: &RopeConfig) -> Vec<f32> {
             original_max_position_embeddings: old_context,
         } => {
             let factor = factor as f32;
-            let (low, high, old) = (low_freq_factor as f32, high_freq_factor as f32, old_context as f32);
+            let (low, high, old) = (
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+                old_context as f32,
+            );
             let low_freq_wavelen = old / low;
             let high_freq_wavelen = old / high;
             plain
                 .iter()
                 .map(|&f| {
                     let wavelen = (2.0 * std::f64::consts::PI) as f32 / f;
-                    let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+                    let scaled = if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        f
+                    };
                     let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
                     if medium {
                         let smooth = (old / wavelen - low) / (high - low);

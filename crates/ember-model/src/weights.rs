@@ -148,7 +148,9 @@ impl Weights {
         for shard in &self.shards {
             for info in shard.tensors.values() {
                 let n = info.shape.iter().product::<usize>();
-                let e = counts.entry(format!("{:?}", info.dtype)).or_insert((0, info.dtype));
+                let e = counts
+                    .entry(format!("{:?}", info.dtype))
+                    .or_insert((0, info.dtype));
                 e.0 += n;
             }
         }
@@ -157,10 +159,13 @@ impl Weights {
 
     /// Reads `key` as f32 values, checking the stored shape against `expected`.
     pub fn read_f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>> {
-        let shard_index = *self.index.get(key).ok_or_else(|| ModelError::MissingTensor {
-            key: key.to_string(),
-            dir: self.dir.clone(),
-        })?;
+        let shard_index = *self
+            .index
+            .get(key)
+            .ok_or_else(|| ModelError::MissingTensor {
+                key: key.to_string(),
+                dir: self.dir.clone(),
+            })?;
         let shard = &self.shards[shard_index];
         let info = &shard.tensors[key];
         if info.shape != expected {
@@ -173,10 +178,12 @@ impl Weights {
         }
         let (start, end) = info.data_offsets;
         let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
-        let values = ember_lora::adapter::bytes_to_f32(bytes, info.dtype).ok_or_else(|| ModelError::UnsupportedDtype {
-            key: key.to_string(),
-            path: shard.path.clone(),
-            dtype: format!("{:?}", info.dtype),
+        let values = ember_lora::adapter::bytes_to_f32(bytes, info.dtype).ok_or_else(|| {
+            ModelError::UnsupportedDtype {
+                key: key.to_string(),
+                path: shard.path.clone(),
+                dtype: format!("{:?}", info.dtype),
+            }
         })?;
         self.taken.borrow_mut().insert(key.to_string());
         Ok(values)

@@ -34,7 +34,12 @@ fn llama_tensors() -> Vec<(String, Vec<f32>, Vec<usize>)> {
 fn write_safetensors(path: &Path, tensors: &[(String, Vec<u8>, Vec<usize>, Dtype)]) {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
-        .map(|(k, bytes, shape, dtype)| (k.clone(), TensorView::new(*dtype, shape.clone(), bytes).unwrap()))
+        .map(|(k, bytes, shape, dtype)| {
+            (
+                k.clone(),
+                TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
@@ -46,10 +51,17 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 /// A llama copy with `edit` applied to its tensor list.
 fn llama_copy(name: &str, edit: impl FnOnce(&mut Vec<(String, Vec<f32>, Vec<usize>)>)) -> PathBuf {
     let dir = tempdir(name);
-    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("llama/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
     let mut tensors = llama_tensors();
     edit(&mut tensors);
-    let raw: Vec<_> = tensors.into_iter().map(|(k, v, s)| (k, f32_bytes(&v), s, Dtype::F32)).collect();
+    let raw: Vec<_> = tensors
+        .into_iter()
+        .map(|(k, v, s)| (k, f32_bytes(&v), s, Dtype::F32))
+        .collect();
     write_safetensors(&dir.join("model.safetensors"), &raw);
     dir
 }
@@ -61,7 +73,11 @@ fn load(dir: &Path) -> Result<CausalLm<TestBackend>, ModelError> {
 fn llama_logits_diff(dir: &Path) -> f32 {
     let model = load(dir).unwrap();
     let inputs = Inputs::read("llama");
-    let logits = model.forward(inputs.to_model_input()).into_data().to_vec::<f32>().unwrap();
+    let logits = model
+        .forward(inputs.to_model_input())
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
     let (expected, shape) = reference(&fixtures().join("llama/logits.safetensors"), "logits");
     masked_max_diff(&logits, &expected, &shape, &inputs.attention_mask).0
 }
@@ -69,13 +85,20 @@ fn llama_logits_diff(dir: &Path) -> f32 {
 #[test]
 fn sharded_checkpoint_with_index_loads() {
     let dir = tempdir("sharded");
-    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("llama/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
     let tensors = llama_tensors();
     let half = tensors.len() / 2;
     let mut weight_map = BTreeMap::new();
     for (i, chunk) in [&tensors[..half], &tensors[half..]].iter().enumerate() {
         let file = format!("model-{:05}-of-00002.safetensors", i + 1);
-        let raw: Vec<_> = chunk.iter().map(|(k, v, s)| (k.clone(), f32_bytes(v), s.clone(), Dtype::F32)).collect();
+        let raw: Vec<_> = chunk
+            .iter()
+            .map(|(k, v, s)| (k.clone(), f32_bytes(v), s.clone(), Dtype::F32))
+            .collect();
         write_safetensors(&dir.join(&file), &raw);
         for (k, _, _) in chunk.iter() {
             weight_map.insert(k.clone(), file.clone());
@@ -90,19 +113,37 @@ fn sharded_checkpoint_with_index_loads() {
 #[test]
 fn f16_storage_is_converted_while_loading() {
     let dir = tempdir("f16");
-    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("llama/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
     let raw: Vec<_> = llama_tensors()
         .into_iter()
         .map(|(k, v, s)| {
-            let bytes = v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
+            let bytes = v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect();
             (k, bytes, s, Dtype::F16)
         })
         .collect();
     write_safetensors(&dir.join("model.safetensors"), &raw);
     let model = load(&dir).unwrap();
     // Every weight equals its f16 rounding exactly.
-    let w = model.model.layers[0].self_attn.q_proj.weight.val().into_data().to_vec::<f32>().unwrap();
-    let reference = llama_tensors().into_iter().find(|(k, _, _)| k == "model.layers.0.self_attn.q_proj.weight").unwrap().1;
+    let w = model.model.layers[0]
+        .self_attn
+        .q_proj
+        .weight
+        .val()
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let reference = llama_tensors()
+        .into_iter()
+        .find(|(k, _, _)| k == "model.layers.0.self_attn.q_proj.weight")
+        .unwrap()
+        .1;
     for (a, r) in w.iter().zip(&reference) {
         assert_eq!(*a, half::f16::from_f32(*r).to_f32());
     }
@@ -110,28 +151,44 @@ fn f16_storage_is_converted_while_loading() {
 
 #[test]
 fn missing_tensor_is_named() {
-    let dir = llama_copy("missing", |t| t.retain(|(k, _, _)| k != "model.layers.1.mlp.up_proj.weight"));
+    let dir = llama_copy("missing", |t| {
+        t.retain(|(k, _, _)| k != "model.layers.1.mlp.up_proj.weight")
+    });
     let err = load(&dir).unwrap_err();
     assert!(matches!(err, ModelError::MissingTensor { .. }), "{err}");
-    assert!(err.to_string().contains("missing tensor `model.layers.1.mlp.up_proj.weight`"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("missing tensor `model.layers.1.mlp.up_proj.weight`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
-    let dir = llama_copy("unexpected", |t| t.push(("model.layers.0.extra.weight".into(), vec![0.0; 4], vec![4])));
+    let dir = llama_copy("unexpected", |t| {
+        t.push(("model.layers.0.extra.weight".into(), vec![0.0; 4], vec![4]))
+    });
     let err = load(&dir).unwrap_err().to_string();
-    assert!(err.contains("unexpected tensor(s)") && err.contains("model.layers.0.extra.weight"), "{err}");
+    assert!(
+        err.contains("unexpected tensor(s)") && err.contains("model.layers.0.extra.weight"),
+        "{err}"
+    );
 }
 
 #[test]
 fn wrong_shape_names_key_and_both_shapes() {
     let dir = llama_copy("shape", |t| {
-        let entry = t.iter_mut().find(|(k, _, _)| k == "model.layers.0.self_attn.k_proj.weight").unwrap();
+        let entry = t
+            .iter_mut()
+            .find(|(k, _, _)| k == "model.layers.0.self_attn.k_proj.weight")
+            .unwrap();
         entry.2 = vec![64, 32];
     });
     let err = load(&dir).unwrap_err().to_string();
     assert!(
-        err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("[32, 64]") && err.contains("[64, 32]"),
+        err.contains("model.layers.0.self_attn.k_proj.weight")
+            && err.contains("[32, 64]")
+            && err.contains("[64, 32]"),
         "{err}"
     );
 }
@@ -143,7 +200,10 @@ fn truncated_file_is_a_clear_error() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 1000]).unwrap();
     let err = load(&dir).unwrap_err().to_string();
-    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors file"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
 
     std::fs::write(&path, b"\x05\x00").unwrap();
     let err = load(&dir).unwrap_err().to_string();
@@ -153,22 +213,39 @@ fn truncated_file_is_a_clear_error() {
 #[test]
 fn unsupported_model_type_lists_supported_ones() {
     let dir = tempdir("model_type");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("llama/config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("llama/config.json")).unwrap(),
+    )
+    .unwrap();
     config["model_type"] = "mamba".into();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let err = load(&dir).unwrap_err().to_string();
-    assert!(err.contains("unsupported model_type `mamba`") && err.contains("llama, mistral, qwen2, qwen3"), "{err}");
+    assert!(
+        err.contains("unsupported model_type `mamba`")
+            && err.contains("llama, mistral, qwen2, qwen3"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_folder_and_broken_config_are_named() {
     let dir = tempdir("no_weights");
-    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("llama/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
     let err = load(&dir).unwrap_err().to_string();
     assert!(err.contains("no `model.safetensors`"), "{err}");
 
-    std::fs::write(dir.join("config.json"), "{\"model_type\": \"llama\", \"vocab_size\": \"many\"}").unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"model_type\": \"llama\", \"vocab_size\": \"many\"}",
+    )
+    .unwrap();
     let err = load(&dir).unwrap_err().to_string();
-    assert!(err.contains("config.json") && err.contains("line 1"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("line 1"),
+        "{err}"
+    );
 }

@@ -20,12 +20,20 @@ fn model(arch: &str) -> CausalLm<TestBackend> {
 }
 
 fn logits(model: &CausalLm<TestBackend>, inputs: &Inputs) -> Vec<f32> {
-    model.forward(inputs.to_model_input()).into_data().to_vec::<f32>().unwrap()
+    model
+        .forward(inputs.to_model_input())
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()
 }
 
 fn compare(arch: &str, what: &str, actual: &[f32], reference_file: &str, inputs: &Inputs) {
     let (expected, shape) = reference(&fixtures().join(arch).join(reference_file), "logits");
-    assert_close(&format!("{arch} {what}"), masked_max_diff(actual, &expected, &shape, &inputs.attention_mask), 1e-4);
+    assert_close(
+        &format!("{arch} {what}"),
+        masked_max_diff(actual, &expected, &shape, &inputs.attention_mask),
+        1e-4,
+    );
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {
@@ -39,7 +47,10 @@ fn peft_adapters_give_peft_logits() {
     let device = Default::default();
     for arch in ARCHS {
         let inputs = Inputs::read(arch);
-        for (adapter, reference_file) in [("adapter_random_b", "lora_logits.safetensors"), ("adapter_trained", "trained_lora_logits.safetensors")] {
+        for (adapter, reference_file) in [
+            ("adapter_random_b", "lora_logits.safetensors"),
+            ("adapter_trained", "trained_lora_logits.safetensors"),
+        ] {
             let mut m = model(arch);
             let files = AdapterFiles::read(&fixtures().join(arch).join(adapter)).unwrap();
             let report = m.load_adapter(&files, &device).unwrap();
@@ -49,9 +60,21 @@ fn peft_adapters_give_peft_logits() {
             if adapter == "adapter_trained" {
                 // In-memory merge gives PEFT's merged logits; unmerge restores the unmerged ones.
                 m.merge_adapters().unwrap();
-                compare(arch, "merged in memory", &logits(&m, &inputs), "merged_logits.safetensors", &inputs);
+                compare(
+                    arch,
+                    "merged in memory",
+                    &logits(&m, &inputs),
+                    "merged_logits.safetensors",
+                    &inputs,
+                );
                 m.unmerge_adapters();
-                compare(arch, "unmerged again", &logits(&m, &inputs), reference_file, &inputs);
+                compare(
+                    arch,
+                    "unmerged again",
+                    &logits(&m, &inputs),
+                    reference_file,
+                    &inputs,
+                );
             }
         }
     }
@@ -81,14 +104,28 @@ fn streaming_merge_reproduces_peft_merged_checkpoint() {
                 }
             }
         }
-        println!("{arch}: merged weights max abs diff {:.3e} in {}", worst.0, worst.1);
-        assert!(worst.0 <= 1e-6, "{arch}: merged weight {} differs by {:.3e}", worst.1, worst.0);
+        println!(
+            "{arch}: merged weights max abs diff {:.3e} in {}",
+            worst.0, worst.1
+        );
+        assert!(
+            worst.0 <= 1e-6,
+            "{arch}: merged weight {} differs by {:.3e}",
+            worst.1,
+            worst.0
+        );
         for f in ["config.json", "generation_config.json"] {
             assert!(out.join(f).exists(), "{arch}: {f} not copied");
         }
         let inputs = Inputs::read(arch);
         let merged = CausalLm::<TestBackend>::from_dir(&out, &Default::default()).unwrap();
-        compare(arch, "merged checkpoint", &logits(&merged, &inputs), "merged_logits.safetensors", &inputs);
+        compare(
+            arch,
+            "merged checkpoint",
+            &logits(&merged, &inputs),
+            "merged_logits.safetensors",
+            &inputs,
+        );
         std::fs::remove_dir_all(&out).unwrap();
     }
 }
@@ -101,24 +138,37 @@ fn merge_refuses_misfits_and_existing_output() {
     // An adapter for another model: qwen3's head_dim is 32, so its k_proj delta is [64, 64]
     // where llama's k_proj is [32, 64].
     let qwen3 = AdapterFiles::read(&fixtures().join("qwen3/adapter_trained")).unwrap();
-    let err = merge_checkpoint(&dir, &qwen3, &out, MergeDtype::Same).unwrap_err().to_string();
-    assert!(err.contains("k_proj.weight") && err.contains("[32, 64]") && err.contains("[64, 64]"), "{err}");
+    let err = merge_checkpoint(&dir, &qwen3, &out, MergeDtype::Same)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("k_proj.weight") && err.contains("[32, 64]") && err.contains("[64, 64]"),
+        "{err}"
+    );
     assert!(!out.exists(), "a refused merge must not create the output");
     // NaN in the adapter is refused, and nothing is left behind.
     files.tensors.values_mut().next().unwrap().lora_b[0] = f32::NAN;
-    let err = merge_checkpoint(&dir, &files, &out, MergeDtype::Same).unwrap_err().to_string();
+    let err = merge_checkpoint(&dir, &files, &out, MergeDtype::Same)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("non-finite"), "{err}");
     assert!(!out.exists());
     let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!(".ember-lora-{}-misfit.tmp", std::process::id())))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!(".ember-lora-{}-misfit.tmp", std::process::id()))
+        })
         .collect();
     assert!(leftovers.is_empty(), "staging folder left behind");
     // An existing output folder is never overwritten.
     std::fs::create_dir_all(&out).unwrap();
     let good = AdapterFiles::read(&dir.join("adapter_trained")).unwrap();
-    let err = merge_checkpoint(&dir, &good, &out, MergeDtype::Same).unwrap_err().to_string();
+    let err = merge_checkpoint(&dir, &good, &out, MergeDtype::Same)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("exists"), "{err}");
 }
 
@@ -137,10 +187,14 @@ fn merge_to_bf16_rounds_once_from_f32() {
         let b = theirs.read_f32(key, &shape).unwrap();
         for (x, y) in a.iter().zip(&b) {
             // f32 merge result rounded to bf16 (PEFT's f32 merge may differ by 1 ulp of f32).
-            assert!((x - half::bf16::from_f32(*y).to_f32()).abs() <= y.abs() * 4e-3 + 1e-6, "{key}: {x} vs {y}");
+            assert!(
+                (x - half::bf16::from_f32(*y).to_f32()).abs() <= y.abs() * 4e-3 + 1e-6,
+                "{key}: {x} vs {y}"
+            );
         }
     }
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["dtype"], "bfloat16");
 }
 
@@ -151,19 +205,38 @@ fn fresh_adapter_is_the_identity_and_counts_parameters() {
     let base = model("llama");
     let base_logits = logits(&base, &inputs);
     let mut m = model("llama");
-    let config = LoraConfig { r: 4, lora_alpha: 8.0, target_modules: TargetModules::Pattern("all-linear".into()), ..Default::default() };
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        ..Default::default()
+    };
     let report = m.attach_lora(&config, &device).unwrap();
     // all-linear: 7 per layer, never the output head.
     assert_eq!(report.targets.len(), 14);
     assert!(!report.targets.iter().any(|t| t == "lm_head"));
     let c = m.config().clone();
-    let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-    let per_layer = 4 * ((h + q) + (h + kv) + (h + kv) + (q + h)) + 4 * ((h + i) + (h + i) + (i + h));
+    let (h, q, kv, i) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let per_layer =
+        4 * ((h + q) + (h + kv) + (h + kv) + (q + h)) + 4 * ((h + i) + (h + i) + (i + h));
     assert_eq!(report.trainable_params, c.num_layers * per_layer);
-    assert_eq!(logits(&m, &inputs), base_logits, "B = 0 must leave the output unchanged");
+    assert_eq!(
+        logits(&m, &inputs),
+        base_logits,
+        "B = 0 must leave the output unchanged"
+    );
     // adapter_init (PEFT's own B = 0 adapter) also leaves it unchanged.
     let mut m2 = model("llama");
-    m2.load_adapter(&AdapterFiles::read(&fixtures().join("llama/adapter_init")).unwrap(), &device).unwrap();
+    m2.load_adapter(
+        &AdapterFiles::read(&fixtures().join("llama/adapter_init")).unwrap(),
+        &device,
+    )
+    .unwrap();
     assert_eq!(logits(&m2, &inputs), base_logits);
 }
 
@@ -182,8 +255,15 @@ fn merged_equals_unmerged_with_nonzero_b_and_alpha_not_r() {
     m.attach_lora(&config, &device).unwrap();
     let unmerged = logits(&m, &inputs);
     let base = logits(&model("qwen2"), &inputs);
-    let moved = unmerged.iter().zip(&base).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(moved > 1e-2, "non-zero B must change the output (moved {moved})");
+    let moved = unmerged
+        .iter()
+        .zip(&base)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        moved > 1e-2,
+        "non-zero B must change the output (moved {moved})"
+    );
     m.merge_adapters().unwrap();
     let merged = logits(&m, &inputs);
     let d = masked_max_diff(&merged, &unmerged, &[2, 16, 384], &inputs.attention_mask);
@@ -209,17 +289,29 @@ fn save_load_round_trip_is_exact() {
     let back = AdapterFiles::read(&dir).unwrap();
     assert_eq!(back.tensors, files.tensors);
     assert_eq!(back.config, config);
-    assert_eq!(back.base_model_name_or_path.as_deref(), Some("tests/fixtures/mistral"));
+    assert_eq!(
+        back.base_model_name_or_path.as_deref(),
+        Some("tests/fixtures/mistral")
+    );
     let mut m2 = model("mistral");
     m2.load_adapter(&back, &device).unwrap();
     assert_eq!(logits(&m2, &inputs), logits(&m, &inputs));
     // PEFT's key layout and shapes.
     let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let a = st.tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap();
-    let b = st.tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").unwrap();
-    assert_eq!((a.shape(), b.shape()), (&[2usize, 64][..], &[64usize, 2][..]));
-    let down_b = st.tensor("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight").unwrap();
+    let a = st
+        .tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+        .unwrap();
+    let b = st
+        .tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+        .unwrap();
+    assert_eq!(
+        (a.shape(), b.shape()),
+        (&[2usize, 64][..], &[64usize, 2][..])
+    );
+    let down_b = st
+        .tensor("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")
+        .unwrap();
     assert_eq!(down_b.shape(), &[64, 2]);
 }
 
@@ -238,11 +330,23 @@ fn rslora_scales_by_alpha_over_sqrt_r() {
     a.load_adapter(&rs, &device).unwrap();
     let mut b = model("llama");
     b.load_adapter(&plain, &device).unwrap();
-    let d = masked_max_diff(&logits(&a, &inputs), &logits(&b, &inputs), &[2, 16, 384], &inputs.attention_mask);
+    let d = masked_max_diff(
+        &logits(&a, &inputs),
+        &logits(&b, &inputs),
+        &[2, 16, 384],
+        &inputs.attention_mask,
+    );
     assert_close("rsLoRA vs 2·alpha", d, 1e-5);
     let mut c = model("llama");
-    c.load_adapter(&AdapterFiles::read(&dir).unwrap(), &device).unwrap();
-    let moved = masked_max_diff(&logits(&a, &inputs), &logits(&c, &inputs), &[2, 16, 384], &inputs.attention_mask).0;
+    c.load_adapter(&AdapterFiles::read(&dir).unwrap(), &device)
+        .unwrap();
+    let moved = masked_max_diff(
+        &logits(&a, &inputs),
+        &logits(&c, &inputs),
+        &[2, 16, 384],
+        &inputs.attention_mask,
+    )
+    .0;
     assert!(moved > 1e-3, "rsLoRA must change the scale");
 }
 
@@ -255,16 +359,25 @@ fn adapter_misfits_are_refused_before_anything_is_attached() {
     files.tensors.insert("model.layers.7.mlp.up_proj".into(), t);
     let err = m.load_adapter(&files, &device).unwrap_err().to_string();
     assert!(err.contains("model.layers.7.mlp.up_proj"), "{err}");
-    assert!(m.linear_layers().iter().all(|(_, l)| l.adapter.is_none()), "half-loaded adapter");
+    assert!(
+        m.linear_layers().iter().all(|(_, l)| l.adapter.is_none()),
+        "half-loaded adapter"
+    );
 
     let qwen3 = AdapterFiles::read(&fixtures().join("qwen3/adapter_trained")).unwrap();
     let err = m.load_adapter(&qwen3, &device).unwrap_err().to_string();
     assert!(err.contains("k_proj") && err.contains("[32, 64]"), "{err}");
     assert!(m.linear_layers().iter().all(|(_, l)| l.adapter.is_none()));
 
-    let config = LoraConfig { target_modules: TargetModules::List(vec!["query".into()]), ..Default::default() };
+    let config = LoraConfig {
+        target_modules: TargetModules::List(vec!["query".into()]),
+        ..Default::default()
+    };
     let err = m.attach_lora(&config, &device).unwrap_err().to_string();
-    assert!(err.contains("matched no linear layer") && err.contains("model.layers.0.self_attn.q_proj"), "{err}");
+    assert!(
+        err.contains("matched no linear layer") && err.contains("model.layers.0.self_attn.q_proj"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -272,10 +385,16 @@ fn unsupported_adapter_files_are_refused() {
     let src = fixtures().join("llama/adapter_random_b");
     let dir = tempdir("dora");
     std::fs::create_dir_all(&dir).unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
     config["use_dora"] = true.into();
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
-    std::fs::copy(src.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
     let err = AdapterFiles::read(&dir).unwrap_err().to_string();
     assert!(err.contains("DoRA"), "{err}");
 
@@ -283,8 +402,14 @@ fn unsupported_adapter_files_are_refused() {
     config["use_dora"] = false.into();
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
     let data = vec![0u8; 4 * 4 * 384];
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 384], &data).unwrap();
-    safetensors::serialize_to_file(vec![("base_model.model.model.embed_tokens.lora_embedding_A", view)], None, &dir.join("adapter_model.safetensors")).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 384], &data).unwrap();
+    safetensors::serialize_to_file(
+        vec![("base_model.model.model.embed_tokens.lora_embedding_A", view)],
+        None,
+        &dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
     let err = AdapterFiles::read(&dir).unwrap_err().to_string();
     assert!(err.contains("embeddings"), "{err}");
 }
@@ -298,7 +423,16 @@ fn dropout_is_off_at_inference() {
     files.config.lora_dropout = 0.5;
     let mut m = model("llama");
     m.load_adapter(&files, &device).unwrap();
-    compare("llama", "dropout 0.5 at inference", &logits(&m, &inputs), "lora_logits.safetensors", &inputs);
+    compare(
+        "llama",
+        "dropout 0.5 at inference",
+        &logits(&m, &inputs),
+        "lora_logits.safetensors",
+        &inputs,
+    );
     let _ = Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(vec![1i64], [1, 1]), &device);
-    let _ = ModelInput::<TestBackend>::new(Tensor::from_data(TensorData::new(vec![1i64], [1, 1]), &device));
+    let _ = ModelInput::<TestBackend>::new(Tensor::from_data(
+        TensorData::new(vec![1i64], [1, 1]),
+        &device,
+    ));
 }

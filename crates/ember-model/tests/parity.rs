@@ -27,7 +27,11 @@ fn check_arch(arch: &str, config_file: &str) {
     assert_eq!(dims.to_vec(), shape);
     let logits = out.logits.into_data().to_vec::<f32>().unwrap();
     let tag = format!("{arch} ({config_file})");
-    assert_close(&format!("{tag} logits"), masked_max_diff(&logits, &expected, &shape, &inputs.attention_mask), TOL);
+    assert_close(
+        &format!("{tag} logits"),
+        masked_max_diff(&logits, &expected, &shape, &inputs.attention_mask),
+        TOL,
+    );
 
     assert_eq!(out.hidden_states.len(), model.config().num_layers + 1);
     for (i, hidden) in out.hidden_states.into_iter().enumerate() {
@@ -44,7 +48,10 @@ fn check_arch(arch: &str, config_file: &str) {
         .zip(&expected_loss)
         .map(|(a, e)| (a - e).abs())
         .enumerate()
-        .fold((0.0f32, 0usize), |w, (i, d)| if d > w.0 { (d, i) } else { w });
+        .fold(
+            (0.0f32, 0usize),
+            |w, (i, d)| if d > w.0 { (d, i) } else { w },
+        );
     assert_eq!(loss_shape, vec![dims[0], dims[1] - 1]);
     assert_close(&format!("{tag} per_token_loss"), worst, TOL);
 }
@@ -78,9 +85,16 @@ fn llama_bf16_weights_f32_compute() {
     let model = CausalLm::<TestBackend>::from_dir(&dir.join("bf16"), &device).unwrap();
     let inputs = Inputs::read("llama");
     let logits: Tensor<TestBackend, 3> = model.forward(inputs.to_model_input());
-    let (expected, shape) = reference(&dir.join("logits_bf16.safetensors"), "logits_bf16_weights_f32_compute");
+    let (expected, shape) = reference(
+        &dir.join("logits_bf16.safetensors"),
+        "logits_bf16_weights_f32_compute",
+    );
     let actual = logits.into_data().to_vec::<f32>().unwrap();
-    assert_close("llama bf16 weights, f32 compute", masked_max_diff(&actual, &expected, &shape, &inputs.attention_mask), TOL);
+    assert_close(
+        "llama bf16 weights, f32 compute",
+        masked_max_diff(&actual, &expected, &shape, &inputs.attention_mask),
+        TOL,
+    );
 }
 
 /// Left padding with `position_ids` = cumsum(mask) − 1 (what `generate` passes) gives each
@@ -96,7 +110,10 @@ fn padded_rows_match_unpadded_rows() {
         let ids: Vec<i64> = Inputs::read(arch).input_ids[1][..12].to_vec();
         let vocab = model.config().vocab_size;
         let alone = model
-            .forward(ModelInput::new(Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(ids.clone(), [1, 12]), &device)))
+            .forward(ModelInput::new(Tensor::<TestBackend, 2, Int>::from_data(
+                TensorData::new(ids.clone(), [1, 12]),
+                &device,
+            )))
             .into_data()
             .to_vec::<f32>()
             .unwrap();
@@ -107,24 +124,50 @@ fn padded_rows_match_unpadded_rows() {
         right.extend(vec![0i64; pad]);
         let mask_left: Vec<i64> = (0..12 + pad).map(|i| (i >= pad) as i64).collect();
         let mask_right: Vec<i64> = (0..12 + pad).map(|i| (i < 12) as i64).collect();
-        let pos_left: Vec<i64> = (0..12 + pad).map(|i| if i >= pad { (i - pad) as i64 } else { 1 }).collect();
-        let t = |v: Vec<i64>| Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(v, [1, 12 + pad]), &device);
+        let pos_left: Vec<i64> = (0..12 + pad)
+            .map(|i| if i >= pad { (i - pad) as i64 } else { 1 })
+            .collect();
+        let t = |v: Vec<i64>| {
+            Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(v, [1, 12 + pad]), &device)
+        };
         let batch = |ids: Vec<i64>, mask: Vec<i64>, pos: Option<Vec<i64>>| ModelInput {
             input_ids: Tensor::cat(vec![t(ids.clone()), t(ids)], 0),
             attention_mask: Some(Tensor::cat(vec![t(mask.clone()), t(mask)], 0)),
             position_ids: pos.map(|p| Tensor::cat(vec![t(p.clone()), t(p)], 0)),
         };
-        let left_out = model.forward(batch(left, mask_left, Some(pos_left))).into_data().to_vec::<f32>().unwrap();
-        let right_out = model.forward(batch(right, mask_right, None)).into_data().to_vec::<f32>().unwrap();
+        let left_out = model
+            .forward(batch(left, mask_left, Some(pos_left)))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let right_out = model
+            .forward(batch(right, mask_right, None))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
         let row = (12 + pad) * vocab;
         for b in 0..2 {
             let l = &left_out[b * row + pad * vocab..b * row + (pad + 12) * vocab];
             let r = &right_out[b * row..b * row + 12 * vocab];
-            let dl = l.iter().zip(&alone).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
-            let dr = r.iter().zip(&alone).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
-            assert!(dl <= 1e-5 && dr <= 1e-5, "{arch} row {b}: left {dl:.2e}, right {dr:.2e}");
+            let dl = l
+                .iter()
+                .zip(&alone)
+                .map(|(a, e)| (a - e).abs())
+                .fold(0.0f32, f32::max);
+            let dr = r
+                .iter()
+                .zip(&alone)
+                .map(|(a, e)| (a - e).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                dl <= 1e-5 && dr <= 1e-5,
+                "{arch} row {b}: left {dl:.2e}, right {dr:.2e}"
+            );
             assert!(l.iter().chain(r).all(|x| x.is_finite()));
         }
-        assert!(left_out.iter().all(|x| x.is_finite()), "{arch}: NaN at fully masked pad rows");
+        assert!(
+            left_out.iter().all(|x| x.is_finite()),
+            "{arch}: NaN at fully masked pad rows"
+        );
     }
 }

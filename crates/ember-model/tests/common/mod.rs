@@ -38,7 +38,10 @@ impl Inputs {
         let ids: Vec<i64> = self.input_ids.concat();
         let mask: Vec<i64> = self.attention_mask.concat();
         ModelInput {
-            input_ids: Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(ids, dims), &device),
+            input_ids: Tensor::<TestBackend, 2, Int>::from_data(
+                TensorData::new(ids, dims),
+                &device,
+            ),
             attention_mask: Some(Tensor::from_data(TensorData::new(mask, dims), &device)),
             position_ids: None,
         }
@@ -48,12 +51,19 @@ impl Inputs {
 /// Reads one f32 tensor from a safetensors file, with its shape.
 pub fn reference(path: &std::path::Path, key: &str) -> (Vec<f32>, Vec<usize>) {
     let weights = Weights::open_files(path.parent().unwrap(), &[path.to_path_buf()]).unwrap();
-    let (shape, _) = weights.info(key).unwrap_or_else(|| panic!("no `{key}` in {}", path.display()));
+    let (shape, _) = weights
+        .info(key)
+        .unwrap_or_else(|| panic!("no `{key}` in {}", path.display()));
     (weights.read_f32(key, &shape).unwrap(), shape)
 }
 
 /// Max |a - b| over rows `[batch, seq, ...]` where `mask[b][s] == 1`; returns (max, index).
-pub fn masked_max_diff(actual: &[f32], expected: &[f32], dims: &[usize], mask: &[Vec<i64>]) -> (f32, usize) {
+pub fn masked_max_diff(
+    actual: &[f32],
+    expected: &[f32],
+    dims: &[usize],
+    mask: &[Vec<i64>],
+) -> (f32, usize) {
     assert_eq!(actual.len(), expected.len(), "length mismatch");
     let row: usize = dims[2..].iter().product();
     let seq = dims[1];
@@ -83,7 +93,12 @@ pub fn per_token_loss(logits: &[f32], dims: [usize; 3], labels: &[Vec<i64>]) -> 
             }
             let row = &logits[(b * seq + t) * vocab..(b * seq + t + 1) * vocab];
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+            let lse = row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
             out[b * (seq - 1) + t] = (lse - row[label as usize] as f64) as f32;
         }
     }
@@ -93,5 +108,8 @@ pub fn per_token_loss(logits: &[f32], dims: [usize; 3], labels: &[Vec<i64>]) -> 
 /// Asserts `max <= tol`, printing where the worst difference is.
 pub fn assert_close(what: &str, (max, at): (f32, usize), tol: f32) {
     println!("{what}: max abs diff {max:.3e} at flat index {at}");
-    assert!(max <= tol, "{what}: max abs diff {max:.3e} at flat index {at} exceeds {tol:.0e}");
+    assert!(
+        max <= tol,
+        "{what}: max abs diff {max:.3e} at flat index {at} exceeds {tol:.0e}"
+    );
 }

@@ -1,0 +1,106 @@
+"""PEFT interop check (run by hand): Ember's adapters load in PEFT, PEFT's load in Ember, and
+`ember merge` output loads in transformers, all with the same logits.
+
+Needs: pip install torch transformers==5.24.0 peft==0.21.2 safetensors
+Run from the repository root:  python scripts/peft_interop.py
+It builds Ember (release), and for several fixture models and LoRA settings:
+  1. Ember writes a random adapter (examples/random_adapter) -> PEFT loads it -> logits vs `ember forward --adapter`;
+  2. PEFT makes a random adapter (rank/alpha patterns, rsLoRA, subsets) -> `ember forward --adapter` -> logits vs PEFT;
+  3. `ember merge` -> transformers AutoModelForCausalLM loads the folder -> logits vs PEFT merge_and_unload.
+Prints the max abs logit difference of each (where attention_mask is 1) and fails above 1e-4.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+EMBER = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "ember")
+EXAMPLE = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "examples", "random_adapter")
+TOL = 1e-4
+
+
+def sh(*args):
+    subprocess.run(args, check=True, cwd=ROOT)
+
+
+def inputs(arch):
+    d = json.load(open(os.path.join(FIX, arch, "inputs.json")))
+    return torch.tensor(d["input_ids"]), torch.tensor(d["attention_mask"])
+
+
+def max_diff(a, b, mask):
+    m = mask.bool().unsqueeze(-1).expand_as(a)
+    return (a - b).abs()[m].max().item()
+
+
+def ember_logits(arch, adapter, tmp):
+    out = os.path.join(tmp, "logits.safetensors")
+    args = [EMBER, "forward", "--model", os.path.join(FIX, arch), "--inputs", os.path.join(FIX, arch, "inputs.json"), "--out", out]
+    if adapter:
+        args += ["--adapter", adapter]
+    sh(*args)
+    return load_file(out)["logits"]
+
+
+def base(arch):
+    return AutoModelForCausalLM.from_pretrained(os.path.join(FIX, arch), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def main():
+    sh("cargo", "build", "--release", "-p", "ember-cli", "-p", "ember-model", "--example", "random_adapter")
+    sh("cargo", "build", "--release", "-p", "ember-cli")
+    results = []
+    torch.manual_seed(0)
+    for arch in ["llama", "llama_rope3", "mistral", "qwen2", "qwen3"]:
+        ids, mask = inputs(arch)
+        for r, alpha, targets, rslora in [(8, 16, "all-linear", False), (3, 7, "q_proj,v_proj,down_proj", True)]:
+            with tempfile.TemporaryDirectory() as tmp:
+                # 1. Ember -> PEFT
+                ad = os.path.join(tmp, "ember_adapter")
+                sh(EXAMPLE, os.path.join(FIX, arch), ad, str(r), str(alpha), targets, "rslora" if rslora else "plain")
+                peft_model = PeftModel.from_pretrained(base(arch), ad).eval()
+                with torch.no_grad():
+                    ref = peft_model(input_ids=ids, attention_mask=mask).logits
+                d1 = max_diff(ember_logits(arch, ad, tmp), ref, mask)
+                results.append((arch, f"Ember adapter -> PEFT (r={r}, alpha={alpha}, {targets}, rslora={rslora})", d1))
+
+                # 2. PEFT -> Ember
+                tm = targets if targets == "all-linear" else targets.split(",")
+                cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=tm, use_rslora=rslora, init_lora_weights=False,
+                                 rank_pattern={"o_proj": 2} if targets == "all-linear" else {},
+                                 alpha_pattern={"up_proj": 5} if targets == "all-linear" else {})
+                pm = get_peft_model(base(arch), cfg).eval()
+                pdir = os.path.join(tmp, "peft_adapter")
+                pm.save_pretrained(pdir)
+                with torch.no_grad():
+                    ref = pm(input_ids=ids, attention_mask=mask).logits
+                d2 = max_diff(ember_logits(arch, pdir, tmp), ref, mask)
+                results.append((arch, f"PEFT adapter -> Ember (r={r}, alpha={alpha}, {targets}, rslora={rslora}, patterns)", d2))
+
+                # 3. ember merge -> transformers
+                merged = os.path.join(tmp, "merged")
+                sh(EMBER, "merge", "--base", os.path.join(FIX, arch), "--adapter", pdir, "--out", merged)
+                m = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, attn_implementation="eager").eval()
+                with torch.no_grad():
+                    got = m(input_ids=ids, attention_mask=mask).logits
+                    ref = pm.merge_and_unload()(input_ids=ids, attention_mask=mask).logits
+                d3 = max_diff(got, ref, mask)
+                results.append((arch, "ember merge -> transformers vs PEFT merge_and_unload", d3))
+    bad = 0
+    for arch, what, d in results:
+        ok = d <= TOL
+        bad += not ok
+        print(f"{'ok ' if ok else 'FAIL'} {arch:12s} {what}: max abs diff {d:.3e}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
