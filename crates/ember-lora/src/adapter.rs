@@ -19,6 +19,9 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const KEY_PREFIX: &str = "base_model.model.";
 
+/// A stored tensor: f32 values and shape.
+type Stored = (Vec<f32>, Vec<usize>);
+
 /// One module's A and B, f32 on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterTensors {
@@ -140,13 +143,7 @@ impl AdapterFiles {
                 path: weights_path.clone(),
                 message: format!("{e:?}"),
             })?;
-        let mut halves: BTreeMap<
-            String,
-            (
-                Option<(Vec<f32>, Vec<usize>)>,
-                Option<(Vec<f32>, Vec<usize>)>,
-            ),
-        > = BTreeMap::new();
+        let mut halves: BTreeMap<String, (Option<Stored>, Option<Stored>)> = BTreeMap::new();
         for (key, view) in st.tensors() {
             let unexpected = |message: &str| LoraError::UnexpectedTensor {
                 path: weights_path.clone(),

@@ -443,8 +443,8 @@ fn unsupported(path: &Path, feature: &str) -> LoraError {
 }
 
 /// Python's `re.fullmatch(pattern, s)`.
-fn full_match_regex(pattern: &str) -> std::result::Result<fancy_regex::Regex, fancy_regex::Error> {
-    fancy_regex::Regex::new(&format!("^(?:{pattern})$"))
+fn full_match_regex(pattern: &str) -> std::result::Result<fancy_regex::Regex, String> {
+    fancy_regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| e.to_string())
 }
 
 fn full_match(pattern: &str, s: &str) -> bool {
@@ -452,8 +452,8 @@ fn full_match(pattern: &str, s: &str) -> bool {
 }
 
 /// PEFT's `re.match(rf"(.*\.)?({key})$", path)`.
-fn suffix_regex(key: &str) -> std::result::Result<fancy_regex::Regex, fancy_regex::Error> {
-    fancy_regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+fn suffix_regex(key: &str) -> std::result::Result<fancy_regex::Regex, String> {
+    fancy_regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| e.to_string())
 }
 
 /// The layer index PEFT reads: the first number that follows a `name.` segment and is itself

@@ -209,7 +209,7 @@ impl DecoderConfig {
         }
         let num_heads = hf.num_attention_heads;
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(num_heads);
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
@@ -308,7 +308,7 @@ fn rope_config(
         .or(hf.partial_rotary_factor)
         .unwrap_or(1.0);
     let rotary_dim = ((head_dim as f64) * partial) as usize;
-    if rotary_dim % 2 != 0 || rotary_dim == 0 {
+    if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
         return Err((
             "partial_rotary_factor".into(),
             format!("rotary dimension {rotary_dim} must be even and positive"),

@@ -41,7 +41,8 @@ pub fn inverse_frequencies(rope: &RopeConfig) -> Vec<f32> {
                     } else {
                         f
                     };
-                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    // wavelen is finite and positive, so "not below" and "not above" are plain comparisons.
+                    let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                     if medium {
                         let smooth = (old / wavelen - low) / (high - low);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
