@@ -287,6 +287,7 @@ fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
         input_ids: int(ids),
         attention_mask: mask.map(|(m, _)| int(m)),
         position_ids: positions.map(|(p, _)| int(p)),
+        segment_ids: None,
     };
     let logits = model.forward(input);
     let shape = logits.dims().to_vec();

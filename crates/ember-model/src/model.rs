@@ -239,6 +239,9 @@ pub struct ModelInput<B: Backend> {
     pub attention_mask: Option<Tensor<B, 2, Int>>,
     /// Positions for RoPE, `[batch, seq]`; `None` = `0..seq` for every row.
     pub position_ids: Option<Tensor<B, 2, Int>>,
+    /// Packed-sample ids, `[batch, seq]`: a token attends only to tokens with the same id
+    /// (packing must not let one sample see another); `None` = one sample per row.
+    pub segment_ids: Option<Tensor<B, 2, Int>>,
 }
 
 impl<B: Backend> ModelInput<B> {
@@ -248,6 +251,7 @@ impl<B: Backend> ModelInput<B> {
             input_ids,
             attention_mask: None,
             position_ids: None,
+            segment_ids: None,
         }
     }
 }
@@ -481,6 +485,20 @@ pub fn attention_mask<B: Backend>(
         None => hidden,
     };
     Tensor::<B, 4>::zeros([batch, 1, seq, keys], device).mask_fill(hidden, MASK_VALUE)
+}
+
+/// Hides keys of other packed samples: query `i` sees key `j` only if both carry the same
+/// segment id.
+///
+/// # Shapes
+/// - `mask`: additive, `[batch, 1, seq, seq]`
+/// - `segments`: `[batch, seq]`
+/// - output: `[batch, 1, seq, seq]`
+pub fn segment_mask<B: Backend>(mask: Tensor<B, 4>, segments: Tensor<B, 2, Int>) -> Tensor<B, 4> {
+    let [batch, seq] = segments.dims();
+    let q = segments.clone().reshape([batch, 1, seq, 1]).expand([batch, 1, seq, seq]);
+    let k = segments.reshape([batch, 1, 1, seq]).expand([batch, 1, seq, seq]);
+    mask.mask_fill(q.not_equal(k), MASK_VALUE)
 }
 
 /// Checks that a padding mask matches the ids it belongs to.

@@ -279,6 +279,11 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The token string of an id.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// Renders `messages` with the chat template; errors if the model has none.
     pub fn apply_chat_template(
         &self,

@@ -134,6 +134,7 @@ fn padded_rows_match_unpadded_rows() {
             input_ids: Tensor::cat(vec![t(ids.clone()), t(ids)], 0),
             attention_mask: Some(Tensor::cat(vec![t(mask.clone()), t(mask)], 0)),
             position_ids: pos.map(|p| Tensor::cat(vec![t(p.clone()), t(p)], 0)),
+            segment_ids: None,
         };
         let left_out = model
             .forward(batch(left, mask_left, Some(pos_left)))

@@ -1,6 +1,19 @@
-//! The Ember trainer: run config, data, training loop, evaluation.
-//!
-//! A skeleton for now: the model and LoRA crates come first.
+//! The Ember trainer: the YAML run config, data (polars → records → tokens + labels →
+//! batches), the training step (token-normalised accumulation, torch-style global-norm
+//! clipping, AdamW with torch's semantics), schedules, evaluation and checkpoints.
 #![warn(missing_docs)]
 
-pub use ember_model;
+pub mod config;
+pub mod data;
+pub mod eval;
+mod error;
+pub mod loss;
+pub mod optim;
+pub mod plot;
+pub mod run;
+pub mod trainer;
+
+pub use config::RunConfig;
+pub use error::{Result, TrainError};
+pub use run::{run, Resume, RunOptions, RunSummary};
+pub use trainer::{StepStats, Trainer};

@@ -44,6 +44,7 @@ impl Inputs {
             ),
             attention_mask: Some(Tensor::from_data(TensorData::new(mask, dims), &device)),
             position_ids: None,
+            segment_ids: None,
         }
     }
 }

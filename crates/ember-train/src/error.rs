@@ -1,0 +1,59 @@
+//! The error type of the trainer crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while configuring, preparing data, training or evaluating.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The run config is invalid; the message names file, line and key.
+    #[error("{0}")]
+    Config(String),
+    /// A data file could not be read or has the wrong form.
+    #[error("data `{path}`: {message}")]
+    Data {
+        /// The data file.
+        path: PathBuf,
+        /// What is wrong, naming the row or column.
+        message: String,
+    },
+    /// A file could not be read or written.
+    #[error("`{path}`: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The model or its tokenizer failed.
+    #[error(transparent)]
+    Model(#[from] ember_model::ModelError),
+    /// An adapter operation failed.
+    #[error(transparent)]
+    Lora(#[from] ember_lora::LoraError),
+    /// The loss became NaN or infinite.
+    #[error("loss is {loss} at step {step}; stopping (the last good checkpoint is kept)")]
+    NonFiniteLoss {
+        /// The optimizer step.
+        step: usize,
+        /// The loss value.
+        loss: f64,
+    },
+    /// A checkpoint is missing or inconsistent.
+    #[error("checkpoint `{path}`: {message}")]
+    Checkpoint {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

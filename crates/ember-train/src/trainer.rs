@@ -1,0 +1,189 @@
+//! The training step: forward → masked cross-entropy → backward → adapter gradients →
+//! accumulate → clip → AdamW → next learning rate.
+
+use std::collections::BTreeMap;
+
+use burn::module::Param;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use ember_model::{CausalLm, ModelInput};
+
+use crate::data::Batch;
+use crate::error::{Result, TrainError};
+use crate::loss::causal_lm_loss_sum;
+use crate::optim::{clip_global_norm, AdamW};
+
+/// Inner (non-autodiff) backend of `B`.
+pub type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the window's target tokens (before the update).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Target tokens in the window.
+    pub target_tokens: usize,
+    /// All tokens (padding excluded) in the window.
+    pub tokens: usize,
+    /// The learning rate used.
+    pub lr: f64,
+}
+
+/// A model with adapters and the optimizer that trains them.
+pub struct Trainer<B: AutodiffBackend> {
+    /// The model; only adapter parameters require gradients.
+    pub model: CausalLm<B>,
+    /// AdamW state.
+    pub optimizer: AdamW<Inner<B>>,
+    /// Clip the global gradient norm to this.
+    pub max_grad_norm: Option<f64>,
+    /// Seed from which each micro-batch's dropout seed derives.
+    pub seed: u64,
+    /// The device.
+    pub device: B::Device,
+}
+
+/// Moves a host batch to the device as model input plus labels.
+pub fn batch_to_device<B: Backend>(batch: &Batch, device: &B::Device) -> (ModelInput<B>, Tensor<B, 2, Int>) {
+    let int = |v: &[i64]| Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), batch.dims), device);
+    let input = ModelInput {
+        input_ids: int(&batch.input_ids),
+        attention_mask: Some(int(&batch.attention_mask)),
+        position_ids: Some(int(&batch.position_ids)),
+        segment_ids: batch.segment_ids.as_deref().map(int),
+    };
+    (input, int(&batch.labels))
+}
+
+/// Parameter names of adapter tensors: `<module path>.lora_A` / `.lora_B`.
+fn names(path: &str) -> (String, String) {
+    (format!("{path}.lora_A"), format!("{path}.lora_B"))
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// A trainer over `model` (adapters already attached).
+    pub fn new(model: CausalLm<B>, optimizer: AdamW<Inner<B>>, max_grad_norm: Option<f64>, seed: u64, device: B::Device) -> Self {
+        Self {
+            model,
+            optimizer,
+            max_grad_norm,
+            seed,
+            device,
+        }
+    }
+
+    /// One optimizer step over the micro-batches of an accumulation window, at learning rate `lr`.
+    ///
+    /// The loss of every micro-batch is its summed cross-entropy divided by the number of
+    /// target tokens in the whole window, so the accumulated gradient is that of the mean over
+    /// all the window's targets (not the mean of micro-batch means).
+    pub fn train_step(&mut self, window: &[Batch], lr: f64) -> Result<StepStats> {
+        let target_tokens: usize = window.iter().map(|b| b.target_tokens).sum();
+        let tokens: usize = window.iter().map(|b| b.attention_mask.iter().filter(|&&m| m == 1).count()).sum();
+        let step = self.optimizer.step;
+        if target_tokens == 0 {
+            return Err(TrainError::Config(format!("step {}: no target tokens in the batch", step + 1)));
+        }
+        let mut grads: BTreeMap<String, Tensor<Inner<B>, 2>> = BTreeMap::new();
+        let mut loss_total = 0.0f64;
+        for (k, batch) in window.iter().enumerate() {
+            // Dropout masks depend only on (seed, step, micro-batch): resumed runs repeat them.
+            B::seed(&self.device, self.seed.wrapping_mul(1_000_003).wrapping_add((step * 1024 + k) as u64));
+            let (input, labels) = batch_to_device::<B>(batch, &self.device);
+            let logits = self.model.forward(input);
+            let loss = causal_lm_loss_sum(logits, labels).div_scalar(target_tokens as f64);
+            let value: f32 = loss.clone().into_scalar().elem_f32();
+            loss_total += value as f64;
+            let backward = loss.backward();
+            for (path, layer) in self.model.linear_layers() {
+                let Some(adapter) = &layer.adapter else { continue };
+                let (a_name, b_name) = names(&path);
+                for (name, param) in [(a_name, &adapter.lora_a), (b_name, &adapter.lora_b)] {
+                    if let Some(g) = param.val().grad(&backward) {
+                        let sum = match grads.remove(&name) {
+                            Some(prev) => prev + g,
+                            None => g,
+                        };
+                        grads.insert(name, sum);
+                    }
+                }
+            }
+        }
+        if !loss_total.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                step: step + 1,
+                loss: loss_total,
+            });
+        }
+        let grad_norm = clip_global_norm(&mut grads, self.max_grad_norm);
+        let mut params = self.adapter_values();
+        self.optimizer.step(lr, &mut params, &grads);
+        self.set_adapter_values(params);
+        Ok(StepStats {
+            loss: loss_total,
+            grad_norm,
+            target_tokens,
+            tokens,
+            lr,
+        })
+    }
+
+    /// Current adapter tensors by parameter name (inner backend, detached).
+    pub fn adapter_values(&self) -> BTreeMap<String, Tensor<Inner<B>, 2>> {
+        let mut out = BTreeMap::new();
+        for (path, layer) in self.model.linear_layers() {
+            if let Some(adapter) = &layer.adapter {
+                let (a, b) = names(&path);
+                out.insert(a, adapter.lora_a.val().inner());
+                out.insert(b, adapter.lora_b.val().inner());
+            }
+        }
+        out
+    }
+
+    /// Replaces adapter tensors by parameter name; they keep requiring gradients.
+    pub fn set_adapter_values(&mut self, mut values: BTreeMap<String, Tensor<Inner<B>, 2>>) {
+        for (path, layer) in self.model.linear_layers_mut() {
+            if let Some(adapter) = layer.adapter.as_mut() {
+                let (a, b) = names(&path);
+                if let Some(v) = values.remove(&a) {
+                    adapter.lora_a = Param::initialized(adapter.lora_a.id, Tensor::from_inner(v).require_grad());
+                }
+                if let Some(v) = values.remove(&b) {
+                    adapter.lora_b = Param::initialized(adapter.lora_b.id, Tensor::from_inner(v).require_grad());
+                }
+            }
+        }
+    }
+
+    /// Gradients of the mean loss over `batch`'s targets, by parameter name (for checks).
+    pub fn gradients(&mut self, batch: &Batch) -> BTreeMap<String, Tensor<Inner<B>, 2>> {
+        let (input, labels) = batch_to_device::<B>(batch, &self.device);
+        let loss = causal_lm_loss_sum(self.model.forward(input), labels).div_scalar(batch.target_tokens as f64);
+        let backward = loss.backward();
+        let mut out = BTreeMap::new();
+        for (path, layer) in self.model.linear_layers() {
+            if let Some(adapter) = &layer.adapter {
+                let (a, b) = names(&path);
+                if let Some(g) = adapter.lora_a.val().grad(&backward) {
+                    out.insert(a, g);
+                }
+                if let Some(g) = adapter.lora_b.val().grad(&backward) {
+                    out.insert(b, g);
+                }
+            }
+        }
+        out
+    }
+}
+
+trait ElemF32 {
+    fn elem_f32(self) -> f32;
+}
+impl<E: burn::tensor::ElementConversion> ElemF32 for E {
+    fn elem_f32(self) -> f32 {
+        self.elem()
+    }
+}

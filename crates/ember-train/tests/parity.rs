@@ -1,0 +1,119 @@
+//! Training parity with PEFT 0.21.2 + torch AdamW on the fixtures.
+//!
+//! From `adapter_random_b`, five full-batch AdamW steps (lr 1e-2, betas 0.9/0.999, eps 1e-8,
+//! no weight decay, no clipping) reproduce `expected.json` → `lora.train.losses_before_each_step`
+//! within 1e-4 relative, and the step-0 gradients match `lora_grads_step0.safetensors` within
+//! 1e-4 relative (to each tensor's largest entry). References: `../shared/fixtures/_generator/gen_fixtures.py`.
+
+use std::path::PathBuf;
+
+use burn::backend::{Autodiff, NdArray};
+use ember_lora::AdapterFiles;
+use ember_model::{CausalLm, Weights};
+use ember_train::data::Batch;
+use ember_train::optim::AdamW;
+use ember_train::Trainer;
+
+type B = Autodiff<NdArray<f32>>;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn fixture_batch(arch: &str) -> Batch {
+    #[derive(serde::Deserialize)]
+    struct Inputs {
+        input_ids: Vec<Vec<i64>>,
+        attention_mask: Vec<Vec<i64>>,
+        labels: Vec<Vec<i64>>,
+    }
+    let i: Inputs = serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("inputs.json")).unwrap()).unwrap();
+    let dims = [i.input_ids.len(), i.input_ids[0].len()];
+    let labels = i.labels.concat();
+    let target_tokens = i.labels.iter().map(|r| r[1..].iter().filter(|&&l| l != -100).count()).sum();
+    Batch {
+        input_ids: i.input_ids.concat(),
+        labels,
+        attention_mask: i.attention_mask.concat(),
+        // transformers used arange positions for both rows (right padding).
+        position_ids: (0..dims[0]).flat_map(|_| 0..dims[1] as i64).collect(),
+        segment_ids: None,
+        dims,
+        target_tokens,
+    }
+}
+
+fn trainer(arch: &str) -> Trainer<B> {
+    let device = Default::default();
+    let mut model = CausalLm::<B>::from_dir(&fixtures().join(arch), &device).unwrap();
+    let files = AdapterFiles::read(&fixtures().join(arch).join("adapter_random_b")).unwrap();
+    model.load_adapter(&files, &device).unwrap();
+    Trainer::new(model, AdamW::new((0.9, 0.999), 1e-8, 0.0), None, 0, device)
+}
+
+fn check_arch(arch: &str) {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("expected.json")).unwrap()).unwrap();
+    let train = &expected["lora"]["train"];
+    assert_eq!(train["lr"], 0.01);
+    let batch = fixture_batch(arch);
+    assert_eq!(batch.target_tokens, expected["num_loss_tokens"].as_u64().unwrap() as usize);
+
+    // Step-0 gradients.
+    let mut t = trainer(arch);
+    let grads = t.gradients(&batch);
+    let reference_path = fixtures().join(arch).join("lora_grads_step0.safetensors");
+    let reference = Weights::open_files(&fixtures().join(arch), &[reference_path]).unwrap();
+    assert_eq!(grads.len(), reference.keys().count());
+    for (name, g) in &grads {
+        let (module, half) = name.rsplit_once('.').unwrap();
+        let key = format!("base_model.model.{module}.{half}.weight");
+        let (shape, _) = reference.info(&key).unwrap_or_else(|| panic!("no {key}"));
+        let want = reference.read_f32(&key, &shape).unwrap();
+        let got = g.to_data().to_vec::<f32>().unwrap();
+        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
+        let diff = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff / scale <= 1e-4, "{arch} {key}: relative gradient diff {:.3e}", diff / scale);
+    }
+
+    // Five AdamW steps.
+    let mut t = trainer(arch);
+    let want: Vec<f64> = train["losses_before_each_step"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    for (step, &w) in want.iter().enumerate() {
+        let stats = t.train_step(std::slice::from_ref(&batch), 0.01).unwrap();
+        let rel = (stats.loss - w).abs() / w.abs();
+        println!("{arch} step {step}: loss {:.7} reference {:.7} (rel {rel:.2e})", stats.loss, w);
+        assert!(rel <= 1e-4, "{arch} step {step}: loss {} vs {w} (relative {rel:.2e})", stats.loss);
+    }
+    // The trained adapter matches PEFT's adapter_trained.
+    let trained = AdapterFiles::read(&fixtures().join(arch).join("adapter_trained")).unwrap();
+    let ours = t.model.adapter_files(&trained.config, None);
+    for (path, theirs) in &trained.tensors {
+        let mine = &ours.tensors[path];
+        for (a, b) in [(&mine.lora_a, &theirs.lora_a), (&mine.lora_b, &theirs.lora_b)] {
+            let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let diff = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff / scale <= 1e-3, "{arch} {path}: trained adapter differs by {:.3e} relative", diff / scale);
+        }
+    }
+}
+
+#[test]
+fn llama_training_matches_peft() {
+    check_arch("llama");
+}
+
+#[test]
+fn mistral_training_matches_peft() {
+    check_arch("mistral");
+}
+
+#[test]
+fn qwen2_training_matches_peft() {
+    check_arch("qwen2");
+}
+
+#[test]
+fn qwen3_training_matches_peft() {
+    check_arch("qwen3");
+}
