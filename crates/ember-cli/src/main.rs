@@ -1,7 +1,8 @@
 //! `ember`: LoRA fine-tuning for open-weight models.
 //!
-//! Subcommands: `inspect` (a model or adapter folder), `forward` (logits for given token ids,
-//! optionally with an adapter), `merge` (fold an adapter into the base weights).
+//! Subcommands: `train` (LoRA from a YAML run config), `data preview`, `inspect` (a model or
+//! adapter folder), `forward` (logits for given token ids, optionally with an adapter),
+//! `merge` (fold an adapter into the base weights).
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ember_lora::merge::{merge_checkpoint, MergeDtype};
 use ember_lora::AdapterFiles;
 use ember_model::{CausalLm, DecoderConfig, ModelInput, Weights};
+use ember_train::config::DeviceKind as RunDevice;
+use ember_train::{Resume, RunConfig, RunOptions};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +53,22 @@ enum DtypeArg {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a LoRA adapter as a YAML run config says (see configs/).
+    Train {
+        /// The run config.
+        config: PathBuf,
+        /// Override a config value, e.g. `--set train.learning_rate=1e-4` (repeatable).
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        overrides: Vec<String>,
+        /// Continue from the newest checkpoint in output_dir, or from the given checkpoint folder.
+        #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
+        resume: Option<String>,
+    },
+    /// Inspect training data as the trainer will see it.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Describe a HuggingFace model folder (architecture, sizes, dtype, parameter count) or a
     /// PEFT adapter folder (rank, alpha, targets, parameters).
     Inspect {
@@ -89,6 +110,21 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Print a few samples token by token with their labels, and dataset statistics.
+    Preview {
+        /// The run config.
+        config: PathBuf,
+        /// Override a config value (repeatable).
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        overrides: Vec<String>,
+        /// How many samples to show.
+        #[arg(long, default_value_t = 3)]
+        samples: usize,
+    },
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("EMBER_LOG"))
@@ -96,6 +132,19 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Train {
+            config,
+            overrides,
+            resume,
+        } => train(&config, &overrides, resume),
+        Command::Data {
+            command:
+                DataCommand::Preview {
+                    config,
+                    overrides,
+                    samples,
+                },
+        } => preview(&config, &overrides, samples),
         Command::Inspect { path } => {
             if path.join("adapter_config.json").exists() {
                 inspect_adapter(&path)
@@ -375,5 +424,107 @@ fn merge(base: &Path, adapter: &Path, out: &Path, dtype: DtypeArg) -> Result<()>
         start.elapsed().as_secs_f64(),
         out.display()
     );
+    Ok(())
+}
+
+fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Result<()> {
+    let config = RunConfig::load(config_path, overrides)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\nCtrl-C: saving a checkpoint after this step (press again to quit at once)"
+            );
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let options = RunOptions {
+        resume: resume.map(|r| {
+            if r == "latest" {
+                Resume::Latest
+            } else {
+                Resume::Dir(r.into())
+            }
+        }),
+        stop,
+        progress: true,
+    };
+    let summary =
+        match config.device {
+            RunDevice::Cpu => ember_train::run::<
+                burn::backend::Autodiff<burn::backend::NdArray<f32>>,
+            >(&config, &options, &Default::default())?,
+            RunDevice::Cuda => train_cuda(&config, &options)?,
+        };
+    let d = &summary.train_data;
+    eprintln!(
+        "data: {} rows, {} samples ({} over max_seq_len dropped, {} truncated, {} without targets, {} bad rows skipped)",
+        d.rows, d.samples, d.dropped_overlong, d.truncated, d.dropped_no_targets, d.skipped_bad_rows
+    );
+    if let (Some(b), Some(a)) = (&summary.eval_before, &summary.eval_after) {
+        eprintln!(
+            "eval loss {:.4} -> {:.4}, perplexity {:.3} -> {:.3}",
+            b.loss, a.loss, b.perplexity, a.perplexity
+        );
+    }
+    match &summary.adapter_dir {
+        Some(dir) => eprintln!(
+            "{} steps; adapter written to {}",
+            summary.steps,
+            dir.display()
+        ),
+        None => eprintln!(
+            "stopped after {} steps; resume with `ember train {} --resume`",
+            summary.steps,
+            config_path.display()
+        ),
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn train_cuda(config: &RunConfig, options: &RunOptions) -> Result<ember_train::RunSummary> {
+    Ok(ember_train::run::<
+        burn::backend::Autodiff<burn::backend::Cuda<f32>>,
+    >(config, options, &Default::default())?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_cuda(_: &RunConfig, _: &RunOptions) -> Result<ember_train::RunSummary> {
+    bail!("device: cuda needs an ember built with `--features cuda`")
+}
+
+fn preview(config_path: &Path, overrides: &[String], count: usize) -> Result<()> {
+    let config = RunConfig::load(config_path, overrides)?;
+    let model_config = DecoderConfig::from_file(config.base_model.join("config.json"))?;
+    let tokenizer = ember_model::Tokenizer::from_dir(&config.base_model)?;
+    let data = ember_train::run::prepare_data(
+        &config,
+        &tokenizer,
+        model_config.eos_token_ids.first().copied(),
+    )?;
+    println!(
+        "{}",
+        ember_train::data::preview(&tokenizer, &data.train, count)?
+    );
+    let show = |name: &str, s: &ember_train::data::DataStats| {
+        println!(
+            "{name}: {} rows -> {} samples; {} tokens, {} target tokens, longest {}; dropped: {} over max_seq_len, {} without targets; {} truncated; {} bad rows skipped",
+            s.rows, s.samples, s.tokens, s.target_tokens, s.max_len, s.dropped_overlong, s.dropped_no_targets, s.truncated, s.skipped_bad_rows
+        );
+    };
+    show("train", &data.train_stats);
+    if let Some(s) = &data.eval_stats {
+        show("eval", s);
+    } else if !data.eval.is_empty() {
+        println!("eval: {} samples held out by val_split", data.eval.len());
+    }
+    let hist = ember_train::data::length_histogram(&data.train);
+    let hist: Vec<String> = hist.iter().map(|(k, v)| format!("<={k}: {v}")).collect();
+    println!("train lengths: {}", hist.join(", "));
     Ok(())
 }

@@ -404,14 +404,19 @@ impl<B: Backend> CausalLm<B> {
         let mut masks: BTreeMap<Option<usize>, Tensor<B, 4>> = BTreeMap::new();
         for layer in &self.model.layers {
             masks.entry(layer.sliding_window).or_insert_with(|| {
-                attention_mask::<B>(
+                let window = layer.sliding_window;
+                let mask = attention_mask::<B>(
                     input.attention_mask.clone(),
                     batch,
                     seq,
                     0,
-                    layer.sliding_window,
+                    window,
                     &device,
-                )
+                );
+                match &input.segment_ids {
+                    Some(segments) => segment_mask(mask, segments.clone()),
+                    None => mask,
+                }
             });
         }
 
@@ -496,8 +501,13 @@ pub fn attention_mask<B: Backend>(
 /// - output: `[batch, 1, seq, seq]`
 pub fn segment_mask<B: Backend>(mask: Tensor<B, 4>, segments: Tensor<B, 2, Int>) -> Tensor<B, 4> {
     let [batch, seq] = segments.dims();
-    let q = segments.clone().reshape([batch, 1, seq, 1]).expand([batch, 1, seq, seq]);
-    let k = segments.reshape([batch, 1, 1, seq]).expand([batch, 1, seq, seq]);
+    let q = segments
+        .clone()
+        .reshape([batch, 1, seq, 1])
+        .expand([batch, 1, seq, seq]);
+    let k = segments
+        .reshape([batch, 1, 1, seq])
+        .expand([batch, 1, seq, seq]);
     mask.mask_fill(q.not_equal(k), MASK_VALUE)
 }
 

@@ -270,15 +270,63 @@ impl Default for TrainConfig {
 
 /// Every key path the config accepts, for "did you mean" suggestions.
 const KEYS: &[&str] = &[
-    "base_model", "output_dir", "seed", "device", "dtype", "lora", "data", "train",
-    "init_from", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
-    "layers_to_transform", "rank_pattern", "alpha_pattern", "use_rslora", "bias", "init_lora_weights",
-    "eval", "val_split", "format", "fields", "max_seq_len", "train_on_inputs", "packing",
-    "shuffle", "overlong", "bad_rows", "max_train_rows", "max_eval_rows", "text", "instruction", "input", "output",
-    "messages", "input_ids", "labels", "epochs", "max_steps", "micro_batch_size",
-    "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps", "warmup_ratio",
-    "weight_decay", "betas", "eps", "max_grad_norm", "gradient_checkpointing", "eval_every",
-    "save_every", "log_every", "keep_last", "eval_batch_size",
+    "base_model",
+    "output_dir",
+    "seed",
+    "device",
+    "dtype",
+    "lora",
+    "data",
+    "train",
+    "init_from",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "bias",
+    "init_lora_weights",
+    "eval",
+    "val_split",
+    "format",
+    "fields",
+    "max_seq_len",
+    "train_on_inputs",
+    "packing",
+    "shuffle",
+    "overlong",
+    "bad_rows",
+    "max_train_rows",
+    "max_eval_rows",
+    "text",
+    "instruction",
+    "input",
+    "output",
+    "messages",
+    "input_ids",
+    "labels",
+    "epochs",
+    "max_steps",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "betas",
+    "eps",
+    "max_grad_norm",
+    "gradient_checkpointing",
+    "eval_every",
+    "save_every",
+    "log_every",
+    "keep_last",
+    "eval_batch_size",
 ];
 
 /// Levenshtein distance.
@@ -288,7 +336,11 @@ fn distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
         }
         prev = cur;
     }
@@ -327,41 +379,58 @@ impl RunConfig {
         let text = std::fs::read_to_string(path).map_err(io(path))?;
         let source = path.display().to_string();
         // Parse the file as written first, so errors carry its line numbers.
-        let parsed: RunConfig = serde_yaml::from_str(&text).map_err(|e| TrainError::Config(explain(&source, &e)))?;
+        let parsed: RunConfig =
+            serde_yaml::from_str(&text).map_err(|e| TrainError::Config(explain(&source, &e)))?;
         if overrides.is_empty() {
             parsed.validate(&source)?;
             return Ok(parsed);
         }
-        let mut value: Value = serde_yaml::from_str(&text).map_err(|e| TrainError::Config(explain(&source, &e)))?;
+        let mut value: Value =
+            serde_yaml::from_str(&text).map_err(|e| TrainError::Config(explain(&source, &e)))?;
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let config: RunConfig = serde_yaml::from_value(value)
-            .map_err(|e| TrainError::Config(format!("{source} with --set {}: {e}", overrides.join(" --set "))))?;
+        let config: RunConfig = serde_yaml::from_value(value).map_err(|e| {
+            TrainError::Config(format!(
+                "{source} with --set {}: {e}",
+                overrides.join(" --set ")
+            ))
+        })?;
         config.validate(&source)?;
         Ok(config)
     }
 
     /// Parses YAML text (no file).
     pub fn from_yaml(text: &str) -> Result<Self> {
-        let config: RunConfig = serde_yaml::from_str(text).map_err(|e| TrainError::Config(explain("<config>", &e)))?;
+        let config: RunConfig =
+            serde_yaml::from_str(text).map_err(|e| TrainError::Config(explain("<config>", &e)))?;
         config.validate("<config>")?;
         Ok(config)
     }
 
     /// Checks values that types alone do not.
     pub fn validate(&self, source: &str) -> Result<()> {
-        let bad = |key: &str, msg: String| Err(TrainError::Config(format!("{source}: `{key}`: {msg}")));
-        self.lora.config.validate().map_err(|e| TrainError::Config(format!("{source}: lora: {e}")))?;
+        let bad =
+            |key: &str, msg: String| Err(TrainError::Config(format!("{source}: `{key}`: {msg}")));
+        self.lora
+            .config
+            .validate()
+            .map_err(|e| TrainError::Config(format!("{source}: lora: {e}")))?;
         let t = &self.train;
         if t.micro_batch_size == 0 {
             return bad("train.micro_batch_size", "must be at least 1".into());
         }
         if t.gradient_accumulation_steps == 0 {
-            return bad("train.gradient_accumulation_steps", "must be at least 1".into());
+            return bad(
+                "train.gradient_accumulation_steps",
+                "must be at least 1".into(),
+            );
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
-            return bad("train.learning_rate", format!("{} must be positive", t.learning_rate));
+            return bad(
+                "train.learning_rate",
+                format!("{} must be positive", t.learning_rate),
+            );
         }
         if t.max_steps.is_none() && t.epochs <= 0.0 {
             return bad("train.epochs", "must be positive (or set max_steps)".into());
@@ -370,7 +439,10 @@ impl RunConfig {
             return bad("train.max_steps", "must be at least 1".into());
         }
         if t.warmup_steps.is_some() && t.warmup_ratio.is_some() {
-            return bad("train.warmup_ratio", "set warmup_steps or warmup_ratio, not both".into());
+            return bad(
+                "train.warmup_ratio",
+                "set warmup_steps or warmup_ratio, not both".into(),
+            );
         }
         if let Some(r) = t.warmup_ratio {
             if !(0.0..1.0).contains(&r) {
@@ -381,11 +453,17 @@ impl RunConfig {
             return bad("train.betas", format!("{:?} must be in [0, 1)", t.betas));
         }
         if t.eps <= 0.0 || t.weight_decay < 0.0 {
-            return bad("train.eps", "eps must be positive and weight_decay non-negative".into());
+            return bad(
+                "train.eps",
+                "eps must be positive and weight_decay non-negative".into(),
+            );
         }
         if let Some(n) = t.max_grad_norm {
             if n <= 0.0 {
-                return bad("train.max_grad_norm", format!("{n} must be positive (or null to disable)"));
+                return bad(
+                    "train.max_grad_norm",
+                    format!("{n} must be positive (or null to disable)"),
+                );
             }
         }
         let d = &self.data;
@@ -394,34 +472,45 @@ impl RunConfig {
         }
         if let Some(v) = d.val_split {
             if !(0.0..1.0).contains(&v) || d.eval.is_some() {
-                return bad("data.val_split", "must be in (0, 1) and not combined with data.eval".into());
+                return bad(
+                    "data.val_split",
+                    "must be in (0, 1) and not combined with data.eval".into(),
+                );
             }
         }
         if !matches!(self.dtype.as_str(), "float32" | "f32" | "bfloat16" | "bf16") {
-            return bad("dtype", format!("`{}` is not float32 or bfloat16", self.dtype));
+            return bad(
+                "dtype",
+                format!("`{}` is not float32 or bfloat16", self.dtype),
+            );
         }
         Ok(())
     }
 
     /// Writes the resolved config as YAML.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_yaml::to_string(self).map_err(|e| TrainError::Config(format!("cannot serialise config: {e}")))?;
+        let text = serde_yaml::to_string(self)
+            .map_err(|e| TrainError::Config(format!("cannot serialise config: {e}")))?;
         std::fs::write(path, text).map_err(io(path))
     }
 }
 
 /// Applies `a.b.c=value` to a YAML tree (the value is parsed as YAML: numbers, bools, lists).
 pub fn apply_override(root: &mut Value, assignment: &str) -> Result<()> {
-    let (path, raw) = assignment
-        .split_once('=')
-        .ok_or_else(|| TrainError::Config(format!("--set `{assignment}`: expected key.path=value")))?;
+    let (path, raw) = assignment.split_once('=').ok_or_else(|| {
+        TrainError::Config(format!("--set `{assignment}`: expected key.path=value"))
+    })?;
     let value: Value = serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
     let parts: Vec<&str> = path.split('.').collect();
     let mut node = root;
     for (i, part) in parts.iter().enumerate() {
         if !KEYS.contains(part) {
-            let hint = nearest_key(part).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
-            return Err(TrainError::Config(format!("--set `{path}`: unknown key `{part}`{hint}")));
+            let hint = nearest_key(part)
+                .map(|k| format!(" (did you mean `{k}`?)"))
+                .unwrap_or_default();
+            return Err(TrainError::Config(format!(
+                "--set `{path}`: unknown key `{part}`{hint}"
+            )));
         }
         let map = match node {
             Value::Mapping(m) => m,

@@ -59,7 +59,11 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
     if !path.exists() {
         return Err(data_err(path, "file not found"));
     }
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let file = std::fs::File::open(path).map_err(crate::error::io(path))?;
     let polars_err = |e: PolarsError| data_err(path, format!("cannot parse: {e}"));
     match ext.as_str() {
@@ -75,7 +79,10 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
             } else {
                 JsonFormat::JsonLines
             };
-            JsonReader::new(file).with_json_format(format).finish().map_err(polars_err)
+            JsonReader::new(file)
+                .with_json_format(format)
+                .finish()
+                .map_err(polars_err)
         }
         "csv" => CsvReadOptions::default()
             .with_has_header(true)
@@ -94,8 +101,15 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
 fn strings(df: &DataFrame, name: &str, path: &Path, required: bool) -> Result<Vec<Option<String>>> {
     let Ok(column) = df.column(name) else {
         if required {
-            let have: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
-            return Err(data_err(path, format!("no column `{name}` (columns: {})", have.join(", "))));
+            let have: Vec<String> = df
+                .get_column_names()
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            return Err(data_err(
+                path,
+                format!("no column `{name}` (columns: {})", have.join(", ")),
+            ));
         }
         return Ok(vec![None; df.height()]);
     };
@@ -109,16 +123,24 @@ fn strings(df: &DataFrame, name: &str, path: &Path, required: bool) -> Result<Ve
 }
 
 /// A list-of-integers column per row.
-fn int_lists(df: &DataFrame, name: &str, path: &Path, required: bool) -> Result<Vec<Option<Vec<i64>>>> {
+fn int_lists(
+    df: &DataFrame,
+    name: &str,
+    path: &Path,
+    required: bool,
+) -> Result<Vec<Option<Vec<i64>>>> {
     let Ok(column) = df.column(name) else {
         if required {
             return Err(data_err(path, format!("no column `{name}`")));
         }
         return Ok(vec![None; df.height()]);
     };
-    let list = column
-        .list()
-        .map_err(|e| data_err(path, format!("column `{name}` is not a list of integers: {e}")))?;
+    let list = column.list().map_err(|e| {
+        data_err(
+            path,
+            format!("column `{name}` is not a list of integers: {e}"),
+        )
+    })?;
     let mut out = Vec::with_capacity(df.height());
     for (row, item) in list.series_iter().enumerate() {
         out.push(match item {
@@ -143,10 +165,15 @@ fn int_lists(df: &DataFrame, name: &str, path: &Path, required: bool) -> Result<
 
 /// A list-of-{role, content} column per row.
 fn message_lists(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<Option<Vec<ChatMessage>>>> {
-    let column = df.column(name).map_err(|_| data_err(path, format!("no column `{name}`")))?;
-    let list = column
-        .list()
-        .map_err(|e| data_err(path, format!("column `{name}` is not a list of messages: {e}")))?;
+    let column = df
+        .column(name)
+        .map_err(|_| data_err(path, format!("no column `{name}`")))?;
+    let list = column.list().map_err(|e| {
+        data_err(
+            path,
+            format!("column `{name}` is not a list of messages: {e}"),
+        )
+    })?;
     let mut out = Vec::with_capacity(df.height());
     for item in list.series_iter() {
         let Some(series) = item else {
@@ -160,7 +187,13 @@ fn message_lists(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<Option<V
         let field = |f: &str| -> Option<Vec<Option<String>>> {
             let s = structs.field_by_name(f).ok()?;
             let s = s.cast(&DataType::String).ok()?;
-            Some(s.str().ok()?.iter().map(|v| v.map(str::to_string)).collect())
+            Some(
+                s.str()
+                    .ok()?
+                    .iter()
+                    .map(|v| v.map(str::to_string))
+                    .collect(),
+            )
         };
         let (Some(roles), Some(contents)) = (field("role"), field("content")) else {
             out.push(None);
@@ -178,7 +211,12 @@ fn message_lists(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<Option<V
 
 /// Reads the records of a data file. Rows with a missing or null field are an error naming
 /// the file and row (1-based), or skipped and counted when `bad_rows: skip`.
-pub fn read_records(path: &Path, format: DataFormat, fields: &FieldMap, bad_rows: BadRows) -> Result<(Vec<Record>, usize)> {
+pub fn read_records(
+    path: &Path,
+    format: DataFormat,
+    fields: &FieldMap,
+    bad_rows: BadRows,
+) -> Result<(Vec<Record>, usize)> {
     let df = read_frame(path)?;
     if df.height() == 0 {
         return Err(data_err(path, "no rows"));
@@ -186,7 +224,10 @@ pub fn read_records(path: &Path, format: DataFormat, fields: &FieldMap, bad_rows
     let rows: Vec<std::result::Result<Record, String>> = match format {
         DataFormat::Completion => strings(&df, &fields.text, path, true)?
             .into_iter()
-            .map(|t| t.map(|text| Record::Completion { text }).ok_or(format!("`{}` is missing or null", fields.text)))
+            .map(|t| {
+                t.map(|text| Record::Completion { text })
+                    .ok_or(format!("`{}` is missing or null", fields.text))
+            })
             .collect(),
         DataFormat::Alpaca => {
             let ins = strings(&df, &fields.instruction, path, true)?;
@@ -209,8 +250,10 @@ pub fn read_records(path: &Path, format: DataFormat, fields: &FieldMap, bad_rows
         DataFormat::Chat => message_lists(&df, &fields.messages, path)?
             .into_iter()
             .map(|m| {
-                m.map(|messages| Record::Chat { messages })
-                    .ok_or(format!("`{}` is not a non-empty list of {{role, content}} strings", fields.messages))
+                m.map(|messages| Record::Chat { messages }).ok_or(format!(
+                    "`{}` is not a non-empty list of {{role, content}} strings",
+                    fields.messages
+                ))
             })
             .collect(),
         DataFormat::Tokens => {
@@ -220,9 +263,15 @@ pub fn read_records(path: &Path, format: DataFormat, fields: &FieldMap, bad_rows
             ids.into_iter()
                 .zip(labels)
                 .map(|(i, l)| match i {
-                    None => Err(format!("`{}` is missing or not a list of integers", fields.input_ids)),
+                    None => Err(format!(
+                        "`{}` is missing or not a list of integers",
+                        fields.input_ids
+                    )),
                     Some(input_ids) => match (has_labels, l) {
-                        (true, None) => Err(format!("`{}` is missing or not a list of integers", fields.labels)),
+                        (true, None) => Err(format!(
+                            "`{}` is missing or not a list of integers",
+                            fields.labels
+                        )),
                         (_, Some(l)) if l.len() != input_ids.len() => Err(format!(
                             "`{}` has {} entries but `{}` has {}",
                             fields.labels,
@@ -333,13 +382,21 @@ pub struct DataStats {
 
 impl<'a> Encoder<'a> {
     /// An encoder for `config`, taking the eos id from the tokenizer config or the model config.
-    pub fn new(tokenizer: &'a Tokenizer, config: &DataConfig, model_eos: Option<u32>) -> Result<Self> {
+    pub fn new(
+        tokenizer: &'a Tokenizer,
+        config: &DataConfig,
+        model_eos: Option<u32>,
+    ) -> Result<Self> {
         let eos_id = tokenizer
             .eos_token
             .as_deref()
             .and_then(|t| tokenizer.token_to_id(t))
             .or(model_eos)
-            .ok_or_else(|| TrainError::Config("the tokenizer and config.json name no end-of-sequence token".into()))?;
+            .ok_or_else(|| {
+                TrainError::Config(
+                    "the tokenizer and config.json name no end-of-sequence token".into(),
+                )
+            })?;
         if config.format == DataFormat::Chat && tokenizer.chat_template.is_none() {
             return Err(TrainError::Config(
                 "data.format is chat but the model has no chat template (tokenizer_config.json `chat_template`)".into(),
@@ -356,7 +413,12 @@ impl<'a> Encoder<'a> {
     }
 
     /// Tokenizes `text` and marks as targets the tokens that start inside `spans` (byte ranges).
-    fn tokenize_spans(&self, text: &str, spans: &[(usize, usize)], add_special: bool) -> Result<Sample> {
+    fn tokenize_spans(
+        &self,
+        text: &str,
+        spans: &[(usize, usize)],
+        add_special: bool,
+    ) -> Result<Sample> {
         let enc = self.tokenizer.encode_full(text, add_special)?;
         let ids = enc.get_ids().to_vec();
         let labels = ids
@@ -365,7 +427,9 @@ impl<'a> Encoder<'a> {
             .zip(enc.get_special_tokens_mask())
             .map(|((&id, &(start, end)), &special)| {
                 // Added special tokens (BOS) have empty offsets and are never targets.
-                let inside = special == 0 && end > start && spans.iter().any(|&(a, b)| start >= a && start < b);
+                let inside = special == 0
+                    && end > start
+                    && spans.iter().any(|&(a, b)| start >= a && start < b);
                 if self.train_on_inputs || inside {
                     id as i64
                 } else {
@@ -373,7 +437,10 @@ impl<'a> Encoder<'a> {
                 }
             })
             .collect();
-        Ok(Sample { input_ids: ids, labels })
+        Ok(Sample {
+            input_ids: ids,
+            labels,
+        })
     }
 
     /// Encodes one record; `Err(Dropped)` when the policy drops it.
@@ -400,7 +467,10 @@ impl<'a> Encoder<'a> {
             Record::Tokens { input_ids, labels } => {
                 let ids: Vec<u32> = input_ids.iter().map(|&i| i as u32).collect();
                 let labels = labels.clone().unwrap_or_else(|| input_ids.clone());
-                Sample { input_ids: ids, labels }
+                Sample {
+                    input_ids: ids,
+                    labels,
+                }
             }
         };
         let mut truncated = false;
@@ -440,7 +510,10 @@ impl<'a> Encoder<'a> {
             }
             let before = self.tokenizer.apply_chat_template(&messages[..i], true)?;
             let through = self.tokenizer.apply_chat_template(&messages[..=i], false)?;
-            if !full.starts_with(&before) || !full.starts_with(&through) || through.len() < before.len() {
+            if !full.starts_with(&before)
+                || !full.starts_with(&through)
+                || through.len() < before.len()
+            {
                 return Err(TrainError::Config(
                     "the chat template does not render conversations prefix by prefix; cannot find the assistant turns".into(),
                 ));
@@ -463,8 +536,14 @@ impl<'a> Encoder<'a> {
 }
 
 /// Reads and encodes a data file, returning the kept samples and statistics.
-pub fn load_samples(path: &Path, config: &DataConfig, encoder: &Encoder<'_>, max_rows: Option<usize>) -> Result<(Vec<Sample>, DataStats)> {
-    let (mut records, skipped) = read_records(path, config.format, &config.fields, config.bad_rows)?;
+pub fn load_samples(
+    path: &Path,
+    config: &DataConfig,
+    encoder: &Encoder<'_>,
+    max_rows: Option<usize>,
+) -> Result<(Vec<Sample>, DataStats)> {
+    let (mut records, skipped) =
+        read_records(path, config.format, &config.fields, config.bad_rows)?;
     if let Some(n) = max_rows {
         records.truncate(n);
     }
@@ -472,7 +551,11 @@ pub fn load_samples(path: &Path, config: &DataConfig, encoder: &Encoder<'_>, max
 }
 
 /// Encodes records, counting what the policies dropped.
-pub fn encode_records(records: &[Record], encoder: &Encoder<'_>, skipped: usize) -> Result<(Vec<Sample>, DataStats)> {
+pub fn encode_records(
+    records: &[Record],
+    encoder: &Encoder<'_>,
+    skipped: usize,
+) -> Result<(Vec<Sample>, DataStats)> {
     let mut stats = DataStats {
         rows: records.len() + skipped,
         skipped_bad_rows: skipped,
@@ -551,7 +634,12 @@ pub fn collate(rows: &[Vec<&Sample>], pad_id: u32) -> Batch {
         }
     }
     b.target_tokens = (0..batch)
-        .map(|r| b.labels[r * seq + 1..(r + 1) * seq].iter().filter(|&&l| l != IGNORE).count())
+        .map(|r| {
+            b.labels[r * seq + 1..(r + 1) * seq]
+                .iter()
+                .filter(|&&l| l != IGNORE)
+                .count()
+        })
         .sum();
     b
 }
@@ -586,14 +674,20 @@ pub fn epoch_order(n: usize, shuffle: bool, seed: u64, epoch: usize) -> Vec<usiz
     if shuffle {
         use rand::seq::SliceRandom;
         use rand::SeedableRng;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)),
+        );
         order.shuffle(&mut rng);
     }
     order
 }
 
 /// Splits off `fraction` of the rows for evaluation after a seeded shuffle.
-pub fn split_validation(samples: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
+pub fn split_validation(
+    samples: Vec<Sample>,
+    fraction: f64,
+    seed: u64,
+) -> (Vec<Sample>, Vec<Sample>) {
     let order = epoch_order(samples.len(), true, seed.wrapping_add(17), 0);
     let n_eval = ((samples.len() as f64) * fraction).round().max(1.0) as usize;
     let mut slots: Vec<Option<Sample>> = samples.into_iter().map(Some).collect();
@@ -614,7 +708,11 @@ pub fn split_validation(samples: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<
 pub fn preview(tokenizer: &Tokenizer, samples: &[Sample], count: usize) -> Result<String> {
     let mut out = String::new();
     for (n, s) in samples.iter().take(count).enumerate() {
-        out.push_str(&format!("--- sample {n}: {} tokens, {} targets\n", s.input_ids.len(), s.target_tokens()));
+        out.push_str(&format!(
+            "--- sample {n}: {} tokens, {} targets\n",
+            s.input_ids.len(),
+            s.target_tokens()
+        ));
         for (&id, &label) in s.input_ids.iter().zip(&s.labels) {
             let piece = tokenizer.decode(&[id], false)?;
             out.push_str(&format!("{:?}({id}, {label}) ", piece));

@@ -23,7 +23,12 @@ pub struct LossReport {
 }
 
 /// Mean loss per target token over `samples`, in batches of `batch_size` (no gradients).
-pub fn evaluate_loss<B: Backend>(model: &CausalLm<B>, samples: &[Sample], batch_size: usize, pad_id: u32) -> LossReport {
+pub fn evaluate_loss<B: Backend>(
+    model: &CausalLm<B>,
+    samples: &[Sample],
+    batch_size: usize,
+    pad_id: u32,
+) -> LossReport {
     let device = model.model.embed_tokens.weight.val().device();
     let mut total = 0.0f64;
     let mut tokens = 0usize;

@@ -5,8 +5,8 @@
 
 pub mod config;
 pub mod data;
-pub mod eval;
 mod error;
+pub mod eval;
 pub mod loss;
 pub mod optim;
 pub mod plot;

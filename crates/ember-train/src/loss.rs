@@ -12,7 +12,10 @@ use crate::data::IGNORE;
 /// - `logits`: `[batch, seq, vocab]`
 /// - `labels`: `[batch, seq]` (−100 = ignored)
 /// - output: `[1]`
-pub fn causal_lm_loss_sum<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+pub fn causal_lm_loss_sum<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
     per_token_loss(logits, labels).sum()
 }
 
@@ -29,11 +32,16 @@ pub fn per_token_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
     let keep = targets.clone().not_equal_elem(IGNORE);
     let safe = targets.mask_fill(keep.clone().bool_not(), 0);
     let logp = log_softmax(logits, 2);
-    let picked = logp.gather(2, safe.reshape([batch, seq - 1, 1])).reshape([batch, seq - 1]);
+    let picked = logp
+        .gather(2, safe.reshape([batch, seq - 1, 1]))
+        .reshape([batch, seq - 1]);
     picked.neg() * keep.float()
 }
 
 /// The per-token vocabulary dimension never exceeds what the model produced.
 pub fn check_vocab(vocab: usize, labels: &[i64]) -> Option<i64> {
-    labels.iter().copied().find(|&l| l != IGNORE && (l < 0 || l as usize >= vocab))
+    labels
+        .iter()
+        .copied()
+        .find(|&l| l != IGNORE && (l < 0 || l as usize >= vocab))
 }

@@ -56,7 +56,9 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
     let mut train = Vec::new();
     let mut eval = Vec::new();
     for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         let step = v["step"].as_f64().unwrap_or(0.0);
         if let Some(l) = v["loss"].as_f64() {
             train.push((step, l));
@@ -65,7 +67,12 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
             eval.push((step, l));
         }
     }
-    let all: Vec<(f64, f64)> = train.iter().chain(&eval).copied().filter(|(_, l)| l.is_finite()).collect();
+    let all: Vec<(f64, f64)> = train
+        .iter()
+        .chain(&eval)
+        .copied()
+        .filter(|(_, l)| l.is_finite())
+        .collect();
     if all.is_empty() {
         return Ok(());
     }
@@ -80,8 +87,16 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
     };
     let mut c = Canvas::new();
     let grey = [120, 120, 120];
-    c.line((MARGIN as i64, MARGIN as i64), (MARGIN as i64, (H - MARGIN) as i64), grey);
-    c.line((MARGIN as i64, (H - MARGIN) as i64), ((W - MARGIN) as i64, (H - MARGIN) as i64), grey);
+    c.line(
+        (MARGIN as i64, MARGIN as i64),
+        (MARGIN as i64, (H - MARGIN) as i64),
+        grey,
+    );
+    c.line(
+        (MARGIN as i64, (H - MARGIN) as i64),
+        ((W - MARGIN) as i64, (H - MARGIN) as i64),
+        grey,
+    );
     for w in train.windows(2) {
         c.line(to_px(w[0]), to_px(w[1]), [31, 119, 180]);
     }

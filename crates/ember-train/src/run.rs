@@ -16,7 +16,9 @@ use ember_model::{CausalLm, Tokenizer, Weights};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
-use crate::data::{collate, epoch_order, load_samples, rows, split_validation, Batch, DataStats, Encoder, Sample};
+use crate::data::{
+    collate, epoch_order, load_samples, rows, split_validation, Batch, DataStats, Encoder, Sample,
+};
 use crate::error::{io, Result, TrainError};
 use crate::eval::{evaluate_loss, LossReport};
 use crate::optim::{learning_rate, AdamW};
@@ -91,9 +93,18 @@ pub struct PreparedData {
 }
 
 /// Reads the tokenizer and the data of a run (shared by `train`, `data preview` and `eval`).
-pub fn prepare_data(config: &RunConfig, tokenizer: &Tokenizer, model_eos: Option<u32>) -> Result<PreparedData> {
+pub fn prepare_data(
+    config: &RunConfig,
+    tokenizer: &Tokenizer,
+    model_eos: Option<u32>,
+) -> Result<PreparedData> {
     let encoder = Encoder::new(tokenizer, &config.data, model_eos)?;
-    let (mut train, train_stats) = load_samples(&config.data.train, &config.data, &encoder, config.data.max_train_rows)?;
+    let (mut train, train_stats) = load_samples(
+        &config.data.train,
+        &config.data,
+        &encoder,
+        config.data.max_train_rows,
+    )?;
     let (eval, eval_stats) = match (&config.data.eval, config.data.val_split) {
         (Some(path), _) => {
             let (s, st) = load_samples(path, &config.data, &encoder, config.data.max_eval_rows)?;
@@ -180,36 +191,68 @@ fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let n: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().join("trainer_state.json").exists().then_some((n, e.path()))
+            e.path()
+                .join("trainer_state.json")
+                .exists()
+                .then_some((n, e.path()))
         })
         .max_by_key(|(n, _)| *n)
         .map(|(_, p)| p)
 }
 
 fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io(path))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))?;
     writeln!(f, "{value}").map_err(io(path))
 }
 
 /// Runs training as `config` says; see the crate docs for what is written where.
-pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device: &B::Device) -> Result<RunSummary> {
+pub fn run<B: AutodiffBackend>(
+    config: &RunConfig,
+    options: &RunOptions,
+    device: &B::Device,
+) -> Result<RunSummary> {
     // Everything that can fail on bad input happens before anything is written.
-    let model_config = ember_model::DecoderConfig::from_file(config.base_model.join("config.json"))?;
+    let model_config =
+        ember_model::DecoderConfig::from_file(config.base_model.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(&config.base_model)?;
-    let data = prepare_data(config, &tokenizer, model_config.eos_token_ids.first().copied())?;
-    let init_from = config.lora.init_from.as_ref().map(|p| AdapterFiles::read(p)).transpose()?;
-    let lora_config: LoraConfig = init_from.as_ref().map_or(config.lora.config.clone(), |a| a.config.clone());
+    let data = prepare_data(
+        config,
+        &tokenizer,
+        model_config.eos_token_ids.first().copied(),
+    )?;
+    let init_from = config
+        .lora
+        .init_from
+        .as_ref()
+        .map(|p| AdapterFiles::read(p))
+        .transpose()?;
+    let lora_config: LoraConfig = init_from
+        .as_ref()
+        .map_or(config.lora.config.clone(), |a| a.config.clone());
     let resume_dir = match &options.resume {
         None => None,
         Some(Resume::Dir(d)) => Some(d.clone()),
-        Some(Resume::Latest) => Some(latest_checkpoint(&config.output_dir).ok_or_else(|| TrainError::Checkpoint {
-            path: config.output_dir.clone(),
-            message: "no checkpoint-N folder to resume from".into(),
-        })?),
+        Some(Resume::Latest) => {
+            Some(
+                latest_checkpoint(&config.output_dir).ok_or_else(|| TrainError::Checkpoint {
+                    path: config.output_dir.clone(),
+                    message: "no checkpoint-N folder to resume from".into(),
+                })?,
+            )
+        }
     };
     let pad_id = model_config
         .pad_token_id
-        .or_else(|| tokenizer.pad_token.as_deref().and_then(|t| tokenizer.token_to_id(t)))
+        .or_else(|| {
+            tokenizer
+                .pad_token
+                .as_deref()
+                .and_then(|t| tokenizer.token_to_id(t))
+        })
         .or(model_config.eos_token_ids.first().copied())
         .unwrap_or(0);
 
@@ -228,8 +271,12 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
         let cursor = DataCursor::new(&data.train, config, 0, 0);
         cursor.rows.len().div_ceil(t.micro_batch_size)
     };
-    let steps_per_epoch = micro_per_epoch.div_ceil(t.gradient_accumulation_steps).max(1);
-    let total_steps = t.max_steps.unwrap_or_else(|| ((t.epochs * steps_per_epoch as f64).ceil() as usize).max(1));
+    let steps_per_epoch = micro_per_epoch
+        .div_ceil(t.gradient_accumulation_steps)
+        .max(1);
+    let total_steps = t
+        .max_steps
+        .unwrap_or_else(|| ((t.epochs * steps_per_epoch as f64).ceil() as usize).max(1));
     let warmup = t
         .warmup_steps
         .unwrap_or_else(|| (t.warmup_ratio.unwrap_or(0.0) * total_steps as f64).ceil() as usize);
@@ -254,14 +301,27 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
     config.save(&config.output_dir.join("resolved_config.yaml"))?;
     let metrics_path = config.output_dir.join("metrics.jsonl");
     let eval = |trainer: &Trainer<B>| -> Option<LossReport> {
-        (!data.eval.is_empty()).then(|| evaluate_loss(&trainer.model.valid(), &data.eval, t.eval_batch_size, pad_id))
+        (!data.eval.is_empty()).then(|| {
+            evaluate_loss(
+                &trainer.model.valid(),
+                &data.eval,
+                t.eval_batch_size,
+                pad_id,
+            )
+        })
     };
     let mut eval_before = None;
     if resume_dir.is_none() {
         eval_before = eval(&trainer);
         if let Some(e) = &eval_before {
-            eprintln!("eval before training: loss {:.4}, perplexity {:.3}", e.loss, e.perplexity);
-            append_jsonl(&metrics_path, &serde_json::json!({"step": 0, "eval_loss": e.loss, "eval_perplexity": e.perplexity}))?;
+            eprintln!(
+                "eval before training: loss {:.4}, perplexity {:.3}",
+                e.loss, e.perplexity
+            );
+            append_jsonl(
+                &metrics_path,
+                &serde_json::json!({"step": 0, "eval_loss": e.loss, "eval_perplexity": e.perplexity}),
+            )?;
         }
     }
 
@@ -294,7 +354,7 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
             &serde_json::json!({"step": done, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                 "tokens": stats.tokens, "target_tokens": stats.target_tokens, "epoch": cursor.epoch, "seconds": elapsed}),
         )?;
-        if options.progress && (done % t.log_every.max(1) == 0 || done == total_steps) {
+        if options.progress && (done.is_multiple_of(t.log_every.max(1)) || done == total_steps) {
             let rate = tokens_done as f64 / elapsed.max(1e-9);
             let eta = elapsed / (done - first_step) as f64 * (total_steps - done) as f64;
             eprint!(
@@ -304,15 +364,21 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
                 format_duration(eta)
             );
         }
-        if t.eval_every > 0 && done % t.eval_every == 0 && done < total_steps {
+        if t.eval_every > 0 && done.is_multiple_of(t.eval_every) && done < total_steps {
             if let Some(e) = eval(&trainer) {
-                eprintln!("\nstep {done}: eval loss {:.4}, perplexity {:.3}", e.loss, e.perplexity);
-                append_jsonl(&metrics_path, &serde_json::json!({"step": done, "eval_loss": e.loss, "eval_perplexity": e.perplexity}))?;
+                eprintln!(
+                    "\nstep {done}: eval loss {:.4}, perplexity {:.3}",
+                    e.loss, e.perplexity
+                );
+                append_jsonl(
+                    &metrics_path,
+                    &serde_json::json!({"step": done, "eval_loss": e.loss, "eval_perplexity": e.perplexity}),
+                )?;
                 last_eval = Some(e);
             }
         }
         let stop = options.stop.load(Ordering::SeqCst);
-        if (t.save_every > 0 && done % t.save_every == 0) || stop {
+        if (t.save_every > 0 && done.is_multiple_of(t.save_every)) || stop {
             let state = TrainerState {
                 step: done,
                 total_steps,
@@ -332,17 +398,30 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
     if options.progress {
         eprintln!();
     }
-    let eval_after = if interrupted { last_eval } else { eval(&trainer) };
+    let eval_after = if interrupted {
+        last_eval
+    } else {
+        eval(&trainer)
+    };
     if let (Some(e), false) = (&eval_after, interrupted) {
-        eprintln!("eval after training: loss {:.4}, perplexity {:.3}", e.loss, e.perplexity);
-        append_jsonl(&metrics_path, &serde_json::json!({"step": trainer.optimizer.step, "eval_loss": e.loss, "eval_perplexity": e.perplexity}))?;
+        eprintln!(
+            "eval after training: loss {:.4}, perplexity {:.3}",
+            e.loss, e.perplexity
+        );
+        append_jsonl(
+            &metrics_path,
+            &serde_json::json!({"step": trainer.optimizer.step, "eval_loss": e.loss, "eval_perplexity": e.perplexity}),
+        )?;
     }
     let adapter_dir = if interrupted {
         None
     } else {
         let dir = config.output_dir.join("adapter");
         let base_name = config.base_model.display().to_string();
-        trainer.model.adapter_files(&lora_config, Some(base_name)).write(&dir)?;
+        trainer
+            .model
+            .adapter_files(&lora_config, Some(base_name))
+            .write(&dir)?;
         Some(dir)
     };
     crate::plot::loss_curve(&metrics_path, &config.output_dir.join("loss.png"))?;
@@ -384,8 +463,16 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     for (name, (m, v)) in &trainer.optimizer.state {
         for (suffix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
             let dims = t.dims();
-            let values = t.to_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-            tensors.push((format!("{name}.{suffix}"), ember_lora::adapter::f32_to_bytes(&values), dims));
+            let values = t
+                .to_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap_or_default();
+            tensors.push((
+                format!("{name}.{suffix}"),
+                ember_lora::adapter::f32_to_bytes(&values),
+                dims,
+            ));
         }
     }
     write_safetensors(&staging.join("optimizer.safetensors"), &tensors)?;
@@ -405,7 +492,12 @@ fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
         .map_err(io(output_dir))?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
-            let n: usize = e.file_name().to_string_lossy().strip_prefix("checkpoint-")?.parse().ok()?;
+            let n: usize = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
             Some((n, e.path()))
         })
         .collect();
@@ -418,40 +510,57 @@ fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
 }
 
 /// Restores adapter values, optimizer moments and step from a checkpoint; returns its state.
-pub fn load_checkpoint<B: AutodiffBackend>(trainer: &mut Trainer<B>, dir: &Path, config: &RunConfig) -> Result<TrainerState> {
+pub fn load_checkpoint<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    dir: &Path,
+    config: &RunConfig,
+) -> Result<TrainerState> {
     let bad = |message: String| TrainError::Checkpoint {
         path: dir.to_path_buf(),
         message,
     };
     let state_path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| bad(format!("trainer_state.json: {e}")))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| bad(format!("trainer_state.json: {e}")))?;
     if state.seed != config.seed {
-        return Err(bad(format!("was made with seed {}, the config says {}", state.seed, config.seed)));
+        return Err(bad(format!(
+            "was made with seed {}, the config says {}",
+            state.seed, config.seed
+        )));
     }
     let adapter = AdapterFiles::read(&dir.join("adapter"))?;
     let device = trainer.device.clone();
     let mut values = std::collections::BTreeMap::new();
     for (path, t) in &adapter.tensors {
-        let to = |v: &Vec<f32>, s: [usize; 2]| Tensor::<Inner<B>, 2>::from_data(TensorData::new(v.clone(), s), &device);
+        let to = |v: &Vec<f32>, s: [usize; 2]| {
+            Tensor::<Inner<B>, 2>::from_data(TensorData::new(v.clone(), s), &device)
+        };
         values.insert(format!("{path}.lora_A"), to(&t.lora_a, t.a_shape));
         values.insert(format!("{path}.lora_B"), to(&t.lora_b, t.b_shape));
     }
     let expected: Vec<String> = trainer.adapter_values().into_keys().collect();
     let got: Vec<String> = values.keys().cloned().collect();
     if expected != got {
-        return Err(bad("its adapter targets other modules than this run's LoRA config".into()));
+        return Err(bad(
+            "its adapter targets other modules than this run's LoRA config".into(),
+        ));
     }
     trainer.set_adapter_values(values);
     let opt_path = dir.join("optimizer.safetensors");
-    let weights = Weights::open_files(dir, &[opt_path.clone()])?;
+    let weights = Weights::open_files(dir, std::slice::from_ref(&opt_path))?;
     let mut state_map = std::collections::BTreeMap::new();
     for name in &expected {
         let read = |suffix: &str| -> Result<Tensor<Inner<B>, 2>> {
             let key = format!("{name}.{suffix}");
-            let (shape, _) = weights.info(&key).ok_or_else(|| bad(format!("optimizer.safetensors has no `{key}`")))?;
+            let (shape, _) = weights
+                .info(&key)
+                .ok_or_else(|| bad(format!("optimizer.safetensors has no `{key}`")))?;
             let v = weights.read_f32(&key, &shape)?;
-            Ok(Tensor::from_data(TensorData::new(v, [shape[0], shape[1]]), &device))
+            Ok(Tensor::from_data(
+                TensorData::new(v, [shape[0], shape[1]]),
+                &device,
+            ))
         };
         if state.step > 0 {
             state_map.insert(name.clone(), (read("exp_avg")?, read("exp_avg_sq")?));

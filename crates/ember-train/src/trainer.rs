@@ -46,8 +46,12 @@ pub struct Trainer<B: AutodiffBackend> {
 }
 
 /// Moves a host batch to the device as model input plus labels.
-pub fn batch_to_device<B: Backend>(batch: &Batch, device: &B::Device) -> (ModelInput<B>, Tensor<B, 2, Int>) {
-    let int = |v: &[i64]| Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), batch.dims), device);
+pub fn batch_to_device<B: Backend>(
+    batch: &Batch,
+    device: &B::Device,
+) -> (ModelInput<B>, Tensor<B, 2, Int>) {
+    let int =
+        |v: &[i64]| Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), batch.dims), device);
     let input = ModelInput {
         input_ids: int(&batch.input_ids),
         attention_mask: Some(int(&batch.attention_mask)),
@@ -64,7 +68,13 @@ fn names(path: &str) -> (String, String) {
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// A trainer over `model` (adapters already attached).
-    pub fn new(model: CausalLm<B>, optimizer: AdamW<Inner<B>>, max_grad_norm: Option<f64>, seed: u64, device: B::Device) -> Self {
+    pub fn new(
+        model: CausalLm<B>,
+        optimizer: AdamW<Inner<B>>,
+        max_grad_norm: Option<f64>,
+        seed: u64,
+        device: B::Device,
+    ) -> Self {
         Self {
             model,
             optimizer,
@@ -81,16 +91,27 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// all the window's targets (not the mean of micro-batch means).
     pub fn train_step(&mut self, window: &[Batch], lr: f64) -> Result<StepStats> {
         let target_tokens: usize = window.iter().map(|b| b.target_tokens).sum();
-        let tokens: usize = window.iter().map(|b| b.attention_mask.iter().filter(|&&m| m == 1).count()).sum();
+        let tokens: usize = window
+            .iter()
+            .map(|b| b.attention_mask.iter().filter(|&&m| m == 1).count())
+            .sum();
         let step = self.optimizer.step;
         if target_tokens == 0 {
-            return Err(TrainError::Config(format!("step {}: no target tokens in the batch", step + 1)));
+            return Err(TrainError::Config(format!(
+                "step {}: no target tokens in the batch",
+                step + 1
+            )));
         }
         let mut grads: BTreeMap<String, Tensor<Inner<B>, 2>> = BTreeMap::new();
         let mut loss_total = 0.0f64;
         for (k, batch) in window.iter().enumerate() {
             // Dropout masks depend only on (seed, step, micro-batch): resumed runs repeat them.
-            B::seed(&self.device, self.seed.wrapping_mul(1_000_003).wrapping_add((step * 1024 + k) as u64));
+            B::seed(
+                &self.device,
+                self.seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add((step * 1024 + k) as u64),
+            );
             let (input, labels) = batch_to_device::<B>(batch, &self.device);
             let logits = self.model.forward(input);
             let loss = causal_lm_loss_sum(logits, labels).div_scalar(target_tokens as f64);
@@ -98,7 +119,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             loss_total += value as f64;
             let backward = loss.backward();
             for (path, layer) in self.model.linear_layers() {
-                let Some(adapter) = &layer.adapter else { continue };
+                let Some(adapter) = &layer.adapter else {
+                    continue;
+                };
                 let (a_name, b_name) = names(&path);
                 for (name, param) in [(a_name, &adapter.lora_a), (b_name, &adapter.lora_b)] {
                     if let Some(g) = param.val().grad(&backward) {
@@ -149,10 +172,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             if let Some(adapter) = layer.adapter.as_mut() {
                 let (a, b) = names(&path);
                 if let Some(v) = values.remove(&a) {
-                    adapter.lora_a = Param::initialized(adapter.lora_a.id, Tensor::from_inner(v).require_grad());
+                    adapter.lora_a =
+                        Param::initialized(adapter.lora_a.id, Tensor::from_inner(v).require_grad());
                 }
                 if let Some(v) = values.remove(&b) {
-                    adapter.lora_b = Param::initialized(adapter.lora_b.id, Tensor::from_inner(v).require_grad());
+                    adapter.lora_b =
+                        Param::initialized(adapter.lora_b.id, Tensor::from_inner(v).require_grad());
                 }
             }
         }
@@ -161,7 +186,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Gradients of the mean loss over `batch`'s targets, by parameter name (for checks).
     pub fn gradients(&mut self, batch: &Batch) -> BTreeMap<String, Tensor<Inner<B>, 2>> {
         let (input, labels) = batch_to_device::<B>(batch, &self.device);
-        let loss = causal_lm_loss_sum(self.model.forward(input), labels).div_scalar(batch.target_tokens as f64);
+        let loss = causal_lm_loss_sum(self.model.forward(input), labels)
+            .div_scalar(batch.target_tokens as f64);
         let backward = loss.backward();
         let mut out = BTreeMap::new();
         for (path, layer) in self.model.linear_layers() {

@@ -27,10 +27,17 @@ fn fixture_batch(arch: &str) -> Batch {
         attention_mask: Vec<Vec<i64>>,
         labels: Vec<Vec<i64>>,
     }
-    let i: Inputs = serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("inputs.json")).unwrap()).unwrap();
+    let i: Inputs = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(arch).join("inputs.json")).unwrap(),
+    )
+    .unwrap();
     let dims = [i.input_ids.len(), i.input_ids[0].len()];
     let labels = i.labels.concat();
-    let target_tokens = i.labels.iter().map(|r| r[1..].iter().filter(|&&l| l != -100).count()).sum();
+    let target_tokens = i
+        .labels
+        .iter()
+        .map(|r| r[1..].iter().filter(|&&l| l != -100).count())
+        .sum();
     Batch {
         input_ids: i.input_ids.concat(),
         labels,
@@ -52,12 +59,17 @@ fn trainer(arch: &str) -> Trainer<B> {
 }
 
 fn check_arch(arch: &str) {
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("expected.json")).unwrap()).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(arch).join("expected.json")).unwrap(),
+    )
+    .unwrap();
     let train = &expected["lora"]["train"];
     assert_eq!(train["lr"], 0.01);
     let batch = fixture_batch(arch);
-    assert_eq!(batch.target_tokens, expected["num_loss_tokens"].as_u64().unwrap() as usize);
+    assert_eq!(
+        batch.target_tokens,
+        expected["num_loss_tokens"].as_u64().unwrap() as usize
+    );
 
     // Step-0 gradients.
     let mut t = trainer(arch);
@@ -72,28 +84,57 @@ fn check_arch(arch: &str) {
         let want = reference.read_f32(&key, &shape).unwrap();
         let got = g.to_data().to_vec::<f32>().unwrap();
         let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
-        let diff = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(diff / scale <= 1e-4, "{arch} {key}: relative gradient diff {:.3e}", diff / scale);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff / scale <= 1e-4,
+            "{arch} {key}: relative gradient diff {:.3e}",
+            diff / scale
+        );
     }
 
     // Five AdamW steps.
     let mut t = trainer(arch);
-    let want: Vec<f64> = train["losses_before_each_step"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let want: Vec<f64> = train["losses_before_each_step"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     for (step, &w) in want.iter().enumerate() {
         let stats = t.train_step(std::slice::from_ref(&batch), 0.01).unwrap();
         let rel = (stats.loss - w).abs() / w.abs();
-        println!("{arch} step {step}: loss {:.7} reference {:.7} (rel {rel:.2e})", stats.loss, w);
-        assert!(rel <= 1e-4, "{arch} step {step}: loss {} vs {w} (relative {rel:.2e})", stats.loss);
+        println!(
+            "{arch} step {step}: loss {:.7} reference {:.7} (rel {rel:.2e})",
+            stats.loss, w
+        );
+        assert!(
+            rel <= 1e-4,
+            "{arch} step {step}: loss {} vs {w} (relative {rel:.2e})",
+            stats.loss
+        );
     }
     // The trained adapter matches PEFT's adapter_trained.
     let trained = AdapterFiles::read(&fixtures().join(arch).join("adapter_trained")).unwrap();
     let ours = t.model.adapter_files(&trained.config, None);
     for (path, theirs) in &trained.tensors {
         let mine = &ours.tensors[path];
-        for (a, b) in [(&mine.lora_a, &theirs.lora_a), (&mine.lora_b, &theirs.lora_b)] {
+        for (a, b) in [
+            (&mine.lora_a, &theirs.lora_a),
+            (&mine.lora_b, &theirs.lora_b),
+        ] {
             let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            let diff = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(diff / scale <= 1e-3, "{arch} {path}: trained adapter differs by {:.3e} relative", diff / scale);
+            let diff = a
+                .iter()
+                .zip(b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff / scale <= 1e-3,
+                "{arch} {path}: trained adapter differs by {:.3e} relative",
+                diff / scale
+            );
         }
     }
 }
