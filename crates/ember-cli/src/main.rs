@@ -12,18 +12,14 @@ use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand, ValueEnum};
 use ember_lora::merge::{merge_checkpoint, MergeDtype};
 use ember_lora::AdapterFiles;
-use ember_model::{CausalLm, DecoderConfig, ModelInput, Weights};
+use ember_model::{CausalLm, ModelInput, Weights};
 use ember_train::config::DeviceKind as RunDevice;
 use ember_train::{Resume, RunConfig, RunOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(
-    name = "ember",
-    version,
-    about = "LoRA fine-tuning for open-weight models"
-)]
+#[command(name = "ember", version, about = "LoRA fine-tuning for open-weight models")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,6 +70,14 @@ enum Command {
     Inspect {
         /// The model folder (config.json + *.safetensors) or adapter folder (adapter_config.json).
         path: PathBuf,
+    },
+    /// Write a GGUF model (llama architecture) as a HuggingFace folder transformers loads.
+    Convert {
+        /// The .gguf file.
+        gguf: PathBuf,
+        /// The output folder; must not exist.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Merge a PEFT adapter into the base weights and write a HuggingFace folder.
     Merge {
@@ -152,6 +156,12 @@ fn main() -> Result<()> {
                 inspect(&path)
             }
         }
+        Command::Convert { gguf, out } => {
+            let start = std::time::Instant::now();
+            ember_model::source::convert_gguf(&gguf, &out).with_context(|| format!("converting {}", gguf.display()))?;
+            eprintln!("wrote {} in {:.1} s", out.display(), start.elapsed().as_secs_f64());
+            Ok(())
+        }
         Command::Merge {
             base,
             adapter,
@@ -172,9 +182,7 @@ fn main() -> Result<()> {
                 adapter,
             };
             match device {
-                DeviceKind::Cpu => {
-                    forward::<burn::backend::NdArray<f32>>(&job, &Default::default())
-                }
+                DeviceKind::Cpu => forward::<burn::backend::NdArray<f32>>(&job, &Default::default()),
                 DeviceKind::Cuda => forward_cuda(&job),
             }
         }
@@ -200,8 +208,12 @@ fn forward_cuda(_: &ForwardJob) -> Result<()> {
 }
 
 fn inspect(path: &Path) -> Result<()> {
-    let config = DecoderConfig::from_file(path.join("config.json"))?;
-    let weights = Weights::open_dir(path)?;
+    let config = ember_model::source::read_config(path)?;
+    let weights = if ember_model::source::is_gguf(path) {
+        ember_model::source::gguf_weights(path)?.1
+    } else {
+        Weights::open_dir(path)?
+    };
     let mut params = 0usize;
     for key in weights.keys() {
         let (shape, _) = weights.info(key).expect("key from the checkpoint");
@@ -230,11 +242,7 @@ fn inspect(path: &Path) -> Result<()> {
     println!("vocab:          {}", config.vocab_size);
     println!(
         "tied embeddings: {}",
-        if config.tie_word_embeddings {
-            "yes"
-        } else {
-            "no"
-        }
+        if config.tie_word_embeddings { "yes" } else { "no" }
     );
     println!(
         "rope:           theta {} {:?}, {} rotary dims",
@@ -261,23 +269,15 @@ fn compress(items: &[String]) -> String {
 }
 
 /// Reads a `[[i64]]` field of the inputs file; `None` when absent or a note (a string).
-fn matrix(
-    value: &serde_json::Value,
-    key: &str,
-    path: &Path,
-) -> Result<Option<(Vec<i64>, [usize; 2])>> {
+fn matrix(value: &serde_json::Value, key: &str, path: &Path) -> Result<Option<(Vec<i64>, [usize; 2])>> {
     let Some(v) = value.get(key) else {
         return Ok(None);
     };
     if v.is_string() || v.is_null() {
         return Ok(None);
     }
-    let rows: Vec<Vec<i64>> = serde_json::from_value(v.clone()).with_context(|| {
-        format!(
-            "{}: `{key}` must be a list of lists of integers",
-            path.display()
-        )
-    })?;
+    let rows: Vec<Vec<i64>> = serde_json::from_value(v.clone())
+        .with_context(|| format!("{}: `{key}` must be a list of lists of integers", path.display()))?;
     let width = rows.first().map_or(0, Vec::len);
     if rows.is_empty() || width == 0 {
         bail!("{}: `{key}` is empty", path.display());
@@ -294,12 +294,11 @@ fn matrix(
 
 fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
     let (model_dir, inputs, out) = (job.model.as_path(), job.inputs.as_path(), job.out.as_path());
-    let text = std::fs::read_to_string(inputs)
-        .with_context(|| format!("cannot read {}", inputs.display()))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", inputs.display()))?;
-    let (ids, dims) = matrix(&value, "input_ids", inputs)?
-        .with_context(|| format!("{}: missing `input_ids`", inputs.display()))?;
+    let text = std::fs::read_to_string(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", inputs.display()))?;
+    let (ids, dims) =
+        matrix(&value, "input_ids", inputs)?.with_context(|| format!("{}: missing `input_ids`", inputs.display()))?;
     let mask = matrix(&value, "attention_mask", inputs)?;
     let positions = matrix(&value, "position_ids", inputs)?;
     for (name, m) in [("attention_mask", &mask), ("position_ids", &positions)] {
@@ -312,16 +311,12 @@ fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
             }
         }
     }
-    let mut model = CausalLm::<B>::from_dir(model_dir, device)?;
+    let mut model = CausalLm::<B>::from_path(model_dir, device)?;
     if let Some(adapter) = &job.adapter {
         let files = AdapterFiles::read(adapter)?;
-        let report = model.load_adapter(&files, device).with_context(|| {
-            format!(
-                "adapter {} does not fit {}",
-                adapter.display(),
-                model_dir.display()
-            )
-        })?;
+        let report = model
+            .load_adapter(&files, device)
+            .with_context(|| format!("adapter {} does not fit {}", adapter.display(), model_dir.display()))?;
         eprintln!("adapter {}: {report}", adapter.display());
     }
     let vocab = model.config().vocab_size as i64;
@@ -346,8 +341,7 @@ fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
         .to_vec::<f32>()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes)?;
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes)?;
     let tmp = out.with_extension("safetensors.tmp");
     safetensors::serialize_to_file(vec![("logits", view)], None, &tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -359,11 +353,7 @@ fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
 fn inspect_adapter(path: &Path) -> Result<()> {
     let files = AdapterFiles::read(path)?;
     let c = &files.config;
-    let params: usize = files
-        .tensors
-        .values()
-        .map(|t| t.lora_a.len() + t.lora_b.len())
-        .sum();
+    let params: usize = files.tensors.values().map(|t| t.lora_a.len() + t.lora_b.len()).sum();
     let mut ranks: Vec<usize> = files.tensors.values().map(|t| t.rank()).collect();
     ranks.sort();
     ranks.dedup();
@@ -378,10 +368,7 @@ fn inspect_adapter(path: &Path) -> Result<()> {
     println!("type:           LoRA (PEFT)");
     println!(
         "base model:     {}",
-        files
-            .base_model_name_or_path
-            .as_deref()
-            .unwrap_or("(not recorded)")
+        files.base_model_name_or_path.as_deref().unwrap_or("(not recorded)")
     );
     println!("rank r:         {} (in file: {ranks:?})", c.r);
     println!("lora_alpha:     {}", c.lora_alpha);
@@ -396,11 +383,7 @@ fn inspect_adapter(path: &Path) -> Result<()> {
     );
     println!("dropout:        {}", c.lora_dropout);
     println!("target_modules: {:?}", c.target_modules);
-    println!(
-        "adapted:        {} modules ({})",
-        files.tensors.len(),
-        names.join(", ")
-    );
+    println!("adapted:        {} modules ({})", files.tensors.len(), names.join(", "));
     println!("parameters:     {params} ({:.2} M)", params as f64 / 1e6);
     Ok(())
 }
@@ -436,9 +419,7 @@ fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Re
             if stop.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }
-            eprintln!(
-                "\nCtrl-C: saving a checkpoint after this step (press again to quit at once)"
-            );
+            eprintln!("\nCtrl-C: saving a checkpoint after this step (press again to quit at once)");
         })
         .context("cannot install the Ctrl-C handler")?;
     }
@@ -453,13 +434,14 @@ fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Re
         stop,
         progress: true,
     };
-    let summary =
-        match config.device {
-            RunDevice::Cpu => ember_train::run::<
-                burn::backend::Autodiff<burn::backend::NdArray<f32>>,
-            >(&config, &options, &Default::default())?,
-            RunDevice::Cuda => train_cuda(&config, &options)?,
-        };
+    let summary = match config.device {
+        RunDevice::Cpu => ember_train::run::<burn::backend::Autodiff<burn::backend::NdArray<f32>>>(
+            &config,
+            &options,
+            &Default::default(),
+        )?,
+        RunDevice::Cuda => train_cuda(&config, &options)?,
+    };
     let d = &summary.train_data;
     eprintln!(
         "data: {} rows, {} samples ({} over max_seq_len dropped, {} truncated, {} without targets, {} bad rows skipped)",
@@ -472,11 +454,7 @@ fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Re
         );
     }
     match &summary.adapter_dir {
-        Some(dir) => eprintln!(
-            "{} steps; adapter written to {}",
-            summary.steps,
-            dir.display()
-        ),
+        Some(dir) => eprintln!("{} steps; adapter written to {}", summary.steps, dir.display()),
         None => eprintln!(
             "stopped after {} steps; resume with `ember train {} --resume`",
             summary.steps,
@@ -488,9 +466,11 @@ fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Re
 
 #[cfg(feature = "cuda")]
 fn train_cuda(config: &RunConfig, options: &RunOptions) -> Result<ember_train::RunSummary> {
-    Ok(ember_train::run::<
-        burn::backend::Autodiff<burn::backend::Cuda<f32>>,
-    >(config, options, &Default::default())?)
+    Ok(ember_train::run::<burn::backend::Autodiff<burn::backend::Cuda<f32>>>(
+        config,
+        options,
+        &Default::default(),
+    )?)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -500,17 +480,10 @@ fn train_cuda(_: &RunConfig, _: &RunOptions) -> Result<ember_train::RunSummary> 
 
 fn preview(config_path: &Path, overrides: &[String], count: usize) -> Result<()> {
     let config = RunConfig::load(config_path, overrides)?;
-    let model_config = DecoderConfig::from_file(config.base_model.join("config.json"))?;
-    let tokenizer = ember_model::Tokenizer::from_dir(&config.base_model)?;
-    let data = ember_train::run::prepare_data(
-        &config,
-        &tokenizer,
-        model_config.eos_token_ids.first().copied(),
-    )?;
-    println!(
-        "{}",
-        ember_train::data::preview(&tokenizer, &data.train, count)?
-    );
+    let model_config = ember_model::source::read_config(&config.base_model)?;
+    let tokenizer = ember_model::source::read_tokenizer(&config.base_model)?;
+    let data = ember_train::run::prepare_data(&config, &tokenizer, model_config.eos_token_ids.first().copied())?;
+    println!("{}", ember_train::data::preview(&tokenizer, &data.train, count)?);
     let show = |name: &str, s: &ember_train::data::DataStats| {
         println!(
             "{name}: {} rows -> {} samples; {} tokens, {} target tokens, longest {}; dropped: {} over max_seq_len, {} without targets; {} truncated; {} bad rows skipped",

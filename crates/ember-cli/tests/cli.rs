@@ -8,10 +8,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn ember(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_ember")).args(args).output().unwrap()
 }
 
 fn read_f32(path: &std::path::Path, key: &str) -> (Vec<f32>, Vec<usize>) {
@@ -32,10 +29,7 @@ fn read_f32(path: &std::path::Path, key: &str) -> (Vec<f32>, Vec<usize>) {
 fn forward_writes_reference_logits() {
     for arch in ["llama", "qwen3"] {
         let dir = fixtures().join(arch);
-        let out = std::env::temp_dir().join(format!(
-            "ember-cli-{}-{arch}.safetensors",
-            std::process::id()
-        ));
+        let out = std::env::temp_dir().join(format!("ember-cli-{}-{arch}.safetensors", std::process::id()));
         let o = ember(&[
             "forward",
             "--model",
@@ -50,8 +44,7 @@ fn forward_writes_reference_logits() {
         let (expected, eshape) = read_f32(&dir.join("logits.safetensors"), "logits");
         assert_eq!(shape, eshape);
         let inputs: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
         let mask: Vec<Vec<i64>> = serde_json::from_value(inputs["attention_mask"].clone()).unwrap();
         let vocab = shape[2];
         let mut worst = 0.0f32;
@@ -102,10 +95,7 @@ fn bad_inputs_are_named() {
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("inputs.json") && err.contains("row 1"),
-        "{err}"
-    );
+    assert!(err.contains("inputs.json") && err.contains("row 1"), "{err}");
     assert!(!out.exists());
 
     std::fs::write(&inputs, r#"{"input_ids": [[1, 2, 999]]}"#).unwrap();
@@ -142,27 +132,26 @@ fn merge_and_forward_with_adapter() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let inputs = dir.join("inputs.json");
-    let run =
-        |model: &std::path::Path, adapter: Option<&std::path::Path>, out: &std::path::Path| {
-            let mut args = vec![
-                "forward",
-                "--model",
-                model.to_str().unwrap(),
-                "--inputs",
-                inputs.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ];
-            if let Some(a) = adapter {
-                args.extend(["--adapter", a.to_str().unwrap()]);
-            }
-            let o = ember(&args);
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            read_f32(out, "logits").0
-        };
+    let run = |model: &std::path::Path, adapter: Option<&std::path::Path>, out: &std::path::Path| {
+        let mut args = vec![
+            "forward",
+            "--model",
+            model.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        let o = ember(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_f32(out, "logits").0
+    };
     let mask: Vec<Vec<i64>> = serde_json::from_value(
-        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&inputs).unwrap())
-            .unwrap()["attention_mask"]
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&inputs).unwrap()).unwrap()
+            ["attention_mask"]
             .clone(),
     )
     .unwrap();
@@ -182,11 +171,7 @@ fn merge_and_forward_with_adapter() {
         "merged_logits.safetensors",
     );
     check(
-        &run(
-            &dir,
-            Some(&dir.join("adapter_trained")),
-            &tmp.join("a.safetensors"),
-        ),
+        &run(&dir, Some(&dir.join("adapter_trained")), &tmp.join("a.safetensors")),
         "trained_lora_logits.safetensors",
     );
 

@@ -120,12 +120,11 @@ impl AdapterFiles {
     pub fn read(dir: &Path) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
         let config = LoraConfig::from_peft_file(&config_path)?;
-        let raw: Value =
-            serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(io(&config_path))?)
-                .map_err(|source| LoraError::Json {
-                    path: config_path.clone(),
-                    source,
-                })?;
+        let raw: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(io(&config_path))?)
+            .map_err(|source| LoraError::Json {
+                path: config_path.clone(),
+                source,
+            })?;
         let base_model_name_or_path = raw
             .get("base_model_name_or_path")
             .and_then(Value::as_str)
@@ -138,11 +137,10 @@ impl AdapterFiles {
             });
         }
         let bytes = std::fs::read(&weights_path).map_err(io(&weights_path))?;
-        let st =
-            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| LoraError::Safetensors {
-                path: weights_path.clone(),
-                message: format!("{e:?}"),
-            })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| LoraError::Safetensors {
+            path: weights_path.clone(),
+            message: format!("{e:?}"),
+        })?;
         let mut halves: BTreeMap<String, (Option<Stored>, Option<Stored>)> = BTreeMap::new();
         for (key, view) in st.tensors() {
             let unexpected = |message: &str| LoraError::UnexpectedTensor {
@@ -181,8 +179,7 @@ impl AdapterFiles {
                     view.shape().len()
                 )));
             }
-            let values = view_to_f32(&view)
-                .ok_or_else(|| unexpected(&format!("dtype {:?}", view.dtype())))?;
+            let values = view_to_f32(&view).ok_or_else(|| unexpected(&format!("dtype {:?}", view.dtype())))?;
             let entry = halves.entry(module.to_string()).or_default();
             let slot = if is_a { &mut entry.0 } else { &mut entry.1 };
             *slot = Some((values, view.shape().to_vec()));

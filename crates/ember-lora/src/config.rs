@@ -147,10 +147,7 @@ impl LoraConfig {
         if self.bias != "none" {
             return Err(invalid(
                 "bias",
-                format!(
-                    "`{}` is not supported (only \"none\": biases stay frozen)",
-                    self.bias
-                ),
+                format!("`{}` is not supported (only \"none\": biases stay frozen)", self.bias),
             ));
         }
         if let TargetModules::List(list) = &self.target_modules {
@@ -160,11 +157,7 @@ impl LoraConfig {
         }
         for (key, field) in [(&self.target_modules, "target_modules")]
             .into_iter()
-            .chain(
-                self.exclude_modules
-                    .as_ref()
-                    .map(|e| (e, "exclude_modules")),
-            )
+            .chain(self.exclude_modules.as_ref().map(|e| (e, "exclude_modules")))
         {
             if let TargetModules::Pattern(p) = key {
                 if !p.eq_ignore_ascii_case("all-linear") {
@@ -177,11 +170,10 @@ impl LoraConfig {
             ("alpha_pattern", &self.alpha_pattern),
         ] {
             for (k, v) in map {
-                suffix_regex(k)
-                    .map_err(|e| invalid(&format!("{name}.{k}"), format!("bad regex: {e}")))?;
-                let n = v.as_f64().ok_or_else(|| {
-                    invalid(&format!("{name}.{k}"), format!("{v} is not a number"))
-                })?;
+                suffix_regex(k).map_err(|e| invalid(&format!("{name}.{k}"), format!("bad regex: {e}")))?;
+                let n = v
+                    .as_f64()
+                    .ok_or_else(|| invalid(&format!("{name}.{k}"), format!("{v} is not a number")))?;
                 if name == "rank_pattern" && (n < 1.0 || n.fract() != 0.0) {
                     return Err(invalid(
                         &format!("{name}.{k}"),
@@ -199,9 +191,7 @@ impl LoraConfig {
         if let Some(exclude) = &self.exclude_modules {
             let excluded = match exclude {
                 TargetModules::Pattern(p) => full_match(p, path),
-                TargetModules::List(list) => list
-                    .iter()
-                    .any(|e| path == e || path.ends_with(&format!(".{e}"))),
+                TargetModules::List(list) => list.iter().any(|e| path == e || path.ends_with(&format!(".{e}"))),
             };
             if excluded {
                 return false;
@@ -257,20 +247,11 @@ impl LoraConfig {
     /// Converts parsed `adapter_config.json` content; `path` names the file in errors.
     pub fn from_peft_json(value: &Value, path: &Path) -> Result<Self> {
         let Value::Object(map) = value else {
-            return Err(unsupported(
-                path,
-                "adapter_config.json is not a JSON object",
-            ));
+            return Err(unsupported(path, "adapter_config.json is not a JSON object"));
         };
-        let peft_type = map
-            .get("peft_type")
-            .and_then(Value::as_str)
-            .unwrap_or("LORA");
+        let peft_type = map.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
         if peft_type != "LORA" {
-            return Err(unsupported(
-                path,
-                &format!("peft_type `{peft_type}` (only LORA)"),
-            ));
+            return Err(unsupported(path, &format!("peft_type `{peft_type}` (only LORA)")));
         }
         let is_set = |k: &str| match map.get(k) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => false,
@@ -281,26 +262,14 @@ impl LoraConfig {
         };
         let refused: &[(&str, &str)] = &[
             ("use_dora", "DoRA (use_dora)"),
-            (
-                "modules_to_save",
-                "fully trained extra modules (modules_to_save)",
-            ),
+            ("modules_to_save", "fully trained extra modules (modules_to_save)"),
             ("layer_replication", "layer_replication"),
             ("fan_in_fan_out", "fan_in_fan_out (Conv1D layers)"),
-            (
-                "target_parameters",
-                "LoRA on parameters (target_parameters)",
-            ),
-            (
-                "trainable_token_indices",
-                "trainable tokens (trainable_token_indices)",
-            ),
+            ("target_parameters", "LoRA on parameters (target_parameters)"),
+            ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
             ("lora_bias", "LoRA bias (lora_bias)"),
             ("use_qalora", "QA-LoRA (use_qalora)"),
-            (
-                "alora_invocation_tokens",
-                "activated LoRA (alora_invocation_tokens)",
-            ),
+            ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens)"),
             ("megatron_config", "Megatron layers (megatron_config)"),
             ("layers_pattern", "layers_pattern"),
             ("use_bdlora", "BD-LoRA (use_bdlora)"),
@@ -330,9 +299,7 @@ impl LoraConfig {
                 .transpose()?
                 .unwrap_or(8),
             lora_alpha: parse("lora_alpha")?.and_then(|v| v.as_f64()).unwrap_or(8.0),
-            lora_dropout: parse("lora_dropout")?
-                .and_then(|v| v.as_f64())
-                .unwrap_or(0.0),
+            lora_dropout: parse("lora_dropout")?.and_then(|v| v.as_f64()).unwrap_or(0.0),
             target_modules: match get("target_modules") {
                 Some(v) => serde_json::from_value(v).map_err(|e| field_err("target_modules", e))?,
                 None => return Err(unsupported(path, "no target_modules")),
@@ -343,9 +310,7 @@ impl LoraConfig {
             layers_to_transform: match get("layers_to_transform") {
                 None => None,
                 Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as usize]),
-                Some(v) => Some(
-                    serde_json::from_value(v).map_err(|e| field_err("layers_to_transform", e))?,
-                ),
+                Some(v) => Some(serde_json::from_value(v).map_err(|e| field_err("layers_to_transform", e))?),
             },
             rank_pattern: get("rank_pattern")
                 .and_then(|v| v.as_object().cloned())
@@ -371,11 +336,7 @@ impl LoraConfig {
 
     /// The `adapter_config.json` PEFT writes for this config (every field PEFT 0.21 reads,
     /// unsupported features at their off values).
-    pub fn to_peft_json(
-        &self,
-        base_model_name_or_path: Option<&str>,
-        resolved_targets: &[String],
-    ) -> Value {
+    pub fn to_peft_json(&self, base_model_name_or_path: Option<&str>, resolved_targets: &[String]) -> Value {
         let targets = match &self.target_modules {
             // PEFT 0.21 saves all-linear resolved to the full paths of the modules it found.
             TargetModules::Pattern(p) if p.eq_ignore_ascii_case("all-linear") => {

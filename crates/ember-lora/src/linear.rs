@@ -40,9 +40,8 @@ impl<B: Backend> LoraAdapter<B> {
         device: &B::Device,
     ) -> Self {
         let r = lora.r;
-        let kaiming = |fan_in: usize| {
-            Distribution::Uniform(-1.0 / (fan_in as f64).sqrt(), 1.0 / (fan_in as f64).sqrt())
-        };
+        let kaiming =
+            |fan_in: usize| Distribution::Uniform(-1.0 / (fan_in as f64).sqrt(), 1.0 / (fan_in as f64).sqrt());
         let a = match init {
             InitLoraWeights::Named(crate::config::InitName::Gaussian) => {
                 Tensor::random([r, inp], Distribution::Normal(0.0, 1.0 / r as f64), device)
@@ -57,12 +56,7 @@ impl<B: Backend> LoraAdapter<B> {
     }
 
     /// An adapter from given A `[r, in]` and B `[out, r]`.
-    pub fn from_tensors(
-        lora_a: Tensor<B, 2>,
-        lora_b: Tensor<B, 2>,
-        scaling: f64,
-        dropout: f64,
-    ) -> Self {
+    pub fn from_tensors(lora_a: Tensor<B, 2>, lora_b: Tensor<B, 2>, scaling: f64, dropout: f64) -> Self {
         Self {
             lora_a: Param::from_tensor(lora_a),
             lora_b: Param::from_tensor(lora_b),
@@ -80,10 +74,7 @@ impl<B: Backend> LoraAdapter<B> {
 
     /// `s·B·A` in f32, shape `[out, in]`.
     pub fn delta_weight(&self) -> Tensor<B, 2> {
-        self.lora_b
-            .val()
-            .matmul(self.lora_a.val())
-            .mul_scalar(self.scaling)
+        self.lora_b.val().matmul(self.lora_a.val()).mul_scalar(self.scaling)
     }
 }
 
@@ -147,14 +138,7 @@ impl<B: Backend> LoraLinear<B> {
             return Ok(());
         };
         let merged = self.weight.val() + adapter.delta_weight();
-        let non_finite: i64 = merged
-            .clone()
-            .is_finite()
-            .bool_not()
-            .int()
-            .sum()
-            .into_scalar()
-            .elem();
+        let non_finite: i64 = merged.clone().is_finite().bool_not().int().sum().into_scalar().elem();
         if non_finite > 0 {
             return Err(LoraError::NonFinite {
                 key: format!("{path}.weight"),
@@ -185,17 +169,11 @@ impl<B: Backend> LoraLinear<B> {
     /// - `x`: `[..., in]`
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let base = linear(
-            x.clone(),
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+        let base = linear(x.clone(), self.weight.val(), self.bias.as_ref().map(|b| b.val()));
         match &self.adapter {
             Some(adapter) if adapter.enabled && !adapter.merged => {
                 // Dropout is active only under autodiff, i.e. while training.
-                let x = burn::nn::DropoutConfig::new(adapter.dropout)
-                    .init()
-                    .forward(x);
+                let x = burn::nn::DropoutConfig::new(adapter.dropout).init().forward(x);
                 let low = linear(x, adapter.lora_a.val(), None);
                 let delta = linear(low, adapter.lora_b.val(), None);
                 base + delta.mul_scalar(adapter.scaling)

@@ -94,10 +94,7 @@ pub fn checkpoint_files(dir: &Path) -> Result<(Vec<String>, Option<Value>)> {
     } else {
         Err(LoraError::Io {
             path: dir.join("model.safetensors"),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no model.safetensors or index",
-            ),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors or index"),
         })
     }
 }
@@ -125,10 +122,7 @@ fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
             .iter()
             .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
             .collect(),
-        Dtype::F64 => values
-            .iter()
-            .flat_map(|x| (*x as f64).to_le_bytes())
-            .collect(),
+        Dtype::F64 => values.iter().flat_map(|x| (*x as f64).to_le_bytes()).collect(),
         _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
     }
 }
@@ -136,12 +130,7 @@ fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
 /// Merges `adapter` into the checkpoint at `base` and writes a complete HF folder at `out`
 /// (weights, index, config.json and every other file of the base folder). Refuses an
 /// existing `out`, adapters that do not fit the base, and non-finite results.
-pub fn merge_checkpoint(
-    base: &Path,
-    adapter: &AdapterFiles,
-    out: &Path,
-    dtype: MergeDtype,
-) -> Result<MergeReport> {
+pub fn merge_checkpoint(base: &Path, adapter: &AdapterFiles, out: &Path, dtype: MergeDtype) -> Result<MergeReport> {
     if out.exists() {
         return Err(LoraError::Io {
             path: out.to_path_buf(),
@@ -165,13 +154,11 @@ pub fn merge_checkpoint(
     }
     for (module, t) in &adapter.tensors {
         let key = format!("{module}.weight");
-        let (shape, _) = shapes
-            .get(&key)
-            .ok_or_else(|| LoraError::UnexpectedTensor {
-                path: base.to_path_buf(),
-                key: format!("base_model.model.{module}.lora_A.weight"),
-                message: format!("the base has no `{key}`"),
-            })?;
+        let (shape, _) = shapes.get(&key).ok_or_else(|| LoraError::UnexpectedTensor {
+            path: base.to_path_buf(),
+            key: format!("base_model.model.{module}.lora_A.weight"),
+            message: format!("the base has no `{key}`"),
+        })?;
         let expected = vec![t.b_shape[0], t.a_shape[1]];
         if *shape != expected {
             return Err(LoraError::ShapeMismatch {
@@ -222,12 +209,10 @@ fn write_merged(
             let lora = module.and_then(|m| adapter.tensors.get(m).map(|t| (m, t)));
             let bytes = match lora {
                 Some((module, t)) => {
-                    let mut w = bytes_to_f32(view.data(), view.dtype()).ok_or_else(|| {
-                        LoraError::UnexpectedTensor {
-                            path: path.clone(),
-                            key: key.clone(),
-                            message: format!("cannot merge into dtype {:?}", view.dtype()),
-                        }
+                    let mut w = bytes_to_f32(view.data(), view.dtype()).ok_or_else(|| LoraError::UnexpectedTensor {
+                        path: path.clone(),
+                        key: key.clone(),
+                        message: format!("cannot merge into dtype {:?}", view.dtype()),
                     })?;
                     let delta = t.delta(adapter.config.module_lora(module).scaling);
                     for (w, d) in w.iter_mut().zip(&delta) {
@@ -264,11 +249,9 @@ fn write_merged(
             "format".to_string(),
             "pt".to_string(),
         )]));
-        safetensors::serialize_to_file(views, metadata, &out_path).map_err(|e| {
-            LoraError::Safetensors {
-                path: out_path.clone(),
-                message: format!("cannot write: {e:?}"),
-            }
+        safetensors::serialize_to_file(views, metadata, &out_path).map_err(|e| LoraError::Safetensors {
+            path: out_path.clone(),
+            message: format!("cannot write: {e:?}"),
         })?;
         report.shards.push(file.clone());
     }
@@ -309,11 +292,10 @@ fn write_merged(
         if name == "config.json" {
             let p = entry.path();
             let text = std::fs::read_to_string(&p).map_err(io(&p))?;
-            let mut config: Value =
-                serde_json::from_str(&text).map_err(|source| LoraError::Json {
-                    path: p.clone(),
-                    source,
-                })?;
+            let mut config: Value = serde_json::from_str(&text).map_err(|source| LoraError::Json {
+                path: p.clone(),
+                source,
+            })?;
             if let (Some(name), Some(obj)) = (dtype.config_name(), config.as_object_mut()) {
                 let key = if obj.contains_key("torch_dtype") {
                     "torch_dtype"

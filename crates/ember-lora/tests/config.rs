@@ -188,10 +188,7 @@ fn target_matching_follows_peft() {
 #[test]
 fn layer_index_is_the_first_numbered_segment() {
     assert_eq!(layer_index("model.layers.12.self_attn.q_proj"), Some(12));
-    assert_eq!(
-        layer_index("model.layers.1.mlp.experts.7.down_proj"),
-        Some(1)
-    );
+    assert_eq!(layer_index("model.layers.1.mlp.experts.7.down_proj"), Some(1));
     assert_eq!(layer_index("lm_head"), None);
     assert_eq!(layer_index("model.norm"), None);
 }
@@ -204,9 +201,7 @@ fn rank_and_alpha_patterns_and_rslora() {
         ..Default::default()
     };
     config.rank_pattern.insert("q_proj".into(), json!(4));
-    config
-        .rank_pattern
-        .insert(r"layers\.1\.mlp\..*".into(), json!(2));
+    config.rank_pattern.insert(r"layers\.1\.mlp\..*".into(), json!(2));
     config.alpha_pattern.insert("down_proj".into(), json!(3));
     let q = config.module_lora("model.layers.0.self_attn.q_proj");
     assert_eq!((q.r, q.alpha, q.scaling), (4, 16.0, 4.0));
@@ -261,10 +256,7 @@ fn invalid_values_name_the_key() {
     .validate()
     .unwrap_err()
     .to_string();
-    assert!(
-        err.contains("target_modules") && err.contains("regex"),
-        "{err}"
-    );
+    assert!(err.contains("target_modules") && err.contains("regex"), "{err}");
     let unknown: Result<LoraConfig, _> = serde_json::from_value(json!({"r": 4, "lora_alhpa": 8}));
     assert!(unknown.unwrap_err().to_string().contains("lora_alhpa"));
 }
@@ -289,13 +281,8 @@ fn unsupported_peft_features_are_refused() {
     }
     let mut v = base.clone();
     v["r"] = json!(0);
-    let err = LoraConfig::from_peft_json(&v, path)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("`r`") && err.contains("adapter_config.json"),
-        "{err}"
-    );
+    let err = LoraConfig::from_peft_json(&v, path).unwrap_err().to_string();
+    assert!(err.contains("`r`") && err.contains("adapter_config.json"), "{err}");
 }
 
 #[test]
@@ -314,10 +301,7 @@ fn peft_json_round_trip() {
     assert_eq!(json["peft_type"], "LORA");
     assert_eq!(json["task_type"], "CAUSAL_LM");
     assert_eq!(json["lora_alpha"], json!(32));
-    assert_eq!(
-        json["base_model_name_or_path"],
-        "HuggingFaceTB/SmolLM2-135M-Instruct"
-    );
+    assert_eq!(json["base_model_name_or_path"], "HuggingFaceTB/SmolLM2-135M-Instruct");
     let back = LoraConfig::from_peft_json(&json, Path::new("x")).unwrap();
     assert_eq!(back, config);
 }

@@ -220,12 +220,7 @@ impl DecoderConfig {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
             "gelu" => Activation::Gelu,
-            other => {
-                return Err(invalid(
-                    "hidden_act",
-                    format!("unsupported activation `{other}`"),
-                ))
-            }
+            other => return Err(invalid("hidden_act", format!("unsupported activation `{other}`"))),
         };
         let rope = rope_config(hf, head_dim).map_err(|(key, msg)| invalid(&key, msg))?;
 
@@ -244,11 +239,7 @@ impl DecoderConfig {
         let token = |v: &Option<Value>| -> Vec<u32> {
             match v {
                 Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect(),
+                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
                 _ => Vec::new(),
             }
         };
@@ -287,26 +278,16 @@ impl DecoderConfig {
 
 /// Reads RoPE settings from either `rope_parameters` (transformers 5) or
 /// `rope_theta` + `rope_scaling` (transformers 4). Errors are `(key, message)`.
-fn rope_config(
-    hf: &HfConfig,
-    head_dim: usize,
-) -> std::result::Result<RopeConfig, (String, String)> {
+fn rope_config(hf: &HfConfig, head_dim: usize) -> std::result::Result<RopeConfig, (String, String)> {
     // transformers 5 folds theta into rope_parameters; transformers 4 keeps them apart.
     let (params, key) = match (&hf.rope_parameters, &hf.rope_scaling) {
         (Some(p @ Value::Object(_)), _) => (Some(p.clone()), "rope_parameters"),
         (_, Some(s @ Value::Object(_))) => (Some(s.clone()), "rope_scaling"),
         _ => (None, "rope_scaling"),
     };
-    let get = |name: &str| {
-        params
-            .as_ref()
-            .and_then(|p| p.get(name))
-            .and_then(Value::as_f64)
-    };
+    let get = |name: &str| params.as_ref().and_then(|p| p.get(name)).and_then(Value::as_f64);
     let theta = get("rope_theta").or(hf.rope_theta).unwrap_or(10_000.0);
-    let partial = get("partial_rotary_factor")
-        .or(hf.partial_rotary_factor)
-        .unwrap_or(1.0);
+    let partial = get("partial_rotary_factor").or(hf.partial_rotary_factor).unwrap_or(1.0);
     let rotary_dim = ((head_dim as f64) * partial) as usize;
     if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
         return Err((
@@ -320,12 +301,7 @@ fn rope_config(
         .and_then(Value::as_str)
         .unwrap_or("default");
     let need = |name: &str| {
-        get(name).ok_or_else(|| {
-            (
-                format!("{key}.{name}"),
-                format!("required for rope_type `{rope_type}`"),
-            )
-        })
+        get(name).ok_or_else(|| (format!("{key}.{name}"), format!("required for rope_type `{rope_type}`")))
     };
     let scaling = match rope_type {
         "default" => RopeScaling::Default,
@@ -353,10 +329,7 @@ fn rope_config(
 }
 
 /// The sliding window of each layer. Errors are `(key, message)`.
-fn layer_windows(
-    hf: &HfConfig,
-    qwen: bool,
-) -> std::result::Result<Vec<Option<usize>>, (String, String)> {
+fn layer_windows(hf: &HfConfig, qwen: bool) -> std::result::Result<Vec<Option<usize>>, (String, String)> {
     let n = hf.num_hidden_layers;
     if let Some(types) = &hf.layer_types {
         if types.len() != n {
@@ -375,10 +348,7 @@ fn layer_windows(
                         "needed by sliding_attention layers".to_string(),
                     )
                 }),
-                other => Err((
-                    "layer_types".into(),
-                    format!("unknown layer type `{other}`"),
-                )),
+                other => Err(("layer_types".into(), format!("unknown layer type `{other}`"))),
             })
             .collect();
     }

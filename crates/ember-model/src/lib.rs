@@ -14,9 +14,12 @@
 
 pub mod config;
 mod error;
+pub mod generate;
+pub mod gguf;
 pub mod lora;
 pub mod model;
 pub mod rope;
+pub mod source;
 pub mod tokenizer;
 pub mod weights;
 

@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use ember_lora::{
-    AdapterFiles, AdapterTensors, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules,
-};
+use ember_lora::{AdapterFiles, AdapterTensors, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules};
 
 use crate::error::Result;
 use crate::model::CausalLm;
@@ -99,8 +97,7 @@ impl<B: Backend> CausalLm<B> {
                 o * i + l.bias.as_ref().map_or(0, |_| o)
             })
             .sum();
-        let norms = c.num_layers * (2 * c.hidden_size + if c.qk_norm { 2 * c.head_dim } else { 0 })
-            + c.hidden_size;
+        let norms = c.num_layers * (2 * c.hidden_size + if c.qk_norm { 2 * c.head_dim } else { 0 }) + c.hidden_size;
         linear + c.vocab_size * c.hidden_size + norms
     }
 
@@ -136,14 +133,7 @@ impl<B: Backend> CausalLm<B> {
             }
             let [out, inp] = layer.dims();
             let lora = config.module_lora(&path);
-            let adapter = LoraAdapter::init(
-                out,
-                inp,
-                lora,
-                config.lora_dropout,
-                config.init_lora_weights,
-                device,
-            );
+            let adapter = LoraAdapter::init(out, inp, lora, config.lora_dropout, config.init_lora_weights, device);
             layer.attach(adapter, &path)?;
             matched += 1;
         }
@@ -161,11 +151,8 @@ impl<B: Backend> CausalLm<B> {
     /// shapes; nothing is attached unless all fit.
     pub fn load_adapter(&mut self, files: &AdapterFiles, device: &B::Device) -> Result<LoraReport> {
         let mut pending: BTreeMap<String, LoraAdapter<B>> = BTreeMap::new();
-        let known: BTreeMap<String, [usize; 2]> = self
-            .linear_layers()
-            .into_iter()
-            .map(|(p, l)| (p, l.dims()))
-            .collect();
+        let known: BTreeMap<String, [usize; 2]> =
+            self.linear_layers().into_iter().map(|(p, l)| (p, l.dims())).collect();
         for (path, t) in &files.tensors {
             let Some(&[out, inp]) = known.get(path) else {
                 return Err(LoraError::UnexpectedTensor {
@@ -177,10 +164,7 @@ impl<B: Backend> CausalLm<B> {
             };
             if t.a_shape[1] != inp || t.b_shape[0] != out {
                 return Err(LoraError::ShapeMismatch {
-                    key: format!(
-                        "base_model.model.{path}.lora_A/B (B·A must be {:?})",
-                        [out, inp]
-                    ),
+                    key: format!("base_model.model.{path}.lora_A/B (B·A must be {:?})", [out, inp]),
                     expected: vec![out, inp],
                     found: vec![t.b_shape[0], t.a_shape[1]],
                 }
@@ -203,11 +187,7 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// The attached adapters as PEFT files (host f32 copies), ready to write.
-    pub fn adapter_files(
-        &self,
-        config: &LoraConfig,
-        base_model_name_or_path: Option<String>,
-    ) -> AdapterFiles {
+    pub fn adapter_files(&self, config: &LoraConfig, base_model_name_or_path: Option<String>) -> AdapterFiles {
         let mut tensors = BTreeMap::new();
         for (path, layer) in self.linear_layers() {
             if let Some(adapter) = &layer.adapter {

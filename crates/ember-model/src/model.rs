@@ -88,26 +88,30 @@ impl<B: Backend> Attention<B> {
     /// - `x`: `[batch, seq, hidden]`
     /// - `mask`: additive, `[batch, 1, seq, seq]`
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4>) -> Tensor<B, 3> {
+        self.forward_cached(x, rope, mask, None).0
+    }
+
+    /// Attends over cached keys/values plus the new positions; returns the output and the
+    /// extended cache (keys/values before head repetition).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    /// - `mask`: additive, `[batch, 1, seq, past + seq]`
+    /// - `cache`: keys and values `[batch, kv_heads, past, head_dim]`
+    /// - output: `[batch, seq, hidden]`, cache `[batch, kv_heads, past + seq, head_dim]`
+    pub fn forward_cached(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: Tensor<B, 4>,
-    ) -> Tensor<B, 3> {
+        cache: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    ) -> (Tensor<B, 3>, (Tensor<B, 4>, Tensor<B, 4>)) {
         let [batch, seq, _] = x.dims();
         let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([batch, seq, heads, head_dim]);
-        let mut k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([batch, seq, kv_heads, head_dim]);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([batch, seq, kv_heads, head_dim]);
+        let mut q = self.q_proj.forward(x.clone()).reshape([batch, seq, heads, head_dim]);
+        let mut k = self.k_proj.forward(x.clone()).reshape([batch, seq, kv_heads, head_dim]);
+        let v = self.v_proj.forward(x).reshape([batch, seq, kv_heads, head_dim]);
         if let Some(norm) = &self.q_norm {
             q = norm.forward(q);
         }
@@ -115,19 +119,21 @@ impl<B: Backend> Attention<B> {
             k = norm.forward(k);
         }
         let q = rope.apply(q.swap_dims(1, 2));
-        let k = rope.apply(k.swap_dims(1, 2));
-        let v = v.swap_dims(1, 2);
+        let mut k = rope.apply(k.swap_dims(1, 2));
+        let mut v = v.swap_dims(1, 2);
+        if let Some((past_k, past_v)) = cache {
+            k = Tensor::cat(vec![past_k, k], 2);
+            v = Tensor::cat(vec![past_v, v], 2);
+        }
+        let new_cache = (k.clone(), v.clone());
         let k = repeat_kv(k, heads / kv_heads);
         let v = repeat_kv(v, heads / kv_heads);
 
         let scale = (head_dim as f64).powf(-0.5);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask;
         let probs = softmax(scores, 3);
-        let out = probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, seq, heads * head_dim]);
-        self.o_proj.forward(out)
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, heads * head_dim]);
+        (self.o_proj.forward(out), new_cache)
     }
 }
 
@@ -202,20 +208,24 @@ impl<B: Backend> DecoderLayer<B> {
     /// - `x`: `[batch, seq, hidden]`
     /// - `mask`: additive, `[batch, 1, seq, seq]`
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4>) -> Tensor<B, 3> {
+        self.forward_cached(x, rope, mask, None).0
+    }
+
+    /// [`DecoderLayer::forward`] with a key/value cache (see [`Attention::forward_cached`]).
+    pub fn forward_cached(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: Tensor<B, 4>,
-    ) -> Tensor<B, 3> {
-        let h = self
+        cache: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    ) -> (Tensor<B, 3>, (Tensor<B, 4>, Tensor<B, 4>)) {
+        let (h, cache) = self
             .self_attn
-            .forward(self.input_layernorm.forward(x.clone()), rope, mask);
+            .forward_cached(self.input_layernorm.forward(x.clone()), rope, mask, cache);
         let x = x + h;
-        let h = self
-            .mlp
-            .forward(self.post_attention_layernorm.forward(x.clone()));
-        x + h
+        let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        (x + h, cache)
     }
 }
 
@@ -289,6 +299,16 @@ impl<B: Backend> CausalLm<B> {
         Self::load(config, &weights, device)
     }
 
+    /// Loads a HF model folder or a `.gguf` file.
+    pub fn from_path(path: &Path, device: &B::Device) -> Result<Self> {
+        if crate::source::is_gguf(path) {
+            let (config, weights) = crate::source::gguf_weights(path)?;
+            Self::load(config, &weights, device)
+        } else {
+            Self::from_dir(path, device)
+        }
+    }
+
     /// Builds the model from `weights`, checking every key and shape.
     pub fn load(config: DecoderConfig, weights: &Weights, device: &B::Device) -> Result<Self> {
         let c = &config;
@@ -308,11 +328,7 @@ impl<B: Backend> CausalLm<B> {
                 eps: c.rms_norm_eps,
             })
         };
-        let (h, q_dim, kv_dim) = (
-            c.hidden_size,
-            c.num_heads * c.head_dim,
-            c.num_kv_heads * c.head_dim,
-        );
+        let (h, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
@@ -348,8 +364,7 @@ impl<B: Backend> CausalLm<B> {
                 sliding_window: c.sliding_window[i],
             });
         }
-        let embed =
-            weights.tensor::<B, 2>("model.embed_tokens.weight", [c.vocab_size, h], device)?;
+        let embed = weights.tensor::<B, 2>("model.embed_tokens.weight", [c.vocab_size, h], device)?;
         let model = DecoderModel {
             embed_tokens: Embedding {
                 weight: Param::from_tensor(embed).set_require_grad(false),
@@ -388,11 +403,7 @@ impl<B: Backend> CausalLm<B> {
     /// # Shapes
     /// - `input.input_ids`: `[batch, seq]`
     /// - `logits`: `[batch, seq, vocab]`; each hidden state `[batch, seq, hidden]`
-    pub fn forward_with_hidden(
-        &self,
-        input: ModelInput<B>,
-        output_hidden_states: bool,
-    ) -> ModelOutput<B> {
+    pub fn forward_with_hidden(&self, input: ModelInput<B>, output_hidden_states: bool) -> ModelOutput<B> {
         let [batch, seq] = input.input_ids.dims();
         let device = input.input_ids.device();
         let position_ids = input.position_ids.unwrap_or_else(|| {
@@ -405,14 +416,7 @@ impl<B: Backend> CausalLm<B> {
         for layer in &self.model.layers {
             masks.entry(layer.sliding_window).or_insert_with(|| {
                 let window = layer.sliding_window;
-                let mask = attention_mask::<B>(
-                    input.attention_mask.clone(),
-                    batch,
-                    seq,
-                    0,
-                    window,
-                    &device,
-                );
+                let mask = attention_mask::<B>(input.attention_mask.clone(), batch, seq, 0, window, &device);
                 match &input.segment_ids {
                     Some(segments) => segment_mask(mask, segments.clone()),
                     None => mask,
@@ -432,19 +436,122 @@ impl<B: Backend> CausalLm<B> {
         if output_hidden_states {
             hidden_states.push(x.clone());
         }
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => ember_lora::linear(x, self.model.embed_tokens.weight.val(), None),
-        };
-        ModelOutput {
-            logits,
-            hidden_states,
+        let logits = self.lm_head_logits(x);
+        ModelOutput { logits, hidden_states }
+    }
+
+    /// The output head: `hidden · W_headᵀ` (the embedding matrix when tied).
+    ///
+    /// # Shapes
+    /// - `hidden`: `[..., hidden]`
+    /// - output: `[..., vocab]`
+    pub fn lm_head_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => ember_lora::linear(hidden, self.model.embed_tokens.weight.val(), None),
         }
+    }
+
+    /// The final normed hidden states, without the output head (callers that need logits at
+    /// a few positions only, such as the training loss, apply [`CausalLm::lm_head_logits`]
+    /// to those rows).
+    ///
+    /// # Shapes
+    /// - `input.input_ids`: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward_hidden(&self, input: ModelInput<B>) -> Tensor<B, 3> {
+        let [batch, seq] = input.input_ids.dims();
+        let device = input.input_ids.device();
+        let position_ids = input.position_ids.unwrap_or_else(|| {
+            Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
+                .reshape([1, seq])
+                .expand([batch, seq])
+        });
+        let rope = RopeTables::new(position_ids, &self.inv_freq, 1.0);
+        let mut masks: BTreeMap<Option<usize>, Tensor<B, 4>> = BTreeMap::new();
+        let mut x = self.model.embed_tokens.forward(input.input_ids);
+        for layer in &self.model.layers {
+            let window = layer.sliding_window;
+            let mask = masks
+                .entry(window)
+                .or_insert_with(|| {
+                    let mask = attention_mask::<B>(input.attention_mask.clone(), batch, seq, 0, window, &device);
+                    match &input.segment_ids {
+                        Some(segments) => segment_mask(mask, segments.clone()),
+                        None => mask,
+                    }
+                })
+                .clone();
+            x = layer.forward(x, &rope, mask);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// One decoding step with a key/value cache: runs `input_ids` after the cached positions
+    /// and returns the logits of the last position only.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `position_ids`: `[batch, seq]`
+    /// - `attention_mask`: `[batch, past + seq]` (1 real, 0 pad), covering cache and new tokens
+    /// - output: `[batch, vocab]`
+    pub fn forward_step(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Tensor<B, 2, Int>,
+        position_ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 2> {
+        let [batch, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let past = cache.len;
+        let padding = attention_mask;
+        let rope = RopeTables::new(position_ids, &self.inv_freq, 1.0);
+        let mut masks: BTreeMap<Option<usize>, Tensor<B, 4>> = BTreeMap::new();
+        let mut x = self.model.embed_tokens.forward(input_ids);
+        if cache.layers.len() != self.model.layers.len() {
+            cache.layers = vec![None; self.model.layers.len()];
+        }
+        for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            let window = layer.sliding_window;
+            let mask = masks
+                .entry(window)
+                .or_insert_with(|| self::attention_mask::<B>(Some(padding.clone()), batch, seq, past, window, &device))
+                .clone();
+            let (out, kv) = layer.forward_cached(x, &rope, mask, slot.take());
+            *slot = Some(kv);
+            x = out;
+        }
+        cache.len = past + seq;
+        let last = self.model.norm.forward(x.narrow(1, seq - 1, 1));
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(last),
+            None => ember_lora::linear(last, self.model.embed_tokens.weight.val(), None),
+        };
+        let vocab = logits.dims()[2];
+        logits.reshape([batch, vocab])
     }
 
     /// The normalised config the model was built from.
     pub fn config(&self) -> &DecoderConfig {
         &self.config
+    }
+}
+
+/// Keys and values of every layer for the positions processed so far.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    /// Per layer: keys and values `[batch, kv_heads, len, head_dim]`.
+    pub layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// Number of cached positions.
+    pub len: usize,
+}
+
+impl<B: Backend> Default for KvCache<B> {
+    fn default() -> Self {
+        Self {
+            layers: Vec::new(),
+            len: 0,
+        }
     }
 }
 
@@ -476,9 +583,7 @@ pub fn attention_mask<B: Backend>(
         // Hidden when i - j >= w, i.e. j <= i - w.
         hidden = hidden.bool_or(k.lower_equal(q.sub_scalar(w as i64)));
     }
-    let hidden = hidden
-        .reshape([1, 1, seq, keys])
-        .expand([batch, 1, seq, keys]);
+    let hidden = hidden.reshape([1, 1, seq, keys]).expand([batch, 1, seq, keys]);
     let hidden = match padding {
         Some(pad) => {
             let pad = pad
@@ -505,18 +610,12 @@ pub fn segment_mask<B: Backend>(mask: Tensor<B, 4>, segments: Tensor<B, 2, Int>)
         .clone()
         .reshape([batch, 1, seq, 1])
         .expand([batch, 1, seq, seq]);
-    let k = segments
-        .reshape([batch, 1, 1, seq])
-        .expand([batch, 1, seq, seq]);
+    let k = segments.reshape([batch, 1, 1, seq]).expand([batch, 1, seq, seq]);
     mask.mask_fill(q.not_equal(k), MASK_VALUE)
 }
 
 /// Checks that a padding mask matches the ids it belongs to.
-pub fn check_input_shapes(
-    ids: [usize; 2],
-    mask: Option<[usize; 2]>,
-    positions: Option<[usize; 2]>,
-) -> Result<()> {
+pub fn check_input_shapes(ids: [usize; 2], mask: Option<[usize; 2]>, positions: Option<[usize; 2]>) -> Result<()> {
     for (name, dims) in [("attention_mask", mask), ("position_ids", positions)] {
         if let Some(d) = dims {
             if d != ids {

@@ -25,22 +25,14 @@ pub fn inverse_frequencies(rope: &RopeConfig) -> Vec<f32> {
             original_max_position_embeddings: old_context,
         } => {
             let factor = factor as f32;
-            let (low, high, old) = (
-                low_freq_factor as f32,
-                high_freq_factor as f32,
-                old_context as f32,
-            );
+            let (low, high, old) = (low_freq_factor as f32, high_freq_factor as f32, old_context as f32);
             let low_freq_wavelen = old / low;
             let high_freq_wavelen = old / high;
             plain
                 .iter()
                 .map(|&f| {
                     let wavelen = (2.0 * std::f64::consts::PI) as f32 / f;
-                    let scaled = if wavelen > low_freq_wavelen {
-                        f / factor
-                    } else {
-                        f
-                    };
+                    let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
                     // wavelen is finite and positive, so "not below" and "not above" are plain comparisons.
                     let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                     if medium {
@@ -74,8 +66,7 @@ impl<B: Backend> RopeTables<B> {
         let [batch, seq] = position_ids.dims();
         let device = position_ids.device();
         let half = inv_freq.len();
-        let inv = Tensor::<B, 1>::from_data(TensorData::new(inv_freq.to_vec(), [half]), &device)
-            .reshape([1, 1, half]);
+        let inv = Tensor::<B, 1>::from_data(TensorData::new(inv_freq.to_vec(), [half]), &device).reshape([1, 1, half]);
         let freqs = position_ids.float().reshape([batch, seq, 1]) * inv;
         let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([batch, 1, seq, 2 * half]);
         let (cos, sin) = (emb.clone().cos(), emb.sin());

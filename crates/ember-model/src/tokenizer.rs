@@ -39,11 +39,7 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     /// A template from its Jinja source and the tokenizer's bos/eos strings.
-    pub fn new(
-        source: impl Into<String>,
-        bos_token: impl Into<String>,
-        eos_token: impl Into<String>,
-    ) -> Self {
+    pub fn new(source: impl Into<String>, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Self {
         Self {
             source: source.into(),
             bos_token: bos_token.into(),
@@ -65,10 +61,7 @@ impl ChatTemplate {
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
             },
         );
         env.add_function("strftime_now", |_fmt: String| -> String {
@@ -152,12 +145,10 @@ impl Tokenizer {
         let pad_token = token_string(config.get("pad_token"));
         let jinja_path = dir.join("chat_template.jinja");
         let source = if jinja_path.exists() {
-            Some(
-                std::fs::read_to_string(&jinja_path).map_err(|source| ModelError::Io {
-                    path: jinja_path.clone(),
-                    source,
-                })?,
-            )
+            Some(std::fs::read_to_string(&jinja_path).map_err(|source| ModelError::Io {
+                path: jinja_path.clone(),
+                source,
+            })?)
         } else {
             match config.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
@@ -189,11 +180,7 @@ impl Tokenizer {
     }
 
     /// Wraps an already built `tokenizers` tokenizer (e.g. one made from GGUF metadata).
-    pub fn from_parts(
-        inner: tokenizers::Tokenizer,
-        path: PathBuf,
-        chat_template: Option<ChatTemplate>,
-    ) -> Self {
+    pub fn from_parts(inner: tokenizers::Tokenizer, path: PathBuf, chat_template: Option<ChatTemplate>) -> Self {
         Self {
             inner,
             path,
@@ -216,18 +203,11 @@ impl Tokenizer {
 
     /// Encodes text; `add_special_tokens` applies the tokenizer's post-processor (e.g. BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        Ok(self
-            .encode_full(text, add_special_tokens)?
-            .get_ids()
-            .to_vec())
+        Ok(self.encode_full(text, add_special_tokens)?.get_ids().to_vec())
     }
 
     /// Encodes text and returns the full encoding (ids, tokens, offsets).
-    pub fn encode_full(
-        &self,
-        text: &str,
-        add_special_tokens: bool,
-    ) -> Result<tokenizers::Encoding> {
+    pub fn encode_full(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding> {
         self.inner
             .encode(text, add_special_tokens)
             .map_err(|e| ModelError::Tokenizer {
@@ -255,12 +235,7 @@ impl Tokenizer {
         encoding
             .get_offsets()
             .iter()
-            .map(|&(a, b)| {
-                (
-                    byte_to_char[a.min(text.len())],
-                    byte_to_char[b.min(text.len())],
-                )
-            })
+            .map(|&(a, b)| (byte_to_char[a.min(text.len())], byte_to_char[b.min(text.len())]))
             .collect()
     }
 
@@ -285,11 +260,7 @@ impl Tokenizer {
     }
 
     /// Renders `messages` with the chat template; errors if the model has none.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
             ModelError::ChatTemplate(format!(
                 "the tokenizer at `{}` has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)",

@@ -40,16 +40,11 @@ impl Shard {
             path: path.to_path_buf(),
             source,
         })?;
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::CorruptWeights {
-                path: path.to_path_buf(),
-                message: format!("{e:?}"),
-            })?;
-        let tensors = metadata
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| (k, v.clone()))
-            .collect();
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::CorruptWeights {
+            path: path.to_path_buf(),
+            message: format!("{e:?}"),
+        })?;
+        let tensors = metadata.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
         Ok(Self {
             path: path.to_path_buf(),
             mmap,
@@ -64,6 +59,8 @@ pub struct Weights {
     dir: PathBuf,
     shards: Vec<Shard>,
     index: BTreeMap<String, usize>,
+    /// Tensors already in memory (e.g. dequantized from GGUF), by key.
+    memory: BTreeMap<String, (Vec<f32>, Vec<usize>)>,
     taken: RefCell<BTreeSet<String>>,
 }
 
@@ -100,9 +97,7 @@ impl Weights {
         } else if single.exists() {
             Self::open_files(dir, &[single])
         } else {
-            Err(ModelError::NoWeights {
-                dir: dir.to_path_buf(),
-            })
+            Err(ModelError::NoWeights { dir: dir.to_path_buf() })
         }
     }
 
@@ -121,22 +116,37 @@ impl Weights {
             dir: dir.to_path_buf(),
             shards,
             index,
+            memory: BTreeMap::new(),
             taken: RefCell::new(BTreeSet::new()),
         })
     }
 
+    /// Weights held in memory as f32 (`source` names them in errors).
+    pub fn from_memory(source: &Path, tensors: BTreeMap<String, (Vec<f32>, Vec<usize>)>) -> Self {
+        Self {
+            dir: source.to_path_buf(),
+            shards: Vec::new(),
+            index: BTreeMap::new(),
+            memory: tensors,
+            taken: RefCell::new(BTreeSet::new()),
+        }
+    }
+
     /// Whether the checkpoint holds `key`.
     pub fn contains(&self, key: &str) -> bool {
-        self.index.contains_key(key)
+        self.index.contains_key(key) || self.memory.contains_key(key)
     }
 
     /// All keys, sorted.
     pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.index.keys()
+        self.index.keys().chain(self.memory.keys())
     }
 
     /// The stored shape and dtype of `key`.
     pub fn info(&self, key: &str) -> Option<(Vec<usize>, StorageDtype)> {
+        if let Some((_, shape)) = self.memory.get(key) {
+            return Some((shape.clone(), StorageDtype::F32));
+        }
         let shard = &self.shards[*self.index.get(key)?];
         let info = &shard.tensors[key];
         Some((info.shape.clone(), info.dtype))
@@ -148,9 +158,7 @@ impl Weights {
         for shard in &self.shards {
             for info in shard.tensors.values() {
                 let n = info.shape.iter().product::<usize>();
-                let e = counts
-                    .entry(format!("{:?}", info.dtype))
-                    .or_insert((0, info.dtype));
+                let e = counts.entry(format!("{:?}", info.dtype)).or_insert((0, info.dtype));
                 e.0 += n;
             }
         }
@@ -159,13 +167,22 @@ impl Weights {
 
     /// Reads `key` as f32 values, checking the stored shape against `expected`.
     pub fn read_f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>> {
-        let shard_index = *self
-            .index
-            .get(key)
-            .ok_or_else(|| ModelError::MissingTensor {
-                key: key.to_string(),
-                dir: self.dir.clone(),
-            })?;
+        if let Some((values, shape)) = self.memory.get(key) {
+            if shape != expected {
+                return Err(ModelError::ShapeMismatch {
+                    key: key.to_string(),
+                    path: self.dir.clone(),
+                    expected: expected.to_vec(),
+                    found: shape.clone(),
+                });
+            }
+            self.taken.borrow_mut().insert(key.to_string());
+            return Ok(values.clone());
+        }
+        let shard_index = *self.index.get(key).ok_or_else(|| ModelError::MissingTensor {
+            key: key.to_string(),
+            dir: self.dir.clone(),
+        })?;
         let shard = &self.shards[shard_index];
         let info = &shard.tensors[key];
         if info.shape != expected {
@@ -178,13 +195,12 @@ impl Weights {
         }
         let (start, end) = info.data_offsets;
         let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
-        let values = ember_lora::adapter::bytes_to_f32(bytes, info.dtype).ok_or_else(|| {
-            ModelError::UnsupportedDtype {
+        let values =
+            ember_lora::adapter::bytes_to_f32(bytes, info.dtype).ok_or_else(|| ModelError::UnsupportedDtype {
                 key: key.to_string(),
                 path: shard.path.clone(),
                 dtype: format!("{:?}", info.dtype),
-            }
-        })?;
+            })?;
         self.taken.borrow_mut().insert(key.to_string());
         Ok(values)
     }
@@ -209,7 +225,6 @@ impl Weights {
     pub fn ensure_all_used(&self) -> Result<()> {
         let taken = self.taken.borrow();
         let left: Vec<&str> = self
-            .index
             .keys()
             .filter(|k| !taken.contains(*k))
             // Older checkpoints store RoPE tables as buffers; they are recomputed.

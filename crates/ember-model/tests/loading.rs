@@ -34,12 +34,7 @@ fn llama_tensors() -> Vec<(String, Vec<f32>, Vec<usize>)> {
 fn write_safetensors(path: &Path, tensors: &[(String, Vec<u8>, Vec<usize>, Dtype)]) {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
-        .map(|(k, bytes, shape, dtype)| {
-            (
-                k.clone(),
-                TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
-            )
-        })
+        .map(|(k, bytes, shape, dtype)| (k.clone(), TensorView::new(*dtype, shape.clone(), bytes).unwrap()))
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
@@ -51,11 +46,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 /// A llama copy with `edit` applied to its tensor list.
 fn llama_copy(name: &str, edit: impl FnOnce(&mut Vec<(String, Vec<f32>, Vec<usize>)>)) -> PathBuf {
     let dir = tempdir(name);
-    std::fs::copy(
-        fixtures().join("llama/config.json"),
-        dir.join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
     let mut tensors = llama_tensors();
     edit(&mut tensors);
     let raw: Vec<_> = tensors
@@ -85,11 +76,7 @@ fn llama_logits_diff(dir: &Path) -> f32 {
 #[test]
 fn sharded_checkpoint_with_index_loads() {
     let dir = tempdir("sharded");
-    std::fs::copy(
-        fixtures().join("llama/config.json"),
-        dir.join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
     let tensors = llama_tensors();
     let half = tensors.len() / 2;
     let mut weight_map = BTreeMap::new();
@@ -113,18 +100,11 @@ fn sharded_checkpoint_with_index_loads() {
 #[test]
 fn f16_storage_is_converted_while_loading() {
     let dir = tempdir("f16");
-    std::fs::copy(
-        fixtures().join("llama/config.json"),
-        dir.join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
     let raw: Vec<_> = llama_tensors()
         .into_iter()
         .map(|(k, v, s)| {
-            let bytes = v
-                .iter()
-                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                .collect();
+            let bytes = v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
             (k, bytes, s, Dtype::F16)
         })
         .collect();
@@ -186,9 +166,7 @@ fn wrong_shape_names_key_and_both_shapes() {
     });
     let err = load(&dir).unwrap_err().to_string();
     assert!(
-        err.contains("model.layers.0.self_attn.k_proj.weight")
-            && err.contains("[32, 64]")
-            && err.contains("[64, 32]"),
+        err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("[32, 64]") && err.contains("[64, 32]"),
         "{err}"
     );
 }
@@ -213,16 +191,13 @@ fn truncated_file_is_a_clear_error() {
 #[test]
 fn unsupported_model_type_lists_supported_ones() {
     let dir = tempdir("model_type");
-    let mut config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("llama/config.json")).unwrap(),
-    )
-    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("llama/config.json")).unwrap()).unwrap();
     config["model_type"] = "mamba".into();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let err = load(&dir).unwrap_err().to_string();
     assert!(
-        err.contains("unsupported model_type `mamba`")
-            && err.contains("llama, mistral, qwen2, qwen3"),
+        err.contains("unsupported model_type `mamba`") && err.contains("llama, mistral, qwen2, qwen3"),
         "{err}"
     );
 }
@@ -230,11 +205,7 @@ fn unsupported_model_type_lists_supported_ones() {
 #[test]
 fn missing_folder_and_broken_config_are_named() {
     let dir = tempdir("no_weights");
-    std::fs::copy(
-        fixtures().join("llama/config.json"),
-        dir.join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(fixtures().join("llama/config.json"), dir.join("config.json")).unwrap();
     let err = load(&dir).unwrap_err().to_string();
     assert!(err.contains("no `model.safetensors`"), "{err}");
 
@@ -244,8 +215,5 @@ fn missing_folder_and_broken_config_are_named() {
     )
     .unwrap();
     let err = load(&dir).unwrap_err().to_string();
-    assert!(
-        err.contains("config.json") && err.contains("line 1"),
-        "{err}"
-    );
+    assert!(err.contains("config.json") && err.contains("line 1"), "{err}");
 }

@@ -68,13 +68,7 @@ fn peft_adapters_give_peft_logits() {
                     &inputs,
                 );
                 m.unmerge_adapters();
-                compare(
-                    arch,
-                    "unmerged again",
-                    &logits(&m, &inputs),
-                    reference_file,
-                    &inputs,
-                );
+                compare(arch, "unmerged again", &logits(&m, &inputs), reference_file, &inputs);
             }
         }
     }
@@ -104,10 +98,7 @@ fn streaming_merge_reproduces_peft_merged_checkpoint() {
                 }
             }
         }
-        println!(
-            "{arch}: merged weights max abs diff {:.3e} in {}",
-            worst.0, worst.1
-        );
+        println!("{arch}: merged weights max abs diff {:.3e} in {}", worst.0, worst.1);
         assert!(
             worst.0 <= 1e-6,
             "{arch}: merged weight {} differs by {:.3e}",
@@ -222,8 +213,7 @@ fn fresh_adapter_is_the_identity_and_counts_parameters() {
         c.num_kv_heads * c.head_dim,
         c.intermediate_size,
     );
-    let per_layer =
-        4 * ((h + q) + (h + kv) + (h + kv) + (q + h)) + 4 * ((h + i) + (h + i) + (i + h));
+    let per_layer = 4 * ((h + q) + (h + kv) + (h + kv) + (q + h)) + 4 * ((h + i) + (h + i) + (i + h));
     assert_eq!(report.trainable_params, c.num_layers * per_layer);
     assert_eq!(
         logits(&m, &inputs),
@@ -260,10 +250,7 @@ fn merged_equals_unmerged_with_nonzero_b_and_alpha_not_r() {
         .zip(&base)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(
-        moved > 1e-2,
-        "non-zero B must change the output (moved {moved})"
-    );
+    assert!(moved > 1e-2, "non-zero B must change the output (moved {moved})");
     m.merge_adapters().unwrap();
     let merged = logits(&m, &inputs);
     let d = masked_max_diff(&merged, &unmerged, &[2, 16, 384], &inputs.attention_mask);
@@ -289,10 +276,7 @@ fn save_load_round_trip_is_exact() {
     let back = AdapterFiles::read(&dir).unwrap();
     assert_eq!(back.tensors, files.tensors);
     assert_eq!(back.config, config);
-    assert_eq!(
-        back.base_model_name_or_path.as_deref(),
-        Some("tests/fixtures/mistral")
-    );
+    assert_eq!(back.base_model_name_or_path.as_deref(), Some("tests/fixtures/mistral"));
     let mut m2 = model("mistral");
     m2.load_adapter(&back, &device).unwrap();
     assert_eq!(logits(&m2, &inputs), logits(&m, &inputs));
@@ -305,10 +289,7 @@ fn save_load_round_trip_is_exact() {
     let b = st
         .tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
         .unwrap();
-    assert_eq!(
-        (a.shape(), b.shape()),
-        (&[2usize, 64][..], &[64usize, 2][..])
-    );
+    assert_eq!((a.shape(), b.shape()), (&[2usize, 64][..], &[64usize, 2][..]));
     let down_b = st
         .tensor("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")
         .unwrap();
@@ -338,8 +319,7 @@ fn rslora_scales_by_alpha_over_sqrt_r() {
     );
     assert_close("rsLoRA vs 2·alpha", d, 1e-5);
     let mut c = model("llama");
-    c.load_adapter(&AdapterFiles::read(&dir).unwrap(), &device)
-        .unwrap();
+    c.load_adapter(&AdapterFiles::read(&dir).unwrap(), &device).unwrap();
     let moved = masked_max_diff(
         &logits(&a, &inputs),
         &logits(&c, &inputs),
@@ -386,8 +366,7 @@ fn unsupported_adapter_files_are_refused() {
     let dir = tempdir("dora");
     std::fs::create_dir_all(&dir).unwrap();
     let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
     config["use_dora"] = true.into();
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
     std::fs::copy(
@@ -402,8 +381,7 @@ fn unsupported_adapter_files_are_refused() {
     config["use_dora"] = false.into();
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
     let data = vec![0u8; 4 * 4 * 384];
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 384], &data).unwrap();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 384], &data).unwrap();
     safetensors::serialize_to_file(
         vec![("base_model.model.model.embed_tokens.lora_embedding_A", view)],
         None,
@@ -431,8 +409,5 @@ fn dropout_is_off_at_inference() {
         &inputs,
     );
     let _ = Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(vec![1i64], [1, 1]), &device);
-    let _ = ModelInput::<TestBackend>::new(Tensor::from_data(
-        TensorData::new(vec![1i64], [1, 1]),
-        &device,
-    ));
+    let _ = ModelInput::<TestBackend>::new(Tensor::from_data(TensorData::new(vec![1i64], [1, 1]), &device));
 }

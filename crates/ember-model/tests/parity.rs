@@ -48,10 +48,7 @@ fn check_arch(arch: &str, config_file: &str) {
         .zip(&expected_loss)
         .map(|(a, e)| (a - e).abs())
         .enumerate()
-        .fold(
-            (0.0f32, 0usize),
-            |w, (i, d)| if d > w.0 { (d, i) } else { w },
-        );
+        .fold((0.0f32, 0usize), |w, (i, d)| if d > w.0 { (d, i) } else { w });
     assert_eq!(loss_shape, vec![dims[0], dims[1] - 1]);
     assert_close(&format!("{tag} per_token_loss"), worst, TOL);
 }
@@ -85,10 +82,7 @@ fn llama_bf16_weights_f32_compute() {
     let model = CausalLm::<TestBackend>::from_dir(&dir.join("bf16"), &device).unwrap();
     let inputs = Inputs::read("llama");
     let logits: Tensor<TestBackend, 3> = model.forward(inputs.to_model_input());
-    let (expected, shape) = reference(
-        &dir.join("logits_bf16.safetensors"),
-        "logits_bf16_weights_f32_compute",
-    );
+    let (expected, shape) = reference(&dir.join("logits_bf16.safetensors"), "logits_bf16_weights_f32_compute");
     let actual = logits.into_data().to_vec::<f32>().unwrap();
     assert_close(
         "llama bf16 weights, f32 compute",
@@ -127,9 +121,7 @@ fn padded_rows_match_unpadded_rows() {
         let pos_left: Vec<i64> = (0..12 + pad)
             .map(|i| if i >= pad { (i - pad) as i64 } else { 1 })
             .collect();
-        let t = |v: Vec<i64>| {
-            Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(v, [1, 12 + pad]), &device)
-        };
+        let t = |v: Vec<i64>| Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(v, [1, 12 + pad]), &device);
         let batch = |ids: Vec<i64>, mask: Vec<i64>, pos: Option<Vec<i64>>| ModelInput {
             input_ids: Tensor::cat(vec![t(ids.clone()), t(ids)], 0),
             attention_mask: Some(Tensor::cat(vec![t(mask.clone()), t(mask)], 0)),
@@ -150,16 +142,8 @@ fn padded_rows_match_unpadded_rows() {
         for b in 0..2 {
             let l = &left_out[b * row + pad * vocab..b * row + (pad + 12) * vocab];
             let r = &right_out[b * row..b * row + 12 * vocab];
-            let dl = l
-                .iter()
-                .zip(&alone)
-                .map(|(a, e)| (a - e).abs())
-                .fold(0.0f32, f32::max);
-            let dr = r
-                .iter()
-                .zip(&alone)
-                .map(|(a, e)| (a - e).abs())
-                .fold(0.0f32, f32::max);
+            let dl = l.iter().zip(&alone).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
+            let dr = r.iter().zip(&alone).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max);
             assert!(
                 dl <= 1e-5 && dr <= 1e-5,
                 "{arch} row {b}: left {dl:.2e}, right {dr:.2e}"

@@ -59,27 +59,14 @@ fn ids_tokens_offsets_and_round_trips_match_reference() {
             .iter()
             .map(|v| v.as_str().unwrap())
             .collect();
-        assert_eq!(
-            encoding.get_tokens(),
-            tokens.as_slice(),
-            "tokens of {text:?}"
-        );
+        assert_eq!(encoding.get_tokens(), tokens.as_slice(), "tokens of {text:?}");
         let offsets: Vec<(usize, usize)> = sample["offsets"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|o| {
-                (
-                    o[0].as_u64().unwrap() as usize,
-                    o[1].as_u64().unwrap() as usize,
-                )
-            })
+            .map(|o| (o[0].as_u64().unwrap() as usize, o[1].as_u64().unwrap() as usize))
             .collect();
-        assert_eq!(
-            Tokenizer::char_offsets(text, &encoding),
-            offsets,
-            "offsets of {text:?}"
-        );
+        assert_eq!(Tokenizer::char_offsets(text, &encoding), offsets, "offsets of {text:?}");
         let decoded = tokenizer.decode(encoding.get_ids(), false).unwrap();
         assert_eq!(decoded, sample["decoded"].as_str().unwrap());
         assert_eq!(
@@ -93,8 +80,7 @@ fn ids_tokens_offsets_and_round_trips_match_reference() {
 #[test]
 fn chat_templates_render_as_transformers_does() {
     let expected = read_json(fixtures().join("chat_template/expected.json"));
-    let conversations: Vec<Vec<ChatMessage>> =
-        serde_json::from_value(expected["conversations"].clone()).unwrap();
+    let conversations: Vec<Vec<ChatMessage>> = serde_json::from_value(expected["conversations"].clone()).unwrap();
     let cases = expected["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 18);
     for case in cases {

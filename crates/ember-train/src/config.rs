@@ -336,11 +336,7 @@ fn distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + usize::from(ca != *cb))
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
         }
         prev = cur;
     }
@@ -379,39 +375,31 @@ impl RunConfig {
         let text = std::fs::read_to_string(path).map_err(io(path))?;
         let source = path.display().to_string();
         // Parse the file as written first, so errors carry its line numbers.
-        let parsed: RunConfig =
-            serde_yaml::from_str(&text).map_err(|e| TrainError::Config(explain(&source, &e)))?;
+        let parsed: RunConfig = serde_yaml::from_str(&text).map_err(|e| TrainError::Config(explain(&source, &e)))?;
         if overrides.is_empty() {
             parsed.validate(&source)?;
             return Ok(parsed);
         }
-        let mut value: Value =
-            serde_yaml::from_str(&text).map_err(|e| TrainError::Config(explain(&source, &e)))?;
+        let mut value: Value = serde_yaml::from_str(&text).map_err(|e| TrainError::Config(explain(&source, &e)))?;
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let config: RunConfig = serde_yaml::from_value(value).map_err(|e| {
-            TrainError::Config(format!(
-                "{source} with --set {}: {e}",
-                overrides.join(" --set ")
-            ))
-        })?;
+        let config: RunConfig = serde_yaml::from_value(value)
+            .map_err(|e| TrainError::Config(format!("{source} with --set {}: {e}", overrides.join(" --set "))))?;
         config.validate(&source)?;
         Ok(config)
     }
 
     /// Parses YAML text (no file).
     pub fn from_yaml(text: &str) -> Result<Self> {
-        let config: RunConfig =
-            serde_yaml::from_str(text).map_err(|e| TrainError::Config(explain("<config>", &e)))?;
+        let config: RunConfig = serde_yaml::from_str(text).map_err(|e| TrainError::Config(explain("<config>", &e)))?;
         config.validate("<config>")?;
         Ok(config)
     }
 
     /// Checks values that types alone do not.
     pub fn validate(&self, source: &str) -> Result<()> {
-        let bad =
-            |key: &str, msg: String| Err(TrainError::Config(format!("{source}: `{key}`: {msg}")));
+        let bad = |key: &str, msg: String| Err(TrainError::Config(format!("{source}: `{key}`: {msg}")));
         self.lora
             .config
             .validate()
@@ -421,16 +409,10 @@ impl RunConfig {
             return bad("train.micro_batch_size", "must be at least 1".into());
         }
         if t.gradient_accumulation_steps == 0 {
-            return bad(
-                "train.gradient_accumulation_steps",
-                "must be at least 1".into(),
-            );
+            return bad("train.gradient_accumulation_steps", "must be at least 1".into());
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
-            return bad(
-                "train.learning_rate",
-                format!("{} must be positive", t.learning_rate),
-            );
+            return bad("train.learning_rate", format!("{} must be positive", t.learning_rate));
         }
         if t.max_steps.is_none() && t.epochs <= 0.0 {
             return bad("train.epochs", "must be positive (or set max_steps)".into());
@@ -453,10 +435,7 @@ impl RunConfig {
             return bad("train.betas", format!("{:?} must be in [0, 1)", t.betas));
         }
         if t.eps <= 0.0 || t.weight_decay < 0.0 {
-            return bad(
-                "train.eps",
-                "eps must be positive and weight_decay non-negative".into(),
-            );
+            return bad("train.eps", "eps must be positive and weight_decay non-negative".into());
         }
         if let Some(n) = t.max_grad_norm {
             if n <= 0.0 {
@@ -479,27 +458,24 @@ impl RunConfig {
             }
         }
         if !matches!(self.dtype.as_str(), "float32" | "f32" | "bfloat16" | "bf16") {
-            return bad(
-                "dtype",
-                format!("`{}` is not float32 or bfloat16", self.dtype),
-            );
+            return bad("dtype", format!("`{}` is not float32 or bfloat16", self.dtype));
         }
         Ok(())
     }
 
     /// Writes the resolved config as YAML.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_yaml::to_string(self)
-            .map_err(|e| TrainError::Config(format!("cannot serialise config: {e}")))?;
+        let text =
+            serde_yaml::to_string(self).map_err(|e| TrainError::Config(format!("cannot serialise config: {e}")))?;
         std::fs::write(path, text).map_err(io(path))
     }
 }
 
 /// Applies `a.b.c=value` to a YAML tree (the value is parsed as YAML: numbers, bools, lists).
 pub fn apply_override(root: &mut Value, assignment: &str) -> Result<()> {
-    let (path, raw) = assignment.split_once('=').ok_or_else(|| {
-        TrainError::Config(format!("--set `{assignment}`: expected key.path=value"))
-    })?;
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| TrainError::Config(format!("--set `{assignment}`: expected key.path=value")))?;
     let value: Value = serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
     let parts: Vec<&str> = path.split('.').collect();
     let mut node = root;

@@ -101,11 +101,7 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
 fn strings(df: &DataFrame, name: &str, path: &Path, required: bool) -> Result<Vec<Option<String>>> {
     let Ok(column) = df.column(name) else {
         if required {
-            let have: Vec<String> = df
-                .get_column_names()
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+            let have: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
             return Err(data_err(
                 path,
                 format!("no column `{name}` (columns: {})", have.join(", ")),
@@ -123,24 +119,16 @@ fn strings(df: &DataFrame, name: &str, path: &Path, required: bool) -> Result<Ve
 }
 
 /// A list-of-integers column per row.
-fn int_lists(
-    df: &DataFrame,
-    name: &str,
-    path: &Path,
-    required: bool,
-) -> Result<Vec<Option<Vec<i64>>>> {
+fn int_lists(df: &DataFrame, name: &str, path: &Path, required: bool) -> Result<Vec<Option<Vec<i64>>>> {
     let Ok(column) = df.column(name) else {
         if required {
             return Err(data_err(path, format!("no column `{name}`")));
         }
         return Ok(vec![None; df.height()]);
     };
-    let list = column.list().map_err(|e| {
-        data_err(
-            path,
-            format!("column `{name}` is not a list of integers: {e}"),
-        )
-    })?;
+    let list = column
+        .list()
+        .map_err(|e| data_err(path, format!("column `{name}` is not a list of integers: {e}")))?;
     let mut out = Vec::with_capacity(df.height());
     for (row, item) in list.series_iter().enumerate() {
         out.push(match item {
@@ -168,12 +156,9 @@ fn message_lists(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<Option<V
     let column = df
         .column(name)
         .map_err(|_| data_err(path, format!("no column `{name}`")))?;
-    let list = column.list().map_err(|e| {
-        data_err(
-            path,
-            format!("column `{name}` is not a list of messages: {e}"),
-        )
-    })?;
+    let list = column
+        .list()
+        .map_err(|e| data_err(path, format!("column `{name}` is not a list of messages: {e}")))?;
     let mut out = Vec::with_capacity(df.height());
     for item in list.series_iter() {
         let Some(series) = item else {
@@ -187,13 +172,7 @@ fn message_lists(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<Option<V
         let field = |f: &str| -> Option<Vec<Option<String>>> {
             let s = structs.field_by_name(f).ok()?;
             let s = s.cast(&DataType::String).ok()?;
-            Some(
-                s.str()
-                    .ok()?
-                    .iter()
-                    .map(|v| v.map(str::to_string))
-                    .collect(),
-            )
+            Some(s.str().ok()?.iter().map(|v| v.map(str::to_string)).collect())
         };
         let (Some(roles), Some(contents)) = (field("role"), field("content")) else {
             out.push(None);
@@ -263,15 +242,9 @@ pub fn read_records(
             ids.into_iter()
                 .zip(labels)
                 .map(|(i, l)| match i {
-                    None => Err(format!(
-                        "`{}` is missing or not a list of integers",
-                        fields.input_ids
-                    )),
+                    None => Err(format!("`{}` is missing or not a list of integers", fields.input_ids)),
                     Some(input_ids) => match (has_labels, l) {
-                        (true, None) => Err(format!(
-                            "`{}` is missing or not a list of integers",
-                            fields.labels
-                        )),
+                        (true, None) => Err(format!("`{}` is missing or not a list of integers", fields.labels)),
                         (_, Some(l)) if l.len() != input_ids.len() => Err(format!(
                             "`{}` has {} entries but `{}` has {}",
                             fields.labels,
@@ -382,21 +355,13 @@ pub struct DataStats {
 
 impl<'a> Encoder<'a> {
     /// An encoder for `config`, taking the eos id from the tokenizer config or the model config.
-    pub fn new(
-        tokenizer: &'a Tokenizer,
-        config: &DataConfig,
-        model_eos: Option<u32>,
-    ) -> Result<Self> {
+    pub fn new(tokenizer: &'a Tokenizer, config: &DataConfig, model_eos: Option<u32>) -> Result<Self> {
         let eos_id = tokenizer
             .eos_token
             .as_deref()
             .and_then(|t| tokenizer.token_to_id(t))
             .or(model_eos)
-            .ok_or_else(|| {
-                TrainError::Config(
-                    "the tokenizer and config.json name no end-of-sequence token".into(),
-                )
-            })?;
+            .ok_or_else(|| TrainError::Config("the tokenizer and config.json name no end-of-sequence token".into()))?;
         if config.format == DataFormat::Chat && tokenizer.chat_template.is_none() {
             return Err(TrainError::Config(
                 "data.format is chat but the model has no chat template (tokenizer_config.json `chat_template`)".into(),
@@ -413,12 +378,7 @@ impl<'a> Encoder<'a> {
     }
 
     /// Tokenizes `text` and marks as targets the tokens that start inside `spans` (byte ranges).
-    fn tokenize_spans(
-        &self,
-        text: &str,
-        spans: &[(usize, usize)],
-        add_special: bool,
-    ) -> Result<Sample> {
+    fn tokenize_spans(&self, text: &str, spans: &[(usize, usize)], add_special: bool) -> Result<Sample> {
         let enc = self.tokenizer.encode_full(text, add_special)?;
         let ids = enc.get_ids().to_vec();
         let labels = ids
@@ -427,9 +387,7 @@ impl<'a> Encoder<'a> {
             .zip(enc.get_special_tokens_mask())
             .map(|((&id, &(start, end)), &special)| {
                 // Added special tokens (BOS) have empty offsets and are never targets.
-                let inside = special == 0
-                    && end > start
-                    && spans.iter().any(|&(a, b)| start >= a && start < b);
+                let inside = special == 0 && end > start && spans.iter().any(|&(a, b)| start >= a && start < b);
                 if self.train_on_inputs || inside {
                     id as i64
                 } else {
@@ -437,10 +395,7 @@ impl<'a> Encoder<'a> {
                 }
             })
             .collect();
-        Ok(Sample {
-            input_ids: ids,
-            labels,
-        })
+        Ok(Sample { input_ids: ids, labels })
     }
 
     /// Encodes one record; `Err(Dropped)` when the policy drops it.
@@ -467,10 +422,7 @@ impl<'a> Encoder<'a> {
             Record::Tokens { input_ids, labels } => {
                 let ids: Vec<u32> = input_ids.iter().map(|&i| i as u32).collect();
                 let labels = labels.clone().unwrap_or_else(|| input_ids.clone());
-                Sample {
-                    input_ids: ids,
-                    labels,
-                }
+                Sample { input_ids: ids, labels }
             }
         };
         let mut truncated = false;
@@ -510,12 +462,10 @@ impl<'a> Encoder<'a> {
             }
             let before = self.tokenizer.apply_chat_template(&messages[..i], true)?;
             let through = self.tokenizer.apply_chat_template(&messages[..=i], false)?;
-            if !full.starts_with(&before)
-                || !full.starts_with(&through)
-                || through.len() < before.len()
-            {
+            if !full.starts_with(&before) || !full.starts_with(&through) || through.len() < before.len() {
                 return Err(TrainError::Config(
-                    "the chat template does not render conversations prefix by prefix; cannot find the assistant turns".into(),
+                    "the chat template does not render conversations prefix by prefix; cannot find the assistant turns"
+                        .into(),
                 ));
             }
             spans.push((before.len(), through.len()));
@@ -542,8 +492,7 @@ pub fn load_samples(
     encoder: &Encoder<'_>,
     max_rows: Option<usize>,
 ) -> Result<(Vec<Sample>, DataStats)> {
-    let (mut records, skipped) =
-        read_records(path, config.format, &config.fields, config.bad_rows)?;
+    let (mut records, skipped) = read_records(path, config.format, &config.fields, config.bad_rows)?;
     if let Some(n) = max_rows {
         records.truncate(n);
     }
@@ -551,11 +500,7 @@ pub fn load_samples(
 }
 
 /// Encodes records, counting what the policies dropped.
-pub fn encode_records(
-    records: &[Record],
-    encoder: &Encoder<'_>,
-    skipped: usize,
-) -> Result<(Vec<Sample>, DataStats)> {
+pub fn encode_records(records: &[Record], encoder: &Encoder<'_>, skipped: usize) -> Result<(Vec<Sample>, DataStats)> {
     let mut stats = DataStats {
         rows: records.len() + skipped,
         skipped_bad_rows: skipped,
@@ -674,20 +619,15 @@ pub fn epoch_order(n: usize, shuffle: bool, seed: u64, epoch: usize) -> Vec<usiz
     if shuffle {
         use rand::seq::SliceRandom;
         use rand::SeedableRng;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(
-            seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)),
-        );
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)));
         order.shuffle(&mut rng);
     }
     order
 }
 
 /// Splits off `fraction` of the rows for evaluation after a seeded shuffle.
-pub fn split_validation(
-    samples: Vec<Sample>,
-    fraction: f64,
-    seed: u64,
-) -> (Vec<Sample>, Vec<Sample>) {
+pub fn split_validation(samples: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
     let order = epoch_order(samples.len(), true, seed.wrapping_add(17), 0);
     let n_eval = ((samples.len() as f64) * fraction).round().max(1.0) as usize;
     let mut slots: Vec<Option<Sample>> = samples.into_iter().map(Some).collect();

@@ -6,7 +6,7 @@ use ember_model::CausalLm;
 use serde::Serialize;
 
 use crate::data::{collate, Sample};
-use crate::loss::causal_lm_loss_sum;
+use crate::loss::target_loss_sum;
 use crate::trainer::batch_to_device;
 
 /// Loss over a data set.
@@ -38,8 +38,8 @@ pub fn evaluate_loss<B: Backend>(
         if batch.target_tokens == 0 {
             continue;
         }
-        let (input, labels) = batch_to_device::<B>(&batch, &device);
-        let sum = causal_lm_loss_sum(model.forward(input), labels);
+        let (input, _) = batch_to_device::<B>(&batch, &device);
+        let sum = target_loss_sum(model, model.forward_hidden(input), &batch.labels);
         let value: f32 = burn::tensor::ElementConversion::elem(sum.into_scalar());
         total += value as f64;
         tokens += batch.target_tokens;

@@ -2,7 +2,8 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
+use ember_model::CausalLm;
 
 use crate::data::IGNORE;
 
@@ -12,10 +13,7 @@ use crate::data::IGNORE;
 /// - `logits`: `[batch, seq, vocab]`
 /// - `labels`: `[batch, seq]` (−100 = ignored)
 /// - output: `[1]`
-pub fn causal_lm_loss_sum<B: Backend>(
-    logits: Tensor<B, 3>,
-    labels: Tensor<B, 2, Int>,
-) -> Tensor<B, 1> {
+pub fn causal_lm_loss_sum<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     per_token_loss(logits, labels).sum()
 }
 
@@ -44,4 +42,37 @@ pub fn check_vocab(vocab: usize, labels: &[i64]) -> Option<i64> {
         .iter()
         .copied()
         .find(|&l| l != IGNORE && (l < 0 || l as usize >= vocab))
+}
+
+/// Summed cross-entropy computing logits only at positions that have a target: the hidden
+/// states of those positions are gathered first, so `[tokens, vocab]` logits are never held for
+/// prompt or padding positions (for classification data that is nearly all of them).
+///
+/// # Shapes
+/// - `hidden`: `[batch, seq, hidden]` (final normed states)
+/// - `labels`: host `[batch·seq]` row-major, −100 = ignored
+/// - output: `[1]`
+pub fn target_loss_sum<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, labels: &[i64]) -> Tensor<B, 1> {
+    let [batch, seq, width] = hidden.dims();
+    let device = hidden.device();
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for b in 0..batch {
+        for t in 0..seq - 1 {
+            let label = labels[b * seq + t + 1];
+            if label != IGNORE {
+                rows.push((b * seq + t) as i64);
+                targets.push(label);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return hidden.sum().mul_scalar(0.0);
+    }
+    let n = rows.len();
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
+    let picked = hidden.reshape([batch * seq, width]).select(0, index);
+    let logp = log_softmax(model.lm_head_logits(picked), 1);
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
+    logp.gather(1, targets).sum().neg()
 }

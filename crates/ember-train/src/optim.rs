@@ -71,10 +71,7 @@ impl<B: Backend> AdamW<B> {
 
 /// Clips gradients in place to a global L2 norm of at most `max_norm`, as
 /// `torch.nn.utils.clip_grad_norm_`; returns the norm before clipping.
-pub fn clip_global_norm<B: Backend>(
-    grads: &mut BTreeMap<String, Tensor<B, 2>>,
-    max_norm: Option<f64>,
-) -> f64 {
+pub fn clip_global_norm<B: Backend>(grads: &mut BTreeMap<String, Tensor<B, 2>>, max_norm: Option<f64>) -> f64 {
     let total: f64 = grads
         .values()
         .map(|g| {
@@ -105,13 +102,7 @@ impl<E: burn::tensor::ElementConversion> ElemF32 for E {
 
 /// The learning rate at optimizer step `step` (0-based), as transformers' schedulers give it:
 /// linear warm-up from 0 over `warmup` steps, then constant, linear or cosine decay to 0 at `total`.
-pub fn learning_rate(
-    kind: LrScheduler,
-    peak: f64,
-    step: usize,
-    warmup: usize,
-    total: usize,
-) -> f64 {
+pub fn learning_rate(kind: LrScheduler, peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
     if step < warmup {
         return peak * step as f64 / warmup.max(1) as f64;
     }
@@ -119,8 +110,6 @@ pub fn learning_rate(
     match kind {
         LrScheduler::Constant => peak,
         LrScheduler::Linear => peak * (1.0 - progress).max(0.0),
-        LrScheduler::Cosine => {
-            peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
-        }
+        LrScheduler::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()),
     }
 }

@@ -13,12 +13,11 @@ use burn::tensor::{Tensor, TensorData};
 use ember_lora::adapter::{commit_dir, staging_dir, write_safetensors};
 use ember_lora::{AdapterFiles, LoraConfig};
 use ember_model::{CausalLm, Tokenizer, Weights};
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
-use crate::data::{
-    collate, epoch_order, load_samples, rows, split_validation, Batch, DataStats, Encoder, Sample,
-};
+use crate::data::{collate, epoch_order, load_samples, rows, split_validation, Batch, DataStats, Encoder, Sample};
 use crate::error::{io, Result, TrainError};
 use crate::eval::{evaluate_loss, LossReport};
 use crate::optim::{learning_rate, AdamW};
@@ -93,18 +92,10 @@ pub struct PreparedData {
 }
 
 /// Reads the tokenizer and the data of a run (shared by `train`, `data preview` and `eval`).
-pub fn prepare_data(
-    config: &RunConfig,
-    tokenizer: &Tokenizer,
-    model_eos: Option<u32>,
-) -> Result<PreparedData> {
+pub fn prepare_data(config: &RunConfig, tokenizer: &Tokenizer, model_eos: Option<u32>) -> Result<PreparedData> {
     let encoder = Encoder::new(tokenizer, &config.data, model_eos)?;
-    let (mut train, train_stats) = load_samples(
-        &config.data.train,
-        &config.data,
-        &encoder,
-        config.data.max_train_rows,
-    )?;
+    let (mut train, train_stats) =
+        load_samples(&config.data.train, &config.data, &encoder, config.data.max_train_rows)?;
     let (eval, eval_stats) = match (&config.data.eval, config.data.val_split) {
         (Some(path), _) => {
             let (s, st) = load_samples(path, &config.data, &encoder, config.data.max_eval_rows)?;
@@ -191,10 +182,7 @@ fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let n: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path()
-                .join("trainer_state.json")
-                .exists()
-                .then_some((n, e.path()))
+            e.path().join("trainer_state.json").exists().then_some((n, e.path()))
         })
         .max_by_key(|(n, _)| *n)
         .map(|(_, p)| p)
@@ -210,20 +198,11 @@ fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
 }
 
 /// Runs training as `config` says; see the crate docs for what is written where.
-pub fn run<B: AutodiffBackend>(
-    config: &RunConfig,
-    options: &RunOptions,
-    device: &B::Device,
-) -> Result<RunSummary> {
+pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device: &B::Device) -> Result<RunSummary> {
     // Everything that can fail on bad input happens before anything is written.
-    let model_config =
-        ember_model::DecoderConfig::from_file(config.base_model.join("config.json"))?;
-    let tokenizer = Tokenizer::from_dir(&config.base_model)?;
-    let data = prepare_data(
-        config,
-        &tokenizer,
-        model_config.eos_token_ids.first().copied(),
-    )?;
+    let model_config = ember_model::source::read_config(&config.base_model)?;
+    let tokenizer = ember_model::source::read_tokenizer(&config.base_model)?;
+    let data = prepare_data(config, &tokenizer, model_config.eos_token_ids.first().copied())?;
     let init_from = config
         .lora
         .init_from
@@ -236,30 +215,21 @@ pub fn run<B: AutodiffBackend>(
     let resume_dir = match &options.resume {
         None => None,
         Some(Resume::Dir(d)) => Some(d.clone()),
-        Some(Resume::Latest) => {
-            Some(
-                latest_checkpoint(&config.output_dir).ok_or_else(|| TrainError::Checkpoint {
-                    path: config.output_dir.clone(),
-                    message: "no checkpoint-N folder to resume from".into(),
-                })?,
-            )
-        }
+        Some(Resume::Latest) => Some(
+            latest_checkpoint(&config.output_dir).ok_or_else(|| TrainError::Checkpoint {
+                path: config.output_dir.clone(),
+                message: "no checkpoint-N folder to resume from".into(),
+            })?,
+        ),
     };
     let pad_id = model_config
         .pad_token_id
-        .or_else(|| {
-            tokenizer
-                .pad_token
-                .as_deref()
-                .and_then(|t| tokenizer.token_to_id(t))
-        })
+        .or_else(|| tokenizer.pad_token.as_deref().and_then(|t| tokenizer.token_to_id(t)))
         .or(model_config.eos_token_ids.first().copied())
         .unwrap_or(0);
 
     B::seed(device, config.seed);
-    let weights = Weights::open_dir(&config.base_model)?;
-    let mut model = CausalLm::<B>::load(model_config, &weights, device)?;
-    drop(weights);
+    let mut model = CausalLm::<B>::from_path(&config.base_model, device)?;
     let report = match &init_from {
         Some(files) => model.load_adapter(files, device)?,
         None => model.attach_lora(&lora_config, device)?,
@@ -271,9 +241,7 @@ pub fn run<B: AutodiffBackend>(
         let cursor = DataCursor::new(&data.train, config, 0, 0);
         cursor.rows.len().div_ceil(t.micro_batch_size)
     };
-    let steps_per_epoch = micro_per_epoch
-        .div_ceil(t.gradient_accumulation_steps)
-        .max(1);
+    let steps_per_epoch = micro_per_epoch.div_ceil(t.gradient_accumulation_steps).max(1);
     let total_steps = t
         .max_steps
         .unwrap_or_else(|| ((t.epochs * steps_per_epoch as f64).ceil() as usize).max(1));
@@ -301,14 +269,7 @@ pub fn run<B: AutodiffBackend>(
     config.save(&config.output_dir.join("resolved_config.yaml"))?;
     let metrics_path = config.output_dir.join("metrics.jsonl");
     let eval = |trainer: &Trainer<B>| -> Option<LossReport> {
-        (!data.eval.is_empty()).then(|| {
-            evaluate_loss(
-                &trainer.model.valid(),
-                &data.eval,
-                t.eval_batch_size,
-                pad_id,
-            )
-        })
+        (!data.eval.is_empty()).then(|| evaluate_loss(&trainer.model.valid(), &data.eval, t.eval_batch_size, pad_id))
     };
     let mut eval_before = None;
     if resume_dir.is_none() {
@@ -366,10 +327,7 @@ pub fn run<B: AutodiffBackend>(
         }
         if t.eval_every > 0 && done.is_multiple_of(t.eval_every) && done < total_steps {
             if let Some(e) = eval(&trainer) {
-                eprintln!(
-                    "\nstep {done}: eval loss {:.4}, perplexity {:.3}",
-                    e.loss, e.perplexity
-                );
+                eprintln!("\nstep {done}: eval loss {:.4}, perplexity {:.3}", e.loss, e.perplexity);
                 append_jsonl(
                     &metrics_path,
                     &serde_json::json!({"step": done, "eval_loss": e.loss, "eval_perplexity": e.perplexity}),
@@ -398,11 +356,7 @@ pub fn run<B: AutodiffBackend>(
     if options.progress {
         eprintln!();
     }
-    let eval_after = if interrupted {
-        last_eval
-    } else {
-        eval(&trainer)
-    };
+    let eval_after = if interrupted { last_eval } else { eval(&trainer) };
     if let (Some(e), false) = (&eval_after, interrupted) {
         eprintln!(
             "eval after training: loss {:.4}, perplexity {:.3}",
@@ -418,10 +372,7 @@ pub fn run<B: AutodiffBackend>(
     } else {
         let dir = config.output_dir.join("adapter");
         let base_name = config.base_model.display().to_string();
-        trainer
-            .model
-            .adapter_files(&lora_config, Some(base_name))
-            .write(&dir)?;
+        trainer.model.adapter_files(&lora_config, Some(base_name)).write(&dir)?;
         Some(dir)
     };
     crate::plot::loss_curve(&metrics_path, &config.output_dir.join("loss.png"))?;
@@ -463,11 +414,7 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     for (name, (m, v)) in &trainer.optimizer.state {
         for (suffix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
             let dims = t.dims();
-            let values = t
-                .to_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .unwrap_or_default();
+            let values = t.to_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
             tensors.push((
                 format!("{name}.{suffix}"),
                 ember_lora::adapter::f32_to_bytes(&values),
@@ -521,8 +468,7 @@ pub fn load_checkpoint<B: AutodiffBackend>(
     };
     let state_path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).map_err(|e| bad(format!("trainer_state.json: {e}")))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| bad(format!("trainer_state.json: {e}")))?;
     if state.seed != config.seed {
         return Err(bad(format!(
             "was made with seed {}, the config says {}",
@@ -533,9 +479,7 @@ pub fn load_checkpoint<B: AutodiffBackend>(
     let device = trainer.device.clone();
     let mut values = std::collections::BTreeMap::new();
     for (path, t) in &adapter.tensors {
-        let to = |v: &Vec<f32>, s: [usize; 2]| {
-            Tensor::<Inner<B>, 2>::from_data(TensorData::new(v.clone(), s), &device)
-        };
+        let to = |v: &Vec<f32>, s: [usize; 2]| Tensor::<Inner<B>, 2>::from_data(TensorData::new(v.clone(), s), &device);
         values.insert(format!("{path}.lora_A"), to(&t.lora_a, t.a_shape));
         values.insert(format!("{path}.lora_B"), to(&t.lora_b, t.b_shape));
     }
@@ -543,7 +487,7 @@ pub fn load_checkpoint<B: AutodiffBackend>(
     let got: Vec<String> = values.keys().cloned().collect();
     if expected != got {
         return Err(bad(
-            "its adapter targets other modules than this run's LoRA config".into(),
+            "its adapter targets other modules than this run's LoRA config".into()
         ));
     }
     trainer.set_adapter_values(values);
@@ -557,10 +501,7 @@ pub fn load_checkpoint<B: AutodiffBackend>(
                 .info(&key)
                 .ok_or_else(|| bad(format!("optimizer.safetensors has no `{key}`")))?;
             let v = weights.read_f32(&key, &shape)?;
-            Ok(Tensor::from_data(
-                TensorData::new(v, [shape[0], shape[1]]),
-                &device,
-            ))
+            Ok(Tensor::from_data(TensorData::new(v, [shape[0], shape[1]]), &device))
         };
         if state.step > 0 {
             state_map.insert(name.clone(), (read("exp_avg")?, read("exp_avg_sq")?));

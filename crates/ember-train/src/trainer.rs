@@ -10,7 +10,7 @@ use ember_model::{CausalLm, ModelInput};
 
 use crate::data::Batch;
 use crate::error::{Result, TrainError};
-use crate::loss::causal_lm_loss_sum;
+use crate::loss::target_loss_sum;
 use crate::optim::{clip_global_norm, AdamW};
 
 /// Inner (non-autodiff) backend of `B`.
@@ -46,12 +46,8 @@ pub struct Trainer<B: AutodiffBackend> {
 }
 
 /// Moves a host batch to the device as model input plus labels.
-pub fn batch_to_device<B: Backend>(
-    batch: &Batch,
-    device: &B::Device,
-) -> (ModelInput<B>, Tensor<B, 2, Int>) {
-    let int =
-        |v: &[i64]| Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), batch.dims), device);
+pub fn batch_to_device<B: Backend>(batch: &Batch, device: &B::Device) -> (ModelInput<B>, Tensor<B, 2, Int>) {
+    let int = |v: &[i64]| Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), batch.dims), device);
     let input = ModelInput {
         input_ids: int(&batch.input_ids),
         attention_mask: Some(int(&batch.attention_mask)),
@@ -108,13 +104,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             // Dropout masks depend only on (seed, step, micro-batch): resumed runs repeat them.
             B::seed(
                 &self.device,
-                self.seed
-                    .wrapping_mul(1_000_003)
-                    .wrapping_add((step * 1024 + k) as u64),
+                self.seed.wrapping_mul(1_000_003).wrapping_add((step * 1024 + k) as u64),
             );
-            let (input, labels) = batch_to_device::<B>(batch, &self.device);
-            let logits = self.model.forward(input);
-            let loss = causal_lm_loss_sum(logits, labels).div_scalar(target_tokens as f64);
+            let (input, _) = batch_to_device::<B>(batch, &self.device);
+            let hidden = self.model.forward_hidden(input);
+            let loss = target_loss_sum(&self.model, hidden, &batch.labels).div_scalar(target_tokens as f64);
             let value: f32 = loss.clone().into_scalar().elem_f32();
             loss_total += value as f64;
             let backward = loss.backward();
@@ -172,12 +166,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             if let Some(adapter) = layer.adapter.as_mut() {
                 let (a, b) = names(&path);
                 if let Some(v) = values.remove(&a) {
-                    adapter.lora_a =
-                        Param::initialized(adapter.lora_a.id, Tensor::from_inner(v).require_grad());
+                    adapter.lora_a = Param::initialized(adapter.lora_a.id, Tensor::from_inner(v).require_grad());
                 }
                 if let Some(v) = values.remove(&b) {
-                    adapter.lora_b =
-                        Param::initialized(adapter.lora_b.id, Tensor::from_inner(v).require_grad());
+                    adapter.lora_b = Param::initialized(adapter.lora_b.id, Tensor::from_inner(v).require_grad());
                 }
             }
         }
@@ -185,9 +177,9 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Gradients of the mean loss over `batch`'s targets, by parameter name (for checks).
     pub fn gradients(&mut self, batch: &Batch) -> BTreeMap<String, Tensor<Inner<B>, 2>> {
-        let (input, labels) = batch_to_device::<B>(batch, &self.device);
-        let loss = causal_lm_loss_sum(self.model.forward(input), labels)
-            .div_scalar(batch.target_tokens as f64);
+        let (input, _) = batch_to_device::<B>(batch, &self.device);
+        let hidden = self.model.forward_hidden(input);
+        let loss = target_loss_sum(&self.model, hidden, &batch.labels).div_scalar(batch.target_tokens as f64);
         let backward = loss.backward();
         let mut out = BTreeMap::new();
         for (path, layer) in self.model.linear_layers() {

@@ -5,8 +5,7 @@ mod common;
 use common::*;
 use ember_train::RunConfig;
 
-const MINIMAL: &str =
-    "base_model: m\noutput_dir: out\ndata:\n  train: t.jsonl\n  format: completion\n";
+const MINIMAL: &str = "base_model: m\noutput_dir: out\ndata:\n  train: t.jsonl\n  format: completion\n";
 
 #[test]
 fn minimal_config_gets_documented_defaults() {
@@ -26,16 +25,11 @@ fn unknown_key_names_file_line_and_nearest_key() {
     write(&path, &format!("{MINIMAL}train:\n  lerning_rate: 1e-4\n"));
     let err = RunConfig::load(&path, &[]).unwrap_err().to_string();
     assert!(
-        err.contains("run.yaml:7")
-            && err.contains("lerning_rate")
-            && err.contains("did you mean `learning_rate`"),
+        err.contains("run.yaml:7") && err.contains("lerning_rate") && err.contains("did you mean `learning_rate`"),
         "{err}"
     );
 
-    write(
-        &path,
-        &format!("{MINIMAL}lora:\n  r: 8\n  lora_alhpa: 16\n"),
-    );
+    write(&path, &format!("{MINIMAL}lora:\n  r: 8\n  lora_alhpa: 16\n"));
     let err = RunConfig::load(&path, &[]).unwrap_err().to_string();
     assert!(
         err.contains("lora_alhpa") && err.contains("did you mean `lora_alpha`"),
@@ -47,15 +41,9 @@ fn unknown_key_names_file_line_and_nearest_key() {
 fn wrong_type_names_line() {
     let dir = tempdir("config-type");
     let path = dir.join("run.yaml");
-    write(
-        &path,
-        &format!("{MINIMAL}train:\n  micro_batch_size: four\n"),
-    );
+    write(&path, &format!("{MINIMAL}train:\n  micro_batch_size: four\n"));
     let err = RunConfig::load(&path, &[]).unwrap_err().to_string();
-    assert!(
-        err.contains("run.yaml:7") && err.contains("micro_batch_size"),
-        "{err}"
-    );
+    assert!(err.contains("run.yaml:7") && err.contains("micro_batch_size"), "{err}");
 }
 
 #[test]
@@ -64,11 +52,9 @@ fn invalid_values_are_named() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("`r`") && err.contains("at least 1"), "{err}");
-    let err = RunConfig::from_yaml(&format!(
-        "{MINIMAL}train:\n  warmup_steps: 3\n  warmup_ratio: 0.1\n"
-    ))
-    .unwrap_err()
-    .to_string();
+    let err = RunConfig::from_yaml(&format!("{MINIMAL}train:\n  warmup_steps: 3\n  warmup_ratio: 0.1\n"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("warmup"), "{err}");
 }
 
@@ -89,9 +75,7 @@ fn overrides_apply_and_unknown_override_keys_are_refused() {
     assert_eq!(c.train.learning_rate, 3e-4);
     assert_eq!(c.lora.config.r, 16);
     assert!(c.data.packing);
-    let err = RunConfig::load(&path, &["train.lr=1".into()])
-        .unwrap_err()
-        .to_string();
+    let err = RunConfig::load(&path, &["train.lr=1".into()]).unwrap_err().to_string();
     assert!(err.contains("unknown key `lr`"), "{err}");
     let err = RunConfig::load(&path, &["train.epochs".into()])
         .unwrap_err()
@@ -102,10 +86,7 @@ fn overrides_apply_and_unknown_override_keys_are_refused() {
 #[test]
 fn resolved_config_round_trips() {
     let dir = tempdir("config-save");
-    let c = RunConfig::from_yaml(&format!(
-        "{MINIMAL}lora:\n  r: 4\n  target_modules: all-linear\n"
-    ))
-    .unwrap();
+    let c = RunConfig::from_yaml(&format!("{MINIMAL}lora:\n  r: 4\n  target_modules: all-linear\n")).unwrap();
     c.save(&dir.join("resolved.yaml")).unwrap();
     let back = RunConfig::load(&dir.join("resolved.yaml"), &[]).unwrap();
     assert_eq!(back, c);

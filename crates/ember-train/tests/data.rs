@@ -93,10 +93,7 @@ fn chat_trains_assistant_turns_only() {
         ember_model::ChatMessage::new("user", "Bye"),
         ember_model::ChatMessage::new("assistant", "Ciao"),
     ];
-    let (s, _) = enc
-        .encode(&Record::Chat { messages: multi })
-        .unwrap()
-        .unwrap();
+    let (s, _) = enc.encode(&Record::Chat { messages: multi }).unwrap().unwrap();
     let mut want = tok.encode("Hello<|im_end|>\n", false).unwrap();
     want.extend(tok.encode("Ciao<|im_end|>\n", false).unwrap());
     want.push(2);
@@ -123,10 +120,7 @@ fn eos_is_trained_even_when_pad_equals_eos() {
     let batch = collate(&[vec![&s], vec![&short]], 2);
     let seq = batch.dims[1];
     assert_eq!(batch.labels[seq + 2], 2, "eos label kept");
-    assert!(
-        batch.labels[seq + 3..].iter().all(|&l| l == IGNORE),
-        "pads ignored"
-    );
+    assert!(batch.labels[seq + 3..].iter().all(|&l| l == IGNORE), "pads ignored");
     assert_eq!(batch.attention_mask[seq + 2], 1);
     assert_eq!(batch.attention_mask[seq + 3], 0);
 }
@@ -164,17 +158,9 @@ fn every_file_format_reads_the_same_rows() {
     )
     .unwrap();
     assert_eq!(alpaca.len(), 400);
-    let (chat, _) = read_records(
-        &spam.join("test.chat.jsonl"),
-        DataFormat::Chat,
-        &fields,
-        BadRows::Error,
-    )
-    .unwrap();
+    let (chat, _) = read_records(&spam.join("test.chat.jsonl"), DataFormat::Chat, &fields, BadRows::Error).unwrap();
     assert_eq!(chat.len(), 400);
-    let Record::Chat { messages } = &chat[0] else {
-        panic!()
-    };
+    let Record::Chat { messages } = &chat[0] else { panic!() };
     assert_eq!(messages.len(), 3);
     assert_eq!(messages[2].role, "assistant");
     let Record::Alpaca { output, .. } = &alpaca[0] else {
@@ -186,13 +172,7 @@ fn every_file_format_reads_the_same_rows() {
         text: "body".into(),
         ..FieldMap::default()
     };
-    let (csv, _) = read_records(
-        &spam.join("test.csv"),
-        DataFormat::Completion,
-        &mapped,
-        BadRows::Error,
-    )
-    .unwrap();
+    let (csv, _) = read_records(&spam.join("test.csv"), DataFormat::Completion, &mapped, BadRows::Error).unwrap();
     let (parquet, _) = read_records(
         &spam.join("test.parquet"),
         DataFormat::Completion,
@@ -201,50 +181,25 @@ fn every_file_format_reads_the_same_rows() {
     )
     .unwrap();
     assert_eq!(csv.len(), 400);
-    assert_eq!(
-        csv, parquet,
-        "CSV and Parquet hold the same rows in the same order"
-    );
+    assert_eq!(csv, parquet, "CSV and Parquet hold the same rows in the same order");
 }
 
 #[test]
 fn malformed_rows_name_file_and_row_or_are_skipped() {
     let dir = tempdir("badrows");
     let path = dir.join("bad.jsonl");
-    write(
-        &path,
-        "{\"text\": \"ok\"}\n{\"text\": null}\n{\"text\": \"fine\"}\n",
-    );
-    let err = read_records(
-        &path,
-        DataFormat::Completion,
-        &FieldMap::default(),
-        BadRows::Error,
-    )
-    .unwrap_err()
-    .to_string();
+    write(&path, "{\"text\": \"ok\"}\n{\"text\": null}\n{\"text\": \"fine\"}\n");
+    let err = read_records(&path, DataFormat::Completion, &FieldMap::default(), BadRows::Error)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("bad.jsonl") && err.contains("row 2"), "{err}");
-    let (records, skipped) = read_records(
-        &path,
-        DataFormat::Completion,
-        &FieldMap::default(),
-        BadRows::Skip,
-    )
-    .unwrap();
+    let (records, skipped) = read_records(&path, DataFormat::Completion, &FieldMap::default(), BadRows::Skip).unwrap();
     assert_eq!((records.len(), skipped), (2, 1));
 
-    let err = read_records(
-        &path,
-        DataFormat::Alpaca,
-        &FieldMap::default(),
-        BadRows::Error,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("no column `instruction`") && err.contains("text"),
-        "{err}"
-    );
+    let err = read_records(&path, DataFormat::Alpaca, &FieldMap::default(), BadRows::Error)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no column `instruction`") && err.contains("text"), "{err}");
     let err = read_records(
         &dir.join("missing.jsonl"),
         DataFormat::Completion,
@@ -253,10 +208,7 @@ fn malformed_rows_name_file_and_row_or_are_skipped() {
     )
     .unwrap_err()
     .to_string();
-    assert!(
-        err.contains("missing.jsonl") && err.contains("not found"),
-        "{err}"
-    );
+    assert!(err.contains("missing.jsonl") && err.contains("not found"), "{err}");
     write(&dir.join("empty.jsonl"), "");
     let err = read_records(
         &dir.join("empty.jsonl"),
@@ -267,10 +219,7 @@ fn malformed_rows_name_file_and_row_or_are_skipped() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("empty.jsonl"), "{err}");
-    write(
-        &dir.join("garbage.jsonl"),
-        "{\"text\": \"ok\"}\nnot json at all\n",
-    );
+    write(&dir.join("garbage.jsonl"), "{\"text\": \"ok\"}\nnot json at all\n");
     let err = read_records(
         &dir.join("garbage.jsonl"),
         DataFormat::Completion,
@@ -287,22 +236,11 @@ fn pretokenized_rows_keep_their_labels() {
     let dir = tempdir("tokens");
     let path = dir.join("tok.jsonl");
     write(&path, "{\"input_ids\": [1, 40, 41, 2], \"labels\": [-100, -100, 41, 2]}\n{\"input_ids\": [1, 5, 6], \"labels\": [1, 5]}\n");
-    let err = read_records(
-        &path,
-        DataFormat::Tokens,
-        &FieldMap::default(),
-        BadRows::Error,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = read_records(&path, DataFormat::Tokens, &FieldMap::default(), BadRows::Error)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("row 2") && err.contains("labels"), "{err}");
-    let (records, _) = read_records(
-        &path,
-        DataFormat::Tokens,
-        &FieldMap::default(),
-        BadRows::Skip,
-    )
-    .unwrap();
+    let (records, _) = read_records(&path, DataFormat::Tokens, &FieldMap::default(), BadRows::Skip).unwrap();
     let tok = tokenizer();
     let enc = Encoder::new(&tok, &data_config(DataFormat::Tokens), None).unwrap();
     let (s, _) = enc.encode(&records[0]).unwrap().unwrap();
@@ -328,10 +266,7 @@ fn packing_keeps_samples_apart() {
     let batch = collate(&packed, 0);
     assert_eq!(batch.dims, [2, 7]);
     assert_eq!(batch.position_ids[..7], [0, 1, 2, 0, 1, 2, 3]);
-    assert_eq!(
-        batch.segment_ids.as_ref().unwrap()[..7],
-        [1, 1, 1, 2, 2, 2, 2]
-    );
+    assert_eq!(batch.segment_ids.as_ref().unwrap()[..7], [1, 1, 1, 2, 2, 2, 2]);
     // The first token of b is not a target of a's last token.
     assert_eq!(batch.labels[3], IGNORE);
     assert_eq!(batch.target_tokens, 2 + 3 + 1);

@@ -27,10 +27,8 @@ fn fixture_batch(arch: &str) -> Batch {
         attention_mask: Vec<Vec<i64>>,
         labels: Vec<Vec<i64>>,
     }
-    let i: Inputs = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(arch).join("inputs.json")).unwrap(),
-    )
-    .unwrap();
+    let i: Inputs =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("inputs.json")).unwrap()).unwrap();
     let dims = [i.input_ids.len(), i.input_ids[0].len()];
     let labels = i.labels.concat();
     let target_tokens = i
@@ -59,10 +57,8 @@ fn trainer(arch: &str) -> Trainer<B> {
 }
 
 fn check_arch(arch: &str) {
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(arch).join("expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("expected.json")).unwrap()).unwrap();
     let train = &expected["lora"]["train"];
     assert_eq!(train["lr"], 0.01);
     let batch = fixture_batch(arch);
@@ -84,10 +80,7 @@ fn check_arch(arch: &str) {
         let want = reference.read_f32(&key, &shape).unwrap();
         let got = g.to_data().to_vec::<f32>().unwrap();
         let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let diff = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(
             diff / scale <= 1e-4,
             "{arch} {key}: relative gradient diff {:.3e}",
@@ -121,15 +114,9 @@ fn check_arch(arch: &str) {
     let ours = t.model.adapter_files(&trained.config, None);
     for (path, theirs) in &trained.tensors {
         let mine = &ours.tensors[path];
-        for (a, b) in [
-            (&mine.lora_a, &theirs.lora_a),
-            (&mine.lora_b, &theirs.lora_b),
-        ] {
+        for (a, b) in [(&mine.lora_a, &theirs.lora_a), (&mine.lora_b, &theirs.lora_b)] {
             let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            let diff = a
-                .iter()
-                .zip(b)
-                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            let diff = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(
                 diff / scale <= 1e-3,
                 "{arch} {path}: trained adapter differs by {:.3e} relative",

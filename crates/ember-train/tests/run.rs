@@ -133,9 +133,7 @@ fn stop_flag_saves_a_checkpoint_and_resume_finishes() {
     let _rng = rng_lock();
     let c = config("stop", "");
     let options = opts();
-    options
-        .stop
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    options.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let summary = run::<B>(&c, &options, &Default::default()).unwrap();
     assert!(summary.interrupted);
     assert_eq!(summary.steps, 1);
@@ -154,10 +152,7 @@ fn stop_flag_saves_a_checkpoint_and_resume_finishes() {
     )
     .unwrap();
     assert_eq!(summary.steps, 6);
-    assert!(c
-        .output_dir
-        .join("adapter/adapter_model.safetensors")
-        .exists());
+    assert!(c.output_dir.join("adapter/adapter_model.safetensors").exists());
     // keep_last prunes only older checkpoints.
     let mut ckpts: Vec<String> = std::fs::read_dir(&c.output_dir)
         .unwrap()
@@ -166,15 +161,7 @@ fn stop_flag_saves_a_checkpoint_and_resume_finishes() {
         .filter(|n| n.starts_with("checkpoint-"))
         .collect();
     ckpts.sort();
-    assert_eq!(
-        ckpts,
-        [
-            "checkpoint-1",
-            "checkpoint-2",
-            "checkpoint-4",
-            "checkpoint-6"
-        ]
-    );
+    assert_eq!(ckpts, ["checkpoint-1", "checkpoint-2", "checkpoint-4", "checkpoint-6"]);
 }
 
 #[test]
@@ -184,27 +171,21 @@ fn bad_input_writes_nothing() {
     c.data.train = c.output_dir.join("nope.jsonl");
     let out = c.output_dir.join("run");
     c.output_dir = out.clone();
-    let err = run::<B>(&c, &opts(), &Default::default())
-        .unwrap_err()
-        .to_string();
+    let err = run::<B>(&c, &opts(), &Default::default()).unwrap_err().to_string();
     assert!(err.contains("nope.jsonl"), "{err}");
     assert!(!out.exists(), "nothing may be written on bad input");
 
     let mut c = config("bad2", "");
     c.output_dir = c.output_dir.join("run");
     c.lora.config.target_modules = TargetModules::List(vec!["qq_proj".into()]);
-    let err = run::<B>(&c, &opts(), &Default::default())
-        .unwrap_err()
-        .to_string();
+    let err = run::<B>(&c, &opts(), &Default::default()).unwrap_err().to_string();
     assert!(err.contains("matched no linear layer"), "{err}");
     assert!(!c.output_dir.exists());
 
     let mut c = config("bad3", "");
     c.output_dir = c.output_dir.join("run");
     c.data.max_seq_len = 3;
-    let err = run::<B>(&c, &opts(), &Default::default())
-        .unwrap_err()
-        .to_string();
+    let err = run::<B>(&c, &opts(), &Default::default()).unwrap_err().to_string();
     assert!(err.contains("no sample survives"), "{err}");
     assert!(!c.output_dir.exists());
 }
@@ -215,13 +196,7 @@ fn tiny_trainer(accumulated: bool) -> Trainer<B> {
     let files = AdapterFiles::read(&fixtures().join("llama/adapter_random_b")).unwrap();
     model.load_adapter(&files, &device).unwrap();
     let _ = accumulated;
-    Trainer::new(
-        model,
-        AdamW::new((0.9, 0.999), 1e-8, 0.0),
-        Some(0.5),
-        0,
-        device,
-    )
+    Trainer::new(model, AdamW::new((0.9, 0.999), 1e-8, 0.0), Some(0.5), 0, device)
 }
 
 /// Two micro-batches with different target-token counts, accumulated, make the same update as
@@ -242,16 +217,9 @@ fn accumulation_normalises_by_all_target_tokens() {
         .train_step(&[collate(&[vec![&a]], 0), collate(&[vec![&b]], 0)], 0.01)
         .unwrap();
     let mut one = tiny_trainer(false);
-    let s2 = one
-        .train_step(&[collate(&[vec![&a], vec![&b]], 0)], 0.01)
-        .unwrap();
+    let s2 = one.train_step(&[collate(&[vec![&a], vec![&b]], 0)], 0.01).unwrap();
     assert_eq!(s1.target_tokens, 9 + 2);
-    assert!(
-        (s1.loss - s2.loss).abs() < 1e-5,
-        "{} vs {}",
-        s1.loss,
-        s2.loss
-    );
+    assert!((s1.loss - s2.loss).abs() < 1e-5, "{} vs {}", s1.loss, s2.loss);
     assert!(
         (s1.grad_norm - s2.grad_norm).abs() < 1e-4 * s2.grad_norm,
         "{} vs {}",
@@ -265,10 +233,7 @@ fn accumulation_normalises_by_all_target_tokens() {
         let x = m_acc.to_data().to_vec::<f32>().unwrap();
         let y = one.optimizer.state[k].0.to_data().to_vec::<f32>().unwrap();
         let scale = y.iter().fold(0.0f32, |m, q| m.max(q.abs()));
-        let d = x
-            .iter()
-            .zip(&y)
-            .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+        let d = x.iter().zip(&y).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
         assert!(
             d <= 1e-4 * scale,
             "{k}: gradient differs by {d:.3e} (scale {scale:.3e})"
@@ -300,11 +265,7 @@ fn packed_samples_do_not_attend_to_each_other() {
     let alone_a = logits(vec![vec![&a]]);
     let alone_b = logits(vec![vec![&b]]);
     let v = 384;
-    let d = |x: &[f32], y: &[f32]| {
-        x.iter()
-            .zip(y)
-            .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()))
-    };
+    let d = |x: &[f32], y: &[f32]| x.iter().zip(y).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
     assert!(d(&packed[..6 * v], &alone_a) < 1e-5);
     assert!(
         d(&packed[6 * v..11 * v], &alone_b) < 1e-5,
@@ -322,9 +283,6 @@ fn init_from_continues_a_peft_adapter() {
     let summary = run::<B>(&c, &opts(), &Default::default()).unwrap();
     assert_eq!(summary.steps, 1);
     let files = AdapterFiles::read(&c.output_dir.join("adapter")).unwrap();
-    assert_eq!(
-        files.config.r, 4,
-        "rank comes from the adapter started from"
-    );
+    assert_eq!(files.config.r, 4, "rank comes from the adapter started from");
     assert_eq!(files.tensors.len(), 14);
 }

@@ -38,10 +38,7 @@ impl Inputs {
         let ids: Vec<i64> = self.input_ids.concat();
         let mask: Vec<i64> = self.attention_mask.concat();
         ModelInput {
-            input_ids: Tensor::<TestBackend, 2, Int>::from_data(
-                TensorData::new(ids, dims),
-                &device,
-            ),
+            input_ids: Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(ids, dims), &device),
             attention_mask: Some(Tensor::from_data(TensorData::new(mask, dims), &device)),
             position_ids: None,
             segment_ids: None,
@@ -59,12 +56,7 @@ pub fn reference(path: &std::path::Path, key: &str) -> (Vec<f32>, Vec<usize>) {
 }
 
 /// Max |a - b| over rows `[batch, seq, ...]` where `mask[b][s] == 1`; returns (max, index).
-pub fn masked_max_diff(
-    actual: &[f32],
-    expected: &[f32],
-    dims: &[usize],
-    mask: &[Vec<i64>],
-) -> (f32, usize) {
+pub fn masked_max_diff(actual: &[f32], expected: &[f32], dims: &[usize], mask: &[Vec<i64>]) -> (f32, usize) {
     assert_eq!(actual.len(), expected.len(), "length mismatch");
     let row: usize = dims[2..].iter().product();
     let seq = dims[1];
@@ -94,12 +86,7 @@ pub fn per_token_loss(logits: &[f32], dims: [usize; 3], labels: &[Vec<i64>]) -> 
             }
             let row = &logits[(b * seq + t) * vocab..(b * seq + t + 1) * vocab];
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = row
-                .iter()
-                .map(|&x| (x as f64 - max).exp())
-                .sum::<f64>()
-                .ln()
-                + max;
+            let lse = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
             out[b * (seq - 1) + t] = (lse - row[label as usize] as f64) as f32;
         }
     }
