@@ -60,6 +60,81 @@ enum Command {
         #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
         resume: Option<String>,
     },
+    /// Evaluate the base model and adapters side by side: loss/perplexity over answer tokens,
+    /// label-scoring accuracy, optionally generation match. Writes eval_report.json.
+    Eval {
+        /// A run config: its base model, eval data and final adapter (other flags override).
+        config: Option<PathBuf>,
+        /// Base model folder or .gguf.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// An adapter to compare with the base (repeatable).
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
+        /// Data file (.jsonl, .csv, .parquet).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Record format: completion, alpaca, chat.
+        #[arg(long, default_value = "chat")]
+        format: String,
+        /// Candidate labels for scoring (comma-separated); default: the distinct answers.
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        /// Use at most this many rows.
+        #[arg(long)]
+        max_rows: Option<usize>,
+        /// Longest sample in tokens for the loss (longer ones are dropped).
+        #[arg(long, default_value_t = 1024)]
+        max_seq_len: usize,
+        /// Rows per batch.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Also generate answers greedily and report exact / normalised match.
+        #[arg(long)]
+        generate: bool,
+        /// Folder for eval_report.json (default: the run's output_dir, else the current folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Generate text from a prompt (streams tokens to the terminal).
+    Generate {
+        /// Model folder or .gguf.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT adapter to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The prompt text.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Start from these token ids instead (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        input_ids: Vec<u32>,
+        /// Wrap the prompt as a user turn with the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// New tokens at most.
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Sample among the k most likely tokens (0 = all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling threshold.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Sampler seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop when the text ends with this string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Print the generated ids and text as JSON instead of streaming.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect training data as the trainer will see it.
     Data {
         #[command(subcommand)]
@@ -149,6 +224,59 @@ fn main() -> Result<()> {
                     samples,
                 },
         } => preview(&config, &overrides, samples),
+        Command::Eval {
+            config,
+            model,
+            adapter,
+            data,
+            format,
+            labels,
+            max_rows,
+            max_seq_len,
+            batch_size,
+            generate,
+            out,
+        } => {
+            let args = EvalArgs {
+                config,
+                model,
+                adapter,
+                data,
+                format,
+                labels,
+                max_rows,
+                max_seq_len,
+                batch_size,
+                generate,
+                out,
+            };
+            eval(args)
+        }
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            input_ids,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            json,
+        } => {
+            let config = ember_model::generate::GenerationConfig {
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+                eos_token_ids: Vec::new(),
+                use_cache: true,
+            };
+            generate_text(&model, adapter.as_deref(), prompt, input_ids, chat, config, &stop, json)
+        }
         Command::Inspect { path } => {
             if path.join("adapter_config.json").exists() {
                 inspect_adapter(&path)
@@ -499,5 +627,138 @@ fn preview(config_path: &Path, overrides: &[String], count: usize) -> Result<()>
     let hist = ember_train::data::length_histogram(&data.train);
     let hist: Vec<String> = hist.iter().map(|(k, v)| format!("<={k}: {v}")).collect();
     println!("train lengths: {}", hist.join(", "));
+    Ok(())
+}
+
+/// Arguments of `ember eval`.
+struct EvalArgs {
+    config: Option<PathBuf>,
+    model: Option<PathBuf>,
+    adapter: Vec<PathBuf>,
+    data: Option<PathBuf>,
+    format: String,
+    labels: Vec<String>,
+    max_rows: Option<usize>,
+    max_seq_len: usize,
+    batch_size: usize,
+    generate: bool,
+    out: Option<PathBuf>,
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let run = a.config.as_deref().map(|p| RunConfig::load(p, &[])).transpose()?;
+    let model = a
+        .model
+        .or_else(|| run.as_ref().map(|r| r.base_model.clone()))
+        .context("give a run config or --model")?;
+    let mut adapters = a.adapter;
+    if adapters.is_empty() {
+        if let Some(r) = &run {
+            adapters.push(r.output_dir.join("adapter"));
+        }
+    }
+    let data_path = a
+        .data
+        .or_else(|| run.as_ref().and_then(|r| r.data.eval.clone()))
+        .context("give --data (or a run config with data.eval)")?;
+    let mut data: ember_train::config::DataConfig = match &run {
+        Some(r) => r.data.clone(),
+        None => serde_yaml::from_str(&format!("train: x\nformat: {}\n", a.format))
+            .with_context(|| format!("--format {}: use completion, alpaca, chat or tokens", a.format))?,
+    };
+    data.train = data_path;
+    if run.is_none() {
+        data.max_seq_len = a.max_seq_len;
+    }
+    let max_rows = a.max_rows.or(run.as_ref().and_then(|r| r.data.max_eval_rows));
+    let spec = ember_train::eval::EvalSpec {
+        model,
+        adapters,
+        data,
+        labels: a.labels,
+        max_rows,
+        batch_size: a.batch_size,
+        generate: a.generate,
+    };
+    let report = ember_train::eval::evaluate_models::<burn::backend::NdArray<f32>>(&spec, &Default::default(), |m| {
+        eprintln!("{m}")
+    })?;
+    println!("{}", report.markdown());
+    let out = a
+        .out
+        .or_else(|| run.as_ref().map(|r| r.output_dir.clone()))
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let path = out.join("eval_report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("report written to {}", path.display());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate_text(
+    model_path: &Path,
+    adapter: Option<&Path>,
+    prompt: Option<String>,
+    input_ids: Vec<u32>,
+    chat: bool,
+    mut config: ember_model::generate::GenerationConfig,
+    stop: &[String],
+    json: bool,
+) -> Result<()> {
+    use std::io::Write;
+    type B = burn::backend::NdArray<f32>;
+    let device = Default::default();
+    let model_config = ember_model::source::read_config(model_path)?;
+    let tokenizer = ember_model::source::read_tokenizer(model_path)?;
+    let mut model = CausalLm::<B>::from_path(model_path, &device)?;
+    if let Some(a) = adapter {
+        model.load_adapter(&AdapterFiles::read(a)?, &device)?;
+    }
+    let ids = if !input_ids.is_empty() {
+        input_ids
+    } else {
+        let prompt = prompt.context("give --prompt or --input-ids")?;
+        if chat {
+            let text = tokenizer.apply_chat_template(&[ember_model::ChatMessage::new("user", prompt)], true)?;
+            tokenizer.encode(&text, false)?
+        } else {
+            tokenizer.encode(&prompt, true)?
+        }
+    };
+    config.eos_token_ids = model_config.eos_token_ids.clone();
+    if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+        if !config.eos_token_ids.contains(&id) {
+            config.eos_token_ids.push(id);
+        }
+    }
+    let pad = model_config.pad_token_id.unwrap_or(0);
+    let mut printed = String::new();
+    let out = ember_model::generate::generate(
+        &model,
+        std::slice::from_ref(&ids),
+        &config,
+        pad,
+        |_, _| {},
+        |_, new| {
+            let text = tokenizer.decode(new, true).unwrap_or_default();
+            if !json {
+                print!("{}", &text[printed.len().min(text.len())..]);
+                let _ = std::io::stdout().flush();
+                printed = text.clone();
+            }
+            stop.iter().any(|s| text.ends_with(s.as_str()))
+        },
+    );
+    let text = tokenizer.decode(&out[0], true)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"prompt_ids": ids, "generated_ids": out[0], "text": text})
+        );
+    } else {
+        println!();
+    }
     Ok(())
 }

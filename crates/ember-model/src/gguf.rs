@@ -453,7 +453,7 @@ impl GgufFile {
     }
 
     /// Every tensor, dequantized, under its HF name, with llama.cpp's q/k permutation undone.
-    pub fn hf_tensors(&self, config: &Value) -> Result<BTreeMap<String, (Vec<f32>, Vec<usize>)>> {
+    pub fn hf_tensors(&self, config: &Value) -> Result<crate::weights::HostTensors> {
         let heads = config["num_attention_heads"].as_u64().unwrap_or(1) as usize;
         let kv_heads = config["num_key_value_heads"].as_u64().unwrap_or(heads as u64) as usize;
         let mut out = BTreeMap::new();

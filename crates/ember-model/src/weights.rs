@@ -17,6 +17,9 @@ use safetensors::SafeTensors;
 
 use crate::error::{ModelError, Result};
 
+/// f32 tensors on the host by key, with their shapes.
+pub type HostTensors = BTreeMap<String, (Vec<f32>, Vec<usize>)>;
+
 /// The storage dtype of a checkpoint tensor.
 pub type StorageDtype = Dtype;
 
@@ -60,7 +63,7 @@ pub struct Weights {
     shards: Vec<Shard>,
     index: BTreeMap<String, usize>,
     /// Tensors already in memory (e.g. dequantized from GGUF), by key.
-    memory: BTreeMap<String, (Vec<f32>, Vec<usize>)>,
+    memory: HostTensors,
     taken: RefCell<BTreeSet<String>>,
 }
 
@@ -122,7 +125,7 @@ impl Weights {
     }
 
     /// Weights held in memory as f32 (`source` names them in errors).
-    pub fn from_memory(source: &Path, tensors: BTreeMap<String, (Vec<f32>, Vec<usize>)>) -> Self {
+    pub fn from_memory(source: &Path, tensors: HostTensors) -> Self {
         Self {
             dir: source.to_path_buf(),
             shards: Vec::new(),

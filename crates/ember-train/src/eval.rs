@@ -2,10 +2,11 @@
 //! perplexity over target tokens (prompts masked exactly as in training).
 
 use burn::tensor::backend::Backend;
-use ember_model::CausalLm;
+use ember_model::{CausalLm, Tokenizer};
 use serde::Serialize;
 
-use crate::data::{collate, Sample};
+use crate::data::{alpaca_prompt, collate, Record, Sample, IGNORE};
+use crate::error::{Result, TrainError};
 use crate::loss::target_loss_sum;
 use crate::trainer::batch_to_device;
 
@@ -51,4 +52,413 @@ pub fn evaluate_loss<B: Backend>(
         target_tokens: tokens,
         samples: samples.len(),
     }
+}
+
+/// A classification example: the prompt as token ids and the gold answer text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabeledPrompt {
+    /// Prompt tokens (for chat: the conversation up to the assistant's turn).
+    pub prompt: Vec<u32>,
+    /// The expected answer.
+    pub gold: String,
+}
+
+/// Builds label-scoring examples from records: chat records end with the assistant's answer
+/// (the prompt is the rest, with the generation prompt); alpaca records use the Alpaca prompt.
+pub fn labeled_prompts(records: &[Record], tokenizer: &Tokenizer) -> Result<Vec<LabeledPrompt>> {
+    let mut out = Vec::with_capacity(records.len());
+    for (row, r) in records.iter().enumerate() {
+        let (text, gold, special) = match r {
+            Record::Chat { messages } => {
+                let Some((last, context)) = messages.split_last().filter(|(m, _)| m.role == "assistant") else {
+                    return Err(TrainError::Config(format!(
+                        "row {}: label scoring needs a conversation that ends with the assistant's answer",
+                        row + 1
+                    )));
+                };
+                (
+                    tokenizer.apply_chat_template(context, true)?,
+                    last.content.clone(),
+                    false,
+                )
+            }
+            Record::Alpaca {
+                instruction,
+                input,
+                output,
+            } => (alpaca_prompt(instruction, input), output.clone(), true),
+            _ => {
+                return Err(TrainError::Config(
+                    "label scoring needs chat or alpaca records (a prompt and an answer)".into(),
+                ))
+            }
+        };
+        out.push(LabeledPrompt {
+            prompt: tokenizer.encode(&text, special)?,
+            gold: gold.trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// Log-likelihood of each candidate continuation after each prompt, as lm-evaluation-harness
+/// scores multiple choice: Σ log p(candidate token | prompt, earlier candidate tokens).
+/// Returns `[prompt][candidate]`.
+pub fn label_log_likelihoods<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    candidates: &[Vec<u32>],
+    batch_size: usize,
+    pad_id: u32,
+    mut progress: impl FnMut(usize),
+) -> Vec<Vec<f64>> {
+    let device = model.model.embed_tokens.weight.val().device();
+    let mut jobs: Vec<(usize, usize, Sample)> = Vec::new();
+    for (p, prompt) in prompts.iter().enumerate() {
+        for (c, cand) in candidates.iter().enumerate() {
+            let mut ids = prompt.clone();
+            ids.extend(cand);
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| if i >= prompt.len() { t as i64 } else { IGNORE })
+                .collect();
+            jobs.push((p, c, Sample { input_ids: ids, labels }));
+        }
+    }
+    let mut scores = vec![vec![0.0f64; candidates.len()]; prompts.len()];
+    for (done, chunk) in jobs.chunks(batch_size.max(1)).enumerate() {
+        let rows: Vec<Vec<&Sample>> = chunk.iter().map(|(_, _, s)| vec![s]).collect();
+        let batch = collate(&rows, pad_id);
+        let (input, _) = batch_to_device::<B>(&batch, &device);
+        let hidden = model.forward_hidden(input);
+        let per_row = target_loss_per_row(model, hidden, &batch.labels);
+        for ((p, c, _), loss) in chunk.iter().zip(per_row) {
+            scores[*p][*c] = -loss;
+        }
+        progress((done + 1) * chunk.len().min(batch_size));
+    }
+    scores
+}
+
+/// Accuracy of label scoring with its confusion matrix.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassificationReport {
+    /// Fraction of rows whose highest-scoring label is the gold one.
+    pub accuracy: f64,
+    /// Rows scored.
+    pub rows: usize,
+    /// The candidate labels.
+    pub labels: Vec<String>,
+    /// `confusion[gold][predicted]` counts (rows whose gold is not a candidate are skipped).
+    pub confusion: Vec<Vec<usize>>,
+}
+
+/// Scores every candidate label for every example and reports accuracy and confusion.
+pub fn classify<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: &Tokenizer,
+    examples: &[LabeledPrompt],
+    labels: &[String],
+    batch_size: usize,
+    pad_id: u32,
+    progress: impl FnMut(usize),
+) -> Result<ClassificationReport> {
+    let candidates = labels
+        .iter()
+        .map(|l| tokenizer.encode(l, false))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let prompts: Vec<Vec<u32>> = examples.iter().map(|e| e.prompt.clone()).collect();
+    let scores = label_log_likelihoods(model, &prompts, &candidates, batch_size, pad_id, progress);
+    let mut confusion = vec![vec![0usize; labels.len()]; labels.len()];
+    let mut correct = 0;
+    let mut rows = 0;
+    for (e, s) in examples.iter().zip(&scores) {
+        let Some(gold) = labels.iter().position(|l| *l == e.gold) else {
+            continue;
+        };
+        let predicted = s
+            .iter()
+            .enumerate()
+            .fold((0, f64::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+            .0;
+        confusion[gold][predicted] += 1;
+        correct += usize::from(gold == predicted);
+        rows += 1;
+    }
+    Ok(ClassificationReport {
+        accuracy: correct as f64 / rows.max(1) as f64,
+        rows,
+        labels: labels.to_vec(),
+        confusion,
+    })
+}
+
+/// Summed loss per batch row over that row's targets.
+fn target_loss_per_row<B: Backend>(
+    model: &CausalLm<B>,
+    hidden: burn::tensor::Tensor<B, 3>,
+    labels: &[i64],
+) -> Vec<f64> {
+    use burn::tensor::activation::log_softmax;
+    use burn::tensor::{Int, Tensor, TensorData};
+    let [batch, seq, width] = hidden.dims();
+    let device = hidden.device();
+    let mut rows = Vec::new();
+    let mut owner = Vec::new();
+    let mut targets = Vec::new();
+    for b in 0..batch {
+        for t in 0..seq - 1 {
+            let label = labels[b * seq + t + 1];
+            if label != IGNORE {
+                rows.push((b * seq + t) as i64);
+                owner.push(b);
+                targets.push(label);
+            }
+        }
+    }
+    let mut out = vec![0.0f64; batch];
+    if rows.is_empty() {
+        return out;
+    }
+    let n = rows.len();
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
+    let picked = hidden.reshape([batch * seq, width]).select(0, index);
+    let logp = log_softmax(model.lm_head_logits(picked), 1);
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
+    let values = logp
+        .gather(1, targets)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default();
+    for (b, v) in owner.iter().zip(values) {
+        out[*b] -= v as f64;
+    }
+    out
+}
+
+/// Exact and normalised match of greedy generations against the gold answers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GenerationReport {
+    /// Generated answer equals the gold one after trimming whitespace.
+    pub exact_match: f64,
+    /// Equal after lowercasing and dropping punctuation and extra spaces.
+    pub normalized_match: f64,
+    /// Rows generated.
+    pub rows: usize,
+}
+
+/// Lowercase, punctuation dropped, whitespace collapsed.
+pub fn normalize_answer(s: &str) -> String {
+    s.to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c.is_whitespace() {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Greedy-generates an answer for each example (up to `max_new_tokens`, stopping at eos) and
+/// compares it with the gold answer.
+pub fn generation_match<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: &Tokenizer,
+    examples: &[LabeledPrompt],
+    max_new_tokens: usize,
+    eos_ids: &[u32],
+    pad_id: u32,
+    batch_size: usize,
+) -> Result<GenerationReport> {
+    let config = ember_model::generate::GenerationConfig {
+        max_new_tokens,
+        eos_token_ids: eos_ids.to_vec(),
+        ..Default::default()
+    };
+    let (mut exact, mut normalized) = (0usize, 0usize);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
+        let outs = ember_model::generate::generate(model, &prompts, &config, pad_id, |_, _| {}, |_, _| false);
+        for (e, ids) in chunk.iter().zip(outs) {
+            let text = tokenizer.decode(&ids, true)?;
+            exact += usize::from(text.trim() == e.gold);
+            normalized += usize::from(normalize_answer(&text) == normalize_answer(&e.gold));
+        }
+    }
+    let n = examples.len().max(1) as f64;
+    Ok(GenerationReport {
+        exact_match: exact as f64 / n,
+        normalized_match: normalized as f64 / n,
+        rows: examples.len(),
+    })
+}
+
+/// What `ember eval` compares: the base model and each adapter on the same rows.
+#[derive(Debug, Clone)]
+pub struct EvalSpec {
+    /// Base model (HF folder or .gguf).
+    pub model: std::path::PathBuf,
+    /// Adapters, each evaluated on top of the base.
+    pub adapters: Vec<std::path::PathBuf>,
+    /// Data file and how to read it.
+    pub data: crate::config::DataConfig,
+    /// Candidate labels for scoring; empty = the distinct answers in the data.
+    pub labels: Vec<String>,
+    /// Use at most this many rows.
+    pub max_rows: Option<usize>,
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Also generate answers (greedy) and report exact / normalised match.
+    pub generate: bool,
+}
+
+/// One model's row of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelReport {
+    /// `base` or the adapter path.
+    pub name: String,
+    /// Loss and perplexity over target tokens.
+    pub loss: LossReport,
+    /// Label-scoring accuracy (chat/alpaca data).
+    pub classification: Option<ClassificationReport>,
+    /// Generation match (with `generate`).
+    pub generation: Option<GenerationReport>,
+    /// Seconds spent.
+    pub seconds: f64,
+}
+
+/// The base-vs-adapters report.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// The data file.
+    pub data: std::path::PathBuf,
+    /// Rows evaluated (the same for every model).
+    pub rows: usize,
+    /// One entry per model, base first.
+    pub models: Vec<ModelReport>,
+}
+
+impl EvalReport {
+    /// A markdown table of the report.
+    pub fn markdown(&self) -> String {
+        let mut s = format!("Evaluation on {} ({} rows)\n\n", self.data.display(), self.rows);
+        s.push_str("| model | loss | perplexity | accuracy | exact match | normalized match |\n|---|---:|---:|---:|---:|---:|\n");
+        for m in &self.models {
+            let acc = m
+                .classification
+                .as_ref()
+                .map_or("-".into(), |c| format!("{:.3}", c.accuracy));
+            let (em, nm) = m.generation.as_ref().map_or(("-".into(), "-".into()), |g| {
+                (format!("{:.3}", g.exact_match), format!("{:.3}", g.normalized_match))
+            });
+            s.push_str(&format!(
+                "| {} | {:.4} | {:.3} | {acc} | {em} | {nm} |\n",
+                m.name, m.loss.loss, m.loss.perplexity
+            ));
+        }
+        for m in &self.models {
+            if let Some(c) = &m.classification {
+                s.push_str(&format!(
+                    "\nconfusion of {} (rows: gold, columns: predicted {:?}): {:?}",
+                    m.name, c.labels, c.confusion
+                ));
+            }
+        }
+        s.push('\n');
+        s
+    }
+}
+
+/// Evaluates the base model and every adapter on the same rows.
+pub fn evaluate_models<B: Backend>(
+    spec: &EvalSpec,
+    device: &B::Device,
+    mut log: impl FnMut(&str),
+) -> Result<EvalReport> {
+    let config = ember_model::source::read_config(&spec.model)?;
+    let tokenizer = ember_model::source::read_tokenizer(&spec.model)?;
+    let pad_id = config
+        .pad_token_id
+        .or(config.eos_token_ids.first().copied())
+        .unwrap_or(0);
+    let (mut records, _) = crate::data::read_records(
+        &spec.data.train,
+        spec.data.format,
+        &spec.data.fields,
+        spec.data.bad_rows,
+    )?;
+    if let Some(n) = spec.max_rows {
+        records.truncate(n);
+    }
+    let encoder = crate::data::Encoder::new(&tokenizer, &spec.data, config.eos_token_ids.first().copied())?;
+    let (samples, _) = crate::data::encode_records(&records, &encoder, 0)?;
+    let examples = match spec.data.format {
+        crate::config::DataFormat::Chat | crate::config::DataFormat::Alpaca => {
+            Some(labeled_prompts(&records, &tokenizer)?)
+        }
+        _ => None,
+    };
+    let labels: Vec<String> = if spec.labels.is_empty() {
+        let mut l: Vec<String> = examples.iter().flatten().map(|e| e.gold.clone()).collect();
+        l.sort();
+        l.dedup();
+        l
+    } else {
+        spec.labels.clone()
+    };
+    // Label scoring makes sense for a small closed set of answers.
+    let classify_rows = examples.as_ref().filter(|_| !labels.is_empty() && labels.len() <= 20);
+    let mut base = CausalLm::<B>::from_path(&spec.model, device)?;
+    let mut models = Vec::new();
+    let names: Vec<Option<&std::path::PathBuf>> = std::iter::once(None).chain(spec.adapters.iter().map(Some)).collect();
+    for adapter in names {
+        let start = std::time::Instant::now();
+        let name = adapter.map_or("base".to_string(), |p| p.display().to_string());
+        let mut model = match adapter {
+            None => None,
+            Some(path) => {
+                let mut m = CausalLm::<B>::from_path(&spec.model, device)?;
+                m.load_adapter(&ember_lora::AdapterFiles::read(path)?, device)?;
+                Some(m)
+            }
+        };
+        let m = model.as_mut().unwrap_or(&mut base);
+        log(&format!("evaluating {name}"));
+        let loss = evaluate_loss(m, &samples, spec.batch_size, pad_id);
+        let classification = match classify_rows {
+            Some(ex) => Some(classify(m, &tokenizer, ex, &labels, spec.batch_size, pad_id, |_| {})?),
+            None => None,
+        };
+        let generation = match (&examples, spec.generate) {
+            (Some(ex), true) => Some(generation_match(
+                m,
+                &tokenizer,
+                ex,
+                16,
+                &config.eos_token_ids,
+                pad_id,
+                spec.batch_size,
+            )?),
+            _ => None,
+        };
+        models.push(ModelReport {
+            name,
+            loss,
+            classification,
+            generation,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(EvalReport {
+        data: spec.data.train.clone(),
+        rows: records.len(),
+        models,
+    })
 }
