@@ -563,6 +563,13 @@ fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Re
         progress: true,
     };
     let summary = match config.device {
+        // Gradient checkpointing recomputes activations in the backward pass (burn's balanced strategy).
+        RunDevice::Cpu if config.train.gradient_checkpointing => ember_train::run::<
+            burn::backend::Autodiff<
+                burn::backend::NdArray<f32>,
+                burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
+            >,
+        >(&config, &options, &Default::default())?,
         RunDevice::Cpu => ember_train::run::<burn::backend::Autodiff<burn::backend::NdArray<f32>>>(
             &config,
             &options,
@@ -681,8 +688,13 @@ fn eval(a: EvalArgs) -> Result<()> {
         generate: a.generate,
     };
     let report = ember_train::eval::evaluate_models::<burn::backend::NdArray<f32>>(&spec, &Default::default(), |m| {
-        eprintln!("{m}")
+        if m.starts_with("  ") {
+            eprint!("\r{m}   ");
+        } else {
+            eprintln!("{m}");
+        }
     })?;
+    eprintln!();
     println!("{}", report.markdown());
     let out = a
         .out

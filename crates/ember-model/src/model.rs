@@ -501,6 +501,24 @@ impl<B: Backend> CausalLm<B> {
         position_ids: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 2> {
+        let hidden = self.forward_step_hidden(input_ids, attention_mask, position_ids, cache);
+        let [batch, seq, _] = hidden.dims();
+        let logits = self.lm_head_logits(hidden.narrow(1, seq - 1, 1));
+        let vocab = logits.dims()[2];
+        logits.reshape([batch, vocab])
+    }
+
+    /// [`CausalLm::forward_step`] returning the final normed hidden state of every new position.
+    ///
+    /// # Shapes
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward_step_hidden(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Tensor<B, 2, Int>,
+        position_ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
         let [batch, seq] = input_ids.dims();
         let device = input_ids.device();
         let past = cache.len;
@@ -522,13 +540,7 @@ impl<B: Backend> CausalLm<B> {
             x = out;
         }
         cache.len = past + seq;
-        let last = self.model.norm.forward(x.narrow(1, seq - 1, 1));
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(last),
-            None => ember_lora::linear(last, self.model.embed_tokens.weight.val(), None),
-        };
-        let vocab = logits.dims()[2];
-        logits.reshape([batch, vocab])
+        self.model.norm.forward(x)
     }
 
     /// The normalised config the model was built from.

@@ -24,7 +24,8 @@ pub struct RunConfig {
     /// `cpu` or `cuda`.
     #[serde(default)]
     pub device: DeviceKind,
-    /// Compute dtype: `float32` (CPU and GPU) or `bfloat16` (GPU).
+    /// Compute dtype: `float32` (bf16/f16 checkpoints are converted on load; bf16 compute is
+    /// not implemented yet and is refused).
     #[serde(default = "default_dtype")]
     pub dtype: String,
     /// LoRA settings (PEFT's names) plus `init_from`.
@@ -167,6 +168,10 @@ pub struct DataConfig {
     /// Shuffle the training rows every epoch (seeded); `false` keeps file order.
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// Batch samples of similar length together (shuffled megabatches of 64 micro-batches,
+    /// sorted by length inside, as transformers' `group_by_length`): less padding.
+    #[serde(default)]
+    pub group_by_length: bool,
     /// Samples over `max_seq_len`: `drop` or `truncate`.
     #[serde(default)]
     pub overlong: Overlong,
@@ -457,8 +462,14 @@ impl RunConfig {
                 );
             }
         }
-        if !matches!(self.dtype.as_str(), "float32" | "f32" | "bfloat16" | "bf16") {
-            return bad("dtype", format!("`{}` is not float32 or bfloat16", self.dtype));
+        if !matches!(self.dtype.as_str(), "float32" | "f32") {
+            return bad(
+                "dtype",
+                format!(
+                    "`{}`: only float32 compute is implemented so far (bf16/f16 checkpoints are converted on load)",
+                    self.dtype
+                ),
+            );
         }
         Ok(())
     }

@@ -110,6 +110,25 @@ pub fn label_log_likelihoods<B: Backend>(
     candidates: &[Vec<u32>],
     batch_size: usize,
     pad_id: u32,
+    progress: impl FnMut(usize),
+) -> Vec<Vec<f64>> {
+    if candidates.iter().all(|c| c.len() == 1) {
+        return single_token_scores(model, prompts, candidates, batch_size, pad_id, progress);
+    }
+    if candidates.iter().all(|c| !c.is_empty()) {
+        return cached_scores(model, prompts, candidates, batch_size, pad_id, progress);
+    }
+    full_sequence_scores(model, prompts, candidates, batch_size, pad_id, progress)
+}
+
+/// The same scores from one full forward per (prompt, candidate) pair; the reference the
+/// faster paths are tested against.
+pub fn full_sequence_scores<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    candidates: &[Vec<u32>],
+    batch_size: usize,
+    pad_id: u32,
     mut progress: impl FnMut(usize),
 ) -> Vec<Vec<f64>> {
     let device = model.model.embed_tokens.weight.val().device();
@@ -136,7 +155,149 @@ pub fn label_log_likelihoods<B: Backend>(
         for ((p, c, _), loss) in chunk.iter().zip(per_row) {
             scores[*p][*c] = -loss;
         }
-        progress((done + 1) * chunk.len().min(batch_size));
+        progress(((done + 1) * batch_size).min(jobs.len()));
+    }
+    scores
+}
+
+/// Multi-token candidates: each prompt batch runs once into a key/value cache, then every
+/// candidate continues from a copy of it (prompts are left-padded; positions count real tokens).
+fn cached_scores<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    candidates: &[Vec<u32>],
+    batch_size: usize,
+    pad_id: u32,
+    mut progress: impl FnMut(usize),
+) -> Vec<Vec<f64>> {
+    use burn::tensor::activation::log_softmax;
+    use burn::tensor::{Int, Tensor, TensorData};
+    use ember_model::model::KvCache;
+    let device = model.model.embed_tokens.weight.val().device();
+    let int = |rows: &[Vec<i64>]| {
+        let w = rows[0].len();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(rows.concat(), [rows.len(), w]), &device)
+    };
+    let mut scores = Vec::with_capacity(prompts.len());
+    let mut finished = 0;
+    for chunk in prompts.chunks(batch_size.max(1)) {
+        let width = chunk.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let ids: Vec<Vec<i64>> = chunk
+            .iter()
+            .map(|p| {
+                std::iter::repeat_n(pad_id as i64, width - p.len())
+                    .chain(p.iter().map(|&t| t as i64))
+                    .collect()
+            })
+            .collect();
+        let mask: Vec<Vec<i64>> = chunk
+            .iter()
+            .map(|p| (0..width).map(|i| (i >= width - p.len()) as i64).collect())
+            .collect();
+        let pos: Vec<Vec<i64>> = chunk
+            .iter()
+            .map(|p| {
+                (0..width)
+                    .map(|i| (i as i64 - (width - p.len()) as i64).max(0))
+                    .collect()
+            })
+            .collect();
+        let mut cache = KvCache::<B>::default();
+        let prompt_hidden = model.forward_step_hidden(int(&ids), int(&mask), int(&pos), &mut cache);
+        let last = prompt_hidden.narrow(1, width - 1, 1);
+        let mut row_scores = vec![vec![0.0f64; candidates.len()]; chunk.len()];
+        for (c, cand) in candidates.iter().enumerate() {
+            let n = cand.len();
+            // Hidden states that predict each candidate token: the prompt's last, then the candidate's own.
+            let hidden = if n > 1 {
+                let mut branch = cache.clone();
+                let step_ids: Vec<Vec<i64>> = chunk
+                    .iter()
+                    .map(|_| cand[..n - 1].iter().map(|&t| t as i64).collect())
+                    .collect();
+                let step_mask: Vec<Vec<i64>> = mask
+                    .iter()
+                    .map(|m| m.iter().copied().chain(std::iter::repeat_n(1, n - 1)).collect())
+                    .collect();
+                let step_pos: Vec<Vec<i64>> = chunk
+                    .iter()
+                    .map(|p| (0..n - 1).map(|k| (p.len() + k) as i64).collect())
+                    .collect();
+                let h = model.forward_step_hidden(int(&step_ids), int(&step_mask), int(&step_pos), &mut branch);
+                Tensor::cat(vec![last.clone(), h], 1)
+            } else {
+                last.clone()
+            };
+            let logp = log_softmax(model.lm_head_logits(hidden), 2);
+            let [b, _, _] = logp.dims();
+            let targets: Vec<i64> = (0..b).flat_map(|_| cand.iter().map(|&t| t as i64)).collect();
+            let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, n, 1]), &device);
+            let values = logp
+                .gather(2, targets)
+                .sum_dim(1)
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap_or_default();
+            for (r, v) in values.into_iter().enumerate() {
+                row_scores[r][c] = v as f64;
+            }
+        }
+        scores.extend(row_scores);
+        finished += chunk.len();
+        progress(finished);
+    }
+    scores
+}
+
+/// One forward per prompt when every candidate is one token: all candidates are read off the
+/// next-token distribution at the prompt's last position.
+fn single_token_scores<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    candidates: &[Vec<u32>],
+    batch_size: usize,
+    pad_id: u32,
+    mut progress: impl FnMut(usize),
+) -> Vec<Vec<f64>> {
+    use burn::tensor::activation::log_softmax;
+    use burn::tensor::{Int, Tensor, TensorData};
+    let device = model.model.embed_tokens.weight.val().device();
+    let mut scores = Vec::with_capacity(prompts.len());
+    for (done, chunk) in prompts.chunks(batch_size.max(1)).enumerate() {
+        let samples: Vec<Sample> = chunk
+            .iter()
+            .map(|p| Sample {
+                input_ids: p.clone(),
+                labels: vec![IGNORE; p.len()],
+            })
+            .collect();
+        let rows: Vec<Vec<&Sample>> = samples.iter().map(|s| vec![s]).collect();
+        let batch = collate(&rows, pad_id);
+        let [b, seq] = batch.dims;
+        let (input, _) = batch_to_device::<B>(&batch, &device);
+        let hidden = model.forward_hidden(input);
+        let width = hidden.dims()[2];
+        let last: Vec<i64> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i * seq + p.len().max(1) - 1) as i64)
+            .collect();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [b]), &device);
+        let picked = hidden.reshape([b * seq, width]).select(0, index);
+        let logp = log_softmax(model.lm_head_logits(picked), 1);
+        let ids: Vec<i64> = candidates.iter().map(|c| c[0] as i64).collect();
+        let cand = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [candidates.len()]), &device);
+        let values = logp
+            .select(1, cand)
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap_or_default();
+        for row in values.chunks(candidates.len()) {
+            scores.push(row.iter().map(|&v| v as f64).collect());
+        }
+        progress(((done + 1) * batch_size).min(prompts.len()));
     }
     scores
 }
@@ -433,7 +594,13 @@ pub fn evaluate_models<B: Backend>(
         log(&format!("evaluating {name}"));
         let loss = evaluate_loss(m, &samples, spec.batch_size, pad_id);
         let classification = match classify_rows {
-            Some(ex) => Some(classify(m, &tokenizer, ex, &labels, spec.batch_size, pad_id, |_| {})?),
+            Some(ex) => {
+                let total = ex.len();
+                let report = classify(m, &tokenizer, ex, &labels, spec.batch_size, pad_id, |n| {
+                    log(&format!("  label scoring {}/{total}", n.min(total)))
+                })?;
+                Some(report)
+            }
             None => None,
         };
         let generation = match (&examples, spec.generate) {

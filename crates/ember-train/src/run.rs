@@ -133,6 +133,8 @@ struct DataCursor<'a> {
     samples: &'a [Sample],
     packing: bool,
     shuffle: bool,
+    group_by_length: bool,
+    micro_batch_size: usize,
     max_seq_len: usize,
     seed: u64,
     epoch: usize,
@@ -146,6 +148,8 @@ impl<'a> DataCursor<'a> {
             samples,
             packing: config.data.packing,
             shuffle: config.data.shuffle,
+            group_by_length: config.data.group_by_length,
+            micro_batch_size: config.train.micro_batch_size,
             max_seq_len: config.data.max_seq_len,
             seed: config.seed,
             epoch,
@@ -157,7 +161,13 @@ impl<'a> DataCursor<'a> {
     }
 
     fn epoch_rows(&self, epoch: usize) -> Vec<Vec<&'a Sample>> {
-        let order = epoch_order(self.samples.len(), self.shuffle, self.seed, epoch);
+        let mut order = epoch_order(self.samples.len(), self.shuffle, self.seed, epoch);
+        if self.group_by_length {
+            // Megabatches of 64 micro-batches keep the shuffle's randomness across the epoch.
+            for chunk in order.chunks_mut(self.micro_batch_size * 64) {
+                chunk.sort_by_key(|&i| std::cmp::Reverse(self.samples[i].input_ids.len()));
+            }
+        }
         let ordered: Vec<&Sample> = order.iter().map(|&i| &self.samples[i]).collect();
         rows(&ordered, self.packing, self.max_seq_len)
     }

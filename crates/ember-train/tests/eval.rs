@@ -7,7 +7,7 @@ use burn::backend::NdArray;
 use common::*;
 use ember_model::CausalLm;
 use ember_train::data::Sample;
-use ember_train::eval::{evaluate_loss, label_log_likelihoods, normalize_answer};
+use ember_train::eval::{evaluate_loss, full_sequence_scores, label_log_likelihoods, normalize_answer};
 
 type B = NdArray<f32>;
 
@@ -125,4 +125,26 @@ fn report_lists_base_and_every_adapter_on_the_same_rows() {
     let md = report.markdown();
     assert!(md.contains("| base |") && md.contains("adapter_trained"), "{md}");
     assert_eq!(normalize_answer("  Spam! "), "spam");
+}
+
+/// The cached (prompt once, candidates from a copy of its KV cache) and single-token fast paths
+/// give the full-sequence scores, also with prompts of different lengths (left padding).
+#[test]
+fn fast_label_scoring_paths_equal_full_forwards() {
+    let model = CausalLm::<B>::from_dir(&fixtures().join("qwen3"), &Default::default()).unwrap();
+    let prompts = vec![
+        vec![1u32, 36, 71, 67, 332],
+        vec![1u32, 52],
+        vec![1u32, 52, 295, 324, 268, 315, 81],
+    ];
+    for candidates in [
+        vec![vec![65u32, 12], vec![87u32], vec![300u32, 12, 7]],
+        vec![vec![65u32], vec![87u32]],
+    ] {
+        let fast = label_log_likelihoods(&model, &prompts, &candidates, 2, 0, |_| {});
+        let full = full_sequence_scores(&model, &prompts, &candidates, 2, 0, |_| {});
+        for (a, b) in fast.iter().flatten().zip(full.iter().flatten()) {
+            assert!((a - b).abs() < 1e-4, "{fast:?} vs {full:?}");
+        }
+    }
 }

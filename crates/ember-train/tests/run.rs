@@ -286,3 +286,24 @@ fn init_from_continues_a_peft_adapter() {
     assert_eq!(files.config.r, 4, "rank comes from the adapter started from");
     assert_eq!(files.tensors.len(), 14);
 }
+
+/// A loss that turns NaN/Inf stops the run with a message naming the step, and the last good
+/// checkpoint stays.
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
+    let _rng = rng_lock();
+    let mut c = config("nan", "");
+    c.train.learning_rate = 1e30;
+    c.train.warmup_steps = None;
+    c.train.lr_scheduler = ember_train::config::LrScheduler::Constant;
+    c.train.max_grad_norm = None;
+    c.train.save_every = 1;
+    let err = run::<B>(&c, &opts(), &Default::default()).unwrap_err();
+    assert!(matches!(err, ember_train::TrainError::NonFiniteLoss { .. }), "{err}");
+    assert!(err.to_string().contains("last good checkpoint"), "{err}");
+    assert!(c
+        .output_dir
+        .join("checkpoint-1/adapter/adapter_model.safetensors")
+        .exists());
+    assert!(!c.output_dir.join("adapter").exists());
+}

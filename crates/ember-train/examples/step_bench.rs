@@ -1,0 +1,78 @@
+//! Times LoRA training steps on a real model (run by hand; see bench/README.md):
+//!
+//! ```sh
+//! cargo run --release -p ember-train --example step_bench -- MODEL[.gguf] [SEQ] [BATCH] [STEPS] [TARGETS_PER_ROW]
+//! ```
+//! r 16, alpha 32, all linear layers, AdamW; TARGETS_PER_ROW = 0 trains every token.
+
+use std::time::Instant;
+
+use burn::backend::{Autodiff, NdArray};
+use ember_lora::{LoraConfig, TargetModules};
+use ember_model::CausalLm;
+use ember_train::data::{collate, Sample, IGNORE};
+use ember_train::optim::AdamW;
+use ember_train::Trainer;
+
+type B = Autodiff<NdArray<f32>>;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let path = std::path::PathBuf::from(
+        args.first()
+            .ok_or("usage: step_bench MODEL [SEQ] [BATCH] [STEPS] [TARGETS]")?,
+    );
+    let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+    let (seq, batch, steps, targets) = (arg(1, 256), arg(2, 4), arg(3, 5), arg(4, 0));
+    let device = Default::default();
+    let mut model = CausalLm::<B>::from_path(&path, &device)?;
+    let config = LoraConfig {
+        r: 16,
+        lora_alpha: 32.0,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        ..Default::default()
+    };
+    let report = model.attach_lora(&config, &device)?;
+    eprintln!("{report}");
+    let vocab = model.config().vocab_size as u32;
+    let rows: Vec<Sample> = (0..batch)
+        .map(|b| {
+            let ids: Vec<u32> = (0..seq).map(|i| ((i * 7919 + b * 104729) as u32) % vocab).collect();
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| {
+                    if targets == 0 || i >= seq - targets {
+                        t as i64
+                    } else {
+                        IGNORE
+                    }
+                })
+                .collect();
+            Sample { input_ids: ids, labels }
+        })
+        .collect();
+    let refs: Vec<Vec<&Sample>> = rows.iter().map(|s| vec![s]).collect();
+    let window = vec![collate(&refs, 0)];
+    let mut trainer = Trainer::new(model, AdamW::new((0.9, 0.999), 1e-8, 0.0), Some(1.0), 0, device);
+    let mut times = Vec::new();
+    for step in 0..steps {
+        let start = Instant::now();
+        let stats = trainer.train_step(&window, 1e-4)?;
+        let t = start.elapsed().as_secs_f64();
+        times.push(t);
+        eprintln!(
+            "step {step}: {t:.2} s, loss {:.4}, {:.0} tok/s",
+            stats.loss,
+            (seq * batch) as f64 / t
+        );
+    }
+    times.remove(0);
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "median step {median:.2} s = {:.0} tokens/s (seq {seq}, batch {batch})",
+        (seq * batch) as f64 / median
+    );
+    Ok(())
+}
