@@ -33,8 +33,11 @@ pub fn evaluate_loss<B: Backend>(
     let device = model.model.embed_tokens.weight.val().device();
     let mut total = 0.0f64;
     let mut tokens = 0usize;
-    for chunk in samples.chunks(batch_size.max(1)) {
-        let rows: Vec<Vec<&Sample>> = chunk.iter().map(|s| vec![s]).collect();
+    // Similar lengths together: less padding (the sum does not depend on the order).
+    let mut sorted: Vec<&Sample> = samples.iter().collect();
+    sorted.sort_by_key(|s| std::cmp::Reverse(s.input_ids.len()));
+    for chunk in sorted.chunks(batch_size.max(1)) {
+        let rows: Vec<Vec<&Sample>> = chunk.iter().map(|s| vec![*s]).collect();
         let batch = collate(&rows, pad_id);
         if batch.target_tokens == 0 {
             continue;
@@ -112,13 +115,22 @@ pub fn label_log_likelihoods<B: Backend>(
     pad_id: u32,
     progress: impl FnMut(usize),
 ) -> Vec<Vec<f64>> {
-    if candidates.iter().all(|c| c.len() == 1) {
-        return single_token_scores(model, prompts, candidates, batch_size, pad_id, progress);
+    // Batch prompts of similar length together (less padding), then restore the caller's order.
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
+    let sorted: Vec<Vec<u32>> = order.iter().map(|&i| prompts[i].clone()).collect();
+    let scores = if candidates.iter().all(|c| c.len() == 1) {
+        single_token_scores(model, &sorted, candidates, batch_size, pad_id, progress)
+    } else if candidates.iter().all(|c| !c.is_empty()) {
+        cached_scores(model, &sorted, candidates, batch_size, pad_id, progress)
+    } else {
+        full_sequence_scores(model, &sorted, candidates, batch_size, pad_id, progress)
+    };
+    let mut out = vec![Vec::new(); prompts.len()];
+    for (k, &i) in order.iter().enumerate() {
+        out[i] = scores[k].clone();
     }
-    if candidates.iter().all(|c| !c.is_empty()) {
-        return cached_scores(model, prompts, candidates, batch_size, pad_id, progress);
-    }
-    full_sequence_scores(model, prompts, candidates, batch_size, pad_id, progress)
+    out
 }
 
 /// The same scores from one full forward per (prompt, candidate) pair; the reference the
