@@ -347,10 +347,17 @@ fn inspect(path: &Path) -> Result<()> {
         let (shape, _) = weights.info(key).expect("key from the checkpoint");
         params += shape.iter().product::<usize>();
     }
-    let dtype = weights
-        .dominant_dtype()
-        .map(|d| format!("{d:?}").to_lowercase())
-        .unwrap_or_else(|| "none".into());
+    let dtype = if ember_model::source::is_gguf(path) {
+        format!(
+            "GGUF {} (dequantized to f32 on load)",
+            ember_model::gguf::GgufFile::open(path)?.type_summary()
+        )
+    } else {
+        weights
+            .dominant_dtype()
+            .map(|d| format!("{d:?}").to_lowercase())
+            .unwrap_or_else(|| "none".into())
+    };
     let windows: Vec<String> = config
         .sliding_window
         .iter()

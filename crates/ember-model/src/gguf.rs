@@ -353,6 +353,20 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
+    /// Storage types of the tensors with their counts, e.g. `Q4_1 ×210, F32 ×61, Q8_0 ×1`.
+    pub fn type_summary(&self) -> String {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for t in &self.tensors {
+            *counts.entry(type_name(t.kind)).or_insert(0) += 1;
+        }
+        let mut v: Vec<(String, usize)> = counts.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.iter()
+            .map(|(k, n)| format!("{k} ×{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The architecture (`general.architecture`).
     pub fn architecture(&self) -> &str {
         self.meta("general.architecture")
