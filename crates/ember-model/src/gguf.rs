@@ -360,7 +360,7 @@ impl GgufFile {
             *counts.entry(type_name(t.kind)).or_insert(0) += 1;
         }
         let mut v: Vec<(String, usize)> = counts.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
         v.iter()
             .map(|(k, n)| format!("{k} ×{n}"))
             .collect::<Vec<_>>()
