@@ -404,6 +404,15 @@ impl<B: Backend> CausalLm<B> {
     /// - `input.input_ids`: `[batch, seq]`
     /// - `logits`: `[batch, seq, vocab]`; each hidden state `[batch, seq, hidden]`
     pub fn forward_with_hidden(&self, input: ModelInput<B>, output_hidden_states: bool) -> ModelOutput<B> {
+        let (x, hidden_states) = self.decode(input, output_hidden_states);
+        let logits = self.lm_head_logits(x);
+        ModelOutput { logits, hidden_states }
+    }
+
+    /// The decoder walk shared by every full-sequence forward: embeddings, layers (one mask per
+    /// distinct sliding window, packed segments kept apart), final norm. With `capture`, also
+    /// the hidden states transformers' `output_hidden_states` returns.
+    fn decode(&self, input: ModelInput<B>, capture: bool) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
         let [batch, seq] = input.input_ids.dims();
         let device = input.input_ids.device();
         let position_ids = input.position_ids.unwrap_or_else(|| {
@@ -413,31 +422,30 @@ impl<B: Backend> CausalLm<B> {
         });
         let rope = RopeTables::new(position_ids, &self.inv_freq, 1.0);
         let mut masks: BTreeMap<Option<usize>, Tensor<B, 4>> = BTreeMap::new();
-        for layer in &self.model.layers {
-            masks.entry(layer.sliding_window).or_insert_with(|| {
-                let window = layer.sliding_window;
-                let mask = attention_mask::<B>(input.attention_mask.clone(), batch, seq, 0, window, &device);
-                match &input.segment_ids {
-                    Some(segments) => segment_mask(mask, segments.clone()),
-                    None => mask,
-                }
-            });
-        }
-
         let mut x = self.model.embed_tokens.forward(input.input_ids);
         let mut hidden_states = Vec::new();
         for layer in &self.model.layers {
-            if output_hidden_states {
+            if capture {
                 hidden_states.push(x.clone());
             }
-            x = layer.forward(x, &rope, masks[&layer.sliding_window].clone());
+            let window = layer.sliding_window;
+            let mask = masks
+                .entry(window)
+                .or_insert_with(|| {
+                    let mask = attention_mask::<B>(input.attention_mask.clone(), batch, seq, 0, window, &device);
+                    match &input.segment_ids {
+                        Some(segments) => segment_mask(mask, segments.clone()),
+                        None => mask,
+                    }
+                })
+                .clone();
+            x = layer.forward(x, &rope, mask);
         }
         let x = self.model.norm.forward(x);
-        if output_hidden_states {
+        if capture {
             hidden_states.push(x.clone());
         }
-        let logits = self.lm_head_logits(x);
-        ModelOutput { logits, hidden_states }
+        (x, hidden_states)
     }
 
     /// The output head: `hidden · W_headᵀ` (the embedding matrix when tied).
@@ -460,31 +468,7 @@ impl<B: Backend> CausalLm<B> {
     /// - `input.input_ids`: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward_hidden(&self, input: ModelInput<B>) -> Tensor<B, 3> {
-        let [batch, seq] = input.input_ids.dims();
-        let device = input.input_ids.device();
-        let position_ids = input.position_ids.unwrap_or_else(|| {
-            Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
-                .reshape([1, seq])
-                .expand([batch, seq])
-        });
-        let rope = RopeTables::new(position_ids, &self.inv_freq, 1.0);
-        let mut masks: BTreeMap<Option<usize>, Tensor<B, 4>> = BTreeMap::new();
-        let mut x = self.model.embed_tokens.forward(input.input_ids);
-        for layer in &self.model.layers {
-            let window = layer.sliding_window;
-            let mask = masks
-                .entry(window)
-                .or_insert_with(|| {
-                    let mask = attention_mask::<B>(input.attention_mask.clone(), batch, seq, 0, window, &device);
-                    match &input.segment_ids {
-                        Some(segments) => segment_mask(mask, segments.clone()),
-                        None => mask,
-                    }
-                })
-                .clone();
-            x = layer.forward(x, &rope, mask);
-        }
-        self.model.norm.forward(x)
+        self.decode(input, false).0
     }
 
     /// One decoding step with a key/value cache: runs `input_ids` after the cached positions

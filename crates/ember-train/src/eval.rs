@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::data::{alpaca_prompt, collate, Record, Sample, IGNORE};
 use crate::error::{Result, TrainError};
-use crate::loss::target_loss_sum;
+use crate::loss::{target_loss_per_row, target_loss_sum};
 use crate::trainer::batch_to_device;
 
 /// Loss over a data set.
@@ -119,9 +119,7 @@ pub fn label_log_likelihoods<B: Backend>(
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
     let sorted: Vec<Vec<u32>> = order.iter().map(|&i| prompts[i].clone()).collect();
-    let scores = if candidates.iter().all(|c| c.len() == 1) {
-        single_token_scores(model, &sorted, candidates, batch_size, pad_id, progress)
-    } else if candidates.iter().all(|c| !c.is_empty()) {
+    let scores = if candidates.iter().all(|c| !c.is_empty()) {
         cached_scores(model, &sorted, candidates, batch_size, pad_id, progress)
     } else {
         full_sequence_scores(model, &sorted, candidates, batch_size, pad_id, progress)
@@ -172,8 +170,9 @@ pub fn full_sequence_scores<B: Backend>(
     scores
 }
 
-/// Multi-token candidates: each prompt batch runs once into a key/value cache, then every
-/// candidate continues from a copy of it (prompts are left-padded; positions count real tokens).
+/// Each prompt batch runs once into a key/value cache; every candidate's first token is read off
+/// the prompt's next-token distribution and any further tokens continue from a copy of the cache
+/// (prompts are left-padded; positions count real tokens). Single-token labels cost one forward.
 fn cached_scores<B: Backend>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
@@ -217,11 +216,25 @@ fn cached_scores<B: Backend>(
         let mut cache = KvCache::<B>::default();
         let prompt_hidden = model.forward_step_hidden(int(&ids), int(&mask), int(&pos), &mut cache);
         let last = prompt_hidden.narrow(1, width - 1, 1);
-        let mut row_scores = vec![vec![0.0f64; candidates.len()]; chunk.len()];
+        let first = log_softmax(model.lm_head_logits(last.clone()), 2);
+        let b = chunk.len();
+        let gather_sum = |logp: Tensor<B, 3>, tokens: &[u32]| -> Vec<f32> {
+            let n = tokens.len();
+            let targets: Vec<i64> = (0..b).flat_map(|_| tokens.iter().map(|&t| t as i64)).collect();
+            let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, n, 1]), &device);
+            logp.gather(2, targets)
+                .sum_dim(1)
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap_or_default()
+        };
+        let mut row_scores = vec![vec![0.0f64; candidates.len()]; b];
         for (c, cand) in candidates.iter().enumerate() {
             let n = cand.len();
-            // Hidden states that predict each candidate token: the prompt's last, then the candidate's own.
-            let hidden = if n > 1 {
+            let mut values = gather_sum(first.clone(), &cand[..1]);
+            if n > 1 {
+                // The candidate's own hidden states predict its later tokens.
                 let mut branch = cache.clone();
                 let step_ids: Vec<Vec<i64>> = chunk
                     .iter()
@@ -236,21 +249,9 @@ fn cached_scores<B: Backend>(
                     .map(|p| (0..n - 1).map(|k| (p.len() + k) as i64).collect())
                     .collect();
                 let h = model.forward_step_hidden(int(&step_ids), int(&step_mask), int(&step_pos), &mut branch);
-                Tensor::cat(vec![last.clone(), h], 1)
-            } else {
-                last.clone()
-            };
-            let logp = log_softmax(model.lm_head_logits(hidden), 2);
-            let [b, _, _] = logp.dims();
-            let targets: Vec<i64> = (0..b).flat_map(|_| cand.iter().map(|&t| t as i64)).collect();
-            let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, n, 1]), &device);
-            let values = logp
-                .gather(2, targets)
-                .sum_dim(1)
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .unwrap_or_default();
+                let rest = gather_sum(log_softmax(model.lm_head_logits(h), 2), &cand[1..]);
+                values.iter_mut().zip(rest).for_each(|(v, r)| *v += r);
+            }
             for (r, v) in values.into_iter().enumerate() {
                 row_scores[r][c] = v as f64;
             }
@@ -258,58 +259,6 @@ fn cached_scores<B: Backend>(
         scores.extend(row_scores);
         finished += chunk.len();
         progress(finished);
-    }
-    scores
-}
-
-/// One forward per prompt when every candidate is one token: all candidates are read off the
-/// next-token distribution at the prompt's last position.
-fn single_token_scores<B: Backend>(
-    model: &CausalLm<B>,
-    prompts: &[Vec<u32>],
-    candidates: &[Vec<u32>],
-    batch_size: usize,
-    pad_id: u32,
-    mut progress: impl FnMut(usize),
-) -> Vec<Vec<f64>> {
-    use burn::tensor::activation::log_softmax;
-    use burn::tensor::{Int, Tensor, TensorData};
-    let device = model.model.embed_tokens.weight.val().device();
-    let mut scores = Vec::with_capacity(prompts.len());
-    for (done, chunk) in prompts.chunks(batch_size.max(1)).enumerate() {
-        let samples: Vec<Sample> = chunk
-            .iter()
-            .map(|p| Sample {
-                input_ids: p.clone(),
-                labels: vec![IGNORE; p.len()],
-            })
-            .collect();
-        let rows: Vec<Vec<&Sample>> = samples.iter().map(|s| vec![s]).collect();
-        let batch = collate(&rows, pad_id);
-        let [b, seq] = batch.dims;
-        let (input, _) = batch_to_device::<B>(&batch, &device);
-        let hidden = model.forward_hidden(input);
-        let width = hidden.dims()[2];
-        let last: Vec<i64> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i * seq + p.len().max(1) - 1) as i64)
-            .collect();
-        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [b]), &device);
-        let picked = hidden.reshape([b * seq, width]).select(0, index);
-        let logp = log_softmax(model.lm_head_logits(picked), 1);
-        let ids: Vec<i64> = candidates.iter().map(|c| c[0] as i64).collect();
-        let cand = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [candidates.len()]), &device);
-        let values = logp
-            .select(1, cand)
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .unwrap_or_default();
-        for row in values.chunks(candidates.len()) {
-            scores.push(row.iter().map(|&v| v as f64).collect());
-        }
-        progress(((done + 1) * batch_size).min(prompts.len()));
     }
     scores
 }
@@ -365,50 +314,6 @@ pub fn classify<B: Backend>(
         labels: labels.to_vec(),
         confusion,
     })
-}
-
-/// Summed loss per batch row over that row's targets.
-fn target_loss_per_row<B: Backend>(
-    model: &CausalLm<B>,
-    hidden: burn::tensor::Tensor<B, 3>,
-    labels: &[i64],
-) -> Vec<f64> {
-    use burn::tensor::activation::log_softmax;
-    use burn::tensor::{Int, Tensor, TensorData};
-    let [batch, seq, width] = hidden.dims();
-    let device = hidden.device();
-    let mut rows = Vec::new();
-    let mut owner = Vec::new();
-    let mut targets = Vec::new();
-    for b in 0..batch {
-        for t in 0..seq - 1 {
-            let label = labels[b * seq + t + 1];
-            if label != IGNORE {
-                rows.push((b * seq + t) as i64);
-                owner.push(b);
-                targets.push(label);
-            }
-        }
-    }
-    let mut out = vec![0.0f64; batch];
-    if rows.is_empty() {
-        return out;
-    }
-    let n = rows.len();
-    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
-    let picked = hidden.reshape([batch * seq, width]).select(0, index);
-    let logp = log_softmax(model.lm_head_logits(picked), 1);
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-    let values = logp
-        .gather(1, targets)
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .unwrap_or_default();
-    for (b, v) in owner.iter().zip(values) {
-        out[*b] -= v as f64;
-    }
-    out
 }
 
 /// Exact and normalised match of greedy generations against the gold answers.

@@ -190,12 +190,11 @@ fn bad_input_writes_nothing() {
     assert!(!c.output_dir.exists());
 }
 
-fn tiny_trainer(accumulated: bool) -> Trainer<B> {
+fn tiny_trainer() -> Trainer<B> {
     let device = Default::default();
     let mut model = CausalLm::<B>::from_dir(&fixtures().join("llama"), &device).unwrap();
     let files = AdapterFiles::read(&fixtures().join("llama/adapter_random_b")).unwrap();
     model.load_adapter(&files, &device).unwrap();
-    let _ = accumulated;
     Trainer::new(model, AdamW::new((0.9, 0.999), 1e-8, 0.0), Some(0.5), 0, device)
 }
 
@@ -212,11 +211,11 @@ fn accumulation_normalises_by_all_target_tokens() {
         input_ids: vec![1, 52, 295, 324],
         labels: vec![-100, -100, 295, 324],
     };
-    let mut acc = tiny_trainer(true);
+    let mut acc = tiny_trainer();
     let s1 = acc
         .train_step(&[collate(&[vec![&a]], 0), collate(&[vec![&b]], 0)], 0.01)
         .unwrap();
-    let mut one = tiny_trainer(false);
+    let mut one = tiny_trainer();
     let s2 = one.train_step(&[collate(&[vec![&a], vec![&b]], 0)], 0.01).unwrap();
     assert_eq!(s1.target_tokens, 9 + 2);
     assert!((s1.loss - s2.loss).abs() < 1e-5, "{} vs {}", s1.loss, s2.loss);
