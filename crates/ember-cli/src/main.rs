@@ -62,40 +62,7 @@ enum Command {
     },
     /// Evaluate the base model and adapters side by side: loss/perplexity over answer tokens,
     /// label-scoring accuracy, optionally generation match. Writes eval_report.json.
-    Eval {
-        /// A run config: its base model, eval data and final adapter (other flags override).
-        config: Option<PathBuf>,
-        /// Base model folder or .gguf.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// An adapter to compare with the base (repeatable).
-        #[arg(long)]
-        adapter: Vec<PathBuf>,
-        /// Data file (.jsonl, .csv, .parquet).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Record format: completion, alpaca, chat.
-        #[arg(long, default_value = "chat")]
-        format: String,
-        /// Candidate labels for scoring (comma-separated); default: the distinct answers.
-        #[arg(long, value_delimiter = ',')]
-        labels: Vec<String>,
-        /// Use at most this many rows.
-        #[arg(long)]
-        max_rows: Option<usize>,
-        /// Longest sample in tokens for the loss (longer ones are dropped).
-        #[arg(long, default_value_t = 1024)]
-        max_seq_len: usize,
-        /// Rows per batch.
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        /// Also generate answers greedily and report exact / normalised match.
-        #[arg(long)]
-        generate: bool,
-        /// Folder for eval_report.json (default: the run's output_dir, else the current folder).
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    Eval(EvalArgs),
     /// Generate text from a prompt (streams tokens to the terminal).
     Generate {
         /// Model folder or .gguf.
@@ -224,34 +191,7 @@ fn main() -> Result<()> {
                     samples,
                 },
         } => preview(&config, &overrides, samples),
-        Command::Eval {
-            config,
-            model,
-            adapter,
-            data,
-            format,
-            labels,
-            max_rows,
-            max_seq_len,
-            batch_size,
-            generate,
-            out,
-        } => {
-            let args = EvalArgs {
-                config,
-                model,
-                adapter,
-                data,
-                format,
-                labels,
-                max_rows,
-                max_seq_len,
-                batch_size,
-                generate,
-                out,
-            };
-            eval(args)
-        }
+        Command::Eval(args) => eval(args),
         Command::Generate {
             model,
             adapter,
@@ -645,17 +585,39 @@ fn preview(config_path: &Path, overrides: &[String], count: usize) -> Result<()>
 }
 
 /// Arguments of `ember eval`.
+#[derive(clap::Args)]
 struct EvalArgs {
+    /// A run config: its base model, eval data and final adapter (other flags override).
     config: Option<PathBuf>,
+    /// Base model folder or .gguf.
+    #[arg(long)]
     model: Option<PathBuf>,
+    /// An adapter to compare with the base (repeatable).
+    #[arg(long)]
     adapter: Vec<PathBuf>,
+    /// Data file (.jsonl, .csv, .parquet).
+    #[arg(long)]
     data: Option<PathBuf>,
+    /// Record format: completion, alpaca, chat.
+    #[arg(long, default_value = "chat")]
     format: String,
+    /// Candidate labels for scoring (comma-separated); default: the distinct answers.
+    #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
+    /// Use at most this many rows.
+    #[arg(long)]
     max_rows: Option<usize>,
+    /// Longest sample in tokens for the loss (longer ones are dropped).
+    #[arg(long, default_value_t = 1024)]
     max_seq_len: usize,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Also generate answers greedily and report exact / normalised match.
+    #[arg(long)]
     generate: bool,
+    /// Folder for eval_report.json (default: the run's output_dir, else the current folder).
+    #[arg(long)]
     out: Option<PathBuf>,
 }
 
