@@ -18,6 +18,7 @@ pub mod generate;
 pub mod gguf;
 pub mod lora;
 pub mod model;
+pub mod moe;
 pub mod rope;
 pub mod source;
 pub mod tokenizer;

@@ -4,12 +4,13 @@
 
 use std::collections::BTreeMap;
 
+use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use ember_lora::{AdapterFiles, AdapterTensors, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules};
 
 use crate::error::Result;
-use crate::model::CausalLm;
+use crate::model::{CausalLm, FeedForward, GateUpProjection, QkvProjection};
 
 /// What attaching or loading an adapter did.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,27 +37,32 @@ impl std::fmt::Display for LoraReport {
 }
 
 impl<B: Backend> CausalLm<B> {
-    /// Every linear layer with its HF module path, in model order.
+    /// Every adaptable linear layer with its HF module path, in model order: the attention
+    /// projections (`qkv_proj` where fused), the dense MLP projections (`gate_up_proj` where
+    /// fused) and an untied `lm_head`. MoE routers and experts are frozen and not listed.
     pub fn linear_layers(&self) -> Vec<(String, &LoraLinear<B>)> {
         let mut out = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &layer.self_attn;
-            for (name, l) in [
-                ("q_proj", &a.q_proj),
-                ("k_proj", &a.k_proj),
-                ("v_proj", &a.v_proj),
-                ("o_proj", &a.o_proj),
-            ] {
-                out.push((format!("{p}.self_attn.{name}"), l));
+            match &a.qkv {
+                QkvProjection::Split(s) => {
+                    out.push((format!("{p}.self_attn.q_proj"), &s.q_proj));
+                    out.push((format!("{p}.self_attn.k_proj"), &s.k_proj));
+                    out.push((format!("{p}.self_attn.v_proj"), &s.v_proj));
+                }
+                QkvProjection::Fused(l) => out.push((format!("{p}.self_attn.qkv_proj"), l)),
             }
-            let m = &layer.mlp;
-            for (name, l) in [
-                ("gate_proj", &m.gate_proj),
-                ("up_proj", &m.up_proj),
-                ("down_proj", &m.down_proj),
-            ] {
-                out.push((format!("{p}.mlp.{name}"), l));
+            out.push((format!("{p}.self_attn.o_proj"), &a.o_proj));
+            if let FeedForward::Dense(m) = &layer.mlp {
+                match &m.gate_up {
+                    GateUpProjection::Split(s) => {
+                        out.push((format!("{p}.mlp.gate_proj"), &s.gate_proj));
+                        out.push((format!("{p}.mlp.up_proj"), &s.up_proj));
+                    }
+                    GateUpProjection::Fused(l) => out.push((format!("{p}.mlp.gate_up_proj"), l)),
+                }
+                out.push((format!("{p}.mlp.down_proj"), &m.down_proj));
             }
         }
         if let Some(head) = &self.lm_head {
@@ -65,20 +71,31 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 
-    /// Every linear layer with its HF module path, mutable, in model order.
+    /// [`CausalLm::linear_layers`], mutable.
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
         let mut out = Vec::new();
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &mut layer.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            match &mut a.qkv {
+                QkvProjection::Split(s) => {
+                    out.push((format!("{p}.self_attn.q_proj"), &mut s.q_proj));
+                    out.push((format!("{p}.self_attn.k_proj"), &mut s.k_proj));
+                    out.push((format!("{p}.self_attn.v_proj"), &mut s.v_proj));
+                }
+                QkvProjection::Fused(l) => out.push((format!("{p}.self_attn.qkv_proj"), l)),
+            }
             out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let m = &mut layer.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            if let FeedForward::Dense(m) = &mut layer.mlp {
+                match &mut m.gate_up {
+                    GateUpProjection::Split(s) => {
+                        out.push((format!("{p}.mlp.gate_proj"), &mut s.gate_proj));
+                        out.push((format!("{p}.mlp.up_proj"), &mut s.up_proj));
+                    }
+                    GateUpProjection::Fused(l) => out.push((format!("{p}.mlp.gate_up_proj"), l)),
+                }
+                out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            }
         }
         if let Some(head) = &mut self.lm_head {
             out.push(("lm_head".to_string(), head));
@@ -88,17 +105,12 @@ impl<B: Backend> CausalLm<B> {
 
     /// Number of parameters of the base model (adapters excluded).
     pub fn base_param_count(&self) -> usize {
-        let c = &self.config;
-        let linear: usize = self
+        let adapters: usize = self
             .linear_layers()
             .iter()
-            .map(|(_, l)| {
-                let [o, i] = l.dims();
-                o * i + l.bias.as_ref().map_or(0, |_| o)
-            })
+            .filter_map(|(_, l)| l.adapter.as_ref().map(|a| a.num_params()))
             .sum();
-        let norms = c.num_layers * (2 * c.hidden_size + if c.qk_norm { 2 * c.head_dim } else { 0 }) + c.hidden_size;
-        linear + c.vocab_size * c.hidden_size + norms
+        self.num_params() - adapters
     }
 
     fn report(&self) -> LoraReport {

@@ -1,5 +1,6 @@
-//! The decoder-only transformer. Struct nesting mirrors HF checkpoint keys
-//! (`model.layers.3.self_attn.q_proj`), so loading is a walk over the fields.
+//! The decoder-only transformer: one forward pass for every supported family, steered by the
+//! typed flags of [`DecoderConfig`]. [`CausalLm::load`] maps HF checkpoint keys
+//! (`model.layers.3.self_attn.q_proj`) onto the fields.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,9 +11,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 use ember_lora::LoraLinear;
 
-use crate::config::{Activation, DecoderConfig};
+use crate::config::{Activation, DecoderConfig, QkNorm};
 use crate::error::{ModelError, Result};
-use crate::rope::{inverse_frequencies, RopeTables};
+use crate::moe::SparseMoe;
+use crate::rope::{RopeFrequencies, RopeTables};
 use crate::weights::Weights;
 
 /// The value added to masked attention scores (transformers uses the dtype's minimum).
@@ -58,27 +60,56 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
-/// Multi-head attention with grouped key/value heads (`self_attn`).
+/// Separate query, key and value projections.
 #[derive(Module, Debug)]
-pub struct Attention<B: Backend> {
+pub struct SplitQkv<B: Backend> {
     /// `[heads·head_dim, hidden]`.
     pub q_proj: LoraLinear<B>,
     /// `[kv_heads·head_dim, hidden]`.
     pub k_proj: LoraLinear<B>,
     /// `[kv_heads·head_dim, hidden]`.
     pub v_proj: LoraLinear<B>,
+}
+
+/// How queries, keys and values are projected.
+// One per layer; boxing would buy nothing and burn modules do not derive through Box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum QkvProjection<B: Backend> {
+    /// `q_proj`, `k_proj`, `v_proj`.
+    Split(SplitQkv<B>),
+    /// One `qkv_proj`, rows `[q; k; v]` (Phi-3); LoRA adapts it as one matrix, as PEFT does.
+    Fused(LoraLinear<B>),
+}
+
+/// Multi-head attention with grouped key/value heads (`self_attn`).
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// The q/k/v projections.
+    pub qkv: QkvProjection<B>,
     /// `[hidden, heads·head_dim]`.
     pub o_proj: LoraLinear<B>,
-    /// Per-head RMS norm of queries (Qwen3).
+    /// RMS norm of queries (per head or over the projection, see `qk_norm`).
     pub q_norm: Option<RmsNorm<B>>,
-    /// Per-head RMS norm of keys (Qwen3).
+    /// RMS norm of keys.
     pub k_norm: Option<RmsNorm<B>>,
+    /// Per-head sink logits, `[heads]` (gpt-oss).
+    pub sinks: Option<Param<Tensor<B, 1>>>,
     /// Number of query heads.
     pub num_heads: usize,
     /// Number of key/value heads.
     pub num_kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
+    /// Where `q_norm`/`k_norm` apply.
+    #[module(skip)]
+    pub qk_norm: QkNorm,
+    /// Multiplier of `q·kᵀ`.
+    #[module(skip)]
+    pub scale: f64,
+    /// Soft-cap of the scores (Gemma 2).
+    #[module(skip)]
+    pub softcap: Option<f64>,
 }
 
 impl<B: Backend> Attention<B> {
@@ -109,14 +140,32 @@ impl<B: Backend> Attention<B> {
     ) -> (Tensor<B, 3>, (Tensor<B, 4>, Tensor<B, 4>)) {
         let [batch, seq, _] = x.dims();
         let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = self.q_proj.forward(x.clone()).reshape([batch, seq, heads, head_dim]);
-        let mut k = self.k_proj.forward(x.clone()).reshape([batch, seq, kv_heads, head_dim]);
-        let v = self.v_proj.forward(x).reshape([batch, seq, kv_heads, head_dim]);
-        if let Some(norm) = &self.q_norm {
-            q = norm.forward(q);
+        let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+        let (mut q, mut k, v) = match &self.qkv {
+            QkvProjection::Split(p) => (
+                p.q_proj.forward(x.clone()),
+                p.k_proj.forward(x.clone()),
+                p.v_proj.forward(x),
+            ),
+            QkvProjection::Fused(qkv_proj) => {
+                let qkv = qkv_proj.forward(x);
+                (
+                    qkv.clone().narrow(2, 0, q_width),
+                    qkv.clone().narrow(2, q_width, kv_width),
+                    qkv.narrow(2, q_width + kv_width, kv_width),
+                )
+            }
+        };
+        if self.qk_norm == QkNorm::Full {
+            q = self.q_norm.as_ref().map_or(q.clone(), |n| n.forward(q));
+            k = self.k_norm.as_ref().map_or(k.clone(), |n| n.forward(k));
         }
-        if let Some(norm) = &self.k_norm {
-            k = norm.forward(k);
+        let mut q = q.reshape([batch, seq, heads, head_dim]);
+        let mut k = k.reshape([batch, seq, kv_heads, head_dim]);
+        let v = v.reshape([batch, seq, kv_heads, head_dim]);
+        if self.qk_norm == QkNorm::PerHead {
+            q = self.q_norm.as_ref().map_or(q.clone(), |n| n.forward(q));
+            k = self.k_norm.as_ref().map_or(k.clone(), |n| n.forward(k));
         }
         let q = rope.apply(q.swap_dims(1, 2));
         let mut k = rope.apply(k.swap_dims(1, 2));
@@ -129,10 +178,21 @@ impl<B: Backend> Attention<B> {
         let k = repeat_kv(k, heads / kv_heads);
         let v = repeat_kv(v, heads / kv_heads);
 
-        let scale = (head_dim as f64).powf(-0.5);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + mask;
-        let probs = softmax(scores, 3);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, heads * head_dim]);
+        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale);
+        if let Some(cap) = self.softcap {
+            scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
+        }
+        let scores = scores + mask;
+        let probs = match &self.sinks {
+            None => softmax(scores, 3),
+            Some(sinks) => {
+                // The sink is one more key per head whose probability mass is thrown away.
+                let keys = scores.dims()[3];
+                let sinks = sinks.val().reshape([1, heads, 1, 1]).expand([batch, heads, seq, 1]);
+                softmax(Tensor::cat(vec![scores, sinks], 3), 3).narrow(3, 0, keys)
+            }
+        };
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, q_width]);
         (self.o_proj.forward(out), new_cache)
     }
 }
@@ -152,13 +212,31 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
         .reshape([batch, kv_heads * groups, seq, head_dim])
 }
 
-/// The gated feed-forward block (`mlp`): `down(act(gate(x)) · up(x))`.
+/// Separate gate and up projections.
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
+pub struct SplitGateUp<B: Backend> {
     /// `[intermediate, hidden]`.
     pub gate_proj: LoraLinear<B>,
     /// `[intermediate, hidden]`.
     pub up_proj: LoraLinear<B>,
+}
+
+/// How the gate and up halves of a gated MLP are projected.
+// One per layer; boxing would buy nothing and burn modules do not derive through Box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum GateUpProjection<B: Backend> {
+    /// `gate_proj` and `up_proj`.
+    Split(SplitGateUp<B>),
+    /// One `gate_up_proj`, rows `[gate; up]` (Phi-3, GLM 4).
+    Fused(LoraLinear<B>),
+}
+
+/// The gated feed-forward block (`mlp`): `down(act(gate(x)) · up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Gate and up projections.
+    pub gate_up: GateUpProjection<B>,
     /// `[hidden, intermediate]`.
     pub down_proj: LoraLinear<B>,
     /// The activation of the gate.
@@ -171,13 +249,24 @@ impl<B: Backend> Mlp<B> {
     /// - `x`: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward(x.clone());
-        let gate = match self.act {
-            Activation::Silu => silu(gate),
-            Activation::Gelu => gelu(gate),
-            Activation::GeluTanh => gelu_tanh(gate),
+        let (gate, up) = match &self.gate_up {
+            GateUpProjection::Split(p) => (p.gate_proj.forward(x.clone()), p.up_proj.forward(x)),
+            GateUpProjection::Fused(gate_up_proj) => {
+                let both = gate_up_proj.forward(x);
+                let inter = both.dims()[2] / 2;
+                (both.clone().narrow(2, 0, inter), both.narrow(2, inter, inter))
+            }
         };
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        self.down_proj.forward(activate(gate, self.act) * up)
+    }
+}
+
+/// Applies an MLP activation.
+pub(crate) fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
+    match act {
+        Activation::Silu => silu(x),
+        Activation::Gelu => gelu(x),
+        Activation::GeluTanh => gelu_tanh(x),
     }
 }
 
@@ -188,19 +277,56 @@ fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
 }
 
-/// One pre-norm decoder block.
+/// The feed-forward part of a block.
+// One per layer; boxing would buy nothing and burn modules do not derive through Box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum FeedForward<B: Backend> {
+    /// A gated MLP.
+    Dense(Mlp<B>),
+    /// A router and experts.
+    Sparse(SparseMoe<B>),
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            FeedForward::Dense(mlp) => mlp.forward(x),
+            FeedForward::Sparse(moe) => moe.forward(x),
+        }
+    }
+}
+
+/// One decoder block; which of its four norms exist depends on the family
+/// (see [`crate::config::NormPlacement`]).
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     /// Norm before attention.
-    pub input_layernorm: RmsNorm<B>,
+    pub attn_norm: Option<RmsNorm<B>>,
     /// Attention.
     pub self_attn: Attention<B>,
-    /// Norm before the MLP.
-    pub post_attention_layernorm: RmsNorm<B>,
+    /// Norm of the attention output.
+    pub attn_out_norm: Option<RmsNorm<B>>,
+    /// Norm before the feed-forward block.
+    pub mlp_norm: Option<RmsNorm<B>>,
     /// Feed-forward block.
-    pub mlp: Mlp<B>,
+    pub mlp: FeedForward<B>,
+    /// Norm of the feed-forward output.
+    pub mlp_out_norm: Option<RmsNorm<B>>,
     /// Sliding window of this layer (`None` = global).
     pub sliding_window: Option<usize>,
+    /// Uses the local RoPE tables (Gemma 3 sliding layers).
+    pub local_rope: bool,
+}
+
+fn norm_opt<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    match norm {
+        Some(norm) => norm.forward(x),
+        None => x,
+    }
 }
 
 impl<B: Backend> DecoderLayer<B> {
@@ -220,12 +346,11 @@ impl<B: Backend> DecoderLayer<B> {
         mask: Tensor<B, 4>,
         cache: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
     ) -> (Tensor<B, 3>, (Tensor<B, 4>, Tensor<B, 4>)) {
-        let (h, cache) = self
-            .self_attn
-            .forward_cached(self.input_layernorm.forward(x.clone()), rope, mask, cache);
-        let x = x + h;
-        let h = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
-        (x + h, cache)
+        let h = norm_opt(&self.attn_norm, x.clone());
+        let (h, cache) = self.self_attn.forward_cached(h, rope, mask, cache);
+        let x = x + norm_opt(&self.attn_out_norm, h);
+        let h = self.mlp.forward(norm_opt(&self.mlp_norm, x.clone()));
+        (x + norm_opt(&self.mlp_out_norm, h), cache)
     }
 }
 
@@ -286,9 +411,12 @@ pub struct CausalLm<B: Backend> {
     /// The normalised config.
     #[module(skip)]
     pub config: DecoderConfig,
-    /// RoPE inverse frequencies, `[rotary_dim / 2]`.
+    /// RoPE frequencies (of the global layers).
     #[module(skip)]
-    pub inv_freq: Vec<f32>,
+    pub rope: RopeFrequencies,
+    /// RoPE frequencies of the sliding-window layers, when they differ (Gemma 3).
+    #[module(skip)]
+    pub local_rope: Option<RopeFrequencies>,
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -322,7 +450,11 @@ impl<B: Backend> CausalLm<B> {
             Ok(LoraLinear::frozen(w, b))
         };
         let norm = |key: &str, dim: usize| -> Result<RmsNorm<B>> {
-            let w = weights.tensor::<B, 1>(&format!("{key}.weight"), [dim], device)?;
+            let mut w = weights.tensor::<B, 1>(&format!("{key}.weight"), [dim], device)?;
+            if c.norm_unit_offset {
+                // Gemma scales by (1 + w); folded once here (norm weights are never written back).
+                w = w.add_scalar(1.0);
+            }
             Ok(RmsNorm {
                 weight: Param::from_tensor(w).set_require_grad(false),
                 eps: c.rms_norm_eps,
@@ -332,36 +464,79 @@ impl<B: Backend> CausalLm<B> {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
+            let qkv = if c.fused_qkv {
+                QkvProjection::Fused(linear(
+                    &format!("{p}.self_attn.qkv_proj"),
+                    q_dim + 2 * kv_dim,
+                    h,
+                    c.qkv_bias,
+                )?)
+            } else {
+                QkvProjection::Split(SplitQkv {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj"), q_dim, h, c.qkv_bias)?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_dim, h, c.qkv_bias)?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_dim, h, c.qkv_bias)?,
+                })
+            };
+            let (q_norm_dim, k_norm_dim) = match c.qk_norm {
+                QkNorm::None => (0, 0),
+                QkNorm::PerHead => (c.head_dim, c.head_dim),
+                QkNorm::Full => (q_dim, kv_dim),
+            };
+            let qk_norm = |name: &str, dim: usize| {
+                (c.qk_norm != QkNorm::None)
+                    .then(|| norm(&format!("{p}.self_attn.{name}"), dim))
+                    .transpose()
+            };
+            let sinks = if c.attn_sinks {
+                let s = weights.tensor::<B, 1>(&format!("{p}.self_attn.sinks"), [c.num_heads], device)?;
+                Some(Param::from_tensor(s).set_require_grad(false))
+            } else {
+                None
+            };
             let self_attn = Attention {
-                q_proj: linear(&format!("{p}.self_attn.q_proj"), q_dim, h, c.qkv_bias)?,
-                k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_dim, h, c.qkv_bias)?,
-                v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_dim, h, c.qkv_bias)?,
+                qkv,
                 o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q_dim, c.o_bias)?,
-                q_norm: c
-                    .qk_norm
-                    .then(|| norm(&format!("{p}.self_attn.q_norm"), c.head_dim))
-                    .transpose()?,
-                k_norm: c
-                    .qk_norm
-                    .then(|| norm(&format!("{p}.self_attn.k_norm"), c.head_dim))
-                    .transpose()?,
+                q_norm: qk_norm("q_norm", q_norm_dim)?,
+                k_norm: qk_norm("k_norm", k_norm_dim)?,
+                sinks,
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,
+                qk_norm: c.qk_norm,
+                scale: c.attn_scale,
+                softcap: c.attn_softcap,
             };
-            let i_dim = c.intermediate_size;
-            let mlp = Mlp {
-                gate_proj: linear(&format!("{p}.mlp.gate_proj"), i_dim, h, c.mlp_bias)?,
-                up_proj: linear(&format!("{p}.mlp.up_proj"), i_dim, h, c.mlp_bias)?,
-                down_proj: linear(&format!("{p}.mlp.down_proj"), h, i_dim, c.mlp_bias)?,
-                act: c.act,
+            let sparse = c.moe.as_ref().filter(|m| m.sparse_layers[i]);
+            let mlp = match sparse {
+                Some(moe) => FeedForward::Sparse(crate::moe::load(moe, c, weights, &p, device)?),
+                None => {
+                    let i_dim = c.intermediate_size;
+                    let gate_up = if c.fused_gate_up {
+                        GateUpProjection::Fused(linear(&format!("{p}.mlp.gate_up_proj"), 2 * i_dim, h, c.mlp_bias)?)
+                    } else {
+                        GateUpProjection::Split(SplitGateUp {
+                            gate_proj: linear(&format!("{p}.mlp.gate_proj"), i_dim, h, c.mlp_bias)?,
+                            up_proj: linear(&format!("{p}.mlp.up_proj"), i_dim, h, c.mlp_bias)?,
+                        })
+                    };
+                    FeedForward::Dense(Mlp {
+                        gate_up,
+                        down_proj: linear(&format!("{p}.mlp.down_proj"), h, i_dim, c.mlp_bias)?,
+                        act: c.act,
+                    })
+                }
             };
+            let layer_norm = |name: Option<&str>| name.map(|n| norm(&format!("{p}.{n}"), h)).transpose();
             layers.push(DecoderLayer {
-                input_layernorm: norm(&format!("{p}.input_layernorm"), h)?,
+                attn_norm: layer_norm(c.norms.pre_attn)?,
                 self_attn,
-                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"), h)?,
+                attn_out_norm: layer_norm(c.norms.post_attn)?,
+                mlp_norm: layer_norm(c.norms.pre_mlp)?,
                 mlp,
+                mlp_out_norm: layer_norm(c.norms.post_mlp)?,
                 sliding_window: c.sliding_window[i],
+                local_rope: c.local_rope.is_some() && c.sliding_window[i].is_some(),
             });
         }
         let embed = weights.tensor::<B, 2>("model.embed_tokens.weight", [c.vocab_size, h], device)?;
@@ -380,12 +555,14 @@ impl<B: Backend> CausalLm<B> {
             Some(linear("lm_head", c.vocab_size, h, false)?)
         };
         weights.ensure_all_used()?;
-        let inv_freq = inverse_frequencies(&c.rope);
+        let rope = RopeFrequencies::new(&c.rope);
+        let local_rope = c.local_rope.as_ref().map(RopeFrequencies::new);
         Ok(Self {
             model,
             lm_head,
             config,
-            inv_freq,
+            rope,
+            local_rope,
         })
     }
 
@@ -420,26 +597,68 @@ impl<B: Backend> CausalLm<B> {
                 .reshape([1, seq])
                 .expand([batch, seq])
         });
-        let rope = RopeTables::new(position_ids, &self.inv_freq, 1.0);
+        let padding = input.attention_mask;
+        let segments = input.segment_ids;
+        let mask = |window: Option<usize>| {
+            let mask = attention_mask::<B>(padding.clone(), batch, seq, 0, window, &device);
+            match &segments {
+                Some(segments) => segment_mask(mask, segments.clone()),
+                None => mask,
+            }
+        };
+        self.walk(input.input_ids, position_ids, mask, None, capture)
+    }
+
+    /// Embeds `input_ids` and runs every layer and the final norm, with one mask per distinct
+    /// sliding window (`mask(window)`) and the RoPE tables each layer uses; with a cache, keys
+    /// and values are appended to it.
+    fn walk(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        position_ids: Tensor<B, 2, Int>,
+        mask: impl Fn(Option<usize>) -> Tensor<B, 4>,
+        mut cache: Option<&mut KvCache<B>>,
+        capture: bool,
+    ) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
+        let rope = self.rope.tables(position_ids.clone());
+        let local_rope = self.local_rope.as_ref().map(|r| r.tables(position_ids));
         let mut masks: BTreeMap<Option<usize>, Tensor<B, 4>> = BTreeMap::new();
-        let mut x = self.model.embed_tokens.forward(input.input_ids);
+        let mut x = self.model.embed_tokens.forward(input_ids);
+        if let Some(scale) = self.config.embed_scale {
+            x = x.mul_scalar(scale);
+        }
         let mut hidden_states = Vec::new();
-        for layer in &self.model.layers {
-            if capture {
+        if capture {
+            // transformers 5 reports the embedding after Gemma's √hidden scaling.
+            hidden_states.push(x.clone());
+        }
+        let seq = x.dims()[1];
+        if let Some(cache) = cache.as_deref_mut() {
+            if cache.layers.len() != self.model.layers.len() {
+                cache.layers = vec![None; self.model.layers.len()];
+            }
+        }
+        let last = self.model.layers.len().saturating_sub(1);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let window = layer.sliding_window;
+            let layer_mask = masks.entry(window).or_insert_with(|| mask(window)).clone();
+            let tables = match (&local_rope, layer.local_rope) {
+                (Some(local), true) => local,
+                _ => &rope,
+            };
+            let mut slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let past = slot.as_mut().and_then(|s| s.take());
+            let (out, kv) = layer.forward_cached(x, tables, layer_mask, past);
+            if let Some(slot) = slot {
+                *slot = Some(kv);
+            }
+            x = out;
+            if capture && i < last {
                 hidden_states.push(x.clone());
             }
-            let window = layer.sliding_window;
-            let mask = masks
-                .entry(window)
-                .or_insert_with(|| {
-                    let mask = attention_mask::<B>(input.attention_mask.clone(), batch, seq, 0, window, &device);
-                    match &input.segment_ids {
-                        Some(segments) => segment_mask(mask, segments.clone()),
-                        None => mask,
-                    }
-                })
-                .clone();
-            x = layer.forward(x, &rope, mask);
+        }
+        if let Some(cache) = cache {
+            cache.len += seq;
         }
         let x = self.model.norm.forward(x);
         if capture {
@@ -454,9 +673,13 @@ impl<B: Backend> CausalLm<B> {
     /// - `hidden`: `[..., hidden]`
     /// - output: `[..., vocab]`
     pub fn lm_head_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => ember_lora::linear(hidden, self.model.embed_tokens.weight.val(), None),
+        };
+        match self.config.final_softcap {
+            Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
+            None => logits,
         }
     }
 
@@ -507,24 +730,9 @@ impl<B: Backend> CausalLm<B> {
         let device = input_ids.device();
         let past = cache.len;
         let padding = attention_mask;
-        let rope = RopeTables::new(position_ids, &self.inv_freq, 1.0);
-        let mut masks: BTreeMap<Option<usize>, Tensor<B, 4>> = BTreeMap::new();
-        let mut x = self.model.embed_tokens.forward(input_ids);
-        if cache.layers.len() != self.model.layers.len() {
-            cache.layers = vec![None; self.model.layers.len()];
-        }
-        for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            let window = layer.sliding_window;
-            let mask = masks
-                .entry(window)
-                .or_insert_with(|| self::attention_mask::<B>(Some(padding.clone()), batch, seq, past, window, &device))
-                .clone();
-            let (out, kv) = layer.forward_cached(x, &rope, mask, slot.take());
-            *slot = Some(kv);
-            x = out;
-        }
-        cache.len = past + seq;
-        self.model.norm.forward(x)
+        let mask =
+            |window: Option<usize>| self::attention_mask::<B>(Some(padding.clone()), batch, seq, past, window, &device);
+        self.walk(input_ids, position_ids, mask, Some(cache), false).0
     }
 
     /// The normalised config the model was built from.

@@ -1,4 +1,4 @@
-//! Rotary position embeddings, HF's rotate-half form.
+//! Rotary position embeddings: HF's rotate-half form, or GLM's interleaved pairs.
 //!
 //! Inverse frequencies are computed in f32 the way transformers computes them (same operation
 //! order), so that angles at long positions agree to the last bits.
@@ -8,13 +8,46 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::config::{RopeConfig, RopeScaling};
 
+/// What a layer needs to build its cos/sin tables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeFrequencies {
+    /// Inverse frequencies after scaling, `[rotary_dim / 2]`.
+    pub inv_freq: Vec<f32>,
+    /// Multiplier of cos and sin (YaRN's attention factor; 1 otherwise).
+    pub attention_scaling: f32,
+    /// Rotate interleaved pairs instead of halves.
+    pub interleaved: bool,
+}
+
+impl RopeFrequencies {
+    /// Computes the frequencies of `rope`.
+    pub fn new(rope: &RopeConfig) -> Self {
+        let attention_scaling = match rope.scaling {
+            RopeScaling::Yarn { attention_factor, .. } => attention_factor as f32,
+            _ => 1.0,
+        };
+        Self {
+            inv_freq: inverse_frequencies(rope),
+            attention_scaling,
+            interleaved: rope.interleaved,
+        }
+    }
+
+    /// The cos/sin tables for `position_ids`.
+    ///
+    /// # Shapes
+    /// - `position_ids`: `[batch, seq]`
+    pub fn tables<B: Backend>(&self, position_ids: Tensor<B, 2, Int>) -> RopeTables<B> {
+        RopeTables::new(position_ids, &self.inv_freq, self.attention_scaling, self.interleaved)
+    }
+}
+
 /// The inverse frequencies `θ^(-2i/d)` after scaling, `d/2` values for `d` rotated dimensions.
 pub fn inverse_frequencies(rope: &RopeConfig) -> Vec<f32> {
     let dim = rope.rotary_dim;
     let base = rope.theta as f32;
-    let plain: Vec<f32> = (0..dim / 2)
-        .map(|i| 1.0f32 / base.powf((2 * i) as f32 / dim as f32))
-        .collect();
+    let pos_freqs: Vec<f32> = (0..dim / 2).map(|i| base.powf((2 * i) as f32 / dim as f32)).collect();
+    let plain: Vec<f32> = pos_freqs.iter().map(|p| 1.0f32 / p).collect();
     match rope.scaling {
         RopeScaling::Default => plain,
         RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor as f32).collect(),
@@ -44,16 +77,54 @@ pub fn inverse_frequencies(rope: &RopeConfig) -> Vec<f32> {
                 })
                 .collect()
         }
+        RopeScaling::Yarn {
+            factor,
+            beta_fast,
+            beta_slow,
+            original_max_position_embeddings: old,
+            truncate,
+            ..
+        } => {
+            // transformers' _compute_yarn_parameters, in the same precisions (bounds in f64,
+            // ramp and blend in f32).
+            let correction = |rotations: f64| {
+                (dim as f64 * (old / (rotations * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * rope.theta.ln())
+            };
+            let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+            if truncate {
+                low = low.floor();
+                high = high.ceil();
+            }
+            let low = low.max(0.0);
+            let mut high = high.min(dim as f64 - 1.0);
+            if low == high {
+                high += 0.001;
+            }
+            let (low, span) = (low as f32, (high - low) as f32);
+            pos_freqs
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| {
+                    let ramp = ((i as f32 - low) / span).clamp(0.0, 1.0);
+                    let extrapolation_factor = 1.0 - ramp;
+                    let extrapolation = 1.0 / p;
+                    let interpolation = 1.0 / (factor as f32 * p);
+                    interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
+                })
+                .collect()
+        }
     }
 }
 
 /// Cosine and sine tables for given positions.
 #[derive(Debug, Clone)]
 pub struct RopeTables<B: Backend> {
-    /// `cos(p·f)` repeated over both halves, `[batch, 1, seq, rotary_dim]`.
+    /// `cos(p·f)` repeated over both halves (or each pair), `[batch, 1, seq, rotary_dim]`.
     pub cos: Tensor<B, 4>,
-    /// `sin(p·f)` repeated over both halves, `[batch, 1, seq, rotary_dim]`.
+    /// `sin(p·f)` laid out as `cos`, `[batch, 1, seq, rotary_dim]`.
     pub sin: Tensor<B, 4>,
+    /// Pairs are `(2i, 2i+1)` (GLM) instead of `(i, i + d/2)`.
+    pub interleaved: bool,
 }
 
 impl<B: Backend> RopeTables<B> {
@@ -62,22 +133,25 @@ impl<B: Backend> RopeTables<B> {
     /// # Shapes
     /// - `position_ids`: `[batch, seq]`
     /// - `inv_freq`: `[rotary_dim / 2]`
-    pub fn new(position_ids: Tensor<B, 2, Int>, inv_freq: &[f32], attention_scaling: f32) -> Self {
+    pub fn new(position_ids: Tensor<B, 2, Int>, inv_freq: &[f32], attention_scaling: f32, interleaved: bool) -> Self {
         let [batch, seq] = position_ids.dims();
         let device = position_ids.device();
         let half = inv_freq.len();
         let inv = Tensor::<B, 1>::from_data(TensorData::new(inv_freq.to_vec(), [half]), &device).reshape([1, 1, half]);
         let freqs = position_ids.float().reshape([batch, seq, 1]) * inv;
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([batch, 1, seq, 2 * half]);
-        let (cos, sin) = (emb.clone().cos(), emb.sin());
-        if attention_scaling == 1.0 {
-            Self { cos, sin }
+        let emb = if interleaved {
+            // f0 f0 f1 f1 ...
+            Tensor::stack::<4>(vec![freqs.clone(), freqs], 3).reshape([batch, 1, seq, 2 * half])
         } else {
-            Self {
-                cos: cos.mul_scalar(attention_scaling),
-                sin: sin.mul_scalar(attention_scaling),
-            }
+            // f0 f1 ... f0 f1 ...
+            Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([batch, 1, seq, 2 * half])
+        };
+        let (mut cos, mut sin) = (emb.clone().cos(), emb.sin());
+        if attention_scaling != 1.0 {
+            cos = cos.mul_scalar(attention_scaling);
+            sin = sin.mul_scalar(attention_scaling);
         }
+        Self { cos, sin, interleaved }
     }
 
     /// Rotates the first `rotary_dim` dimensions of each head; the rest pass through.
@@ -97,9 +171,17 @@ impl<B: Backend> RopeTables<B> {
             (x, None)
         };
         let half = rotary / 2;
-        let x1 = rot.clone().narrow(3, 0, half);
-        let x2 = rot.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let rotated = if self.interleaved {
+            // (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
+            let pairs = rot.clone().reshape([batch, heads, seq, half, 2]);
+            let x1 = pairs.clone().narrow(4, 0, 1);
+            let x2 = pairs.narrow(4, 1, 1);
+            Tensor::cat(vec![x2.neg(), x1], 4).reshape([batch, heads, seq, rotary])
+        } else {
+            let x1 = rot.clone().narrow(3, 0, half);
+            let x2 = rot.clone().narrow(3, half, half);
+            Tensor::cat(vec![x2.neg(), x1], 3)
+        };
         let out = rot * self.cos.clone() + rotated * self.sin.clone();
         match pass {
             Some(pass) => Tensor::cat(vec![out, pass], 3),

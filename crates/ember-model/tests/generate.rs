@@ -128,3 +128,38 @@ fn sampling_is_seeded_and_stops_at_eos() {
     let c = generate(&model, std::slice::from_ref(&prompt), &stop, 0, |_, _| {}, |_, _| false);
     assert_eq!(c[0], vec![first], "stops right after an eos token");
 }
+
+/// Every family's KV-cache path (sliding windows, per-layer RoPE, soft-caps, sinks, MoE routing,
+/// fused projections) gives the tokens of full forwards, past the fixtures' 8-token window, and
+/// a left-padded batch gives each prompt its own tokens.
+#[test]
+fn cached_generation_equals_full_forwards_for_every_family() {
+    let device = Default::default();
+    let prompts = vec![vec![1, 36, 71, 67, 332, 383, 321], vec![1, 52]];
+    for arch in [
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "olmo2",
+        "glm4",
+        "mixtral",
+        "qwen3_moe",
+        "gpt_oss",
+    ] {
+        let model = CausalLm::<TestBackend>::from_dir(&fixtures().join(arch), &device).unwrap();
+        let config = |use_cache| GenerationConfig {
+            max_new_tokens: 12,
+            use_cache,
+            ..Default::default()
+        };
+        let cached = generate(&model, &prompts[..1], &config(true), 0, |_, _| {}, |_, _| false);
+        let full = generate(&model, &prompts[..1], &config(false), 0, |_, _| {}, |_, _| false);
+        assert_eq!(cached, full, "{arch}: cache vs full forwards");
+        assert_eq!(cached[0].len(), 12, "{arch}");
+        let batched = generate(&model, &prompts, &config(true), 0, |_, _| {}, |_, _| false);
+        assert_eq!(batched[0], cached[0], "{arch}: long prompt in a batch");
+        let alone = generate(&model, &prompts[1..], &config(true), 0, |_, _| {}, |_, _| false);
+        assert_eq!(batched[1], alone[0], "{arch}: left-padded prompt in a batch");
+    }
+}

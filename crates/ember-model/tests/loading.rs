@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use ember_model::{CausalLm, ModelError, Weights};
+use ember_model::{CausalLm, DecoderConfig, ModelError, Weights};
 use safetensors::tensor::{Dtype, TensorView};
 
 fn tempdir(name: &str) -> PathBuf {
@@ -111,14 +111,12 @@ fn f16_storage_is_converted_while_loading() {
     write_safetensors(&dir.join("model.safetensors"), &raw);
     let model = load(&dir).unwrap();
     // Every weight equals its f16 rounding exactly.
-    let w = model.model.layers[0]
-        .self_attn
-        .q_proj
-        .weight
-        .val()
-        .into_data()
-        .to_vec::<f32>()
+    let (_, q_proj) = model
+        .linear_layers()
+        .into_iter()
+        .find(|(path, _)| path == "model.layers.0.self_attn.q_proj")
         .unwrap();
+    let w = q_proj.weight.val().into_data().to_vec::<f32>().unwrap();
     let reference = llama_tensors()
         .into_iter()
         .find(|(k, _, _)| k == "model.layers.0.self_attn.q_proj.weight")
@@ -197,9 +195,89 @@ fn unsupported_model_type_lists_supported_ones() {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let err = load(&dir).unwrap_err().to_string();
     assert!(
-        err.contains("unsupported model_type `mamba`") && err.contains("llama, mistral, qwen2, qwen3"),
+        err.contains("unsupported model_type `mamba`") && err.contains("llama, mistral, qwen2, qwen3, gemma"),
         "{err}"
     );
+}
+
+fn fixture_config(arch: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("config.json")).unwrap()).unwrap()
+}
+
+fn normalise(config: &serde_json::Value) -> ember_model::Result<DecoderConfig> {
+    let hf: ember_model::HfConfig = serde_json::from_value(config.clone()).unwrap();
+    DecoderConfig::from_hf(&hf, Path::new("config.json"))
+}
+
+#[test]
+fn gemma2_and_gemma3_defaults_follow_transformers() {
+    // Hub Gemma 2 configs carry no layer_types; absent soft-caps default to 50/30, null ones are off.
+    let mut config = fixture_config("gemma2");
+    let map = config.as_object_mut().unwrap();
+    for key in [
+        "layer_types",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "query_pre_attn_scalar",
+    ] {
+        map.remove(key);
+    }
+    map.insert("num_hidden_layers".into(), 4.into());
+    let c = normalise(&config).unwrap();
+    assert_eq!(c.sliding_window, vec![Some(8), None, Some(8), None]);
+    assert_eq!((c.attn_softcap, c.final_softcap), (Some(50.0), Some(30.0)));
+    assert_eq!(c.attn_scale, 1.0 / 16.0);
+    config["attn_logit_softcapping"] = serde_json::Value::Null;
+    config["final_logit_softcapping"] = serde_json::Value::Null;
+    let c = normalise(&config).unwrap();
+    assert_eq!((c.attn_softcap, c.final_softcap), (None, None));
+
+    // Gemma 3 (transformers 4 style): every sliding_window_pattern-th layer is global and the
+    // sliding layers use rope_local_base_freq without the global scaling.
+    let mut config = fixture_config("gemma3");
+    let map = config.as_object_mut().unwrap();
+    map.remove("layer_types");
+    map.remove("rope_parameters");
+    map.remove("_sliding_window_pattern");
+    map.insert("num_hidden_layers".into(), 6.into());
+    map.insert("sliding_window_pattern".into(), 3.into());
+    map.insert("rope_theta".into(), 1e6.into());
+    map.insert("rope_local_base_freq".into(), 1e4.into());
+    map.insert(
+        "rope_scaling".into(),
+        serde_json::json!({"rope_type": "linear", "factor": 8.0}),
+    );
+    let c = normalise(&config).unwrap();
+    assert_eq!(c.sliding_window, vec![Some(8), Some(8), None, Some(8), Some(8), None]);
+    assert_eq!(c.rope.theta, 1e6);
+    assert_eq!(c.rope.scaling, ember_model::config::RopeScaling::Linear { factor: 8.0 });
+    let local = c.local_rope.unwrap();
+    assert_eq!(
+        (local.theta, local.scaling),
+        (1e4, ember_model::config::RopeScaling::Default)
+    );
+}
+
+#[test]
+fn unsupported_layouts_are_named() {
+    // A multimodal wrapper (Gemma 3 4B+) nests the decoder under text_config.
+    let mut config = fixture_config("gemma3");
+    config["model_type"] = "gemma3".into();
+    config["text_config"] = serde_json::json!({"model_type": "gemma3_text"});
+    let err = normalise(&config).unwrap_err().to_string();
+    assert!(err.contains("text_config") && err.contains("gemma3_text"), "{err}");
+
+    // Phi-3.5's longrope scaling is not implemented: refused, not silently ignored.
+    let mut config = fixture_config("phi3");
+    config["rope_parameters"]["rope_type"] = "longrope".into();
+    let err = normalise(&config).unwrap_err().to_string();
+    assert!(err.contains("unsupported rope_type `longrope`"), "{err}");
+
+    // MoE routing needs its expert counts.
+    let mut config = fixture_config("mixtral");
+    config.as_object_mut().unwrap().remove("num_local_experts");
+    let err = normalise(&config).unwrap_err().to_string();
+    assert!(err.contains("num_local_experts"), "{err}");
 }
 
 #[test]

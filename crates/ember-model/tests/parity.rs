@@ -18,6 +18,13 @@ fn check_arch(arch: &str, config_file: &str) {
     let config = DecoderConfig::from_file(dir.join(config_file)).unwrap();
     let weights = Weights::open_dir(&dir).unwrap();
     let model = CausalLm::<TestBackend>::load(config, &weights, &device).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    assert_eq!(
+        model.base_param_count() as u64,
+        expected["num_params"].as_u64().unwrap(),
+        "{arch}: parameter count"
+    );
     let inputs = Inputs::read(arch);
     let out = model.forward_with_hidden(inputs.to_model_input(), true);
 
@@ -71,6 +78,15 @@ parity! {
     mistral: "mistral",
     qwen2: "qwen2",
     qwen3: "qwen3",
+    gemma: "gemma",
+    gemma2: "gemma2",
+    gemma3: "gemma3",
+    phi3: "phi3",
+    olmo2: "olmo2",
+    glm4: "glm4",
+    mixtral: "mixtral",
+    qwen3_moe: "qwen3_moe",
+    gpt_oss: "gpt_oss",
 }
 
 /// bf16 weights upcast to f32 and computed in f32 match transformers'

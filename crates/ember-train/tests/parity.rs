@@ -126,22 +126,29 @@ fn check_arch(arch: &str) {
     }
 }
 
-#[test]
-fn llama_training_matches_peft() {
-    check_arch("llama");
+macro_rules! training_parity {
+    ($($name:ident: $arch:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                check_arch($arch);
+            }
+        )*
+    };
 }
 
-#[test]
-fn mistral_training_matches_peft() {
-    check_arch("mistral");
-}
-
-#[test]
-fn qwen2_training_matches_peft() {
-    check_arch("qwen2");
-}
-
-#[test]
-fn qwen3_training_matches_peft() {
-    check_arch("qwen3");
+training_parity! {
+    llama_training_matches_peft: "llama",
+    mistral_training_matches_peft: "mistral",
+    qwen2_training_matches_peft: "qwen2",
+    qwen3_training_matches_peft: "qwen3",
+    gemma_training_matches_peft: "gemma",
+    gemma2_training_matches_peft: "gemma2",
+    gemma3_training_matches_peft: "gemma3",
+    phi3_training_matches_peft: "phi3",
+    olmo2_training_matches_peft: "olmo2",
+    glm4_training_matches_peft: "glm4",
+    mixtral_training_matches_peft: "mixtral",
+    qwen3_moe_training_matches_peft: "qwen3_moe",
+    gpt_oss_training_matches_peft: "gpt_oss",
 }

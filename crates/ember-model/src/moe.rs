@@ -1,0 +1,230 @@
+//! Sparse mixture-of-experts feed-forward blocks (Mixtral, Qwen3-MoE, gpt-oss).
+//!
+//! Routing picks `top_k` experts per token; each expert runs only on the tokens routed to it
+//! (gathered with `select`, scattered back with an additive `select_assign`), so compute is
+//! `top_k / num_experts` of a dense evaluation. Expert and router weights are frozen: LoRA
+//! adapts the attention projections of MoE models, and gradients flow through the experts and
+//! the routing weights to the hidden states, as in PyTorch.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::config::{DecoderConfig, ExpertActivation, MoeConfig, MoeLayout, Routing};
+use crate::error::Result;
+use crate::model::activate;
+use crate::weights::Weights;
+
+/// One expert's gated MLP, weights in `nn.Linear` layout (`y = x·Wᵀ + b`).
+#[derive(Module, Debug)]
+pub struct Expert<B: Backend> {
+    /// Gate rows then up rows, `[2·intermediate, hidden]`.
+    pub gate_up: Param<Tensor<B, 2>>,
+    /// `[2·intermediate]` (gpt-oss).
+    pub gate_up_bias: Option<Param<Tensor<B, 1>>>,
+    /// `[hidden, intermediate]`.
+    pub down: Param<Tensor<B, 2>>,
+    /// `[hidden]` (gpt-oss).
+    pub down_bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Expert<B> {
+    /// # Shapes
+    /// - `x`: `[tokens, hidden]`
+    /// - output: `[tokens, hidden]`
+    fn forward(&self, x: Tensor<B, 2>, activation: ExpertActivation) -> Tensor<B, 2> {
+        let gate_up = ember_lora::linear(x, self.gate_up.val(), self.gate_up_bias.as_ref().map(|b| b.val()));
+        let [tokens, width] = gate_up.dims();
+        let inter = width / 2;
+        let gate = gate_up.clone().narrow(1, 0, inter);
+        let up = gate_up.narrow(1, inter, inter);
+        let hidden = match activation {
+            ExpertActivation::Gated(act) => activate(gate, act) * up,
+            ExpertActivation::ClampedSwiGlu { alpha, limit } => {
+                let gate = gate.clamp_max(limit as f32);
+                let up = up.clamp(-limit as f32, limit as f32);
+                let glu = gate.clone() * sigmoid(gate.mul_scalar(alpha as f32));
+                up.add_scalar(1.0) * glu
+            }
+        };
+        debug_assert_eq!(hidden.dims()[0], tokens);
+        ember_lora::linear(hidden, self.down.val(), self.down_bias.as_ref().map(|b| b.val()))
+    }
+}
+
+/// A router and its experts (`block_sparse_moe` / `mlp`).
+#[derive(Module, Debug)]
+pub struct SparseMoe<B: Backend> {
+    /// Router weight, `[experts, hidden]`.
+    pub router: Param<Tensor<B, 2>>,
+    /// Router bias, `[experts]` (gpt-oss).
+    pub router_bias: Option<Param<Tensor<B, 1>>>,
+    /// The experts.
+    pub experts: Vec<Expert<B>>,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Routing rule.
+    #[module(skip)]
+    pub routing: Routing,
+    /// Expert activation.
+    #[module(skip)]
+    pub activation: ExpertActivation,
+}
+
+impl<B: Backend> SparseMoe<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, seq, hidden] = x.dims();
+        let tokens = batch * seq;
+        let x = x.reshape([tokens, hidden]);
+        let (weights, experts) = self.route(x.clone());
+        let device = x.device();
+        let k = self.top_k;
+
+        // Host-side dispatch: which (token, slot) pairs each expert serves.
+        let chosen: Vec<i64> = experts.into_data().convert::<i64>().to_vec().unwrap_or_default();
+        let mut per_expert: Vec<(Vec<i64>, Vec<i64>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
+        for (slot, &e) in chosen.iter().enumerate() {
+            let (token_ids, slot_ids) = &mut per_expert[e as usize];
+            token_ids.push((slot / k) as i64);
+            slot_ids.push(slot as i64);
+        }
+        let weights = weights.reshape([tokens * k]);
+        let mut out = Tensor::<B, 2>::zeros([tokens, hidden], &device);
+        for (expert, (token_ids, slot_ids)) in self.experts.iter().zip(per_expert) {
+            if token_ids.is_empty() {
+                continue;
+            }
+            let n = token_ids.len();
+            let token_ids = Tensor::<B, 1, Int>::from_data(TensorData::new(token_ids, [n]), &device);
+            let slot_ids = Tensor::<B, 1, Int>::from_data(TensorData::new(slot_ids, [n]), &device);
+            let y = expert.forward(x.clone().select(0, token_ids.clone()), self.activation);
+            let w = weights.clone().select(0, slot_ids).reshape([n, 1]);
+            out = out.select_assign(0, token_ids, y * w, IndexingUpdateOp::Add);
+        }
+        out.reshape([batch, seq, hidden])
+    }
+
+    /// Routing weights and expert indices of every token. The indices are chosen without
+    /// gradient; the weights are differentiable functions of the router logits.
+    ///
+    /// # Shapes
+    /// - `x`: `[tokens, hidden]`
+    /// - output: weights `[tokens, top_k]`, experts `[tokens, top_k]`
+    fn route(&self, x: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+        let logits = ember_lora::linear(x, self.router.val(), self.router_bias.as_ref().map(|b| b.val()));
+        match self.routing {
+            Routing::SoftmaxTopK { renormalize } => {
+                let probs = softmax(logits, 1);
+                let (_, experts) = probs.clone().detach().topk_with_indices(self.top_k, 1);
+                let mut weights = probs.gather(1, experts.clone());
+                if renormalize {
+                    let total = weights.clone().sum_dim(1);
+                    weights = weights / total;
+                }
+                (weights, experts)
+            }
+            Routing::TopKSoftmax => {
+                let (_, experts) = logits.clone().detach().topk_with_indices(self.top_k, 1);
+                (softmax(logits.gather(1, experts.clone()), 1), experts)
+            }
+        }
+    }
+}
+
+/// Loads the sparse block of layer `prefix` (`model.layers.{i}`) in the checkpoint layout
+/// `moe.layout`. Mixtral and Qwen experts may also come fused as transformers 5 holds them in
+/// memory (`mlp.experts.gate_up_proj` `[experts, 2·inter, hidden]`, `down_proj`
+/// `[experts, hidden, inter]`).
+pub(crate) fn load<B: Backend>(
+    moe: &MoeConfig,
+    config: &DecoderConfig,
+    weights: &Weights,
+    prefix: &str,
+    device: &B::Device,
+) -> Result<SparseMoe<B>> {
+    let (h, inter, n) = (config.hidden_size, moe.intermediate_size, moe.num_experts);
+    let frozen2 = |t: Tensor<B, 2>| Param::from_tensor(t).set_require_grad(false);
+    let frozen1 = |t: Tensor<B, 1>| Param::from_tensor(t).set_require_grad(false);
+    let (block, router_name) = match moe.layout {
+        MoeLayout::Mixtral => ("block_sparse_moe", "gate"),
+        MoeLayout::Qwen => ("mlp", "gate"),
+        MoeLayout::GptOss => ("mlp", "router"),
+    };
+    let base = format!("{prefix}.{block}");
+    let router = weights.tensor::<B, 2>(&format!("{base}.{router_name}.weight"), [n, h], device)?;
+    let router_bias = match moe.layout {
+        MoeLayout::GptOss => Some(frozen1(weights.tensor::<B, 1>(
+            &format!("{base}.{router_name}.bias"),
+            [n],
+            device,
+        )?)),
+        _ => None,
+    };
+    let fused_gate_up = format!("{base}.experts.gate_up_proj");
+    let experts = match moe.layout {
+        MoeLayout::GptOss => {
+            // [experts, hidden, 2·inter], gate/up interleaved along the last axis; x·W layout.
+            let gate_up = weights.tensor::<B, 3>(&fused_gate_up, [n, h, 2 * inter], device)?;
+            let gate_up_bias = weights.tensor::<B, 2>(&format!("{fused_gate_up}_bias"), [n, 2 * inter], device)?;
+            let down = weights.tensor::<B, 3>(&format!("{base}.experts.down_proj"), [n, inter, h], device)?;
+            let down_bias = weights.tensor::<B, 2>(&format!("{base}.experts.down_proj_bias"), [n, h], device)?;
+            (0..n)
+                .map(|e| {
+                    // De-interleave to [gate | up] and transpose to nn.Linear layout.
+                    let w = gate_up.clone().narrow(0, e, 1).reshape([h, inter, 2]).swap_dims(1, 2);
+                    let w = w.reshape([h, 2 * inter]).transpose();
+                    let b = gate_up_bias.clone().narrow(0, e, 1).reshape([inter, 2]).transpose();
+                    Expert {
+                        gate_up: frozen2(w),
+                        gate_up_bias: Some(frozen1(b.reshape([2 * inter]))),
+                        down: frozen2(down.clone().narrow(0, e, 1).reshape([inter, h]).transpose()),
+                        down_bias: Some(frozen1(down_bias.clone().narrow(0, e, 1).reshape([h]))),
+                    }
+                })
+                .collect()
+        }
+        _ if weights.contains(&fused_gate_up) => {
+            let gate_up = weights.tensor::<B, 3>(&fused_gate_up, [n, 2 * inter, h], device)?;
+            let down = weights.tensor::<B, 3>(&format!("{base}.experts.down_proj"), [n, h, inter], device)?;
+            (0..n)
+                .map(|e| Expert {
+                    gate_up: frozen2(gate_up.clone().narrow(0, e, 1).reshape([2 * inter, h])),
+                    gate_up_bias: None,
+                    down: frozen2(down.clone().narrow(0, e, 1).reshape([h, inter])),
+                    down_bias: None,
+                })
+                .collect()
+        }
+        layout => {
+            let (gate, up, down) = match layout {
+                MoeLayout::Mixtral => ("w1", "w3", "w2"),
+                _ => ("gate_proj", "up_proj", "down_proj"),
+            };
+            let mut experts = Vec::with_capacity(n);
+            for e in 0..n {
+                let key = |name: &str| format!("{base}.experts.{e}.{name}.weight");
+                let g = weights.tensor::<B, 2>(&key(gate), [inter, h], device)?;
+                let u = weights.tensor::<B, 2>(&key(up), [inter, h], device)?;
+                experts.push(Expert {
+                    gate_up: frozen2(Tensor::cat(vec![g, u], 0)),
+                    gate_up_bias: None,
+                    down: frozen2(weights.tensor::<B, 2>(&key(down), [h, inter], device)?),
+                    down_bias: None,
+                });
+            }
+            experts
+        }
+    };
+    Ok(SparseMoe {
+        router: frozen2(router),
+        router_bias,
+        experts,
+        top_k: moe.top_k,
+        routing: moe.routing,
+        activation: moe.activation,
+    })
+}
