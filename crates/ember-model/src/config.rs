@@ -134,6 +134,8 @@ pub struct HfConfig {
     pub swiglu_limit: Option<f64>,
     /// gpt-oss: slope of the expert SwiGLU's sigmoid.
     pub swiglu_alpha: Option<f64>,
+    /// Phi-3 (transformers 4 style): context length of pre-training, for longrope.
+    pub original_max_position_embeddings: Option<f64>,
     /// Multimodal wrappers (Gemma 3 4B+, ...) nest the language model here.
     pub text_config: Option<Value>,
 }
@@ -174,6 +176,20 @@ pub enum RopeScaling {
         attention_factor: f64,
         /// Round the ramp's bounds outwards to whole dimensions.
         truncate: bool,
+    },
+    /// LongRoPE (Phi-3.5, Phi-4-mini): per-frequency divisors, the short set while every
+    /// position is inside the pre-training context, the long set beyond it (chosen per
+    /// forward from the largest position id, as transformers does); cos/sin multiplied by an
+    /// attention factor.
+    LongRope {
+        /// Divisors used within the pre-training context, `[rotary_dim / 2]`.
+        short_factor: Vec<f64>,
+        /// Divisors used beyond it, `[rotary_dim / 2]`.
+        long_factor: Vec<f64>,
+        /// Context length of pre-training.
+        original_max_position_embeddings: f64,
+        /// Multiplier of cos/sin (`√(1 + ln(factor) / ln(original))` unless given).
+        attention_factor: f64,
     },
 }
 
@@ -623,8 +639,56 @@ fn rope_config(
             low_freq_factor: need("low_freq_factor")?,
             original_max_position_embeddings: need("original_max_position_embeddings")?,
         },
+        "longrope" => {
+            let original = get("original_max_position_embeddings")
+                .or(hf.original_max_position_embeddings)
+                .ok_or_else(|| {
+                    (
+                        "original_max_position_embeddings".to_string(),
+                        "required for rope_type `longrope`".to_string(),
+                    )
+                })?;
+            let factors = |name: &str| -> std::result::Result<Vec<f64>, (String, String)> {
+                let list = params
+                    .as_ref()
+                    .and_then(|p| p.get(name))
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| (format!("{key}.{name}"), "required for rope_type `longrope`".to_string()))?;
+                let values: Vec<f64> = list.iter().filter_map(Value::as_f64).collect();
+                if values.len() != list.len() || values.len() != rotary_dim / 2 {
+                    return Err((
+                        format!("{key}.{name}"),
+                        format!(
+                            "needs {} numbers (rotary dims / 2), found {}",
+                            rotary_dim / 2,
+                            list.len()
+                        ),
+                    ));
+                }
+                Ok(values)
+            };
+            let factor = get("factor").unwrap_or(hf.max_position_embeddings.unwrap_or(0) as f64 / original);
+            let attention_factor = get("attention_factor").unwrap_or(if factor <= 1.0 {
+                1.0
+            } else {
+                (1.0 + factor.ln() / original.ln()).sqrt()
+            });
+            RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
         "yarn" => {
-            let original = need("original_max_position_embeddings")?;
+            let original = get("original_max_position_embeddings")
+                .or(hf.original_max_position_embeddings)
+                .ok_or_else(|| {
+                    (
+                        format!("{key}.original_max_position_embeddings"),
+                        "required for rope_type `yarn`".to_string(),
+                    )
+                })?;
             let factor = get("factor").unwrap_or(hf.max_position_embeddings.unwrap_or(0) as f64 / original);
             let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
             let attention_factor = match (get("attention_factor"), get("mscale"), get("mscale_all_dim")) {
@@ -648,7 +712,7 @@ fn rope_config(
         other => {
             return Err((
                 format!("{key}.rope_type"),
-                format!("unsupported rope_type `{other}` (supported: default, linear, llama3, yarn)"),
+                format!("unsupported rope_type `{other}` (supported: default, linear, llama3, yarn, longrope)"),
             ))
         }
     };

@@ -4,7 +4,7 @@
 //! order), so that angles at long positions agree to the last bits.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use crate::config::{RopeConfig, RopeScaling};
 
@@ -17,19 +17,35 @@ pub struct RopeFrequencies {
     pub attention_scaling: f32,
     /// Rotate interleaved pairs instead of halves.
     pub interleaved: bool,
+    /// LongRoPE: the frequencies used when a position reaches the given context length.
+    pub long: Option<(Vec<f32>, i64)>,
 }
 
 impl RopeFrequencies {
     /// Computes the frequencies of `rope`.
     pub fn new(rope: &RopeConfig) -> Self {
         let attention_scaling = match rope.scaling {
-            RopeScaling::Yarn { attention_factor, .. } => attention_factor as f32,
+            RopeScaling::Yarn { attention_factor, .. } | RopeScaling::LongRope { attention_factor, .. } => {
+                attention_factor as f32
+            }
             _ => 1.0,
+        };
+        let long = match &rope.scaling {
+            RopeScaling::LongRope {
+                long_factor,
+                original_max_position_embeddings,
+                ..
+            } => Some((
+                divided_frequencies(rope, long_factor),
+                *original_max_position_embeddings as i64,
+            )),
+            _ => None,
         };
         Self {
             inv_freq: inverse_frequencies(rope),
             attention_scaling,
             interleaved: rope.interleaved,
+            long,
         }
     }
 
@@ -38,7 +54,12 @@ impl RopeFrequencies {
     /// # Shapes
     /// - `position_ids`: `[batch, seq]`
     pub fn tables<B: Backend>(&self, position_ids: Tensor<B, 2, Int>) -> RopeTables<B> {
-        RopeTables::new(position_ids, &self.inv_freq, self.attention_scaling, self.interleaved)
+        let inv_freq = match &self.long {
+            // transformers' longrope_frequency_update: long factors once max(position) + 1 > original.
+            Some((long, original)) if position_ids.clone().max().into_scalar().elem::<i64>() + 1 > *original => long,
+            _ => &self.inv_freq,
+        };
+        RopeTables::new(position_ids, inv_freq, self.attention_scaling, self.interleaved)
     }
 }
 
@@ -48,17 +69,18 @@ pub fn inverse_frequencies(rope: &RopeConfig) -> Vec<f32> {
     let base = rope.theta as f32;
     let pos_freqs: Vec<f32> = (0..dim / 2).map(|i| base.powf((2 * i) as f32 / dim as f32)).collect();
     let plain: Vec<f32> = pos_freqs.iter().map(|p| 1.0f32 / p).collect();
-    match rope.scaling {
+    match &rope.scaling {
         RopeScaling::Default => plain,
-        RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::LongRope { short_factor, .. } => divided_frequencies(rope, short_factor),
+        RopeScaling::Linear { factor } => plain.iter().map(|f| f / *factor as f32).collect(),
         RopeScaling::Llama3 {
             factor,
             high_freq_factor,
             low_freq_factor,
             original_max_position_embeddings: old_context,
         } => {
-            let factor = factor as f32;
-            let (low, high, old) = (low_freq_factor as f32, high_freq_factor as f32, old_context as f32);
+            let factor = *factor as f32;
+            let (low, high, old) = (*low_freq_factor as f32, *high_freq_factor as f32, *old_context as f32);
             let low_freq_wavelen = old / low;
             let high_freq_wavelen = old / high;
             plain
@@ -90,8 +112,8 @@ pub fn inverse_frequencies(rope: &RopeConfig) -> Vec<f32> {
             let correction = |rotations: f64| {
                 (dim as f64 * (old / (rotations * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * rope.theta.ln())
             };
-            let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
-            if truncate {
+            let (mut low, mut high) = (correction(*beta_fast), correction(*beta_slow));
+            if *truncate {
                 low = low.floor();
                 high = high.ceil();
             }
@@ -108,12 +130,23 @@ pub fn inverse_frequencies(rope: &RopeConfig) -> Vec<f32> {
                     let ramp = ((i as f32 - low) / span).clamp(0.0, 1.0);
                     let extrapolation_factor = 1.0 - ramp;
                     let extrapolation = 1.0 / p;
-                    let interpolation = 1.0 / (factor as f32 * p);
+                    let interpolation = 1.0 / (*factor as f32 * p);
                     interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
                 })
                 .collect()
         }
     }
+}
+
+/// LongRoPE's `1 / (factor_i · θ^(2i/d))`, in f32 as transformers computes it.
+fn divided_frequencies(rope: &RopeConfig, factors: &[f64]) -> Vec<f32> {
+    let dim = rope.rotary_dim;
+    let base = rope.theta as f32;
+    factors
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| 1.0f32 / (f as f32 * base.powf((2 * i) as f32 / dim as f32)))
+        .collect()
 }
 
 /// Cosine and sine tables for given positions.

@@ -267,11 +267,18 @@ fn unsupported_layouts_are_named() {
     let err = normalise(&config).unwrap_err().to_string();
     assert!(err.contains("text_config") && err.contains("gemma3_text"), "{err}");
 
-    // Phi-3.5's longrope scaling is not implemented: refused, not silently ignored.
+    // Dynamic NTK scaling is not implemented: refused, not silently ignored; longrope factors
+    // must cover the rotary dimensions.
     let mut config = fixture_config("phi3");
-    config["rope_parameters"]["rope_type"] = "longrope".into();
+    config["rope_parameters"]["rope_type"] = "dynamic".into();
     let err = normalise(&config).unwrap_err().to_string();
-    assert!(err.contains("unsupported rope_type `longrope`"), "{err}");
+    assert!(err.contains("unsupported rope_type `dynamic`"), "{err}");
+    config["rope_parameters"] = serde_json::json!({
+        "rope_type": "longrope", "original_max_position_embeddings": 8,
+        "short_factor": [1.0, 1.0], "long_factor": [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    });
+    let err = normalise(&config).unwrap_err().to_string();
+    assert!(err.contains("short_factor") && err.contains("needs 8 numbers"), "{err}");
 
     // MoE routing needs its expert counts.
     let mut config = fixture_config("mixtral");

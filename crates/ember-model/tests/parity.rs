@@ -172,3 +172,42 @@ fn padded_rows_match_unpadded_rows() {
         );
     }
 }
+
+/// RoPE variants outside the shared fixtures, against transformers 5.24 on the same weights
+/// (`tests/fixtures/rope_variants/gen_rope_variants.py`): Phi-3.5-style longrope with partial
+/// rotary (short factors on a 6-token input, long factors once positions pass the original 8),
+/// and Qwen2.5-style YaRN.
+#[test]
+fn rope_variants_match_transformers() {
+    let device = Default::default();
+    for (variant, arch) in [("phi3_longrope", "phi3"), ("qwen2_yarn", "qwen2")] {
+        let dir = fixtures().join("rope_variants").join(variant);
+        let config = DecoderConfig::from_file(dir.join("config.json")).unwrap();
+        let weights = Weights::open_dir(&fixtures().join(arch)).unwrap();
+        let model = CausalLm::<TestBackend>::load(config, &weights, &device).unwrap();
+        let inputs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
+        for case in ["short", "long"] {
+            let rows: Vec<Vec<i64>> = serde_json::from_value(inputs[case].clone()).unwrap();
+            let dims = [rows.len(), rows[0].len()];
+            let ids = Tensor::<TestBackend, 1, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(rows.concat(), [dims[0] * dims[1]]),
+                &device,
+            )
+            .reshape(dims);
+            let logits = model.forward(ember_model::ModelInput::new(ids));
+            let actual = logits.into_data().to_vec::<f32>().unwrap();
+            let (expected, _) = reference(&dir.join("logits.safetensors"), &format!("logits_{case}"));
+            assert_eq!(actual.len(), expected.len());
+            let diff = actual
+                .iter()
+                .zip(&expected)
+                .enumerate()
+                .fold(
+                    (0.0f32, 0),
+                    |w, (i, (a, b))| if (a - b).abs() > w.0 { ((a - b).abs(), i) } else { w },
+                );
+            assert_close(&format!("{variant} {case}"), diff, TOL);
+        }
+    }
+}
