@@ -115,20 +115,55 @@ pub fn label_log_likelihoods<B: Backend>(
     pad_id: u32,
     progress: impl FnMut(usize),
 ) -> Vec<Vec<f64>> {
+    let none = vec![GoldContinuation::default(); prompts.len()];
+    label_scores_and_gold_loss(model, prompts, &none, candidates, batch_size, pad_id, progress).0
+}
+
+/// The tokens that follow a prompt in its training sample (the gold answer and the end of
+/// turn) with their labels (`IGNORE` where not a target); empty when the row has no sample.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GoldContinuation {
+    /// Token ids after the prompt.
+    pub tokens: Vec<u32>,
+    /// Their labels.
+    pub labels: Vec<i64>,
+}
+
+/// [`label_log_likelihoods`] plus the loss of each prompt's gold continuation, from the same
+/// forward: the prompt and its continuation run once into a key/value cache, the candidates'
+/// first tokens are read at the last prompt position, and longer candidates continue from the
+/// cache cut back to the prompt. Returns the scores and `(Σ target NLL, target tokens)`.
+pub fn label_scores_and_gold_loss<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    gold: &[GoldContinuation],
+    candidates: &[Vec<u32>],
+    batch_size: usize,
+    pad_id: u32,
+    progress: impl FnMut(usize),
+) -> (Vec<Vec<f64>>, (f64, usize)) {
     // Batch prompts of similar length together (less padding), then restore the caller's order.
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
     let sorted: Vec<Vec<u32>> = order.iter().map(|&i| prompts[i].clone()).collect();
-    let scores = if candidates.iter().all(|c| !c.is_empty()) {
-        cached_scores(model, &sorted, candidates, batch_size, pad_id, progress)
+    let sorted_gold: Vec<GoldContinuation> = order.iter().map(|&i| gold[i].clone()).collect();
+    let (scores, loss) = if candidates.iter().all(|c| !c.is_empty()) {
+        cached_scores(model, &sorted, &sorted_gold, candidates, batch_size, pad_id, progress)
     } else {
-        full_sequence_scores(model, &sorted, candidates, batch_size, pad_id, progress)
+        assert!(
+            sorted_gold.iter().all(|g| g.tokens.is_empty()),
+            "gold continuations need non-empty candidates"
+        );
+        (
+            full_sequence_scores(model, &sorted, candidates, batch_size, pad_id, progress),
+            (0.0, 0),
+        )
     };
     let mut out = vec![Vec::new(); prompts.len()];
     for (k, &i) in order.iter().enumerate() {
         out[i] = scores[k].clone();
     }
-    out
+    (out, loss)
 }
 
 /// The same scores from one full forward per (prompt, candidate) pair; the reference the
@@ -170,17 +205,20 @@ pub fn full_sequence_scores<B: Backend>(
     scores
 }
 
-/// Each prompt batch runs once into a key/value cache; every candidate's first token is read off
-/// the prompt's next-token distribution and any further tokens continue from a copy of the cache
-/// (prompts are left-padded; positions count real tokens). Single-token labels cost one forward.
+/// Each prompt batch (with its gold continuations, if any) runs once into a key/value cache;
+/// every candidate's first token is read off the prompt's next-token distribution and any
+/// further tokens continue from a copy of the cache cut back to the prompt (prompts are
+/// left-padded, continuations right-padded; positions count real tokens). Single-token labels
+/// cost one forward.
 fn cached_scores<B: Backend>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
+    gold: &[GoldContinuation],
     candidates: &[Vec<u32>],
     batch_size: usize,
     pad_id: u32,
     mut progress: impl FnMut(usize),
-) -> Vec<Vec<f64>> {
+) -> (Vec<Vec<f64>>, (f64, usize)) {
     use burn::tensor::activation::log_softmax;
     use burn::tensor::{Int, Tensor, TensorData};
     use ember_model::model::KvCache;
@@ -190,32 +228,64 @@ fn cached_scores<B: Backend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(rows.concat(), [rows.len(), w]), &device)
     };
     let mut scores = Vec::with_capacity(prompts.len());
+    let (mut loss_sum, mut loss_tokens) = (0.0f64, 0usize);
     let mut finished = 0;
-    for chunk in prompts.chunks(batch_size.max(1)) {
+    let batch_size = batch_size.max(1);
+    for (chunk_index, chunk) in prompts.chunks(batch_size).enumerate() {
+        let chunk_gold = &gold[chunk_index * batch_size..chunk_index * batch_size + chunk.len()];
         let width = chunk.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let extra = chunk_gold.iter().map(|g| g.tokens.len()).max().unwrap_or(0);
         let ids: Vec<Vec<i64>> = chunk
             .iter()
-            .map(|p| {
+            .zip(chunk_gold)
+            .map(|(p, g)| {
                 std::iter::repeat_n(pad_id as i64, width - p.len())
                     .chain(p.iter().map(|&t| t as i64))
+                    .chain(g.tokens.iter().map(|&t| t as i64))
+                    .chain(std::iter::repeat_n(pad_id as i64, extra - g.tokens.len()))
                     .collect()
             })
             .collect();
         let mask: Vec<Vec<i64>> = chunk
             .iter()
-            .map(|p| (0..width).map(|i| (i >= width - p.len()) as i64).collect())
+            .zip(chunk_gold)
+            .map(|(p, g)| {
+                (0..width + extra)
+                    .map(|i| (i >= width - p.len() && i < width + g.tokens.len()) as i64)
+                    .collect()
+            })
             .collect();
         let pos: Vec<Vec<i64>> = chunk
             .iter()
             .map(|p| {
-                (0..width)
+                (0..width + extra)
                     .map(|i| (i as i64 - (width - p.len()) as i64).max(0))
                     .collect()
             })
             .collect();
         let mut cache = KvCache::<B>::default();
-        let prompt_hidden = model.forward_step_hidden(int(&ids), int(&mask), int(&pos), &mut cache);
-        let last = prompt_hidden.narrow(1, width - 1, 1);
+        let hidden = model.forward_step_hidden(int(&ids), int(&mask), int(&pos), &mut cache);
+        let last = hidden.clone().narrow(1, width - 1, 1);
+        if extra > 0 {
+            let labels: Vec<i64> = chunk_gold
+                .iter()
+                .flat_map(|g| {
+                    std::iter::repeat_n(IGNORE, width)
+                        .chain(g.labels.iter().copied())
+                        .chain(std::iter::repeat_n(IGNORE, extra - g.labels.len()))
+                })
+                .collect();
+            loss_tokens += labels.iter().filter(|&&l| l != IGNORE).count();
+            let sum = target_loss_sum(model, hidden, &labels);
+            let value: f32 = burn::tensor::ElementConversion::elem(sum.into_scalar());
+            loss_sum += value as f64;
+            // Candidates continue from the prompt alone.
+            for (k, v) in cache.layers.iter_mut().flatten() {
+                *k = k.clone().narrow(2, 0, width);
+                *v = v.clone().narrow(2, 0, width);
+            }
+            cache.len = width;
+        }
         let first = log_softmax(model.lm_head_logits(last.clone()), 2);
         let b = chunk.len();
         let gather_sum = |logp: Tensor<B, 3>, tokens: &[u32]| -> Vec<f32> {
@@ -242,7 +312,13 @@ fn cached_scores<B: Backend>(
                     .collect();
                 let step_mask: Vec<Vec<i64>> = mask
                     .iter()
-                    .map(|m| m.iter().copied().chain(std::iter::repeat_n(1, n - 1)).collect())
+                    .map(|m| {
+                        m[..width]
+                            .iter()
+                            .copied()
+                            .chain(std::iter::repeat_n(1, n - 1))
+                            .collect()
+                    })
                     .collect();
                 let step_pos: Vec<Vec<i64>> = chunk
                     .iter()
@@ -260,7 +336,7 @@ fn cached_scores<B: Backend>(
         finished += chunk.len();
         progress(finished);
     }
-    scores
+    (scores, (loss_sum, loss_tokens))
 }
 
 /// Accuracy of label scoring with its confusion matrix.
@@ -286,16 +362,26 @@ pub fn classify<B: Backend>(
     pad_id: u32,
     progress: impl FnMut(usize),
 ) -> Result<ClassificationReport> {
-    let candidates = labels
-        .iter()
-        .map(|l| tokenizer.encode(l, false))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let candidates = encode_labels(tokenizer, labels)?;
     let prompts: Vec<Vec<u32>> = examples.iter().map(|e| e.prompt.clone()).collect();
     let scores = label_log_likelihoods(model, &prompts, &candidates, batch_size, pad_id, progress);
+    Ok(classification_report(examples, labels, &scores))
+}
+
+/// The token ids of each candidate label.
+fn encode_labels(tokenizer: &Tokenizer, labels: &[String]) -> Result<Vec<Vec<u32>>> {
+    Ok(labels
+        .iter()
+        .map(|l| tokenizer.encode(l, false))
+        .collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
+/// Accuracy and confusion from per-row candidate scores.
+fn classification_report(examples: &[LabeledPrompt], labels: &[String], scores: &[Vec<f64>]) -> ClassificationReport {
     let mut confusion = vec![vec![0usize; labels.len()]; labels.len()];
     let mut correct = 0;
     let mut rows = 0;
-    for (e, s) in examples.iter().zip(&scores) {
+    for (e, s) in examples.iter().zip(scores) {
         let Some(gold) = labels.iter().position(|l| *l == e.gold) else {
             continue;
         };
@@ -308,12 +394,12 @@ pub fn classify<B: Backend>(
         correct += usize::from(gold == predicted);
         rows += 1;
     }
-    Ok(ClassificationReport {
+    ClassificationReport {
         accuracy: correct as f64 / rows.max(1) as f64,
         rows,
         labels: labels.to_vec(),
         confusion,
-    })
+    }
 }
 
 /// Exact and normalised match of greedy generations against the gold answers.
@@ -476,7 +562,12 @@ pub fn evaluate_models<B: Backend>(
         records.truncate(n);
     }
     let encoder = crate::data::Encoder::new(&tokenizer, &spec.data, config.eos_token_ids.first().copied())?;
-    let (samples, _) = crate::data::encode_records(&records, &encoder, 0)?;
+    // One sample per record (None when dropped as over-long or target-less).
+    let mut row_samples = Vec::with_capacity(records.len());
+    for record in &records {
+        row_samples.push(encoder.encode(record)?.ok().map(|(s, _)| s));
+    }
+    let samples: Vec<Sample> = row_samples.iter().flatten().cloned().collect();
     let examples = match spec.data.format {
         crate::config::DataFormat::Chat | crate::config::DataFormat::Alpaca => {
             Some(labeled_prompts(&records, &tokenizer)?)
@@ -493,6 +584,32 @@ pub fn evaluate_models<B: Backend>(
     };
     // Label scoring makes sense for a small closed set of answers.
     let classify_rows = examples.as_ref().filter(|_| !labels.is_empty() && labels.len() <= 20);
+    let candidates = match classify_rows {
+        Some(_) => encode_labels(&tokenizer, &labels)?,
+        None => Vec::new(),
+    };
+    // When every sample is its prompt plus a continuation that holds all its targets, the loss
+    // comes from the label-scoring forward (one pass per row instead of two).
+    let gold: Option<Vec<GoldContinuation>> = classify_rows
+        .filter(|_| candidates.iter().all(|c| !c.is_empty()))
+        .and_then(|ex| {
+            ex.iter()
+                .zip(&row_samples)
+                .map(|(e, sample)| match sample {
+                    None => Some(GoldContinuation::default()),
+                    Some(s) => {
+                        let n = e.prompt.len();
+                        let aligned = s.input_ids.len() > n
+                            && s.input_ids[..n] == e.prompt[..]
+                            && s.labels[..n].iter().all(|&l| l == IGNORE);
+                        aligned.then(|| GoldContinuation {
+                            tokens: s.input_ids[n..].to_vec(),
+                            labels: s.labels[n..].to_vec(),
+                        })
+                    }
+                })
+                .collect()
+        });
     let mut base = CausalLm::<B>::from_path(&spec.model, device)?;
     let mut models = Vec::new();
     let names: Vec<Option<&std::path::PathBuf>> = std::iter::once(None).chain(spec.adapters.iter().map(Some)).collect();
@@ -509,16 +626,32 @@ pub fn evaluate_models<B: Backend>(
         };
         let m = model.as_mut().unwrap_or(&mut base);
         log(&format!("evaluating {name}"));
-        let loss = evaluate_loss(m, &samples, spec.batch_size, pad_id);
-        let classification = match classify_rows {
-            Some(ex) => {
+        let (loss, classification) = match (classify_rows, &gold) {
+            (Some(ex), Some(gold)) => {
+                let total = ex.len();
+                let prompts: Vec<Vec<u32>> = ex.iter().map(|e| e.prompt.clone()).collect();
+                let (scores, (sum, tokens)) =
+                    label_scores_and_gold_loss(m, &prompts, gold, &candidates, spec.batch_size, pad_id, |n| {
+                        log(&format!("  label scoring + loss {}/{total}", n.min(total)))
+                    });
+                let loss = sum / tokens.max(1) as f64;
+                let loss = LossReport {
+                    loss,
+                    perplexity: loss.exp(),
+                    target_tokens: tokens,
+                    samples: samples.len(),
+                };
+                (loss, Some(classification_report(ex, &labels, &scores)))
+            }
+            (Some(ex), None) => {
+                let loss = evaluate_loss(m, &samples, spec.batch_size, pad_id);
                 let total = ex.len();
                 let report = classify(m, &tokenizer, ex, &labels, spec.batch_size, pad_id, |n| {
                     log(&format!("  label scoring {}/{total}", n.min(total)))
                 })?;
-                Some(report)
+                (loss, Some(report))
             }
-            None => None,
+            (None, _) => (evaluate_loss(m, &samples, spec.batch_size, pad_id), None),
         };
         let generation = match (&examples, spec.generate) {
             (Some(ex), true) => Some(generation_match(

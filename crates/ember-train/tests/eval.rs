@@ -148,3 +148,57 @@ fn fast_label_scoring_paths_equal_full_forwards() {
         }
     }
 }
+
+/// Scoring and the gold-continuation loss from one forward give what two separate passes give:
+/// the full-sequence scores and `evaluate_loss` over prompt + continuation (continuations of
+/// different lengths, one row without any, a sliding-window model so the cache cut matters).
+#[test]
+fn one_pass_scores_and_loss_equal_separate_passes() {
+    use ember_train::data::IGNORE;
+    use ember_train::eval::{label_scores_and_gold_loss, GoldContinuation};
+    for arch in ["gemma2", "qwen3"] {
+        let model = CausalLm::<B>::from_dir(&fixtures().join(arch), &Default::default()).unwrap();
+        let prompts = vec![
+            vec![1u32, 36, 71, 67, 332, 17, 99, 120, 5],
+            vec![1u32, 52],
+            vec![1u32, 52, 295, 324, 268, 315, 81],
+        ];
+        let gold = vec![
+            GoldContinuation {
+                tokens: vec![87, 12, 2],
+                labels: vec![87, 12, 2],
+            },
+            GoldContinuation::default(),
+            GoldContinuation {
+                tokens: vec![65, 2],
+                labels: vec![IGNORE, 2],
+            },
+        ];
+        let candidates = vec![vec![65u32, 12], vec![87u32], vec![300u32, 12, 7]];
+        let (scores, (sum, tokens)) = label_scores_and_gold_loss(&model, &prompts, &gold, &candidates, 2, 0, |_| {});
+        let full = full_sequence_scores(&model, &prompts, &candidates, 2, 0, |_| {});
+        for (a, b) in scores.iter().flatten().zip(full.iter().flatten()) {
+            assert!((a - b).abs() < 1e-4, "{arch}: {scores:?} vs {full:?}");
+        }
+        let samples: Vec<Sample> = prompts
+            .iter()
+            .zip(&gold)
+            .filter(|(_, g)| !g.tokens.is_empty())
+            .map(|(p, g)| Sample {
+                input_ids: p.iter().chain(&g.tokens).copied().collect(),
+                labels: std::iter::repeat_n(IGNORE, p.len())
+                    .chain(g.labels.iter().copied())
+                    .collect(),
+            })
+            .collect();
+        let separate = evaluate_loss(&model, &samples, 2, 0);
+        assert_eq!(tokens, separate.target_tokens);
+        let loss = sum / tokens as f64;
+        // Same math, other padding (left vs right): equal to f32 rounding.
+        assert!(
+            (loss - separate.loss).abs() <= 1e-5 * separate.loss,
+            "{arch}: {loss} vs {}",
+            separate.loss
+        );
+    }
+}
