@@ -135,9 +135,90 @@ impl Weights {
         }
     }
 
-    /// Whether the checkpoint holds `key`.
+    /// Whether the checkpoint holds `key` (also as gpt-oss MXFP4 `{key}_blocks`/`_scales`).
     pub fn contains(&self, key: &str) -> bool {
-        self.index.contains_key(key) || self.memory.contains_key(key)
+        self.index.contains_key(key)
+            || self.memory.contains_key(key)
+            || self.index.contains_key(&format!("{key}_blocks"))
+    }
+
+    /// The stored bytes of `key` with its header entry and file.
+    fn raw(&self, key: &str) -> Result<(&[u8], &TensorInfo, &Path)> {
+        let shard_index = *self.index.get(key).ok_or_else(|| ModelError::MissingTensor {
+            key: key.to_string(),
+            dir: self.dir.clone(),
+        })?;
+        let shard = &self.shards[shard_index];
+        let info = &shard.tensors[key];
+        let (start, end) = info.data_offsets;
+        Ok((
+            &shard.mmap[shard.data_start + start..shard.data_start + end],
+            info,
+            &shard.path,
+        ))
+    }
+
+    /// gpt-oss experts stored as MXFP4: `{key}_blocks` (u8, two e2m1 values per byte, low
+    /// nibble first, `[experts, rows, groups, 16]` or `[experts, rows, groups·16]`) and
+    /// `{key}_scales` (u8 exponents biased by 127, one per 32 values, `[experts, rows, groups]`),
+    /// dequantised and transposed to `[experts, groups·32, rows]` as transformers'
+    /// `convert_moe_packed_tensors` does. `None` when the checkpoint has no such pair.
+    fn read_mxfp4(&self, key: &str, expected: &[usize]) -> Result<Option<Vec<f32>>> {
+        const FP4: [f32; 16] = [
+            0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+        ];
+        let (blocks_key, scales_key) = (format!("{key}_blocks"), format!("{key}_scales"));
+        if !self.index.contains_key(&blocks_key) {
+            return Ok(None);
+        }
+        let (blocks, blocks_info, path) = self.raw(&blocks_key)?;
+        let (scales, scales_info, _) = self.raw(&scales_key)?;
+        let bad = |message: String| ModelError::CorruptWeights {
+            path: path.to_path_buf(),
+            message: format!("`{blocks_key}`: {message}"),
+        };
+        if blocks_info.dtype != Dtype::U8 || scales_info.dtype != Dtype::U8 || scales_info.shape.len() != 3 {
+            return Err(bad(format!(
+                "MXFP4 needs u8 blocks and 3-d u8 scales, found {:?} {:?} and {:?} {:?}",
+                blocks_info.dtype, blocks_info.shape, scales_info.dtype, scales_info.shape
+            )));
+        }
+        let [experts, rows, groups] = [scales_info.shape[0], scales_info.shape[1], scales_info.shape[2]];
+        let cols = groups * 32;
+        if blocks.len() != experts * rows * groups * 16 || scales.len() != experts * rows * groups {
+            return Err(bad(format!(
+                "{} block bytes and {} scales do not fit scales shape {:?}",
+                blocks.len(),
+                scales.len(),
+                scales_info.shape
+            )));
+        }
+        if expected != [experts, cols, rows] {
+            return Err(ModelError::ShapeMismatch {
+                key: blocks_key,
+                path: path.to_path_buf(),
+                expected: expected.to_vec(),
+                found: vec![experts, cols, rows],
+            });
+        }
+        let mut out = vec![0.0f32; experts * cols * rows];
+        for e in 0..experts {
+            for r in 0..rows {
+                for g in 0..groups {
+                    let scale_index = (e * rows + r) * groups + g;
+                    let scale = 2f32.powi(scales[scale_index] as i32 - 127);
+                    for (b, &byte) in blocks[scale_index * 16..scale_index * 16 + 16].iter().enumerate() {
+                        let c = g * 32 + 2 * b;
+                        out[(e * cols + c) * rows + r] = FP4[(byte & 0x0F) as usize] * scale;
+                        out[(e * cols + c + 1) * rows + r] = FP4[(byte >> 4) as usize] * scale;
+                    }
+                }
+            }
+        }
+        let mut taken = self.taken.borrow_mut();
+        taken.insert(blocks_key);
+        taken.insert(scales_key);
+        Ok(Some(out))
     }
 
     /// All keys, sorted.
@@ -181,6 +262,11 @@ impl Weights {
             }
             self.taken.borrow_mut().insert(key.to_string());
             return Ok(values.clone());
+        }
+        if !self.index.contains_key(key) {
+            if let Some(values) = self.read_mxfp4(key, expected)? {
+                return Ok(values);
+            }
         }
         let shard_index = *self.index.get(key).ok_or_else(|| ModelError::MissingTensor {
             key: key.to_string(),

@@ -302,3 +302,28 @@ fn missing_folder_and_broken_config_are_named() {
     let err = load(&dir).unwrap_err().to_string();
     assert!(err.contains("config.json") && err.contains("line 1"), "{err}");
 }
+
+/// gpt-oss MXFP4 experts (`*_blocks` + `*_scales`) dequantise to what transformers 5.24's
+/// `convert_moe_packed_tensors` gives (tests/fixtures/mxfp4/gen_mxfp4.py), already transposed
+/// to the `[experts, hidden, 2·inter]` layout the model reads.
+#[test]
+fn mxfp4_experts_dequantise_like_transformers() {
+    let dir = fixtures().join("mxfp4");
+    let file = dir.join("mxfp4.safetensors");
+    let weights = Weights::open_files(&dir, std::slice::from_ref(&file)).unwrap();
+    assert!(weights.contains("experts.gate_up_proj"));
+    let got = weights.read_f32("experts.gate_up_proj", &[2, 64, 6]).unwrap();
+    let want = weights.read_f32("expected", &[2, 64, 6]).unwrap();
+    assert_eq!(got, want, "MXFP4 values are exact in f32");
+    weights.ensure_all_used().unwrap();
+    // A shape that does not fit is named.
+    let err = Weights::open_files(&dir, std::slice::from_ref(&file))
+        .unwrap()
+        .read_f32("experts.gate_up_proj", &[2, 6, 64])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("gate_up_proj_blocks") && err.contains("[2, 64, 6]"),
+        "{err}"
+    );
+}

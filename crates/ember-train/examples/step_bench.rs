@@ -4,19 +4,36 @@
 //! cargo run --release -p ember-train --example step_bench -- MODEL[.gguf] [SEQ] [BATCH] [STEPS] [TARGETS_PER_ROW]
 //! ```
 //! r 16, alpha 32, all linear layers, AdamW; TARGETS_PER_ROW = 0 trains every token.
+//! `EMBER_DEVICE=cuda` (built with `--features cuda`) runs on the first GPU.
 
 use std::time::Instant;
 
 use burn::backend::{Autodiff, NdArray};
+use burn::tensor::backend::AutodiffBackend;
 use ember_lora::{LoraConfig, TargetModules};
 use ember_model::CausalLm;
 use ember_train::data::{collate, Sample, IGNORE};
 use ember_train::optim::AdamW;
 use ember_train::Trainer;
 
-type B = Autodiff<NdArray<f32>>;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    match std::env::var("EMBER_DEVICE").as_deref() {
+        Ok("cuda") => cuda(),
+        _ => bench::<Autodiff<NdArray<f32>>>(),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> Result<(), Box<dyn std::error::Error>> {
+    bench::<Autodiff<burn::backend::Cuda<f32>>>()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Result<(), Box<dyn std::error::Error>> {
+    Err("EMBER_DEVICE=cuda needs `--features cuda`".into())
+}
+
+fn bench<B: AutodiffBackend>() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let path = std::path::PathBuf::from(
         args.first()
@@ -70,8 +87,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     times.remove(0);
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    println!(
+    eprintln!(
         "median step {median:.2} s = {:.0} tokens/s (seq {seq}, batch {batch})",
+        (seq * batch) as f64 / median
+    );
+    println!(
+        "{{\"median_step_s\": {median:.4}, \"tokens_per_s\": {:.2}}}",
         (seq * batch) as f64 / median
     );
     Ok(())
