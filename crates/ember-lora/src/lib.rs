@@ -20,4 +20,4 @@ pub mod merge;
 pub use adapter::{AdapterFiles, AdapterTensors};
 pub use config::{InitLoraWeights, LoraConfig, ModuleLora, TargetModules};
 pub use error::{LoraError, Result};
-pub use linear::{linear, LoraAdapter, LoraLinear};
+pub use linear::{linear, matmul_layout, LoraAdapter, LoraLinear};

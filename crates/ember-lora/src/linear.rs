@@ -99,7 +99,7 @@ impl<B: Backend> LoraLinear<B> {
     /// - `bias`: `[out]`
     pub fn frozen(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
         Self {
-            weight: Param::from_tensor(weight).set_require_grad(false),
+            weight: Param::from_tensor(matmul_layout(weight)).set_require_grad(false),
             bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
             adapter: None,
         }
@@ -144,7 +144,7 @@ impl<B: Backend> LoraLinear<B> {
                 key: format!("{path}.weight"),
             });
         }
-        self.weight = Param::from_tensor(merged).set_require_grad(false);
+        self.weight = Param::from_tensor(matmul_layout(merged)).set_require_grad(false);
         adapter.merged = true;
         Ok(())
     }
@@ -153,7 +153,7 @@ impl<B: Backend> LoraLinear<B> {
     pub fn unmerge(&mut self) {
         if let Some(adapter) = self.adapter.as_mut().filter(|a| a.merged) {
             let restored = self.weight.val() - adapter.delta_weight();
-            self.weight = Param::from_tensor(restored).set_require_grad(false);
+            self.weight = Param::from_tensor(matmul_layout(restored)).set_require_grad(false);
             adapter.merged = false;
         }
     }
@@ -181,6 +181,18 @@ impl<B: Backend> LoraLinear<B> {
             _ => base,
         }
     }
+}
+
+/// `W` `[out, in]` re-laid out in memory as its transpose `[in, out]` (one copy), still seen as
+/// `[out, in]`: [`linear`]'s `Wᵀ` is then contiguous, and CPU matmuls read it in place instead of
+/// copying the whole weight on every call (burn-ndarray makes non-contiguous operands
+/// contiguous; for one-token decoding that copy was half of the time).
+///
+/// # Shapes
+/// - `weight`, output: `[out, in]`
+pub fn matmul_layout<B: Backend>(weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [out, inp] = weight.dims();
+    weight.transpose().reshape([inp, out]).transpose()
 }
 
 /// `x·Wᵀ + b` with `W` in HF layout `[out, in]`.

@@ -675,7 +675,26 @@ impl<B: Backend> CausalLm<B> {
     pub fn lm_head_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => ember_lora::linear(hidden, self.model.embed_tokens.weight.val(), None),
+            None => {
+                let dims = hidden.dims();
+                let width = dims[D - 1];
+                let rows = dims[..D - 1].iter().product::<usize>();
+                let embedding = self.model.embed_tokens.weight.val();
+                if rows >= width {
+                    ember_lora::linear(hidden, embedding, None)
+                } else {
+                    // Few rows (decoding, a handful of target positions): logitsᵀ = E·hᵀ reads
+                    // the [vocab, hidden] embedding where it lies, where h·Eᵀ would make a
+                    // contiguous copy of Eᵀ (vocab × hidden) on the CPU backend; the copies
+                    // this form makes (h, the logits) are rows × (hidden + vocab).
+                    let mut out_dims = dims;
+                    out_dims[D - 1] = embedding.dims()[0];
+                    embedding
+                        .matmul(hidden.reshape([rows, width]).transpose())
+                        .transpose()
+                        .reshape(out_dims)
+                }
+            }
         };
         match self.config.final_softcap {
             Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),

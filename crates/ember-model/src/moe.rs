@@ -147,7 +147,7 @@ pub(crate) fn load<B: Backend>(
     device: &B::Device,
 ) -> Result<SparseMoe<B>> {
     let (h, inter, n) = (config.hidden_size, moe.intermediate_size, moe.num_experts);
-    let frozen2 = |t: Tensor<B, 2>| Param::from_tensor(t).set_require_grad(false);
+    let frozen2 = |t: Tensor<B, 2>| Param::from_tensor(ember_lora::matmul_layout(t)).set_require_grad(false);
     let frozen1 = |t: Tensor<B, 1>| Param::from_tensor(t).set_require_grad(false);
     let (block, router_name) = match moe.layout {
         MoeLayout::Mixtral => ("block_sparse_moe", "gate"),
