@@ -113,17 +113,18 @@ fn parse<'a>(path: &Path, mmap: &'a Mmap) -> Result<SafeTensors<'a>> {
 }
 
 fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    fn collect<const N: usize>(values: &[f32], f: impl Fn(f32) -> [u8; N]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * N);
+        for &x in values {
+            out.extend_from_slice(&f(x));
+        }
+        out
+    }
     match dtype {
-        Dtype::BF16 => values
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-            .collect(),
-        Dtype::F16 => values
-            .iter()
-            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-            .collect(),
-        Dtype::F64 => values.iter().flat_map(|x| (*x as f64).to_le_bytes()).collect(),
-        _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Dtype::BF16 => collect(values, |x| half::bf16::from_f32(x).to_le_bytes()),
+        Dtype::F16 => collect(values, |x| half::f16::from_f32(x).to_le_bytes()),
+        Dtype::F64 => collect(values, |x| (x as f64).to_le_bytes()),
+        _ => collect(values, f32::to_le_bytes),
     }
 }
 
@@ -196,7 +197,9 @@ fn write_merged(
         let path = base.join(file);
         let mmap = open(&path)?;
         let st = parse(&path, &mmap)?;
-        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        // Untouched tensors are written straight from the memory map; only merged or
+        // converted ones are held in memory.
+        let mut owned: Vec<(String, Dtype, Vec<usize>, std::borrow::Cow<'_, [u8]>)> = Vec::new();
         let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
         names.sort();
         for key in names {
@@ -222,12 +225,12 @@ fn write_merged(
                         return Err(LoraError::NonFinite { key });
                     }
                     report.merged.push(key.clone());
-                    encode(&w, target)
+                    std::borrow::Cow::Owned(encode(&w, target))
                 }
-                None if target == view.dtype() => view.data().to_vec(),
+                None if target == view.dtype() => std::borrow::Cow::Borrowed(view.data()),
                 None => {
                     let w = bytes_to_f32(view.data(), view.dtype()).unwrap_or_default();
-                    encode(&w, target)
+                    std::borrow::Cow::Owned(encode(&w, target))
                 }
             };
             report.bytes += bytes.len() as u64;
@@ -236,7 +239,7 @@ fn write_merged(
         let views = owned
             .iter()
             .map(|(k, d, s, b)| {
-                TensorView::new(*d, s.clone(), b)
+                TensorView::new(*d, s.clone(), b.as_ref())
                     .map(|v| (k.clone(), v))
                     .map_err(|e| LoraError::Safetensors {
                         path: path.clone(),
