@@ -112,6 +112,10 @@ fn parse<'a>(path: &Path, mmap: &'a Mmap) -> Result<SafeTensors<'a>> {
     })
 }
 
+/// A tensor of an output shard: key, dtype, shape and bytes (borrowed from the base's memory
+/// map when unchanged).
+type OutputTensor<'a> = (String, Dtype, Vec<usize>, std::borrow::Cow<'a, [u8]>);
+
 fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     fn collect<const N: usize>(values: &[f32], f: impl Fn(f32) -> [u8; N]) -> Vec<u8> {
         let mut out = Vec::with_capacity(values.len() * N);
@@ -199,7 +203,7 @@ fn write_merged(
         let st = parse(&path, &mmap)?;
         // Untouched tensors are written straight from the memory map; only merged or
         // converted ones are held in memory.
-        let mut owned: Vec<(String, Dtype, Vec<usize>, std::borrow::Cow<'_, [u8]>)> = Vec::new();
+        let mut owned: Vec<OutputTensor<'_>> = Vec::new();
         let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
         names.sort();
         for key in names {
