@@ -323,7 +323,20 @@ fn inspect(path: &Path) -> Result<()> {
         "rope:           theta {} {:?}, {} rotary dims",
         config.rope.theta, config.rope.scaling, config.rope.rotary_dim
     );
+    if let Some(local) = &config.local_rope {
+        println!(
+            "local rope:     theta {} {:?} (sliding-window layers)",
+            local.theta, local.scaling
+        );
+    }
     println!("attention:      {}", compress(&windows));
+    if let Some(moe) = &config.moe {
+        let sparse = moe.sparse_layers.iter().filter(|s| **s).count();
+        println!(
+            "experts:        {} per MoE layer, top {}, {:?}, expert width {} ({sparse} of {} layers sparse; frozen)",
+            moe.num_experts, moe.top_k, moe.routing, moe.intermediate_size, config.num_layers
+        );
+    }
     println!("max positions:  {}", config.max_position_embeddings);
     Ok(())
 }
