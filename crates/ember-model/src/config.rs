@@ -857,7 +857,11 @@ fn layer_windows(
             })
             .collect();
     }
-    let window = hf.sliding_window;
+    // Families whose transformers attention never slides ignore a `sliding_window` key.
+    let window = match hf.model_type.as_str() {
+        "mistral" | "mixtral" | "phi3" | "qwen2" | "qwen3" | "qwen3_moe" => hf.sliding_window,
+        _ => None,
+    };
     Ok((0..n)
         .map(|i| {
             if qwen {

@@ -258,6 +258,26 @@ fn gemma2_and_gemma3_defaults_follow_transformers() {
     );
 }
 
+/// A `sliding_window` key slides attention only in the families whose transformers code uses it.
+#[test]
+fn sliding_window_key_applies_only_where_transformers_uses_it() {
+    for (arch, slides) in [
+        ("llama", false),
+        ("gemma", false),
+        ("olmo2", false),
+        ("glm4", false),
+        ("mistral", true),
+        ("mixtral", true),
+        ("phi3", true),
+    ] {
+        let mut config = fixture_config(arch);
+        config["sliding_window"] = 4.into();
+        let c = normalise(&config).unwrap();
+        let want = if slides { Some(4) } else { None };
+        assert_eq!(c.sliding_window, vec![want; 2], "{arch}");
+    }
+}
+
 #[test]
 fn unsupported_layouts_are_named() {
     // A multimodal wrapper (Gemma 3 4B+) nests the decoder under text_config.
