@@ -1,6 +1,6 @@
 //! GGUF (v2/v3) base models: metadata, tensors dequantized to f32 (F32, F16, BF16, Q8_0, Q4_0,
-//! Q4_1, Q4_K, Q6_K), llama-architecture names mapped to HF names with llama.cpp's q/k row
-//! permutation undone, a HF `config.json` built from the metadata, and the tokenizer built from
+//! Q4_1, Q4_K, Q6_K), llama/qwen2/qwen3 tensor names mapped to HF names (llama.cpp's q/k row
+//! permutation of llama undone), a HF `config.json` built from the metadata, and the tokenizer built from
 //! the GGUF vocabulary and merges (gpt2-style byte-level BPE) with the chat template.
 
 use std::collections::BTreeMap;
@@ -397,16 +397,21 @@ impl GgufFile {
         Ok((values, t.dims.iter().rev().copied().collect()))
     }
 
-    /// A HF `config.json` (llama architecture) built from the metadata.
+    /// A HF `config.json` built from the metadata (architectures in [`GGUF_ARCHITECTURES`]).
     pub fn hf_config(&self) -> Result<Value> {
         let arch = self.architecture().to_string();
-        if arch != "llama" {
-            return Err(ModelError::UnsupportedModelType {
-                path: self.path.clone(),
-                model_type: format!("{arch} (GGUF general.architecture)"),
-                supported: "llama (GGUF); HF folders: see `ember inspect`".into(),
-            });
-        }
+        let class = match arch.as_str() {
+            "llama" => "LlamaForCausalLM",
+            "qwen2" => "Qwen2ForCausalLM",
+            "qwen3" => "Qwen3ForCausalLM",
+            _ => {
+                return Err(ModelError::UnsupportedModelType {
+                    path: self.path.clone(),
+                    model_type: format!("{arch} (GGUF general.architecture)"),
+                    supported: format!("{} (GGUF); HF folders: see README", GGUF_ARCHITECTURES.join(", ")),
+                })
+            }
+        };
         let need = |k: &str| -> Result<f64> {
             self.meta(&format!("{arch}.{k}"))
                 .and_then(MetaValue::as_f64)
@@ -426,8 +431,8 @@ impl GgufFile {
         let tied = !self.tensors.iter().any(|t| t.name == "output.weight");
         let head_dim = opt("attention.key_length").map_or(hidden / heads, |v| v as usize);
         let mut config = json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [class],
+            "model_type": arch,
             "vocab_size": vocab,
             "hidden_size": hidden,
             "intermediate_size": need("feed_forward_length")? as usize,
@@ -470,6 +475,8 @@ impl GgufFile {
     pub fn hf_tensors(&self, config: &Value) -> Result<crate::weights::HostTensors> {
         let heads = config["num_attention_heads"].as_u64().unwrap_or(1) as usize;
         let kv_heads = config["num_key_value_heads"].as_u64().unwrap_or(heads as u64) as usize;
+        // llama.cpp's converter permutes q/k rows for the llama architecture only.
+        let permuted = config["model_type"] == "llama";
         let mut out = BTreeMap::new();
         for t in &self.tensors {
             let name = hf_name(&t.name).ok_or_else(|| ModelError::UnexpectedTensors {
@@ -477,9 +484,9 @@ impl GgufFile {
                 dir: self.path.clone(),
             })?;
             let (mut values, shape) = self.read(t)?;
-            if name.ends_with("self_attn.q_proj.weight") {
+            if permuted && name.ends_with("self_attn.q_proj.weight") {
                 values = unpermute(&values, &shape, heads);
-            } else if name.ends_with("self_attn.k_proj.weight") {
+            } else if permuted && name.ends_with("self_attn.k_proj.weight") {
                 values = unpermute(&values, &shape, kv_heads);
             }
             out.insert(name, (values, shape));
@@ -580,7 +587,10 @@ impl GgufFile {
     }
 }
 
-/// llama.cpp tensor name → HF name (llama architecture).
+/// The GGUF `general.architecture`s Ember reads.
+pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+
+/// llama.cpp tensor name → HF name (llama, qwen2, qwen3 architectures).
 pub fn hf_name(name: &str) -> Option<String> {
     let top = match name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -607,6 +617,8 @@ pub fn hf_name(name: &str) -> Option<String> {
         "attn_q.bias" => "self_attn.q_proj.bias",
         "attn_k.bias" => "self_attn.k_proj.bias",
         "attn_v.bias" => "self_attn.v_proj.bias",
+        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" => "self_attn.k_norm.weight",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}"))

@@ -1,11 +1,14 @@
-//! GGUF: block dequantization against gguf-py, name mapping, the q/k permutation, and errors.
+//! GGUF: block dequantization against gguf-py, name mapping, the q/k permutation, whole Qwen
+//! models, and errors.
 //!
 //! Reference: `tests/fixtures/gguf_quants/quants.json` from `gen_quants.py` beside it
 //! (gguf-py 0.19.0 `gguf.quants.dequantize`).
 
 mod common;
 
+use common::{assert_close, fixtures, masked_max_diff, reference, Inputs, TestBackend};
 use ember_model::gguf::{dequantize, hf_name, unpermute, GgufFile};
+use ember_model::CausalLm;
 
 #[test]
 fn block_formats_dequantize_as_gguf_py() {
@@ -150,4 +153,28 @@ fn broken_gguf_files_give_clear_errors() {
     let file = GgufFile::open(&path).unwrap();
     let err = file.read(&file.tensors[0].clone()).unwrap_err().to_string();
     assert!(err.contains("Q5_0") && err.contains("output_norm.weight"), "{err}");
+}
+
+/// Qwen2 (q/k/v bias) and Qwen3 (q/k norm, head_dim ≠ hidden/heads) GGUFs, written the way
+/// llama.cpp's converter writes them (`tests/fixtures/gguf_arch/gen_gguf_arch.py`: no q/k
+/// permutation for these architectures), give transformers' logits of the HF fixture.
+#[test]
+fn qwen_gguf_files_give_transformers_logits() {
+    for arch in ["qwen2", "qwen3"] {
+        let path = fixtures().join("gguf_arch").join(format!("{arch}.gguf"));
+        let model = CausalLm::<TestBackend>::from_path(&path, &Default::default()).unwrap();
+        assert_eq!(model.config().model_type, arch);
+        let inputs = Inputs::read(arch);
+        let logits = model
+            .forward(inputs.to_model_input())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let (expected, shape) = reference(&fixtures().join(arch).join("logits.safetensors"), "logits");
+        assert_close(
+            &format!("{arch} GGUF logits"),
+            masked_max_diff(&logits, &expected, &shape, &inputs.attention_mask),
+            1e-4,
+        );
+    }
 }
