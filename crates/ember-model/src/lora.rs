@@ -239,6 +239,14 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
+    /// Detaches every adapter (merged ones are unmerged first): the base model again.
+    pub fn remove_adapters(&mut self) {
+        self.unmerge_adapters();
+        for (_, layer) in self.linear_layers_mut() {
+            layer.adapter = None;
+        }
+    }
+
     /// Turns every adapter branch on or off (the base alone is computed when off).
     pub fn set_adapters_enabled(&mut self, enabled: bool) {
         for (_, layer) in self.linear_layers_mut() {

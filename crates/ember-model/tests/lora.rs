@@ -426,3 +426,32 @@ fn dropout_is_off_at_inference() {
         &inputs,
     );
 }
+
+/// Removing adapters (also after an in-memory merge) gives the base model's logits back, so one
+/// loaded base can serve several adapters in turn (as `ember eval` does).
+#[test]
+fn removed_adapters_leave_the_base() {
+    let device = Default::default();
+    let inputs = Inputs::read("qwen3");
+    let mut m = model("qwen3");
+    let files = AdapterFiles::read(&fixtures().join("qwen3/adapter_trained")).unwrap();
+    m.load_adapter(&files, &device).unwrap();
+    m.merge_adapters().unwrap();
+    m.remove_adapters();
+    assert!(m.linear_layers().iter().all(|(_, l)| l.adapter.is_none()));
+    compare(
+        "qwen3",
+        "after remove_adapters",
+        &logits(&m, &inputs),
+        "logits.safetensors",
+        &inputs,
+    );
+    m.load_adapter(&files, &device).unwrap();
+    compare(
+        "qwen3",
+        "adapter loaded again",
+        &logits(&m, &inputs),
+        "trained_lora_logits.safetensors",
+        &inputs,
+    );
+}

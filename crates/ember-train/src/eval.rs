@@ -610,21 +610,19 @@ pub fn evaluate_models<B: Backend>(
                 })
                 .collect()
         });
-    let mut base = CausalLm::<B>::from_path(&spec.model, device)?;
+    // One base model; each adapter is attached in turn (the previous one removed first).
+    let mut model = CausalLm::<B>::from_path(&spec.model, device)?;
     let mut models = Vec::new();
     let names: Vec<Option<&std::path::PathBuf>> = std::iter::once(None).chain(spec.adapters.iter().map(Some)).collect();
     for adapter in names {
         let start = std::time::Instant::now();
         let name = adapter.map_or("base".to_string(), |p| p.display().to_string());
-        let mut model = match adapter {
-            None => None,
-            Some(path) => {
-                let mut m = CausalLm::<B>::from_path(&spec.model, device)?;
-                m.load_adapter(&ember_lora::AdapterFiles::read(path)?, device)?;
-                Some(m)
-            }
-        };
-        let m = model.as_mut().unwrap_or(&mut base);
+        if let Some(path) = adapter {
+            let files = ember_lora::AdapterFiles::read(path)?;
+            model.remove_adapters();
+            model.load_adapter(&files, device)?;
+        }
+        let m = &model;
         log(&format!("evaluating {name}"));
         let (loss, classification) = match (classify_rows, &gold) {
             (Some(ex), Some(gold)) => {
