@@ -2,7 +2,7 @@
 `ember merge` output loads in transformers, all with the same logits.
 
 Needs: pip install torch transformers==5.24.0 peft==0.21.2 safetensors
-Run from the repository root:  python scripts/peft_interop.py
+Run from the repository root:  python scripts/peft_interop.py [ARCH ...]   (default: every fixture)
 It builds Ember (release), and for several fixture models and LoRA settings:
   1. Ember writes a random adapter (examples/random_adapter) -> PEFT loads it -> logits vs `ember forward --adapter`;
   2. PEFT makes a random adapter (rank/alpha patterns, rsLoRA, subsets) -> `ember forward --adapter` -> logits vs PEFT;
@@ -59,9 +59,25 @@ def main():
     sh("cargo", "build", "--release", "-p", "ember-cli")
     results = []
     torch.manual_seed(0)
-    for arch in ["llama", "llama_rope3", "mistral", "qwen2", "qwen3"]:
+    # A subset of each family's own module names (fused where the family fuses; attention only
+    # for MoE, whose experts are frozen in Ember and 3-D parameters in transformers 5).
+    subsets = {
+        "phi3": "qkv_proj,down_proj",
+        "glm4": "q_proj,v_proj,gate_up_proj",
+        "mixtral": "q_proj,v_proj,o_proj",
+        "qwen3_moe": "q_proj,v_proj,o_proj",
+        "gpt_oss": "q_proj,v_proj,o_proj",
+    }
+    archs = ["llama", "llama_rope3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
+             "glm4", "mixtral", "qwen3_moe", "gpt_oss"]
+    for arch in sys.argv[1:] or archs:
         ids, mask = inputs(arch)
-        for r, alpha, targets, rslora in [(8, 16, "all-linear", False), (3, 7, "q_proj,v_proj,down_proj", True)]:
+        subset = subsets.get(arch, "q_proj,v_proj,down_proj")
+        # PEFT's all-linear on a MoE model also targets the expert parameters (target_parameters),
+        # which Ember refuses by name; name the attention projections there instead.
+        moe = arch in ("mixtral", "qwen3_moe", "gpt_oss")
+        wide = "q_proj,k_proj,v_proj,o_proj" if moe else "all-linear"
+        for r, alpha, targets, rslora in [(8, 16, wide, False), (3, 7, subset, True)]:
             with tempfile.TemporaryDirectory() as tmp:
                 # 1. Ember -> PEFT
                 ad = os.path.join(tmp, "ember_adapter")
@@ -74,9 +90,10 @@ def main():
 
                 # 2. PEFT -> Ember
                 tm = targets if targets == "all-linear" else targets.split(",")
+                patterns = targets == wide
                 cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=tm, use_rslora=rslora, init_lora_weights=False,
-                                 rank_pattern={"o_proj": 2} if targets == "all-linear" else {},
-                                 alpha_pattern={"up_proj": 5} if targets == "all-linear" else {})
+                                 rank_pattern={"o_proj": 2} if patterns else {},
+                                 alpha_pattern={"up_proj": 5, "v_proj": 3} if patterns else {})
                 pm = get_peft_model(base(arch), cfg).eval()
                 pdir = os.path.join(tmp, "peft_adapter")
                 pm.save_pretrained(pdir)
