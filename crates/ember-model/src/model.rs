@@ -156,16 +156,16 @@ impl<B: Backend> Attention<B> {
                 )
             }
         };
-        if self.qk_norm == QkNorm::Full {
-            q = self.q_norm.as_ref().map_or(q.clone(), |n| n.forward(q));
-            k = self.k_norm.as_ref().map_or(k.clone(), |n| n.forward(k));
+        if let (QkNorm::Full, Some(q_norm), Some(k_norm)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
+            q = q_norm.forward(q);
+            k = k_norm.forward(k);
         }
         let mut q = q.reshape([batch, seq, heads, head_dim]);
         let mut k = k.reshape([batch, seq, kv_heads, head_dim]);
         let v = v.reshape([batch, seq, kv_heads, head_dim]);
-        if self.qk_norm == QkNorm::PerHead {
-            q = self.q_norm.as_ref().map_or(q.clone(), |n| n.forward(q));
-            k = self.k_norm.as_ref().map_or(k.clone(), |n| n.forward(k));
+        if let (QkNorm::PerHead, Some(q_norm), Some(k_norm)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
+            q = q_norm.forward(q);
+            k = k_norm.forward(k);
         }
         let q = rope.apply(q.swap_dims(1, 2));
         let mut k = rope.apply(k.swap_dims(1, 2));

@@ -268,26 +268,19 @@ impl Weights {
                 return Ok(values);
             }
         }
-        let shard_index = *self.index.get(key).ok_or_else(|| ModelError::MissingTensor {
-            key: key.to_string(),
-            dir: self.dir.clone(),
-        })?;
-        let shard = &self.shards[shard_index];
-        let info = &shard.tensors[key];
+        let (bytes, info, path) = self.raw(key)?;
         if info.shape != expected {
             return Err(ModelError::ShapeMismatch {
                 key: key.to_string(),
-                path: shard.path.clone(),
+                path: path.to_path_buf(),
                 expected: expected.to_vec(),
                 found: info.shape.clone(),
             });
         }
-        let (start, end) = info.data_offsets;
-        let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
         let values =
             ember_lora::adapter::bytes_to_f32(bytes, info.dtype).ok_or_else(|| ModelError::UnsupportedDtype {
                 key: key.to_string(),
-                path: shard.path.clone(),
+                path: path.to_path_buf(),
                 dtype: format!("{:?}", info.dtype),
             })?;
         self.taken.borrow_mut().insert(key.to_string());

@@ -12,22 +12,6 @@ use ember_lora::merge::{merge_checkpoint, MergeDtype};
 use ember_lora::{AdapterFiles, LoraConfig, TargetModules};
 use ember_model::{CausalLm, Weights};
 
-const ARCHS: [&str; 13] = [
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "olmo2",
-    "glm4",
-    "mixtral",
-    "qwen3_moe",
-    "gpt_oss",
-];
-
 fn model(arch: &str) -> CausalLm<TestBackend> {
     CausalLm::from_dir(&fixtures().join(arch), &Default::default()).unwrap()
 }
@@ -58,7 +42,7 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 #[test]
 fn peft_adapters_give_peft_logits() {
     let device = Default::default();
-    for arch in ARCHS {
+    for arch in FAMILIES {
         let inputs = Inputs::read(arch);
         for (adapter, reference_file) in [
             ("adapter_random_b", "lora_logits.safetensors"),
@@ -93,7 +77,7 @@ fn peft_adapters_give_peft_logits() {
 
 #[test]
 fn streaming_merge_reproduces_peft_merged_checkpoint() {
-    for arch in ARCHS {
+    for arch in FAMILIES {
         let dir = fixtures().join(arch);
         let files = AdapterFiles::read(&dir.join("adapter_trained")).unwrap();
         let out = tempdir(&format!("merged-{arch}"));

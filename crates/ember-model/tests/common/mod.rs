@@ -6,6 +6,23 @@ use std::path::PathBuf;
 use burn::tensor::{Int, Tensor, TensorData};
 use ember_model::{ModelInput, Weights};
 
+/// Every fixture family with PEFT adapters (`llama_rope3` shares llama's code path).
+pub const FAMILIES: [&str; 13] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+    "glm4",
+    "mixtral",
+    "qwen3_moe",
+    "gpt_oss",
+];
+
 /// The backend every test runs on.
 pub type TestBackend = burn::backend::NdArray<f32>;
 
