@@ -41,24 +41,40 @@ impl AdapterTensors {
         self.a_shape[0]
     }
 
-    /// `scaling · B·A`, row-major `[out, in]`, computed in f32.
-    pub fn delta(&self, scaling: f64) -> Vec<f32> {
+    /// `W ← W + scaling·B·A` for a row-major `[out, in]` weight in f32 (one gemm call, on
+    /// all cores): the merge, as PEFT computes it up to the rounding of the last addition.
+    ///
+    /// # Shapes
+    /// - `weight`: `[out, in]` row-major, `out·in` values
+    pub fn add_delta_to(&self, weight: &mut [f32], scaling: f64) {
         let [r, inp] = self.a_shape;
         let out = self.b_shape[0];
-        let mut delta = vec![0.0f32; out * inp];
-        for o in 0..out {
-            let row = &mut delta[o * inp..(o + 1) * inp];
-            for k in 0..r {
-                let b = self.lora_b[o * r + k];
-                let a = &self.lora_a[k * inp..(k + 1) * inp];
-                for (d, &x) in row.iter_mut().zip(a) {
-                    *d += b * x;
-                }
-            }
+        assert_eq!(weight.len(), out * inp, "the weight is [out, in]");
+        // SAFETY: the three buffers hold [out, r], [r, in] and [out, in] row-major values (the
+        // assert above and the adapter's checked shapes) and do not overlap.
+        unsafe {
+            gemm::gemm(
+                out,
+                inp,
+                r,
+                weight.as_mut_ptr(),
+                1,
+                inp as isize,
+                true,
+                self.lora_b.as_ptr(),
+                1,
+                r as isize,
+                self.lora_a.as_ptr(),
+                1,
+                inp as isize,
+                1.0f32,
+                scaling as f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
         }
-        let s = scaling as f32;
-        delta.iter_mut().for_each(|d| *d *= s);
-        delta
     }
 }
 

@@ -188,6 +188,110 @@ pub fn merge_checkpoint(base: &Path, adapter: &AdapterFiles, out: &Path, dtype: 
     }
 }
 
+/// A merged weight ready to be written: f32 values written as they lie in memory, or encoded.
+enum MergedBytes {
+    F32(Vec<f32>),
+    Encoded(Vec<u8>),
+}
+
+impl MergedBytes {
+    fn new(values: Vec<f32>, dtype: Dtype) -> Self {
+        if dtype == Dtype::F32 && cfg!(target_endian = "little") {
+            MergedBytes::F32(values)
+        } else {
+            MergedBytes::Encoded(encode(&values, dtype))
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            // SAFETY: a byte view of initialised f32 values (u8 has no alignment or validity
+            // requirements); little-endian, as safetensors stores them (checked in `new`).
+            MergedBytes::F32(v) => unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 4) },
+            MergedBytes::Encoded(b) => b,
+        }
+    }
+}
+
+/// Writes one shard whose dtypes all stay: the base file's header and untouched tensors are
+/// copied by the kernel (`copy_file_range`, as `cp` does), and each adapted weight is written
+/// at its own offset, so the output is the base byte for byte except the merged weights.
+/// A second thread computes the next merged weight while this one writes.
+fn write_shard_in_place(
+    path: &Path,
+    mmap: &Mmap,
+    adapter: &AdapterFiles,
+    out_path: &Path,
+    report: &mut MergeReport,
+) -> Result<()> {
+    let safetensors_error = |message: String| LoraError::Safetensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (header_len, metadata) = SafeTensors::read_metadata(mmap).map_err(|e| safetensors_error(format!("{e:?}")))?;
+    let data_start = 8 + header_len;
+    // The adapted weights in file order: key, dtype, absolute byte range, adapter tensors.
+    let mut jobs = Vec::new();
+    for (key, info) in metadata.tensors() {
+        let Some((module, t)) = key
+            .strip_suffix(".weight")
+            .and_then(|m| adapter.tensors.get(m).map(|t| (m.to_string(), t)))
+        else {
+            continue;
+        };
+        let (begin, end) = info.data_offsets;
+        jobs.push((key, info.dtype, data_start + begin..data_start + end, module, t));
+    }
+    let mut keys: Vec<String> = jobs.iter().map(|job| job.0.clone()).collect();
+    keys.sort();
+    jobs.sort_by_key(|job| job.2.start);
+
+    let src = File::open(path).map_err(io(path))?;
+    let mut out = File::create(out_path).map_err(io(out_path))?;
+    let copy = |out: &mut File, range: std::ops::Range<usize>| -> Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut reader = &src;
+        reader.seek(SeekFrom::Start(range.start as u64)).map_err(io(path))?;
+        std::io::copy(&mut reader.take((range.end - range.start) as u64), out).map_err(io(out_path))?;
+        Ok(())
+    };
+    std::thread::scope(|scope| -> Result<()> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Result<(std::ops::Range<usize>, MergedBytes)>>(1);
+        scope.spawn(move || {
+            for (key, dtype, range, module, t) in jobs {
+                let merged = bytes_to_f32(&mmap[range.clone()], dtype)
+                    .ok_or_else(|| LoraError::UnexpectedTensor {
+                        path: path.to_path_buf(),
+                        key: key.clone(),
+                        message: format!("cannot merge into dtype {dtype:?}"),
+                    })
+                    .and_then(|mut w| {
+                        t.add_delta_to(&mut w, adapter.config.module_lora(&module).scaling);
+                        if w.iter().any(|x| !x.is_finite()) {
+                            return Err(LoraError::NonFinite { key: key.clone() });
+                        }
+                        Ok((range, MergedBytes::new(w, dtype)))
+                    });
+                let failed = merged.is_err();
+                if sender.send(merged).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut written = 0;
+        for merged in receiver {
+            let (range, bytes) = merged?;
+            copy(&mut out, written..range.start)?;
+            std::io::Write::write_all(&mut out, bytes.bytes()).map_err(io(out_path))?;
+            written = range.end;
+        }
+        copy(&mut out, written..mmap.len())
+    })?;
+    report.merged.extend(keys);
+    report.bytes += (mmap.len() - data_start) as u64;
+    Ok(())
+}
+
 fn write_merged(
     base: &Path,
     adapter: &AdapterFiles,
@@ -201,6 +305,11 @@ fn write_merged(
         let path = base.join(file);
         let mmap = open(&path)?;
         let st = parse(&path, &mmap)?;
+        if st.tensors().iter().all(|(_, v)| dtype.target(v.dtype()) == v.dtype()) {
+            write_shard_in_place(&path, &mmap, adapter, &staging.join(file), &mut report)?;
+            report.shards.push(file.clone());
+            continue;
+        }
         // Untouched tensors are written straight from the memory map; only merged or
         // converted ones are held in memory.
         let mut owned: Vec<OutputTensor<'_>> = Vec::new();
@@ -221,10 +330,7 @@ fn write_merged(
                         key: key.clone(),
                         message: format!("cannot merge into dtype {:?}", view.dtype()),
                     })?;
-                    let delta = t.delta(adapter.config.module_lora(module).scaling);
-                    for (w, d) in w.iter_mut().zip(&delta) {
-                        *w += d;
-                    }
+                    t.add_delta_to(&mut w, adapter.config.module_lora(module).scaling);
                     if w.iter().any(|x| !x.is_finite()) {
                         return Err(LoraError::NonFinite { key });
                     }

@@ -540,6 +540,8 @@ impl<B: Backend> CausalLm<B> {
             });
         }
         let embed = weights.tensor::<B, 2>("model.embed_tokens.weight", [c.vocab_size, h], device)?;
+        // A tied table is also the output head: laid out for its `h·Eᵀ` (lookups read rows anywhere).
+        let embed = if c.tie_word_embeddings { ember_lora::matmul_layout(embed) } else { embed };
         let model = DecoderModel {
             embed_tokens: Embedding {
                 weight: Param::from_tensor(embed).set_require_grad(false),
@@ -675,30 +677,23 @@ impl<B: Backend> CausalLm<B> {
     pub fn lm_head_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => {
-                let dims = hidden.dims();
-                let width = dims[D - 1];
-                let rows = dims[..D - 1].iter().product::<usize>();
-                let embedding = self.model.embed_tokens.weight.val();
-                if rows >= width {
-                    ember_lora::linear(hidden, embedding, None)
-                } else {
-                    // Few rows (decoding, a handful of target positions): logitsᵀ = E·hᵀ reads
-                    // the [vocab, hidden] embedding where it lies, where h·Eᵀ would make a
-                    // contiguous copy of Eᵀ (vocab × hidden) on the CPU backend; the copies
-                    // this form makes (h, the logits) are rows × (hidden + vocab).
-                    let mut out_dims = dims;
-                    out_dims[D - 1] = embedding.dims()[0];
-                    embedding
-                        .matmul(hidden.reshape([rows, width]).transpose())
-                        .transpose()
-                        .reshape(out_dims)
-                }
-            }
+            None => ember_lora::linear(hidden, self.model.embed_tokens.weight.val(), None),
         };
         match self.config.final_softcap {
             Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
             None => logits,
+        }
+    }
+
+    /// The output head's weight `[vocab, hidden]` (the embedding matrix when tied) while no
+    /// adapter is attached to the head, i.e. while nothing in it trains: a loss may then run the
+    /// head's backward pass itself ([`CausalLm::lm_head_logits`] is the forward, final softcap
+    /// included). The tensor is laid out as [`ember_lora::matmul_layout`] leaves it.
+    pub fn frozen_lm_head_weight(&self) -> Option<Tensor<B, 2>> {
+        match &self.lm_head {
+            None => Some(self.model.embed_tokens.weight.val()),
+            Some(head) if head.adapter.is_none() => Some(head.weight.val()),
+            Some(_) => None,
         }
     }
 

@@ -1,11 +1,64 @@
 //! Causal-LM cross-entropy over target tokens.
+//!
+//! The output head is the largest single cost of a LoRA step on a small model: SmolLM2's
+//! `[tokens, 49152]` logits are 200 MB for 1024 tokens, and autodiff's log-softmax, gather and
+//! their backward passes walk them a dozen times. While the head is frozen (the usual case), the
+//! loss is instead computed in row chunks outside the autodiff graph, with its gradient
+//! `∂L/∂h = (softmax(z) − onehot(y))·W` formed chunk by chunk, so at most one chunk of logits is
+//! alive and the graph holds only `[targets, hidden]` tensors (see [`target_loss_sum`]).
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 use ember_model::CausalLm;
 
 use crate::data::IGNORE;
+
+/// Logits computed at once by the chunked loss: 4 Mi values (16 MB in f32), few enough that the
+/// allocator reuses one buffer from chunk to chunk instead of mapping fresh pages each time.
+const CHUNK_LOGITS: usize = 1 << 22;
+
+/// The positions whose next token is a target, with those targets and their batch rows.
+struct Targets {
+    /// Flat `b·seq + t` index of each predicting position.
+    positions: Vec<i64>,
+    /// The token each of them must predict.
+    tokens: Vec<i64>,
+    /// The batch row of each.
+    rows: Vec<usize>,
+}
+
+impl Targets {
+    fn of(labels: &[i64], batch: usize, seq: usize) -> Self {
+        let mut t = Targets {
+            positions: Vec::new(),
+            tokens: Vec::new(),
+            rows: Vec::new(),
+        };
+        for b in 0..batch {
+            for i in 0..seq - 1 {
+                let label = labels[b * seq + i + 1];
+                if label != IGNORE {
+                    t.positions.push((b * seq + i) as i64);
+                    t.tokens.push(label);
+                    t.rows.push(b);
+                }
+            }
+        }
+        t
+    }
+
+    /// The hidden states of the predicting positions.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]`; output: `[targets, hidden]`
+    fn pick<B: Backend>(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [batch, seq, width] = hidden.dims();
+        let n = self.positions.len();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(self.positions.clone(), [n]), &hidden.device());
+        hidden.reshape([batch * seq, width]).select(0, index)
+    }
+}
 
 /// Log-probabilities of the target tokens, computing logits only at positions that have a
 /// target: their hidden states are gathered first, so `[tokens, vocab]` logits are never held
@@ -21,41 +74,51 @@ pub fn target_log_probs<B: Backend>(
     hidden: Tensor<B, 3>,
     labels: &[i64],
 ) -> Option<(Tensor<B, 1>, Vec<usize>)> {
-    let [batch, seq, width] = hidden.dims();
-    let device = hidden.device();
-    let mut positions = Vec::new();
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    for b in 0..batch {
-        for t in 0..seq - 1 {
-            let label = labels[b * seq + t + 1];
-            if label != IGNORE {
-                positions.push((b * seq + t) as i64);
-                rows.push(b);
-                targets.push(label);
-            }
-        }
-    }
-    if positions.is_empty() {
+    let [batch, seq, _] = hidden.dims();
+    let targets = Targets::of(labels, batch, seq);
+    if targets.positions.is_empty() {
         return None;
     }
-    let n = positions.len();
-    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), &device);
-    let picked = hidden.reshape([batch * seq, width]).select(0, index);
-    let logp = log_softmax(model.lm_head_logits(picked), 1);
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-    Some((logp.gather(1, targets).reshape([n]), rows))
+    let picked = targets.pick(hidden);
+    let logp = if model.frozen_lm_head_weight().is_some() && !picked.is_require_grad() {
+        chunked_nll(model, picked, &targets.tokens, None).0.neg()
+    } else {
+        let n = targets.tokens.len();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.tokens, [n, 1]), &picked.device());
+        log_softmax(model.lm_head_logits(picked), 1).gather(1, tokens).reshape([n])
+    };
+    Some((logp, targets.rows))
 }
 
 /// Summed cross-entropy over the target tokens (see [`target_log_probs`]).
 ///
+/// With a frozen output head the value and the gradient come from the chunked computation:
+/// the returned tensor is `L + Σ h⊙G − Σ sg(h)⊙G` with `G = ∂L/∂h` held constant, whose value
+/// is `L` (the last two sums are the same numbers) and whose gradient with respect to the hidden
+/// states `h` is `G`, exactly as autodiff through the head would give.
+///
 /// # Shapes
 /// - `hidden`: `[batch, seq, hidden]`; `labels`: host `[batch·seq]`; output: `[1]`
 pub fn target_loss_sum<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, labels: &[i64]) -> Tensor<B, 1> {
-    match target_log_probs(model, hidden.clone(), labels) {
-        Some((logp, _)) => logp.sum().neg(),
-        None => hidden.sum().mul_scalar(0.0),
+    let [batch, seq, _] = hidden.dims();
+    let targets = Targets::of(labels, batch, seq);
+    if targets.positions.is_empty() {
+        return hidden.sum().mul_scalar(0.0);
     }
+    let Some(head) = model.frozen_lm_head_weight() else {
+        let (logp, _) = target_log_probs(model, hidden, labels).expect("targets were found above");
+        return logp.sum().neg();
+    };
+    let picked = targets.pick(hidden);
+    if !picked.is_require_grad() {
+        return chunked_nll(model, picked, &targets.tokens, None).0.sum();
+    }
+    let constant = picked.clone().detach();
+    let (nll, grad) = chunked_nll(model, constant.clone(), &targets.tokens, Some(head));
+    let grad = grad.expect("a gradient was asked for");
+    let surrogate = picked.mul(grad.clone()).sum();
+    let same = constant.mul(grad).sum();
+    surrogate.sub(same).add(nll.sum())
 }
 
 /// Summed cross-entropy of each batch row over that row's targets, on the host.
@@ -69,4 +132,53 @@ pub fn target_loss_per_row<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>
         }
     }
     out
+}
+
+/// Negative log-likelihood of each target, `logsumexp(z) − z[y]`, with `z` the logits of the
+/// output head (final softcap included), computed [`CHUNK_LOGITS`] at a time. With `head`
+/// (the frozen head weight) it also returns `∂(Σ nll)/∂h = (softmax(z) − onehot(y))·∂z/∂h`:
+/// `(p − onehot)·W`, times `1 − (z/cap)²` first under a final softcap `z = cap·tanh(·/cap)`.
+/// `hidden` must be outside any autodiff graph (detached).
+///
+/// # Shapes
+/// - `hidden`: `[targets, hidden]`; `tokens`: host `[targets]`; `head`: `[vocab, hidden]`
+/// - output: `[targets]` and `[targets, hidden]`
+fn chunked_nll<B: Backend>(
+    model: &CausalLm<B>,
+    hidden: Tensor<B, 2>,
+    tokens: &[i64],
+    head: Option<Tensor<B, 2>>,
+) -> (Tensor<B, 1>, Option<Tensor<B, 2>>) {
+    let [n, _] = hidden.dims();
+    let device = hidden.device();
+    let vocab = model.config().vocab_size;
+    let rows = (CHUNK_LOGITS / vocab).clamp(1, n);
+    let softcap = model.config().final_softcap;
+    let mut nll = Vec::new();
+    let mut grads = Vec::new();
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let chunk = tokens[start..start + len].to_vec();
+        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(chunk, [len, 1]), &device);
+        let logits = model.lm_head_logits(hidden.clone().narrow(0, start, len));
+        let max = logits.clone().max_dim(1);
+        let exp = logits.clone().sub(max.clone()).exp();
+        let total = exp.clone().sum_dim(1);
+        let target_logit = logits.clone().gather(1, targets.clone());
+        nll.push(total.clone().log().add(max).sub(target_logit).reshape([len]));
+        if let Some(head) = &head {
+            let minus_one = Tensor::<B, 2>::full([len, 1], -1.0, &device);
+            let mut dz = exp.div(total).scatter(1, targets, minus_one, IndexingUpdateOp::Add);
+            if let Some(cap) = softcap {
+                let tanh = logits.div_scalar(cap);
+                dz = dz.mul(tanh.clone().mul(tanh).neg().add_scalar(1.0));
+            }
+            // (dz·W) as (Wᵀ·dzᵀ)ᵀ: the head is stored as its transpose (matmul_layout), so Wᵀ is
+            // read in place and only the chunk `dz` is transposed.
+            grads.push(head.clone().transpose().matmul(dz.transpose()).transpose());
+        }
+    }
+    let nll = Tensor::cat(nll, 0);
+    let grad = head.map(|_| Tensor::cat(grads, 0));
+    (nll, grad)
 }
