@@ -172,6 +172,7 @@ enum DataCommand {
 }
 
 fn main() -> Result<()> {
+    ember_model::allocator::reuse_freed_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("EMBER_LOG"))
         .with_writer(std::io::stderr)

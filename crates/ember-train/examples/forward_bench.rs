@@ -13,6 +13,7 @@ use ember_model::{CausalLm, ModelInput};
 type B = NdArray<f32>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    ember_model::allocator::reuse_freed_buffers();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let path = std::path::PathBuf::from(
         args.first()

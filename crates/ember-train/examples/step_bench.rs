@@ -17,6 +17,7 @@ use ember_train::optim::AdamW;
 use ember_train::Trainer;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    ember_model::allocator::reuse_freed_buffers();
     match std::env::var("EMBER_DEVICE").as_deref() {
         Ok("cuda") => cuda(),
         _ => bench::<Autodiff<NdArray<f32>>>(),

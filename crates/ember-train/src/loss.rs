@@ -161,17 +161,25 @@ fn chunked_nll<B: Backend>(
         let chunk = tokens[start..start + len].to_vec();
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(chunk, [len, 1]), &device);
         let logits = model.lm_head_logits(hidden.clone().narrow(0, start, len));
-        let max = logits.clone().max_dim(1);
-        let exp = logits.clone().sub(max.clone()).exp();
-        let total = exp.clone().sum_dim(1);
+        // ∂z/∂(pre-cap logits) = 1 − tanh², tanh = z/cap, under a final softcap.
+        let cap_slope = match (&head, softcap) {
+            (Some(_), Some(cap)) => {
+                let tanh = logits.clone().div_scalar(cap);
+                Some(tanh.clone().mul(tanh).neg().add_scalar(1.0))
+            }
+            _ => None,
+        };
         let target_logit = logits.clone().gather(1, targets.clone());
+        let max = logits.clone().max_dim(1);
+        // The logits are not needed past here: shifted and exponentiated in their own buffer.
+        let exp = logits.sub(max.clone()).exp();
+        let total = exp.clone().sum_dim(1);
         nll.push(total.clone().log().add(max).sub(target_logit).reshape([len]));
         if let Some(head) = &head {
             let minus_one = Tensor::<B, 2>::full([len, 1], -1.0, &device);
             let mut dz = exp.div(total).scatter(1, targets, minus_one, IndexingUpdateOp::Add);
-            if let Some(cap) = softcap {
-                let tanh = logits.div_scalar(cap);
-                dz = dz.mul(tanh.clone().mul(tanh).neg().add_scalar(1.0));
+            if let Some(slope) = cap_slope {
+                dz = dz.mul(slope);
             }
             // (dz·W) as (Wᵀ·dzᵀ)ᵀ: the head is stored as its transpose (matmul_layout), so Wᵀ is
             // read in place and only the chunk `dz` is transposed.

@@ -743,9 +743,10 @@ where
         let (lhs, rhs) = dispatch_binary_simd!(
             E, VecAdd, lhs, rhs, u8, i8, u16, i16, u32, i32, f32, u64, i64, f64
         );
-        if let Some(out) = par_zip(&lhs, &rhs, |a, b| a + b) {
-            return out;
-        }
+        let (lhs, rhs) = match par_zip(lhs, rhs, |a, b| a + b) {
+            Ok(out) => return out,
+            Err(operands) => operands,
+        };
 
         let array = &lhs + &rhs;
         array.into_shared()
@@ -780,9 +781,10 @@ where
         let (lhs, rhs) = dispatch_binary_simd!(
             E, VecSub, lhs, rhs, u8, i8, u16, i16, u32, i32, f32, u64, i64, f64
         );
-        if let Some(out) = par_zip(&lhs, &rhs, |a, b| a - b) {
-            return out;
-        }
+        let (lhs, rhs) = match par_zip(lhs, rhs, |a, b| a - b) {
+            Ok(out) => return out,
+            Err(operands) => operands,
+        };
 
         let array = lhs - rhs;
         array.into_shared()
@@ -816,9 +818,10 @@ where
     pub fn mul(lhs: SharedArray<E>, rhs: SharedArray<E>) -> SharedArray<E> {
         let (lhs, rhs) =
             dispatch_binary_simd!(noq, E, VecMul, lhs, rhs, u16, i16, u32, i32, f32, f64);
-        if let Some(out) = par_zip(&lhs, &rhs, |a, b| a * b) {
-            return out;
-        }
+        let (lhs, rhs) = match par_zip(lhs, rhs, |a, b| a * b) {
+            Ok(out) => return out,
+            Err(operands) => operands,
+        };
 
         let array = lhs * rhs;
         array.into_shared()
@@ -848,9 +851,10 @@ where
 
     pub fn div(lhs: SharedArray<E>, rhs: SharedArray<E>) -> SharedArray<E> {
         let (lhs, rhs) = dispatch_binary_simd!(noq, E, VecDiv, lhs, rhs, f32, f64);
-        if let Some(out) = par_zip(&lhs, &rhs, |a, b| a / b) {
-            return out;
-        }
+        let (lhs, rhs) = match par_zip(lhs, rhs, |a, b| a / b) {
+            Ok(out) => return out,
+            Err(operands) => operands,
+        };
 
         let array = lhs / rhs;
         array.into_shared()

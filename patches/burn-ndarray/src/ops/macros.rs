@@ -45,6 +45,22 @@ pub(crate) fn mean_dim<E: NdArrayElement>(tensor: SharedArray<E>, dim: usize) ->
 }
 
 pub(crate) fn sum_dim<E: NdArrayElement>(tensor: SharedArray<E>, dim: usize) -> SharedArray<E> {
+    // Ember patch: the last axis of a large standard-layout array (contiguous lanes, the
+    // smallest stride) is summed on the rayon pool, each lane with `lane.sum()` as ndarray's
+    // `sum_axis` sums such lanes (same values).
+    if tensor.len() >= crate::ops::par_elementwise::PAR_MIN
+        && tensor.is_standard_layout()
+        && dim + 1 == tensor.ndim()
+        && tensor.shape()[dim] > 1
+    {
+        let summed = crate::ops::par_elementwise::par_reduce_lanes(&tensor, dim, |lane| lane.sum());
+        let mut shape = tensor.shape().to_vec();
+        shape.remove(dim);
+        return summed
+            .into_shape_with_order(ndarray::IxDyn(&shape))
+            .expect("one value per lane")
+            .into_shared();
+    }
     tensor.sum_axis(Axis(dim)).into_shared()
 }
 

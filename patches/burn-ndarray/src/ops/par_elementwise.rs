@@ -44,18 +44,21 @@ impl<E: NdArrayElement> ParMapvInto<E> for SharedArray<E> {
 }
 
 /// `f(lhs, rhs)` elementwise with broadcasting, on the rayon pool when the result has at least
-/// [`PAR_MIN`] elements; `None` (the caller's serial path) otherwise or when the shapes do not
+/// [`PAR_MIN`] elements: in place in `lhs` when it is contiguous, not shared and already of
+/// the result's shape (as ndarray's by-value operators reuse it), else into a new array.
+/// Hands the operands back (the caller's serial path) for small results or shapes that do not
 /// broadcast.
+#[allow(clippy::type_complexity)]
 pub(crate) fn par_zip<E: NdArrayElement, F: Fn(E, E) -> E + Sync + Send>(
-    lhs: &SharedArray<E>,
-    rhs: &SharedArray<E>,
+    lhs: SharedArray<E>,
+    rhs: SharedArray<E>,
     f: F,
-) -> Option<SharedArray<E>> {
+) -> Result<SharedArray<E>, (SharedArray<E>, SharedArray<E>)> {
     #[cfg(feature = "multi-threads")]
     {
         let (l, r) = (lhs.shape(), rhs.shape());
         if l.len() != r.len() {
-            return None;
+            return Err((lhs, rhs));
         }
         let mut shape = alloc::vec::Vec::with_capacity(l.len());
         for (&a, &b) in l.iter().zip(r) {
@@ -63,24 +66,57 @@ pub(crate) fn par_zip<E: NdArrayElement, F: Fn(E, E) -> E + Sync + Send>(
                 _ if a == b => a,
                 (1, _) => b,
                 (_, 1) => a,
-                _ => return None,
+                _ => return Err((lhs, rhs)),
             });
         }
         if shape.iter().product::<usize>() < PAR_MIN {
-            return None;
+            return Err((lhs, rhs));
         }
+        let mut lhs = lhs;
+        let in_place = lhs.shape() == shape.as_slice() && lhs.is_standard_layout() && lhs.is_unique();
         let shape = ndarray::IxDyn(&shape);
-        let (l, r) = (lhs.broadcast(shape.clone())?, rhs.broadcast(shape)?);
-        Some(
-            ndarray::Zip::from(&l)
+        if in_place {
+            let r = rhs.broadcast(shape).expect("shapes broadcast (checked above)");
+            ndarray::Zip::from(&mut lhs)
                 .and(&r)
-                .par_map_collect(|&a, &b| f(a, b))
-                .into_shared(),
-        )
+                .par_for_each(|a, &b| *a = f(*a, b));
+            return Ok(lhs);
+        }
+        let l = lhs.broadcast(shape.clone()).expect("shapes broadcast (checked above)");
+        let r = rhs.broadcast(shape).expect("shapes broadcast (checked above)");
+        Ok(ndarray::Zip::from(&l)
+            .and(&r)
+            .par_map_collect(|&a, &b| f(a, b))
+            .into_shared())
     }
     #[cfg(not(feature = "multi-threads"))]
     {
-        let _ = (lhs, rhs, f);
-        None
+        let _ = &f;
+        Err((lhs, rhs))
     }
+}
+
+/// `f` over every lane along `axis` (one output element per lane), on the rayon pool when the
+/// array has at least [`PAR_MIN`] elements; the output keeps `axis` with length 1. Each lane is
+/// reduced exactly as the serial code reduces it, so the results are the same.
+pub(crate) fn par_reduce_lanes<E: NdArrayElement, F: Fn(ndarray::ArrayView1<'_, E>) -> E + Sync + Send>(
+    array: &SharedArray<E>,
+    axis: usize,
+    f: F,
+) -> SharedArray<E> {
+    let mut keep = array.shape().to_vec();
+    keep[axis] = 1;
+    let lanes = ndarray::Zip::from(array.lanes(ndarray::Axis(axis)));
+    #[cfg(feature = "multi-threads")]
+    let reduced = if array.len() >= PAR_MIN {
+        lanes.par_map_collect(|lane| f(lane))
+    } else {
+        lanes.map_collect(|lane| f(lane))
+    };
+    #[cfg(not(feature = "multi-threads"))]
+    let reduced = lanes.map_collect(|lane| f(lane));
+    reduced
+        .into_shape_with_order(ndarray::IxDyn(&keep))
+        .expect("one value per lane")
+        .into_shared()
 }

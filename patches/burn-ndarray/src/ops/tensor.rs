@@ -453,6 +453,17 @@ where
         })
     }
 
+    /// Ember patch: the maximum of each lane in one pass (upstream: argmax, then a gather),
+    /// lanes split across the rayon pool for large arrays. The value is the one argmax picks:
+    /// the first lane element not exceeded by a later one.
+    fn float_max_dim(tensor: FloatTensor<Self>, dim: usize) -> FloatTensor<Self> {
+        execute_with_float_dtype!(tensor, FloatElem, |array: SharedArray<FloatElem>| {
+            crate::ops::par_elementwise::par_reduce_lanes(&array, dim, |lane| {
+                lane.fold(lane[0], |max, &x| if x > max { x } else { max })
+            })
+        })
+    }
+
     fn float_argmax(tensor: FloatTensor<Self>, dim: usize, out_dtype: IntDType) -> NdArrayTensor {
         // Use view() for zero-copy on borrowed storage
         execute_with_int_out_dtype!(out_dtype, I, {
