@@ -81,7 +81,7 @@ pub fn target_log_probs<B: Backend>(
     }
     let picked = targets.pick(hidden);
     let logp = if model.frozen_lm_head_weight().is_some() && !picked.is_require_grad() {
-        chunked_nll(model, picked, &targets.tokens, None).0.neg()
+        chunked_nll(model, picked, &targets.tokens, None, chunk_rows(model)).0.neg()
     } else {
         let n = targets.tokens.len();
         let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.tokens, [n, 1]), &picked.device());
@@ -111,10 +111,29 @@ pub fn target_loss_sum<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, la
     };
     let picked = targets.pick(hidden);
     if !picked.is_require_grad() {
-        return chunked_nll(model, picked, &targets.tokens, None).0.sum();
+        return chunked_nll(model, picked, &targets.tokens, None, chunk_rows(model)).0.sum();
     }
+    frozen_head_loss_sum(model, picked, &targets.tokens, head, chunk_rows(model))
+}
+
+/// Rows per chunk of logits: [`CHUNK_LOGITS`] values, at least one row.
+fn chunk_rows<B: Backend>(model: &CausalLm<B>) -> usize {
+    (CHUNK_LOGITS / model.config().vocab_size).max(1)
+}
+
+/// `L + Σ h⊙G − Σ sg(h)⊙G` (see [`target_loss_sum`]) from [`chunked_nll`] in chunks of `rows`.
+///
+/// # Shapes
+/// - `picked`: `[targets, hidden]` (tracked); `tokens`: host `[targets]`; `head`: `[vocab, hidden]`
+fn frozen_head_loss_sum<B: Backend>(
+    model: &CausalLm<B>,
+    picked: Tensor<B, 2>,
+    tokens: &[i64],
+    head: Tensor<B, 2>,
+    rows: usize,
+) -> Tensor<B, 1> {
     let constant = picked.clone().detach();
-    let (nll, grad) = chunked_nll(model, constant.clone(), &targets.tokens, Some(head));
+    let (nll, grad) = chunked_nll(model, constant.clone(), tokens, Some(head), rows);
     let grad = grad.expect("a gradient was asked for");
     let surrogate = picked.mul(grad.clone()).sum();
     let same = constant.mul(grad).sum();
@@ -135,7 +154,7 @@ pub fn target_loss_per_row<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>
 }
 
 /// Negative log-likelihood of each target, `logsumexp(z) − z[y]`, with `z` the logits of the
-/// output head (final softcap included), computed [`CHUNK_LOGITS`] at a time. With `head`
+/// output head (final softcap included), computed `rows` rows at a time. With `head`
 /// (the frozen head weight) it also returns `∂(Σ nll)/∂h = (softmax(z) − onehot(y))·∂z/∂h`:
 /// `(p − onehot)·W`, times `1 − (z/cap)²` first under a final softcap `z = cap·tanh(·/cap)`.
 /// `hidden` must be outside any autodiff graph (detached).
@@ -148,11 +167,11 @@ fn chunked_nll<B: Backend>(
     hidden: Tensor<B, 2>,
     tokens: &[i64],
     head: Option<Tensor<B, 2>>,
+    rows: usize,
 ) -> (Tensor<B, 1>, Option<Tensor<B, 2>>) {
     let [n, _] = hidden.dims();
     let device = hidden.device();
-    let vocab = model.config().vocab_size;
-    let rows = (CHUNK_LOGITS / vocab).clamp(1, n);
+    let rows = rows.clamp(1, n);
     let softcap = model.config().final_softcap;
     let mut nll = Vec::new();
     let mut grads = Vec::new();
@@ -189,4 +208,59 @@ fn chunked_nll<B: Backend>(
     let nll = Tensor::cat(nll, 0);
     let grad = head.map(|_| Tensor::cat(grads, 0));
     (nll, grad)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::activation::log_softmax;
+    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    use ember_model::CausalLm;
+
+    use super::{chunked_nll, frozen_head_loss_sum};
+
+    type B = Autodiff<NdArray<f32>>;
+
+    fn fixture(arch: &str) -> CausalLm<B> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(arch);
+        CausalLm::<B>::from_path(&dir, &Default::default()).expect("fixture model loads")
+    }
+
+    /// The chunked loss and its hand-made gradient equal autodiff through log-softmax of the
+    /// full logits, over several ragged chunks (7 targets in chunks of 3), for a tied head
+    /// (qwen2), an untied one (llama) and a final softcap with a tied head (gemma2).
+    #[test]
+    fn chunked_loss_and_gradient_match_autodiff_through_log_softmax() {
+        for arch in ["llama", "qwen2", "gemma2"] {
+            let model = fixture(arch);
+            let config = model.config().clone();
+            let device = Default::default();
+            let tokens: Vec<i64> = (0..7).map(|i| (i * 37 % config.vocab_size) as i64).collect();
+            let hidden = Tensor::<B, 2>::random([7, config.hidden_size], Distribution::Normal(0.0, 1.0), &device);
+
+            let reference_in = hidden.clone().detach().require_grad();
+            let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.clone(), [7, 1]), &device);
+            let reference = log_softmax(model.lm_head_logits(reference_in.clone()), 1)
+                .gather(1, targets)
+                .sum()
+                .neg();
+            let reference_grad = reference_in.grad(&reference.backward()).expect("gradient");
+
+            let fused_in = hidden.detach().require_grad();
+            let head = model.frozen_lm_head_weight().expect("no adapter on the head");
+            let fused = frozen_head_loss_sum(&model, fused_in.clone(), &tokens, head, 3);
+            let fused_grad = fused_in.grad(&fused.backward()).expect("gradient");
+
+            let (r, f): (f32, f32) = (reference.into_scalar(), fused.into_scalar());
+            assert!((r - f).abs() <= 1e-5 * r.abs(), "{arch}: loss {f} vs {r}");
+            let diff: f32 = (fused_grad - reference_grad).abs().max().into_scalar();
+            assert!(diff <= 1e-5, "{arch}: gradient differs by {diff}");
+
+            let (nll, _) = chunked_nll(&model, fused_in.detach(), &tokens, None, 2);
+            let total: f32 = nll.sum().into_scalar();
+            assert!((total - r).abs() <= 1e-5 * r.abs(), "{arch}: summed nll {total} vs {r}");
+        }
+    }
 }
