@@ -541,7 +541,11 @@ impl<B: Backend> CausalLm<B> {
         }
         let embed = weights.tensor::<B, 2>("model.embed_tokens.weight", [c.vocab_size, h], device)?;
         // A tied table is also the output head: laid out for its `h·Eᵀ` (lookups read rows anywhere).
-        let embed = if c.tie_word_embeddings { ember_lora::matmul_layout(embed) } else { embed };
+        let embed = if c.tie_word_embeddings {
+            ember_lora::matmul_layout(embed)
+        } else {
+            embed
+        };
         let model = DecoderModel {
             embed_tokens: Embedding {
                 weight: Param::from_tensor(embed).set_require_grad(false),

@@ -81,11 +81,15 @@ pub fn target_log_probs<B: Backend>(
     }
     let picked = targets.pick(hidden);
     let logp = if model.frozen_lm_head_weight().is_some() && !picked.is_require_grad() {
-        chunked_nll(model, picked, &targets.tokens, None, chunk_rows(model)).0.neg()
+        chunked_nll(model, picked, &targets.tokens, None, chunk_rows(model))
+            .0
+            .neg()
     } else {
         let n = targets.tokens.len();
         let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.tokens, [n, 1]), &picked.device());
-        log_softmax(model.lm_head_logits(picked), 1).gather(1, tokens).reshape([n])
+        log_softmax(model.lm_head_logits(picked), 1)
+            .gather(1, tokens)
+            .reshape([n])
     };
     Some((logp, targets.rows))
 }
@@ -111,7 +115,9 @@ pub fn target_loss_sum<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, la
     };
     let picked = targets.pick(hidden);
     if !picked.is_require_grad() {
-        return chunked_nll(model, picked, &targets.tokens, None, chunk_rows(model)).0.sum();
+        return chunked_nll(model, picked, &targets.tokens, None, chunk_rows(model))
+            .0
+            .sum();
     }
     frozen_head_loss_sum(model, picked, &targets.tokens, head, chunk_rows(model))
 }
@@ -224,7 +230,9 @@ mod tests {
     type B = Autodiff<NdArray<f32>>;
 
     fn fixture(arch: &str) -> CausalLm<B> {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(arch);
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(arch);
         CausalLm::<B>::from_path(&dir, &Default::default()).expect("fixture model loads")
     }
 
