@@ -89,7 +89,21 @@ pub unsafe fn sgemm(
     rsc: isize,
     csc: isize,
 ) {
-    gemm_call(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, 0.0, c, (rsc, csc), (false, false))
+    gemm_call(
+        m,
+        k,
+        n,
+        alpha,
+        a,
+        (rsa, csa),
+        b,
+        (rsb, csb),
+        beta,
+        0.0,
+        c,
+        (rsc, csc),
+        (false, false),
+    )
 }
 
 /// `C ← α A B + β C` for f64.
@@ -113,7 +127,21 @@ pub unsafe fn dgemm(
     rsc: isize,
     csc: isize,
 ) {
-    gemm_call(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, 0.0, c, (rsc, csc), (false, false))
+    gemm_call(
+        m,
+        k,
+        n,
+        alpha,
+        a,
+        (rsa, csa),
+        b,
+        (rsb, csb),
+        beta,
+        0.0,
+        c,
+        (rsc, csc),
+        (false, false),
+    )
 }
 
 /// A complex f32 number as matrixmultiply stores it: `[re, im]`.

@@ -35,9 +35,7 @@ impl<E: NdArrayElement> ParMapvInto<E> for SharedArray<E> {
                     .for_each(|chunk| chunk.iter_mut().for_each(|x| *x = f(*x)));
                 return array;
             }
-            return ndarray::Zip::from(&array)
-                .par_map_collect(|&x| f(x))
-                .into_shared();
+            return ndarray::Zip::from(&array).par_map_collect(|&x| f(x)).into_shared();
         }
         self.mapv_into(f)
     }
@@ -77,9 +75,7 @@ pub(crate) fn par_zip<E: NdArrayElement, F: Fn(E, E) -> E + Sync + Send>(
         let shape = ndarray::IxDyn(&shape);
         if in_place {
             let r = rhs.broadcast(shape).expect("shapes broadcast (checked above)");
-            ndarray::Zip::from(&mut lhs)
-                .and(&r)
-                .par_for_each(|a, &b| *a = f(*a, b));
+            ndarray::Zip::from(&mut lhs).and(&r).par_for_each(|a, &b| *a = f(*a, b));
             return Ok(lhs);
         }
         let l = lhs.broadcast(shape.clone()).expect("shapes broadcast (checked above)");
