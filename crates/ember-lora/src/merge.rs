@@ -1,7 +1,9 @@
 //! Merging an adapter into a safetensors checkpoint, shard by shard.
 //!
 //! For every adapted module `P`, `P.weight` becomes `W + s·B·A`, computed in f32 whatever the
-//! storage dtype. Peak memory is about one output shard plus the adapter. Everything is written
+//! storage dtype. When no dtype changes, a shard is the base file copied by the kernel with the
+//! adapted weights written over their own bytes (peak memory: two weights in f32); converting
+//! dtypes re-encodes the shard (peak memory: about one output shard). Everything is written
 //! into a temporary folder beside the output, renamed at the end; the base is only read.
 
 use std::collections::{BTreeMap, BTreeSet};
