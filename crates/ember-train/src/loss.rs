@@ -225,7 +225,7 @@ mod tests {
     use burn::tensor::{Distribution, Int, Tensor, TensorData};
     use ember_model::CausalLm;
 
-    use super::{chunked_nll, frozen_head_loss_sum};
+    use super::{chunked_nll, frozen_head_loss_sum, target_loss_sum};
 
     type B = Autodiff<NdArray<f32>>;
 
@@ -270,5 +270,39 @@ mod tests {
             let total: f32 = nll.sum().into_scalar();
             assert!((total - r).abs() <= 1e-5 * r.abs(), "{arch}: summed nll {total} vs {r}");
         }
+    }
+
+    /// With an adapter on the output head (so the head trains), the loss goes through autodiff
+    /// of the full head; with B = 0 the adapted head computes the frozen one, so both paths must
+    /// give the same loss and the same gradient for the hidden states.
+    #[test]
+    fn an_adapted_head_takes_the_autodiff_path_with_the_same_result() {
+        let mut model = fixture("llama");
+        let device = Default::default();
+        let [batch, seq, width] = [2, 6, model.config().hidden_size];
+        let hidden = Tensor::<B, 3>::random([batch, seq, width], Distribution::Normal(0.0, 1.0), &device);
+        let mut labels: Vec<i64> = (0..batch * seq).map(|i| (i * 53 % 384) as i64).collect();
+        labels[3] = crate::data::IGNORE;
+
+        let run = |model: &CausalLm<B>| {
+            let input = hidden.clone().detach().require_grad();
+            let loss = target_loss_sum(model, input.clone(), &labels);
+            let grad = input.grad(&loss.backward()).expect("gradient");
+            (loss.into_scalar(), grad)
+        };
+        assert!(model.frozen_lm_head_weight().is_some());
+        let (fused, fused_grad) = run(&model);
+        let config = ember_lora::LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            target_modules: ember_lora::TargetModules::List(vec!["lm_head".into()]),
+            ..Default::default()
+        };
+        model.attach_lora(&config, &device).expect("lm_head takes an adapter");
+        assert!(model.frozen_lm_head_weight().is_none(), "the head now trains");
+        let (plain, plain_grad) = run(&model);
+        assert!((fused - plain).abs() <= 1e-5 * plain.abs(), "loss {fused} vs {plain}");
+        let diff: f32 = (fused_grad - plain_grad).abs().max().into_scalar();
+        assert!(diff <= 1e-5, "gradient differs by {diff}");
     }
 }
