@@ -190,6 +190,57 @@ fn merge_to_bf16_rounds_once_from_f32() {
     assert_eq!(config["dtype"], "bfloat16");
 }
 
+/// A bf16 base merged without a dtype change takes the in-place path: the output is the base
+/// file byte for byte (header included) except the adapted weights, which are
+/// `bf16(f32(W) + s·B·A)`, here against a naive triple loop (one bf16 rounding apart at most).
+#[test]
+fn merge_into_bf16_base_keeps_the_file_and_rewrites_only_adapted_weights() {
+    let dir = fixtures().join("llama");
+    let base = dir.join("bf16");
+    let files = AdapterFiles::read(&dir.join("adapter_trained")).unwrap();
+    let out = tempdir("bf16-in-place");
+    // The base folder holds the weights; the adapter fits any llama fixture precision.
+    merge_checkpoint(&base, &files, &out, MergeDtype::Same).unwrap();
+    let before = std::fs::read(base.join("model.safetensors")).unwrap();
+    let after = std::fs::read(out.join("model.safetensors")).unwrap();
+    assert_eq!(before.len(), after.len());
+    let header = 8 + u64::from_le_bytes(before[..8].try_into().unwrap()) as usize;
+    assert_eq!(before[..header], after[..header], "the header is the base's");
+
+    let ours = safetensors::SafeTensors::deserialize(&after).unwrap();
+    let theirs = safetensors::SafeTensors::deserialize(&before).unwrap();
+    let mut merged = 0;
+    for (key, view) in theirs.tensors() {
+        let new = ours.tensor(&key).unwrap();
+        let module = key.strip_suffix(".weight").unwrap_or("");
+        let Some(t) = files.tensors.get(module) else {
+            assert_eq!(view.data(), new.data(), "{key} is not adapted and must be unchanged");
+            continue;
+        };
+        merged += 1;
+        assert_eq!(new.dtype(), safetensors::Dtype::BF16);
+        let scaling = files.config.module_lora(module).scaling as f32;
+        let [r, inp] = t.a_shape;
+        let bf16 = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        };
+        let (w, got) = (bf16(view.data()), bf16(new.data()));
+        for (i, (w, got)) in w.iter().zip(&got).enumerate() {
+            let (o, c) = (i / inp, i % inp);
+            let delta: f32 = (0..r).map(|k| t.lora_b[o * r + k] * t.lora_a[k * inp + c]).sum();
+            let expected = half::bf16::from_f32(w + scaling * delta).to_f32();
+            assert!(
+                (got - expected).abs() <= expected.abs() / 128.0 + 1e-6,
+                "{key}[{i}]: {got} vs {expected}"
+            );
+        }
+    }
+    assert_eq!(merged, files.tensors.len());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 #[test]
 fn fresh_adapter_is_the_identity_and_counts_parameters() {
     let device = Default::default();
