@@ -80,18 +80,25 @@ pub fn target_log_probs<B: Backend>(
         return None;
     }
     let picked = targets.pick(hidden);
-    let logp = if model.frozen_lm_head_weight().is_some() && !picked.is_require_grad() {
-        chunked_nll(model, picked, &targets.tokens, None, chunk_rows(model))
+    Some((log_probs_of_picked(model, &targets, picked), targets.rows))
+}
+
+/// [`target_log_probs`] of already gathered hidden states: chunked while the head is frozen
+/// and nothing asks for a gradient, else autodiff through log-softmax of the head's logits.
+///
+/// # Shapes
+/// - `picked`: `[targets, hidden]`; output: `[targets]`
+fn log_probs_of_picked<B: Backend>(model: &CausalLm<B>, targets: &Targets, picked: Tensor<B, 2>) -> Tensor<B, 1> {
+    if model.frozen_lm_head_weight().is_some() && !picked.is_require_grad() {
+        return chunked_nll(model, picked, &targets.tokens, None, chunk_rows(model))
             .0
-            .neg()
-    } else {
-        let n = targets.tokens.len();
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.tokens, [n, 1]), &picked.device());
-        log_softmax(model.lm_head_logits(picked), 1)
-            .gather(1, tokens)
-            .reshape([n])
-    };
-    Some((logp, targets.rows))
+            .neg();
+    }
+    let n = targets.tokens.len();
+    let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.tokens.clone(), [n, 1]), &picked.device());
+    log_softmax(model.lm_head_logits(picked), 1)
+        .gather(1, tokens)
+        .reshape([n])
 }
 
 /// Summed cross-entropy over the target tokens (see [`target_log_probs`]).
@@ -109,17 +116,13 @@ pub fn target_loss_sum<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, la
     if targets.positions.is_empty() {
         return hidden.sum().mul_scalar(0.0);
     }
-    let Some(head) = model.frozen_lm_head_weight() else {
-        let (logp, _) = target_log_probs(model, hidden, labels).expect("targets were found above");
-        return logp.sum().neg();
-    };
     let picked = targets.pick(hidden);
-    if !picked.is_require_grad() {
-        return chunked_nll(model, picked, &targets.tokens, None, chunk_rows(model))
-            .0
-            .sum();
+    match model.frozen_lm_head_weight() {
+        Some(head) if picked.is_require_grad() => {
+            frozen_head_loss_sum(model, picked, &targets.tokens, head, chunk_rows(model))
+        }
+        _ => log_probs_of_picked(model, &targets, picked).sum().neg(),
     }
-    frozen_head_loss_sum(model, picked, &targets.tokens, head, chunk_rows(model))
 }
 
 /// Rows per chunk of logits: [`CHUNK_LOGITS`] values, at least one row.
