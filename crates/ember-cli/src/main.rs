@@ -15,8 +15,42 @@ use ember_lora::AdapterFiles;
 use ember_model::{CausalLm, ModelInput, Weights};
 use ember_train::config::DeviceKind as RunDevice;
 use ember_train::{Resume, RunConfig, RunOptions};
+use std::io::Write as _;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// `println!` that returns an error instead of panicking when stdout is closed (`| head`).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*)?
+    };
+}
+
+/// `eprintln!` that ignores a closed stderr: a message is never worth a panic.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `eprint!` that ignores a closed stderr.
+macro_rules! progress {
+    ($($arg:tt)*) => {{
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// The system allocator with a memory budget for chat templates (a hostile template cannot
+/// exhaust the machine's memory).
+#[global_allocator]
+static ALLOCATOR: ember_model::allocator::GuardedAllocator = ember_model::allocator::GuardedAllocator;
+
+/// The exit status of a run stopped by Ctrl-C (128 + SIGINT), so `ember train && ember merge`
+/// does not go on with an unfinished adapter.
+const EXIT_INTERRUPTED: u8 = 130;
+/// The exit status when stdout's reader went away (128 + SIGPIPE), as `cat` would give.
+const EXIT_BROKEN_PIPE: u8 = 141;
 
 #[derive(Parser)]
 #[command(name = "ember", version, about = "LoRA fine-tuning for open-weight models")]
@@ -59,6 +93,10 @@ enum Command {
         /// Continue from the newest checkpoint in output_dir, or from the given checkpoint folder.
         #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
         resume: Option<String>,
+        /// Start afresh in an output_dir that holds an earlier run (its adapter, checkpoints
+        /// and metrics are removed once the new run has loaded model and data).
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
     },
     /// Evaluate the base model and adapters side by side: loss/perplexity over answer tokens,
     /// label-scoring accuracy, optionally generation match. Writes eval_report.json.
@@ -171,19 +209,40 @@ enum DataCommand {
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     ember_model::allocator::reuse_freed_buffers();
+    match run() {
+        Ok(code) => code,
+        Err(e) if broken_pipe(&e) => ExitCode::from(EXIT_BROKEN_PIPE),
+        Err(e) => {
+            note!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Whether `error` comes from writing to a stdout whose reader has gone.
+fn broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run() -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("EMBER_LOG"))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {
+    let done = match cli.command {
         Command::Train {
             config,
             overrides,
             resume,
-        } => train(&config, &overrides, resume),
+            overwrite,
+        } => return train(&config, &overrides, resume, overwrite),
         Command::Data {
             command:
                 DataCommand::Preview {
@@ -228,7 +287,7 @@ fn main() -> Result<()> {
         Command::Convert { gguf, out } => {
             let start = std::time::Instant::now();
             ember_model::source::convert_gguf(&gguf, &out).with_context(|| format!("converting {}", gguf.display()))?;
-            eprintln!("wrote {} in {:.1} s", out.display(), start.elapsed().as_secs_f64());
+            note!("wrote {} in {:.1} s", out.display(), start.elapsed().as_secs_f64());
             Ok(())
         }
         Command::Merge {
@@ -255,7 +314,8 @@ fn main() -> Result<()> {
                 DeviceKind::Cuda => forward_cuda(&job),
             }
         }
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 /// What `ember forward` was asked to do.
@@ -304,41 +364,41 @@ fn inspect(path: &Path) -> Result<()> {
         .iter()
         .map(|w| w.map_or("global".to_string(), |w| format!("window {w}")))
         .collect();
-    println!("model:          {}", path.display());
-    println!("architecture:   {}", config.model_type);
-    println!("parameters:     {params} ({:.1} M)", params as f64 / 1e6);
-    println!("dtype:          {dtype}");
-    println!("layers:         {}", config.num_layers);
-    println!("hidden size:    {}", config.hidden_size);
-    println!("intermediate:   {}", config.intermediate_size);
-    println!(
+    out!("model:          {}", path.display());
+    out!("architecture:   {}", config.model_type);
+    out!("parameters:     {params} ({:.1} M)", params as f64 / 1e6);
+    out!("dtype:          {dtype}");
+    out!("layers:         {}", config.num_layers);
+    out!("hidden size:    {}", config.hidden_size);
+    out!("intermediate:   {}", config.intermediate_size);
+    out!(
         "heads:          {} query, {} key/value, head_dim {}",
         config.num_heads, config.num_kv_heads, config.head_dim
     );
-    println!("vocab:          {}", config.vocab_size);
-    println!(
+    out!("vocab:          {}", config.vocab_size);
+    out!(
         "tied embeddings: {}",
         if config.tie_word_embeddings { "yes" } else { "no" }
     );
-    println!(
+    out!(
         "rope:           theta {} {:?}, {} rotary dims",
         config.rope.theta, config.rope.scaling, config.rope.rotary_dim
     );
     if let Some(local) = &config.local_rope {
-        println!(
+        out!(
             "local rope:     theta {} {:?} (sliding-window layers)",
             local.theta, local.scaling
         );
     }
-    println!("attention:      {}", compress(&windows));
+    out!("attention:      {}", compress(&windows));
     if let Some(moe) = &config.moe {
         let sparse = moe.sparse_layers.iter().filter(|s| **s).count();
-        println!(
+        out!(
             "experts:        {} per MoE layer, top {}, {:?}, expert width {} ({sparse} of {} layers sparse; frozen)",
             moe.num_experts, moe.top_k, moe.routing, moe.intermediate_size, config.num_layers
         );
     }
-    println!("max positions:  {}", config.max_position_embeddings);
+    out!("max positions:  {}", config.max_position_embeddings);
     Ok(())
 }
 
@@ -406,7 +466,7 @@ fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
         let report = model
             .load_adapter(&files, device)
             .with_context(|| format!("adapter {} does not fit {}", adapter.display(), model_dir.display()))?;
-        eprintln!("adapter {}: {report}", adapter.display());
+        note!("adapter {}: {report}", adapter.display());
     }
     let vocab = model.config().vocab_size as i64;
     if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= vocab) {
@@ -431,11 +491,9 @@ fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes)?;
-    let tmp = out.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(vec![("logits", view)], None, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
-    eprintln!("wrote logits {shape:?} to {}", out.display());
+    let file = safetensors::serialize(vec![("logits", view)], None)?;
+    ember_lora::atomic::write_file(out, &file)?;
+    note!("wrote logits {shape:?} to {}", out.display());
     Ok(())
 }
 
@@ -453,15 +511,15 @@ fn inspect_adapter(path: &Path) -> Result<()> {
         .collect();
     names.sort();
     names.dedup();
-    println!("adapter:        {}", path.display());
-    println!("type:           LoRA (PEFT)");
-    println!(
+    out!("adapter:        {}", path.display());
+    out!("type:           LoRA (PEFT)");
+    out!(
         "base model:     {}",
         files.base_model_name_or_path.as_deref().unwrap_or("(not recorded)")
     );
-    println!("rank r:         {} (in file: {ranks:?})", c.r);
-    println!("lora_alpha:     {}", c.lora_alpha);
-    println!(
+    out!("rank r:         {} (in file: {ranks:?})", c.r);
+    out!("lora_alpha:     {}", c.lora_alpha);
+    out!(
         "scaling:        {}{}",
         c.module_lora("x").scaling,
         if c.use_rslora {
@@ -470,10 +528,10 @@ fn inspect_adapter(path: &Path) -> Result<()> {
             " (alpha/r)"
         }
     );
-    println!("dropout:        {}", c.lora_dropout);
-    println!("target_modules: {:?}", c.target_modules);
-    println!("adapted:        {} modules ({})", files.tensors.len(), names.join(", "));
-    println!("parameters:     {params} ({:.2} M)", params as f64 / 1e6);
+    out!("dropout:        {}", c.lora_dropout);
+    out!("target_modules: {:?}", c.target_modules);
+    out!("adapted:        {} modules ({})", files.tensors.len(), names.join(", "));
+    out!("parameters:     {params} ({:.2} M)", params as f64 / 1e6);
     Ok(())
 }
 
@@ -488,7 +546,7 @@ fn merge(base: &Path, adapter: &Path, out: &Path, dtype: DtypeArg) -> Result<()>
     let start = std::time::Instant::now();
     let report = merge_checkpoint(base, &files, out, dtype)
         .with_context(|| format!("merging {} into {}", adapter.display(), base.display()))?;
-    eprintln!(
+    note!(
         "merged {} weights into {} shard(s), {:.1} MB, in {:.2} s -> {}",
         report.merged.len(),
         report.shards.len(),
@@ -499,7 +557,7 @@ fn merge(base: &Path, adapter: &Path, out: &Path, dtype: DtypeArg) -> Result<()>
     Ok(())
 }
 
-fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Result<()> {
+fn train(config_path: &Path, overrides: &[String], resume: Option<String>, overwrite: bool) -> Result<ExitCode> {
     let config = RunConfig::load(config_path, overrides)?;
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -508,7 +566,7 @@ fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Re
             if stop.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }
-            eprintln!("\nCtrl-C: saving a checkpoint after this step (press again to quit at once)");
+            note!("\nCtrl-C: saving a checkpoint after this step (press again to quit at once)");
         })
         .context("cannot install the Ctrl-C handler")?;
     }
@@ -522,6 +580,7 @@ fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Re
         }),
         stop,
         progress: true,
+        overwrite,
     };
     let summary = match config.device {
         // Gradient checkpointing recomputes activations in the backward pass (burn's balanced strategy).
@@ -539,25 +598,41 @@ fn train(config_path: &Path, overrides: &[String], resume: Option<String>) -> Re
         RunDevice::Cuda => train_cuda(&config, &options)?,
     };
     let d = &summary.train_data;
-    eprintln!(
+    note!(
         "data: {} rows, {} samples ({} over max_seq_len dropped, {} truncated, {} without targets, {} bad rows skipped)",
         d.rows, d.samples, d.dropped_overlong, d.truncated, d.dropped_no_targets, d.skipped_bad_rows
     );
     if let (Some(b), Some(a)) = (&summary.eval_before, &summary.eval_after) {
-        eprintln!(
+        note!(
             "eval loss {:.4} -> {:.4}, perplexity {:.3} -> {:.3}",
             b.loss, a.loss, b.perplexity, a.perplexity
         );
     }
     match &summary.adapter_dir {
-        Some(dir) => eprintln!("{} steps; adapter written to {}", summary.steps, dir.display()),
-        None => eprintln!(
-            "stopped after {} steps; resume with `ember train {} --resume`",
-            summary.steps,
-            config_path.display()
-        ),
+        Some(dir) => {
+            note!("{} steps; adapter written to {}", summary.steps, dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let sets: String = overrides.iter().map(|o| format!(" --set {}", shell_quote(o))).collect();
+            note!(
+                "stopped after {} steps; resume with `ember train {}{sets} --resume`",
+                summary.steps,
+                shell_quote(&config_path.display().to_string())
+            );
+            Ok(ExitCode::from(EXIT_INTERRUPTED))
+        }
     }
-    Ok(())
+}
+
+/// `s` as one shell word (single-quoted when it holds anything but safe characters).
+fn shell_quote(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -578,23 +653,24 @@ fn preview(config_path: &Path, overrides: &[String], count: usize) -> Result<()>
     let config = RunConfig::load(config_path, overrides)?;
     let model_config = ember_model::source::read_config(&config.base_model)?;
     let tokenizer = ember_model::source::read_tokenizer(&config.base_model)?;
-    let data = ember_train::run::prepare_data(&config, &tokenizer, model_config.eos_token_ids.first().copied())?;
-    println!("{}", ember_train::data::preview(&tokenizer, &data.train, count)?);
-    let show = |name: &str, s: &ember_train::data::DataStats| {
-        println!(
+    let data = ember_train::run::prepare_data(&config, &tokenizer, &model_config)?;
+    out!("{}", ember_train::data::preview(&tokenizer, &data.train, count)?);
+    let show = |name: &str, s: &ember_train::data::DataStats| -> Result<()> {
+        out!(
             "{name}: {} rows -> {} samples; {} tokens, {} target tokens, longest {}; dropped: {} over max_seq_len, {} without targets; {} truncated; {} bad rows skipped",
             s.rows, s.samples, s.tokens, s.target_tokens, s.max_len, s.dropped_overlong, s.dropped_no_targets, s.truncated, s.skipped_bad_rows
         );
+        Ok(())
     };
-    show("train", &data.train_stats);
+    show("train", &data.train_stats)?;
     if let Some(s) = &data.eval_stats {
-        show("eval", s);
+        show("eval", s)?;
     } else if !data.eval.is_empty() {
-        println!("eval: {} samples held out by val_split", data.eval.len());
+        out!("eval: {} samples held out by val_split", data.eval.len());
     }
     let hist = ember_train::data::length_histogram(&data.train);
     let hist: Vec<String> = hist.iter().map(|(k, v)| format!("<={k}: {v}")).collect();
-    println!("train lengths: {}", hist.join(", "));
+    out!("train lengths: {}", hist.join(", "));
     Ok(())
 }
 
@@ -672,22 +748,21 @@ fn eval(a: EvalArgs) -> Result<()> {
     };
     let report = ember_train::eval::evaluate_models::<burn::backend::NdArray<f32>>(&spec, &Default::default(), |m| {
         if m.starts_with("  ") {
-            eprint!("\r{m}   ");
+            progress!("\r{m}   ");
         } else {
-            eprintln!("{m}");
+            note!("{m}");
         }
     })?;
-    eprintln!();
-    println!("{}", report.markdown());
+    note!();
+    out!("{}", report.markdown());
     let out = a
         .out
         .or_else(|| run.as_ref().map(|r| r.output_dir.clone()))
         .unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join("eval_report.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    eprintln!("report written to {}", path.display());
+    ember_lora::atomic::write_file(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    note!("report written to {}", path.display());
     Ok(())
 }
 
@@ -702,7 +777,6 @@ fn generate_text(
     stop: &[String],
     json: bool,
 ) -> Result<()> {
-    use std::io::Write;
     type B = burn::backend::NdArray<f32>;
     let device = Default::default();
     let model_config = ember_model::source::read_config(model_path)?;
@@ -722,6 +796,16 @@ fn generate_text(
             tokenizer.encode(&prompt, true)?
         }
     };
+    if ids.is_empty() {
+        bail!("the prompt encodes to no tokens; give a non-empty --prompt or --input-ids");
+    }
+    let vocab = model_config.vocab_size;
+    if let Some((i, bad)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+        bail!(
+            "token id {bad} (position {i} of the prompt) is outside the vocabulary of {} (0..{vocab})",
+            model_path.display()
+        );
+    }
     config.eos_token_ids = model_config.eos_token_ids.clone();
     if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
         if !config.eos_token_ids.contains(&id) {
@@ -730,6 +814,7 @@ fn generate_text(
     }
     let pad = model_config.pad_token_id.unwrap_or(0);
     let mut printed = String::new();
+    let mut write_error: Option<std::io::Error> = None;
     let out = ember_model::generate::generate(
         &model,
         std::slice::from_ref(&ids),
@@ -738,22 +823,36 @@ fn generate_text(
         |_, _| {},
         |_, new| {
             let text = tokenizer.decode(new, true).unwrap_or_default();
-            if !json {
-                print!("{}", &text[printed.len().min(text.len())..]);
-                let _ = std::io::stdout().flush();
+            // A token that ends inside a UTF-8 character decodes to U+FFFD until the rest arrives.
+            if !json && !text.ends_with('\u{FFFD}') {
+                let fresh = text
+                    .strip_prefix(printed.as_str())
+                    .or_else(|| text.get(printed.len()..))
+                    .unwrap_or_default();
+                let mut stdout = std::io::stdout();
+                let written = write!(stdout, "{fresh}")
+                    .and_then(|()| stdout.flush());
+                if let Err(e) = written {
+                    // The reader went away (`| head`): stop generating.
+                    write_error = Some(e);
+                    return true;
+                }
                 printed = text.clone();
             }
             stop.iter().any(|s| text.ends_with(s.as_str()))
         },
     );
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
     let text = tokenizer.decode(&out[0], true)?;
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({"prompt_ids": ids, "generated_ids": out[0], "text": text})
         );
     } else {
-        println!();
+        out!();
     }
     Ok(())
 }

@@ -5,11 +5,12 @@
 //! [`crate::LoraLinear`] layers.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::Value;
 
+use crate::atomic::Staging;
 use crate::config::LoraConfig;
 use crate::error::{LoraError, Result};
 
@@ -196,6 +197,11 @@ impl AdapterFiles {
                 )));
             }
             let values = view_to_f32(&view).ok_or_else(|| unexpected(&format!("dtype {:?}", view.dtype())))?;
+            if let Some(bad) = values.iter().find(|x| !x.is_finite()) {
+                return Err(unexpected(&format!(
+                    "holds {bad} (NaN or infinite values; was the run that wrote it diverging?)"
+                )));
+            }
             let entry = halves.entry(module.to_string()).or_default();
             let slot = if is_a { &mut entry.0 } else { &mut entry.1 };
             *slot = Some((values, view.shape().to_vec()));
@@ -253,8 +259,8 @@ impl AdapterFiles {
         let config = self
             .config
             .to_peft_json(self.base_model_name_or_path.as_deref(), &targets);
-        let staging = staging_dir(dir)?;
-        let config_path = staging.join(CONFIG_FILE);
+        let staging = Staging::new(dir)?;
+        let config_path = staging.path().join(CONFIG_FILE);
         let text = serde_json::to_string_pretty(&config).map_err(|source| LoraError::Json {
             path: config_path.clone(),
             source,
@@ -274,9 +280,9 @@ impl AdapterFiles {
                 t.b_shape,
             ));
         }
-        let weights_path = staging.join(WEIGHTS_FILE);
+        let weights_path = staging.path().join(WEIGHTS_FILE);
         write_safetensors(&weights_path, &data)?;
-        commit_dir(&staging, dir)
+        staging.commit(dir)
     }
 }
 
@@ -301,37 +307,4 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<u8>, [usize; 2])])
         path: path.to_path_buf(),
         message: format!("cannot write: {e:?}"),
     })
-}
-
-/// A fresh temporary folder beside `target` (same file system, so the final rename is atomic).
-pub fn staging_dir(target: &Path) -> Result<PathBuf> {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "out".into());
-    let parent = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
-    }
-    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-    Ok(staging)
-}
-
-/// Replaces `target` with the finished `staging` folder. An existing `target` is moved aside
-/// first and removed only after the rename succeeded.
-pub fn commit_dir(staging: &Path, target: &Path) -> Result<()> {
-    if target.exists() {
-        let old = staging.with_extension("old");
-        std::fs::rename(target, &old).map_err(io(target))?;
-        std::fs::rename(staging, target).map_err(io(target))?;
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
-    } else {
-        std::fs::rename(staging, target).map_err(io(target))?;
-    }
-    Ok(())
 }

@@ -197,20 +197,41 @@ impl LoraConfig {
                 return false;
             }
         }
+        // PEFT expands `all-linear` into the list of linear modules' last names, so
+        // `layers_to_transform` applies to it as to any list matched by suffix.
         match &self.target_modules {
-            TargetModules::Pattern(p) if p.eq_ignore_ascii_case("all-linear") => !is_output_head,
+            TargetModules::Pattern(p) if p.eq_ignore_ascii_case("all-linear") => {
+                !is_output_head && self.in_transformed_layers(path)
+            }
             TargetModules::Pattern(p) => full_match(p, path),
             TargetModules::List(list) if list.iter().any(|t| t == path) => true,
             TargetModules::List(list) => {
-                let found = list.iter().any(|t| path.ends_with(&format!(".{t}")));
-                match (&self.layers_to_transform, found) {
-                    (Some(layers), true) if !layers.is_empty() => {
-                        layer_index(path).is_some_and(|i| layers.contains(&i))
-                    }
-                    _ => found,
-                }
+                list.iter().any(|t| path.ends_with(&format!(".{t}"))) && self.in_transformed_layers(path)
             }
         }
+    }
+
+    /// Whether `path`'s layer index is one of `layers_to_transform` (always, when unset or empty).
+    fn in_transformed_layers(&self, path: &str) -> bool {
+        match &self.layers_to_transform {
+            Some(layers) if !layers.is_empty() => layer_index(path).is_some_and(|i| layers.contains(&i)),
+            _ => true,
+        }
+    }
+
+    /// The keys of `adapter_config.json` whose values differ between `self` and `other`, for
+    /// adapters of the same modules (`targets`). `base_model_name_or_path` and the form of
+    /// `target_modules` do not count; which modules are adapted is the caller's check.
+    pub fn differences(&self, other: &LoraConfig, targets: &[String]) -> Vec<String> {
+        let (a, b) = (self.to_peft_json(None, targets), other.to_peft_json(None, targets));
+        let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+            return Vec::new();
+        };
+        a.iter()
+            .filter(|(k, _)| k.as_str() != "target_modules" && k.as_str() != "base_model_name_or_path")
+            .filter(|(k, v)| b.get(k.as_str()) != Some(*v))
+            .map(|(k, v)| format!("{k}: {} vs {}", b.get(k.as_str()).unwrap_or(&Value::Null), v))
+            .collect()
     }
 
     /// Rank, alpha and scale of the module at `path` after `rank_pattern`/`alpha_pattern`

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod atomic;
 pub mod config;
 mod error;
 mod linear;

@@ -15,7 +15,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde_json::Value;
 
-use crate::adapter::{bytes_to_f32, commit_dir, staging_dir, AdapterFiles};
+use crate::adapter::{bytes_to_f32, AdapterFiles};
+use crate::atomic::{is_plain_file_name, Staging};
 use crate::error::{LoraError, Result};
 
 /// Storage dtype of the merged checkpoint.
@@ -87,9 +88,18 @@ pub fn checkpoint_files(dir: &Path) -> Result<(Vec<String>, Option<Value>)> {
                 key: "weight_map".into(),
                 message: format!("missing in `{}`", index_path.display()),
             })?
-            .values()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
+            .iter()
+            .map(|(key, v)| match v.as_str() {
+                Some(name) if is_plain_file_name(name) => Ok(name.to_string()),
+                _ => Err(LoraError::InvalidConfig {
+                    key: format!("weight_map.{key}"),
+                    message: format!(
+                        "{v} in `{}` is not a plain file name inside the model folder",
+                        index_path.display()
+                    ),
+                }),
+            })
+            .collect::<Result<_>>()?;
         Ok((files.into_iter().collect(), Some(index)))
     } else if dir.join("model.safetensors").exists() {
         Ok((vec!["model.safetensors".into()], None))
@@ -176,18 +186,10 @@ pub fn merge_checkpoint(base: &Path, adapter: &AdapterFiles, out: &Path, dtype: 
         }
     }
 
-    let staging = staging_dir(out)?;
-    let result = write_merged(base, adapter, &files, index, &staging, dtype);
-    match result {
-        Ok(report) => {
-            commit_dir(&staging, out)?;
-            Ok(report)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Err(e)
-        }
-    }
+    let staging = Staging::new(out)?;
+    let report = write_merged(base, adapter, &files, index, staging.path(), dtype)?;
+    staging.commit(out)?;
+    Ok(report)
 }
 
 /// A merged weight ready to be written: f32 values written as they lie in memory, or encoded.

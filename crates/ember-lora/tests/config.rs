@@ -163,6 +163,27 @@ fn target_matching_follows_peft() {
             false,
             false,
         ),
+        // ...and to `all-linear`, which PEFT expands into a list of last names.
+        (
+            LoraConfig {
+                target_modules: TargetModules::Pattern("all-linear".into()),
+                layers_to_transform: Some(vec![3]),
+                ..Default::default()
+            },
+            q,
+            false,
+            false,
+        ),
+        (
+            LoraConfig {
+                target_modules: TargetModules::Pattern("all-linear".into()),
+                layers_to_transform: Some(vec![3]),
+                ..Default::default()
+            },
+            down3,
+            false,
+            true,
+        ),
         // ...but not to exact matches (PEFT checks `key in target_modules` first).
         (
             LoraConfig {

@@ -24,3 +24,95 @@ pub fn reuse_freed_buffers() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
     }
 }
+
+thread_local! {
+    /// Bytes this thread may still allocate while a chat template renders; `None` outside.
+    static TEMPLATE_BUDGET: std::cell::Cell<Option<isize>> = const { std::cell::Cell::new(None) };
+}
+
+/// A memory budget for the chat template rendering on this thread (see [`GuardedAllocator`]).
+///
+/// A template can build a string of any size in a few instructions (`{% set s = s ~ s %}` in
+/// a loop doubles it each time), which no instruction budget catches. While a budget is
+/// entered, [`GuardedAllocator`] counts this thread's allocations against it and ends the
+/// process with a clear message, exit status 1, when it is spent, before the machine runs out
+/// of memory. Without that allocator installed (library users), entering a budget does nothing.
+pub struct TemplateMemoryBudget {
+    previous: Option<isize>,
+}
+
+impl TemplateMemoryBudget {
+    /// Starts counting this thread's allocations against `bytes`; ends when dropped.
+    pub fn enter(bytes: usize) -> Self {
+        let previous = TEMPLATE_BUDGET.with(|b| b.replace(Some(bytes.min(isize::MAX as usize) as isize)));
+        Self { previous }
+    }
+}
+
+impl Drop for TemplateMemoryBudget {
+    fn drop(&mut self) {
+        TEMPLATE_BUDGET.with(|b| b.set(self.previous));
+    }
+}
+
+/// The system allocator, plus the per-thread [`TemplateMemoryBudget`]: install it in a binary
+/// with `#[global_allocator] static ALLOC: GuardedAllocator = GuardedAllocator;`.
+pub struct GuardedAllocator;
+
+impl GuardedAllocator {
+    /// Charges `delta` bytes to this thread's template budget, if one is entered.
+    fn charge(delta: isize) {
+        // `try_with`: the thread-local may already be gone while a thread shuts down.
+        let _ = TEMPLATE_BUDGET.try_with(|budget| {
+            if let Some(left) = budget.get() {
+                let left = left - delta;
+                if left < 0 {
+                    Self::refuse();
+                }
+                budget.set(Some(left));
+            }
+        });
+    }
+
+    /// Ends the process: a template used more memory than its budget. Only async-signal-safe
+    /// calls here (no allocation can happen inside the allocator).
+    fn refuse() -> ! {
+        const MESSAGE: &[u8] = b"Error: the chat template used more memory than its budget while rendering \
+(a template that builds ever larger strings); refusing it. Nothing was written.\n";
+        #[cfg(unix)]
+        // SAFETY: write(2) and _exit(2) are async-signal-safe and do not allocate.
+        unsafe {
+            libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+            libc::_exit(1);
+        }
+        #[cfg(not(unix))]
+        std::process::abort();
+    }
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the budget only counts.
+unsafe impl std::alloc::GlobalAlloc for GuardedAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        Self::charge(layout.size() as isize);
+        // SAFETY: the caller's contract is forwarded.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        Self::charge(layout.size() as isize);
+        // SAFETY: the caller's contract is forwarded.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        Self::charge(-(layout.size() as isize));
+        // SAFETY: the caller's contract is forwarded.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        Self::charge(new_size as isize - layout.size() as isize);
+        // SAFETY: the caller's contract is forwarded.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}

@@ -84,7 +84,8 @@ pub fn convert_gguf(path: &Path, out: &Path) -> Result<()> {
     let config = file.hf_config()?;
     let tokenizer = file.tokenizer()?;
     let tensors = file.hf_tensors(&config)?;
-    let staging = ember_lora::adapter::staging_dir(out)?;
+    let staging_guard = ember_lora::atomic::Staging::new(out)?;
+    let staging = staging_guard.path().to_path_buf();
     let json_text = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
     std::fs::write(staging.join("config.json"), json_text(&config)).map_err(io(&staging))?;
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
@@ -133,6 +134,6 @@ pub fn convert_gguf(path: &Path, out: &Path) -> Result<()> {
         "pad_token_id": config.get("pad_token_id"),
     });
     std::fs::write(staging.join("generation_config.json"), json_text(&generation)).map_err(io(&staging))?;
-    ember_lora::adapter::commit_dir(&staging, out)?;
+    staging_guard.commit(out)?;
     Ok(())
 }

@@ -53,11 +53,19 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` as transformers' `apply_chat_template(tokenize=False)` does.
+    ///
+    /// A template is code from the model's files, so it runs under limits: an instruction
+    /// budget (fuel) that grows with the conversation, an output of at most
+    /// [`ChatTemplate::MAX_OUTPUT_BASE`] + 8 × the messages' text, and, in the `ember` binary,
+    /// a memory budget ([`crate::allocator::TemplateMemoryBudget`]). A template that loops
+    /// without end or writes without end fails with an error instead of hanging.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        let content: usize = messages.iter().map(|m| m.content.len() + m.role.len()).sum();
+        env.set_fuel(Some(Self::FUEL_BASE + Self::FUEL_PER_MESSAGE * messages.len() as u64 + 8 * content as u64));
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
@@ -73,14 +81,65 @@ impl ChatTemplate {
         let template = env
             .get_template("chat")
             .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
-        template
-            .render(minijinja::context! {
+        let limit = Self::MAX_OUTPUT_BASE + 8 * content;
+        let mut out = LimitedOutput {
+            bytes: Vec::new(),
+            limit,
+        };
+        let _budget = crate::allocator::TemplateMemoryBudget::enter(Self::MAX_MEMORY_BASE + 64 * content);
+        let rendered = template.render_captured_to(
+            minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
-            })
-            .map_err(|e| ModelError::ChatTemplate(format!("cannot render: {e:#}")))
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|e| ModelError::ChatTemplate(format!("rendered invalid UTF-8: {e}"))),
+            Err(e) if out.bytes.len() > limit => Err(ModelError::ChatTemplate(format!(
+                "the template wrote more than {limit} bytes for {} messages of {content} bytes; refusing it ({e})",
+                messages.len()
+            ))),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(ModelError::ChatTemplate(format!(
+                "the template did not finish within its instruction budget for {} messages (an endless or \
+                 nested loop?); refusing it",
+                messages.len()
+            ))),
+            Err(e) => Err(ModelError::ChatTemplate(format!("cannot render: {e:#}"))),
+        }
+    }
+
+    /// Template instructions allowed for any conversation.
+    pub const FUEL_BASE: u64 = 200_000;
+    /// Further instructions allowed per message.
+    pub const FUEL_PER_MESSAGE: u64 = 20_000;
+    /// Output bytes allowed beyond 8 × the conversation's text.
+    pub const MAX_OUTPUT_BASE: usize = 1 << 20;
+    /// Memory a render may hold beyond 64 × the conversation's text.
+    pub const MAX_MEMORY_BASE: usize = 256 << 20;
+}
+
+/// A byte sink that refuses writes past `limit` bytes.
+struct LimitedOutput {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for LimitedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.limit {
+            self.bytes.extend_from_slice(&buf[..(self.limit + 1).saturating_sub(self.bytes.len()).min(buf.len())]);
+            return Err(std::io::Error::other("chat template output limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -85,6 +85,17 @@ impl Weights {
                 path: index.clone(),
                 source,
             })?;
+            if let Some((key, file)) = parsed
+                .weight_map
+                .iter()
+                .find(|(_, f)| !ember_lora::atomic::is_plain_file_name(f))
+            {
+                return Err(ModelError::InvalidConfig {
+                    path: index.clone(),
+                    key: format!("weight_map.{key}"),
+                    message: format!("{file:?} is not a plain file name inside the model folder"),
+                });
+            }
             let files: BTreeSet<&String> = parsed.weight_map.values().collect();
             let paths: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
             let weights = Self::open_files(dir, &paths)?;

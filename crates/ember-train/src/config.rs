@@ -303,6 +303,7 @@ const KEYS: &[&str] = &[
     "train_on_inputs",
     "packing",
     "shuffle",
+    "group_by_length",
     "overlong",
     "bad_rows",
     "max_train_rows",
@@ -478,7 +479,7 @@ impl RunConfig {
     pub fn save(&self, path: &Path) -> Result<()> {
         let text =
             serde_yaml::to_string(self).map_err(|e| TrainError::Config(format!("cannot serialise config: {e}")))?;
-        std::fs::write(path, text).map_err(io(path))
+        Ok(ember_lora::atomic::write_file(path, text.as_bytes())?)
     }
 }
 

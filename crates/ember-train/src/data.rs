@@ -196,6 +196,26 @@ pub fn read_records(
     fields: &FieldMap,
     bad_rows: BadRows,
 ) -> Result<(Vec<Record>, usize)> {
+    read_records_for_vocab(path, format, fields, bad_rows, None)
+}
+
+/// The first token id or label of `ids` that a model with `vocab_size` rows cannot embed
+/// (labels may also be -100).
+fn outside_vocab(ids: &[i64], vocab_size: usize, ignore_allowed: bool) -> Option<i64> {
+    ids.iter()
+        .copied()
+        .find(|&id| !(0..vocab_size as i64).contains(&id) && !(ignore_allowed && id == IGNORE))
+}
+
+/// [`read_records`], where pre-tokenized rows must also hold ids below `vocab_size` (the
+/// model's embedding rows): a row with others is a bad row.
+pub fn read_records_for_vocab(
+    path: &Path,
+    format: DataFormat,
+    fields: &FieldMap,
+    bad_rows: BadRows,
+    vocab_size: Option<usize>,
+) -> Result<(Vec<Record>, usize)> {
     let df = read_frame(path)?;
     if df.height() == 0 {
         return Err(data_err(path, "no rows"));
@@ -252,7 +272,22 @@ pub fn read_records(
                             fields.input_ids,
                             input_ids.len()
                         )),
-                        (_, labels) => Ok(Record::Tokens { input_ids, labels }),
+                        (_, labels) => {
+                            let vocab = vocab_size.unwrap_or(usize::MAX >> 1);
+                            if let Some(bad) = outside_vocab(&input_ids, vocab, false) {
+                                Err(format!(
+                                    "`{}` holds token id {bad}, outside the model's vocabulary (0..{vocab})",
+                                    fields.input_ids
+                                ))
+                            } else if let Some(bad) = labels.as_deref().and_then(|l| outside_vocab(l, vocab, true)) {
+                                Err(format!(
+                                    "`{}` holds {bad}, neither -100 nor a token id of the model's vocabulary (0..{vocab})",
+                                    fields.labels
+                                ))
+                            } else {
+                                Ok(Record::Tokens { input_ids, labels })
+                            }
+                        }
                     },
                 })
                 .collect()
@@ -319,6 +354,8 @@ pub struct Encoder<'a> {
     pub overlong: Overlong,
     /// The end-of-sequence id appended (and trained).
     pub eos_id: u32,
+    /// Rows of the model's embedding: every token id must be below it.
+    pub vocab_size: usize,
 }
 
 /// Why a record produced no sample.
@@ -374,7 +411,15 @@ impl<'a> Encoder<'a> {
             train_on_inputs: config.train_on_inputs,
             overlong: config.overlong,
             eos_id,
+            vocab_size: tokenizer.vocab_size(),
         })
+    }
+
+    /// Checks token ids against a model with `vocab_size` embedding rows (default: the
+    /// tokenizer's vocabulary).
+    pub fn with_vocab_size(mut self, vocab_size: usize) -> Self {
+        self.vocab_size = vocab_size;
+        self
     }
 
     /// Tokenizes `text` and marks as targets the tokens that start inside `spans` (byte ranges).
@@ -420,11 +465,25 @@ impl<'a> Encoder<'a> {
             }
             Record::Chat { messages } => self.encode_chat(messages)?,
             Record::Tokens { input_ids, labels } => {
+                if let Some(bad) = outside_vocab(input_ids, self.vocab_size, false) {
+                    return Err(TrainError::Config(format!(
+                        "token id {bad} is outside the model's vocabulary (0..{})",
+                        self.vocab_size
+                    )));
+                }
                 let ids: Vec<u32> = input_ids.iter().map(|&i| i as u32).collect();
                 let labels = labels.clone().unwrap_or_else(|| input_ids.clone());
                 Sample { input_ids: ids, labels }
             }
         };
+        if let Some(&bad) = sample.input_ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(TrainError::Config(format!(
+                "the tokenizer gave token id {bad} ({:?}), outside the model's vocabulary (0..{}): \
+                 tokenizer.json does not fit this model",
+                self.tokenizer.id_to_token(bad).unwrap_or_default(),
+                self.vocab_size
+            )));
+        }
         let mut truncated = false;
         if sample.input_ids.len() > self.max_seq_len {
             match self.overlong {
@@ -492,7 +551,13 @@ pub fn load_samples(
     encoder: &Encoder<'_>,
     max_rows: Option<usize>,
 ) -> Result<(Vec<Sample>, DataStats)> {
-    let (mut records, skipped) = read_records(path, config.format, &config.fields, config.bad_rows)?;
+    let (mut records, skipped) = read_records_for_vocab(
+        path,
+        config.format,
+        &config.fields,
+        config.bad_rows,
+        Some(encoder.vocab_size),
+    )?;
     if let Some(n) = max_rows {
         records.truncate(n);
     }

@@ -38,6 +38,17 @@ pub enum TrainError {
         /// The loss value.
         loss: f64,
     },
+    /// `output_dir` holds an earlier run and the new one neither resumes nor overwrites it.
+    #[error(
+        "output_dir `{path}` already holds {found}; resume that run with --resume, replace it with --overwrite, \
+         or choose another output_dir"
+    )]
+    OutputDirInUse {
+        /// The output folder.
+        path: PathBuf,
+        /// What is in it.
+        found: String,
+    },
     /// A checkpoint is missing or inconsistent.
     #[error("checkpoint `{path}`: {message}")]
     Checkpoint {

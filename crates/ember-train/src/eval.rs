@@ -552,22 +552,35 @@ pub fn evaluate_models<B: Backend>(
         .pad_token_id
         .or(config.eos_token_ids.first().copied())
         .unwrap_or(0);
-    let (mut records, _) = crate::data::read_records(
+    let (mut records, _) = crate::data::read_records_for_vocab(
         &spec.data.train,
         spec.data.format,
         &spec.data.fields,
         spec.data.bad_rows,
+        Some(config.vocab_size),
     )?;
     if let Some(n) = spec.max_rows {
         records.truncate(n);
     }
-    let encoder = crate::data::Encoder::new(&tokenizer, &spec.data, config.eos_token_ids.first().copied())?;
+    let encoder = crate::data::Encoder::new(&tokenizer, &spec.data, config.eos_token_ids.first().copied())?
+        .with_vocab_size(config.vocab_size);
     // One sample per record (None when dropped as over-long or target-less).
     let mut row_samples = Vec::with_capacity(records.len());
     for record in &records {
         row_samples.push(encoder.encode(record)?.ok().map(|(s, _)| s));
     }
     let samples: Vec<Sample> = row_samples.iter().flatten().cloned().collect();
+    if samples.is_empty() {
+        return Err(crate::error::TrainError::Data {
+            path: spec.data.train.clone(),
+            message: format!(
+                "none of its {} rows gives a sample to evaluate (each is longer than max_seq_len {} tokens \
+                 or has no answer tokens); raise max_seq_len or check the format",
+                records.len(),
+                spec.data.max_seq_len
+            ),
+        });
+    }
     let examples = match spec.data.format {
         crate::config::DataFormat::Chat | crate::config::DataFormat::Alpaca => {
             Some(labeled_prompts(&records, &tokenizer)?)

@@ -3,6 +3,23 @@
 //! clipping, AdamW with torch's semantics), schedules, evaluation and checkpoints.
 #![warn(missing_docs)]
 
+/// `eprint!` that ignores a closed or broken stderr: a progress line is never worth a panic
+/// in the middle of a training run.
+macro_rules! progress {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that ignores a closed or broken stderr (see `progress!`).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod config;
 pub mod data;
 mod error;

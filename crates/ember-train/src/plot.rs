@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::error::{io, Result, TrainError};
+use crate::error::{Result, TrainError};
 
 const W: usize = 800;
 const H: usize = 480;
@@ -103,15 +103,17 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
     for p in &eval {
         c.dot(to_px(*p), [214, 39, 40]);
     }
-    let file = std::fs::File::create(out).map_err(io(out))?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), W as u32, H as u32);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let png_err = |e: png::EncodingError| TrainError::Io {
-        path: out.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    };
-    let mut writer = encoder.write_header().map_err(png_err)?;
-    writer.write_image_data(&c.pixels).map_err(png_err)?;
-    Ok(())
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut bytes, W as u32, H as u32);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let png_err = |e: png::EncodingError| TrainError::Io {
+            path: out.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let mut writer = encoder.write_header().map_err(png_err)?;
+        writer.write_image_data(&c.pixels).map_err(png_err)?;
+    }
+    Ok(ember_lora::atomic::write_file(out, &bytes)?)
 }

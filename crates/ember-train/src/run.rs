@@ -10,7 +10,8 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
-use ember_lora::adapter::{commit_dir, staging_dir, write_safetensors};
+use ember_lora::adapter::write_safetensors;
+use ember_lora::atomic::Staging;
 use ember_lora::{AdapterFiles, LoraConfig};
 use ember_model::{CausalLm, Tokenizer, Weights};
 
@@ -41,6 +42,10 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// Print a progress line to stderr.
     pub progress: bool,
+    /// Start afresh in an `output_dir` that holds an earlier run: its adapter, checkpoints,
+    /// metrics and plots are removed once the new run has loaded its model and data. Without
+    /// this (or `resume`), such an `output_dir` is refused.
+    pub overwrite: bool,
 }
 
 /// What a finished run reports.
@@ -92,8 +97,13 @@ pub struct PreparedData {
 }
 
 /// Reads the tokenizer and the data of a run (shared by `train`, `data preview` and `eval`).
-pub fn prepare_data(config: &RunConfig, tokenizer: &Tokenizer, model_eos: Option<u32>) -> Result<PreparedData> {
-    let encoder = Encoder::new(tokenizer, &config.data, model_eos)?;
+pub fn prepare_data(
+    config: &RunConfig,
+    tokenizer: &Tokenizer,
+    model_config: &ember_model::DecoderConfig,
+) -> Result<PreparedData> {
+    let encoder = Encoder::new(tokenizer, &config.data, model_config.eos_token_ids.first().copied())?
+        .with_vocab_size(model_config.vocab_size);
     let (mut train, train_stats) =
         load_samples(&config.data.train, &config.data, &encoder, config.data.max_train_rows)?;
     let (eval, eval_stats) = match (&config.data.eval, config.data.val_split) {
@@ -198,6 +208,95 @@ fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
+/// Whether `name` is something a run writes into its `output_dir` (or a staging folder of one).
+fn is_run_output(name: &str) -> bool {
+    let name = name
+        .strip_prefix('.')
+        .and_then(|n| n.split_once(".tmp-").map(|(n, _)| n))
+        .unwrap_or(name);
+    matches!(
+        name,
+        "adapter" | "metrics.jsonl" | "loss.png" | "resolved_config.yaml" | "eval_report.json"
+    ) || name
+        .strip_prefix("checkpoint-")
+        .is_some_and(|n| n.parse::<usize>().is_ok())
+}
+
+/// Refuses an `output_dir` that already holds files, unless the run resumes or overwrites.
+fn check_output_dir(output_dir: &Path, options: &RunOptions) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Ok(());
+    };
+    let mut found: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    if found.is_empty() || options.resume.is_some() {
+        return Ok(());
+    }
+    found.sort();
+    if options.overwrite {
+        if let Some(other) = found.iter().find(|n| !is_run_output(n)) {
+            return Err(TrainError::OutputDirInUse {
+                path: output_dir.to_path_buf(),
+                found: format!("`{other}`, which is not an Ember output (--overwrite removes only those)"),
+            });
+        }
+        return Ok(());
+    }
+    let shown: Vec<&str> = found.iter().take(6).map(String::as_str).collect();
+    let more = found.len().saturating_sub(shown.len());
+    Err(TrainError::OutputDirInUse {
+        path: output_dir.to_path_buf(),
+        found: format!(
+            "{}{}",
+            shown.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
+        ),
+    })
+}
+
+/// Removes an earlier run's outputs from `output_dir` (for `--overwrite`).
+fn remove_run_outputs(output_dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if !is_run_output(&entry.file_name().to_string_lossy()) {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+        } else {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the lines of `metrics.jsonl` after `step` (an interrupted run logged steps its last
+/// checkpoint does not hold; the resumed run logs them again).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    Ok(ember_lora::atomic::write_file(path, out.as_bytes())?)
+}
+
 fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -210,9 +309,10 @@ fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// Runs training as `config` says; see the crate docs for what is written where.
 pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device: &B::Device) -> Result<RunSummary> {
     // Everything that can fail on bad input happens before anything is written.
+    check_output_dir(&config.output_dir, options)?;
     let model_config = ember_model::source::read_config(&config.base_model)?;
     let tokenizer = ember_model::source::read_tokenizer(&config.base_model)?;
-    let data = prepare_data(config, &tokenizer, model_config.eos_token_ids.first().copied())?;
+    let data = prepare_data(config, &tokenizer, &model_config)?;
     let init_from = config
         .lora
         .init_from
@@ -268,16 +368,22 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
     );
     let (mut epoch, mut position, mut last_loss) = (0, 0, None);
     if let Some(dir) = &resume_dir {
-        let state = load_checkpoint(&mut trainer, dir, config)?;
+        let state = load_checkpoint(&mut trainer, dir, config, &lora_config)?;
         epoch = state.epoch;
         position = state.position;
         last_loss = state.last_loss;
-        eprintln!("resuming from {} at step {}", dir.display(), state.step);
+        note!("resuming from {} at step {}", dir.display(), state.step);
     }
 
+    if options.overwrite && options.resume.is_none() {
+        remove_run_outputs(&config.output_dir)?;
+    }
     std::fs::create_dir_all(&config.output_dir).map_err(io(&config.output_dir))?;
     config.save(&config.output_dir.join("resolved_config.yaml"))?;
     let metrics_path = config.output_dir.join("metrics.jsonl");
+    if resume_dir.is_some() {
+        truncate_metrics(&metrics_path, trainer.optimizer.step)?;
+    }
     let eval = |trainer: &Trainer<B>| -> Option<LossReport> {
         (!data.eval.is_empty()).then(|| evaluate_loss(&trainer.model.valid(), &data.eval, t.eval_batch_size, pad_id))
     };
@@ -285,7 +391,7 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
     if resume_dir.is_none() {
         eval_before = eval(&trainer);
         if let Some(e) = &eval_before {
-            eprintln!(
+            note!(
                 "eval before training: loss {:.4}, perplexity {:.3}",
                 e.loss, e.perplexity
             );
@@ -310,11 +416,12 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
             .collect();
         let stats = match trainer.train_step(&window, lr) {
             Ok(s) => s,
-            Err(e @ TrainError::NonFiniteLoss { .. }) => {
-                eprintln!();
+            Err(e) => {
+                if options.progress {
+                    note!();
+                }
                 return Err(e);
             }
-            Err(e) => return Err(e),
         };
         tokens_done += stats.tokens;
         last_loss = Some(stats.loss);
@@ -328,7 +435,7 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
         if options.progress && (done.is_multiple_of(t.log_every.max(1)) || done == total_steps) {
             let rate = tokens_done as f64 / elapsed.max(1e-9);
             let eta = elapsed / (done - first_step) as f64 * (total_steps - done) as f64;
-            eprint!(
+            progress!(
                 "\rstep {done}/{total_steps}  loss {:.4}  lr {lr:.2e}  grad_norm {:.3}  {rate:.0} tok/s  eta {}   ",
                 stats.loss,
                 stats.grad_norm,
@@ -337,7 +444,7 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
         }
         if t.eval_every > 0 && done.is_multiple_of(t.eval_every) && done < total_steps {
             if let Some(e) = eval(&trainer) {
-                eprintln!("\nstep {done}: eval loss {:.4}, perplexity {:.3}", e.loss, e.perplexity);
+                note!("\nstep {done}: eval loss {:.4}, perplexity {:.3}", e.loss, e.perplexity);
                 append_jsonl(
                     &metrics_path,
                     &serde_json::json!({"step": done, "eval_loss": e.loss, "eval_perplexity": e.perplexity}),
@@ -358,17 +465,17 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
             save_checkpoint(&trainer, config, &lora_config, &state)?;
         }
         if stop {
-            eprintln!("\nstopped at step {done}; resume with --resume");
+            note!("\nstopped at step {done}; resume with --resume");
             interrupted = true;
             break;
         }
     }
     if options.progress {
-        eprintln!();
+        note!();
     }
     let eval_after = if interrupted { last_eval } else { eval(&trainer) };
     if let (Some(e), false) = (&eval_after, interrupted) {
-        eprintln!(
+        note!(
             "eval after training: loss {:.4}, perplexity {:.3}",
             e.loss, e.perplexity
         );
@@ -415,7 +522,8 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let dir = config.output_dir.join(format!("checkpoint-{}", state.step));
-    let staging = staging_dir(&dir)?;
+    let staging_guard = Staging::new(&dir)?;
+    let staging = staging_guard.path();
     let adapter = trainer
         .model
         .adapter_files(lora_config, Some(config.base_model.display().to_string()));
@@ -439,7 +547,7 @@ pub fn save_checkpoint<B: AutodiffBackend>(
         message: e.to_string(),
     })?;
     std::fs::write(&state_path, text).map_err(io(&state_path))?;
-    commit_dir(&staging, &dir)?;
+    staging_guard.commit(&dir)?;
     prune_checkpoints(&config.output_dir, config.train.keep_last.max(1))?;
     Ok(dir)
 }
@@ -471,6 +579,7 @@ pub fn load_checkpoint<B: AutodiffBackend>(
     trainer: &mut Trainer<B>,
     dir: &Path,
     config: &RunConfig,
+    lora_config: &LoraConfig,
 ) -> Result<TrainerState> {
     let bad = |message: String| TrainError::Checkpoint {
         path: dir.to_path_buf(),
@@ -486,6 +595,15 @@ pub fn load_checkpoint<B: AutodiffBackend>(
         )));
     }
     let adapter = AdapterFiles::read(&dir.join("adapter"))?;
+    let targets: Vec<String> = adapter.tensors.keys().cloned().collect();
+    let changed = adapter.config.differences(lora_config, &targets);
+    if !changed.is_empty() {
+        return Err(bad(format!(
+            "its LoRA settings differ from this run's (checkpoint vs config): {}; resume with the \
+             checkpoint's settings or start a new run",
+            changed.join(", ")
+        )));
+    }
     let device = trainer.device.clone();
     let mut values = std::collections::BTreeMap::new();
     for (path, t) in &adapter.tensors {

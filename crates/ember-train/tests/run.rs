@@ -54,6 +54,7 @@ fn opts() -> RunOptions {
         resume: None,
         stop: Arc::new(AtomicBool::new(false)),
         progress: false,
+        overwrite: false,
     }
 }
 
