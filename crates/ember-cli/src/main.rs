@@ -373,7 +373,9 @@ fn inspect(path: &Path) -> Result<()> {
     out!("intermediate:   {}", config.intermediate_size);
     out!(
         "heads:          {} query, {} key/value, head_dim {}",
-        config.num_heads, config.num_kv_heads, config.head_dim
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim
     );
     out!("vocab:          {}", config.vocab_size);
     out!(
@@ -382,12 +384,15 @@ fn inspect(path: &Path) -> Result<()> {
     );
     out!(
         "rope:           theta {} {:?}, {} rotary dims",
-        config.rope.theta, config.rope.scaling, config.rope.rotary_dim
+        config.rope.theta,
+        config.rope.scaling,
+        config.rope.rotary_dim
     );
     if let Some(local) = &config.local_rope {
         out!(
             "local rope:     theta {} {:?} (sliding-window layers)",
-            local.theta, local.scaling
+            local.theta,
+            local.scaling
         );
     }
     out!("attention:      {}", compress(&windows));
@@ -395,7 +400,11 @@ fn inspect(path: &Path) -> Result<()> {
         let sparse = moe.sparse_layers.iter().filter(|s| **s).count();
         out!(
             "experts:        {} per MoE layer, top {}, {:?}, expert width {} ({sparse} of {} layers sparse; frozen)",
-            moe.num_experts, moe.top_k, moe.routing, moe.intermediate_size, config.num_layers
+            moe.num_experts,
+            moe.top_k,
+            moe.routing,
+            moe.intermediate_size,
+            config.num_layers
         );
     }
     out!("max positions:  {}", config.max_position_embeddings);
@@ -605,7 +614,10 @@ fn train(config_path: &Path, overrides: &[String], resume: Option<String>, overw
     if let (Some(b), Some(a)) = (&summary.eval_before, &summary.eval_after) {
         note!(
             "eval loss {:.4} -> {:.4}, perplexity {:.3} -> {:.3}",
-            b.loss, a.loss, b.perplexity, a.perplexity
+            b.loss,
+            a.loss,
+            b.perplexity,
+            a.perplexity
         );
     }
     match &summary.adapter_dir {
@@ -830,8 +842,7 @@ fn generate_text(
                     .or_else(|| text.get(printed.len()..))
                     .unwrap_or_default();
                 let mut stdout = std::io::stdout();
-                let written = write!(stdout, "{fresh}")
-                    .and_then(|()| stdout.flush());
+                let written = write!(stdout, "{fresh}").and_then(|()| stdout.flush());
                 if let Err(e) = written {
                     // The reader went away (`| head`): stop generating.
                     write_error = Some(e);

@@ -219,7 +219,8 @@ impl LoraConfig {
         }
     }
 
-    /// The keys of `adapter_config.json` whose values differ between `self` and `other`, for
+    /// The keys of `adapter_config.json` whose values differ between `self` and `other`
+    /// (`"r: 4 vs 8"`, self's value first), for
     /// adapters of the same modules (`targets`). `base_model_name_or_path` and the form of
     /// `target_modules` do not count; which modules are adapted is the caller's check.
     pub fn differences(&self, other: &LoraConfig, targets: &[String]) -> Vec<String> {
@@ -230,7 +231,7 @@ impl LoraConfig {
         a.iter()
             .filter(|(k, _)| k.as_str() != "target_modules" && k.as_str() != "base_model_name_or_path")
             .filter(|(k, v)| b.get(k.as_str()) != Some(*v))
-            .map(|(k, v)| format!("{k}: {} vs {}", b.get(k.as_str()).unwrap_or(&Value::Null), v))
+            .map(|(k, v)| format!("{k}: {v} vs {}", b.get(k.as_str()).unwrap_or(&Value::Null)))
             .collect()
     }
 

@@ -57,6 +57,13 @@ pub struct GgufTensor {
     pub offset: usize,
 }
 
+impl GgufTensor {
+    /// The number of values; `None` when the dimensions' product overflows.
+    pub fn values(&self) -> Option<usize> {
+        self.dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+    }
+}
+
 /// An opened GGUF file.
 pub struct GgufFile {
     path: PathBuf,
@@ -121,7 +128,8 @@ impl<'a> Reader<'a> {
                 if n > self.bytes.len() {
                     return Err(self.err("array length beyond the file"));
                 }
-                let mut items = Vec::with_capacity(n);
+                // Capacity from the file is a claim, not a fact: reserve a bounded amount.
+                let mut items = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
                     items.push(self.value(inner)?);
                 }
@@ -325,8 +333,12 @@ impl GgufFile {
         let alignment = metadata
             .get("general.alignment")
             .and_then(MetaValue::as_f64)
-            .unwrap_or(32.0) as usize;
-        let data_start = r.pos.div_ceil(alignment.max(1)) * alignment.max(1);
+            .unwrap_or(32.0);
+        if !(1.0..=65536.0).contains(&alignment) {
+            return Err(r.err(&format!("general.alignment {alignment} is not in 1..=65536")));
+        }
+        let alignment = alignment as usize;
+        let data_start = r.pos.div_ceil(alignment) * alignment;
         let file = Self {
             path: path.to_path_buf(),
             mmap,
@@ -336,9 +348,12 @@ impl GgufFile {
         };
         for t in &file.tensors {
             if let Some((block, bytes)) = block_layout(t.kind) {
-                let n: usize = t.dims.iter().product();
-                let end = file.data_start + t.offset + n.div_ceil(block) * bytes;
-                if end > file.mmap.len() {
+                let end = t
+                    .values()
+                    .and_then(|n| n.div_ceil(block).checked_mul(bytes))
+                    .and_then(|len| len.checked_add(t.offset))
+                    .and_then(|len| len.checked_add(file.data_start));
+                if end.is_none_or(|end| end > file.mmap.len()) {
                     return Err(ModelError::CorruptWeights {
                         path: path.to_path_buf(),
                         message: format!("GGUF: tensor `{}` ends beyond the file (truncated?)", t.name),
@@ -376,7 +391,13 @@ impl GgufFile {
 
     /// Dequantizes one tensor to f32, row-major with HF's shape (`dims` reversed).
     pub fn read(&self, t: &GgufTensor) -> Result<(Vec<f32>, Vec<usize>)> {
-        let n: usize = t.dims.iter().product();
+        let n = t.values().ok_or_else(|| ModelError::CorruptWeights {
+            path: self.path.clone(),
+            message: format!(
+                "GGUF: tensor `{}` has dimensions {:?} whose product overflows",
+                t.name, t.dims
+            ),
+        })?;
         let (block, bytes_per) = block_layout(t.kind).ok_or_else(|| ModelError::UnsupportedDtype {
             key: t.name.clone(),
             path: self.path.clone(),
@@ -423,6 +444,13 @@ impl GgufFile {
         };
         let opt = |k: &str| self.meta(&format!("{arch}.{k}")).and_then(MetaValue::as_f64);
         let heads = need("attention.head_count")? as usize;
+        if heads == 0 {
+            return Err(ModelError::InvalidConfig {
+                path: self.path.clone(),
+                key: format!("{arch}.attention.head_count"),
+                message: "is 0".into(),
+            });
+        }
         let hidden = need("embedding_length")? as usize;
         let vocab = match self.meta("tokenizer.ggml.tokens") {
             Some(MetaValue::Array(a)) => a.len(),

@@ -65,7 +65,9 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         let content: usize = messages.iter().map(|m| m.content.len() + m.role.len()).sum();
-        env.set_fuel(Some(Self::FUEL_BASE + Self::FUEL_PER_MESSAGE * messages.len() as u64 + 8 * content as u64));
+        env.set_fuel(Some(
+            Self::FUEL_BASE + Self::FUEL_PER_MESSAGE * messages.len() as u64 + 8 * content as u64,
+        ));
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
@@ -131,7 +133,8 @@ struct LimitedOutput {
 impl std::io::Write for LimitedOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.bytes.len() + buf.len() > self.limit {
-            self.bytes.extend_from_slice(&buf[..(self.limit + 1).saturating_sub(self.bytes.len()).min(buf.len())]);
+            self.bytes
+                .extend_from_slice(&buf[..(self.limit + 1).saturating_sub(self.bytes.len()).min(buf.len())]);
             return Err(std::io::Error::other("chat template output limit"));
         }
         self.bytes.extend_from_slice(buf);

@@ -54,8 +54,30 @@ fn data_err(path: &Path, message: impl Into<String>) -> TrainError {
     }
 }
 
-/// Reads a JSONL/JSON, CSV or Parquet file into a polars frame.
+/// Reads a JSONL/JSON, CSV or Parquet file into a polars frame. A reader that panics on a
+/// malformed file (polars has such paths) is reported as an error naming the file.
 pub fn read_frame(path: &Path) -> Result<DataFrame> {
+    // The panic hook is process-wide: one reader at a time swaps it for a silent one.
+    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = HOOK.lock().unwrap_or_else(|e| e.into_inner());
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(|| read_frame_unguarded(path));
+    std::panic::set_hook(hook);
+    result.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(data_err(
+            path,
+            format!("cannot parse: the reader failed on this file ({what})"),
+        ))
+    })
+}
+
+fn read_frame_unguarded(path: &Path) -> Result<DataFrame> {
     if !path.exists() {
         return Err(data_err(path, "file not found"));
     }

@@ -31,12 +31,31 @@ pub enum TrainError {
     #[error(transparent)]
     Lora(#[from] ember_lora::LoraError),
     /// The loss became NaN or infinite.
-    #[error("loss is {loss} at step {step}; stopping (the last good checkpoint is kept)")]
+    #[error(
+        "loss is {loss} at step {step}; stopping (the last good checkpoint is kept; a lower \
+         train.learning_rate or train.max_grad_norm usually helps)"
+    )]
     NonFiniteLoss {
         /// The optimizer step.
         step: usize,
         /// The loss value.
         loss: f64,
+    },
+    /// The gradient is NaN or has vanished at a high loss: the adapters saturated the model.
+    #[error(
+        "step {step}: the run diverged (gradient norm {grad_norm:.3e} at loss {loss:.4}): the adapters have \
+         saturated the model; lower train.learning_rate (this step used {lr:e}). No final adapter was written; \
+         earlier checkpoints are kept"
+    )]
+    Diverged {
+        /// The optimizer step.
+        step: usize,
+        /// Its loss.
+        loss: f64,
+        /// Its global gradient norm before clipping.
+        grad_norm: f64,
+        /// Its learning rate.
+        lr: f64,
     },
     /// `output_dir` holds an earlier run and the new one neither resumes nor overwrites it.
     #[error(

@@ -251,7 +251,11 @@ fn check_output_dir(output_dir: &Path, options: &RunOptions) -> Result<()> {
         found: format!(
             "{}{}",
             shown.join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
         ),
     })
 }
@@ -297,13 +301,23 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     Ok(ember_lora::atomic::write_file(path, out.as_bytes())?)
 }
 
+/// Appends one JSON line; a line the disk had no room for is cut off again, so the file
+/// always holds whole lines.
 fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(io(path))?;
-    writeln!(f, "{value}").map_err(io(path))
+    let before = f.metadata().map_err(io(path))?.len();
+    let line = format!("{value}\n");
+    f.write_all(line.as_bytes()).map_err(|e| {
+        let _ = f.set_len(before);
+        TrainError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    })
 }
 
 /// Runs training as `config` says; see the crate docs for what is written where.
@@ -393,7 +407,8 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
         if let Some(e) = &eval_before {
             note!(
                 "eval before training: loss {:.4}, perplexity {:.3}",
-                e.loss, e.perplexity
+                e.loss,
+                e.perplexity
             );
             append_jsonl(
                 &metrics_path,
@@ -477,7 +492,8 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
     if let (Some(e), false) = (&eval_after, interrupted) {
         note!(
             "eval after training: loss {:.4}, perplexity {:.3}",
-            e.loss, e.perplexity
+            e.loss,
+            e.perplexity
         );
         append_jsonl(
             &metrics_path,

@@ -13,6 +13,10 @@ use crate::error::{Result, TrainError};
 use crate::loss::target_loss_sum;
 use crate::optim::{clip_global_norm, AdamW};
 
+/// A global gradient norm below this at a loss above 0.5 counts as vanished: healthy LoRA
+/// runs have norms of 1e-2 to 1e1 at such losses; saturated ones fall to ~1e-7.
+pub const VANISHED_GRADIENT: f64 = 1e-5;
+
 /// Inner (non-autodiff) backend of `B`.
 pub type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
@@ -135,6 +139,17 @@ impl<B: AutodiffBackend> Trainer<B> {
             });
         }
         let grad_norm = clip_global_norm(&mut grads, self.max_grad_norm);
+        // A gradient that is NaN, or that has all but vanished while the loss is far from 0,
+        // means the adapters have blown the activations up (normalisation layers then pass
+        // almost no gradient): the run has diverged and further steps change nothing.
+        if !grad_norm.is_finite() || (grad_norm < VANISHED_GRADIENT && loss_total > 0.5) {
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                loss: loss_total,
+                grad_norm,
+                lr,
+            });
+        }
         let mut params = self.adapter_values();
         self.optimizer.step(lr, &mut params, &grads);
         self.set_adapter_values(params);
