@@ -541,15 +541,26 @@ fn kill_9_during_merge_leaves_the_base_and_no_partial_output() {
     let base = dir.join("base");
     std::fs::create_dir_all(&base).unwrap();
     for e in std::fs::read_dir(fixtures().join("qwen3")).unwrap().flatten() {
-        if e.path().is_file() {
+        if e.path().is_file() && e.file_name() != "model.safetensors" {
             std::fs::copy(e.path(), base.join(e.file_name())).unwrap();
         }
     }
+    // The fixture plus a 128 MB tensor, so that a merge lasts long enough to be killed.
+    let bytes = std::fs::read(fixtures().join("qwen3/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let padding = vec![0x3Fu8; 4096 * 8192 * 4];
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    views.push((
+        "model.padding".into(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4096, 8192], &padding).unwrap(),
+    ));
+    safetensors::serialize_to_file(views, None, &base.join("model.safetensors")).unwrap();
+    drop(padding);
     let before = snapshot(&base);
     let adapter = fixtures().join("qwen3/adapter_trained");
     let out = dir.join("merged");
     let mut killed = 0;
-    for delay in random_delays(6, 1, 60) {
+    for delay in random_delays(6, 5, 400) {
         let args = [
             "merge",
             "--base",

@@ -226,7 +226,7 @@ pub fn read_records(
 fn outside_vocab(ids: &[i64], vocab_size: usize, ignore_allowed: bool) -> Option<i64> {
     ids.iter()
         .copied()
-        .find(|&id| !(0..vocab_size as i64).contains(&id) && !(ignore_allowed && id == IGNORE))
+        .find(|&id| !((0..vocab_size as i64).contains(&id) || (ignore_allowed && id == IGNORE)))
 }
 
 /// [`read_records`], where pre-tokenized rows must also hold ids below `vocab_size` (the

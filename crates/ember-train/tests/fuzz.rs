@@ -44,7 +44,7 @@ fn every_config_key_can_be_set() {
         }
         let text = serde_yaml::to_string(&v).unwrap();
         let assignment = format!("{key}={}", text.trim());
-        let loaded = RunConfig::load(&path, &[assignment.clone()]);
+        let loaded = RunConfig::load(&path, std::slice::from_ref(&assignment));
         assert!(loaded.is_ok(), "--set {assignment}: {}", loaded.unwrap_err());
     }
 }
