@@ -791,6 +791,12 @@ fn generate_text(
 ) -> Result<()> {
     type B = burn::backend::NdArray<f32>;
     let device = Default::default();
+    if !config.temperature.is_finite() || config.temperature < 0.0 {
+        bail!("--temperature {}: must be 0 (greedy) or positive", config.temperature);
+    }
+    if config.top_p.is_nan() || config.top_p <= 0.0 || config.top_p > 1.0 {
+        bail!("--top-p {}: must be in (0, 1]", config.top_p);
+    }
     let model_config = ember_model::source::read_config(model_path)?;
     let tokenizer = ember_model::source::read_tokenizer(model_path)?;
     let mut model = CausalLm::<B>::from_path(model_path, &device)?;

@@ -821,3 +821,26 @@ fn a_full_disk_fails_cleanly() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// Sampling settings that mean nothing are refused before the model loads.
+#[test]
+fn generate_refuses_meaningless_sampling_settings() {
+    let model = fixtures().join("llama");
+    for (flag, value) in [
+        ("--temperature", "nan"),
+        ("--temperature", "inf"),
+        ("--top-p", "0"),
+        ("--top-p", "1.5"),
+    ] {
+        let o = ember(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--input-ids",
+            "1",
+            flag,
+            value,
+        ]);
+        assert_refused(&o, &[flag]);
+    }
+}

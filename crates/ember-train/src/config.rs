@@ -420,7 +420,10 @@ impl RunConfig {
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
             return bad("train.learning_rate", format!("{} must be positive", t.learning_rate));
         }
-        if t.max_steps.is_none() && t.epochs <= 0.0 {
+        if t.eval_batch_size == 0 {
+            return bad("train.eval_batch_size", "must be at least 1".into());
+        }
+        if t.max_steps.is_none() && (!t.epochs.is_finite() || t.epochs <= 0.0) {
             return bad("train.epochs", "must be positive (or set max_steps)".into());
         }
         if t.max_steps == Some(0) {
@@ -440,11 +443,12 @@ impl RunConfig {
         if !(0.0..1.0).contains(&t.betas[0]) || !(0.0..1.0).contains(&t.betas[1]) {
             return bad("train.betas", format!("{:?} must be in [0, 1)", t.betas));
         }
-        if t.eps <= 0.0 || t.weight_decay < 0.0 {
+        // NaN (`.nan` in YAML) fails every check.
+        if !t.eps.is_finite() || t.eps <= 0.0 || !t.weight_decay.is_finite() || t.weight_decay < 0.0 {
             return bad("train.eps", "eps must be positive and weight_decay non-negative".into());
         }
         if let Some(n) = t.max_grad_norm {
-            if n <= 0.0 {
+            if n.is_nan() || n <= 0.0 {
                 return bad(
                     "train.max_grad_norm",
                     format!("{n} must be positive (or null to disable)"),

@@ -125,8 +125,13 @@ pub fn prepare_data(
         return Err(TrainError::Data {
             path: config.data.train.clone(),
             message: format!(
-                "no sample survives preparation ({} rows, {} over max_seq_len {}, {} without targets)",
-                train_stats.rows, train_stats.dropped_overlong, config.data.max_seq_len, train_stats.dropped_no_targets
+                "no sample survives preparation ({} rows, {} over max_seq_len {}, {} without targets, {} held out \
+                 for evaluation by val_split)",
+                train_stats.rows,
+                train_stats.dropped_overlong,
+                config.data.max_seq_len,
+                train_stats.dropped_no_targets,
+                eval.len()
             ),
         });
     }

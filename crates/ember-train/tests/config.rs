@@ -91,3 +91,28 @@ fn resolved_config_round_trips() {
     let back = RunConfig::load(&dir.join("resolved.yaml"), &[]).unwrap();
     assert_eq!(back, c);
 }
+
+/// NaN (`.nan` in YAML) and zero sizes fail validation with the key named, instead of running
+/// with a NaN optimizer or a zero-row evaluation batch.
+#[test]
+fn nan_and_zero_values_are_refused() {
+    for (train, key) in [
+        ("  eps: .nan\n", "train.eps"),
+        ("  weight_decay: .nan\n", "train.eps"),
+        ("  max_grad_norm: .nan\n", "train.max_grad_norm"),
+        ("  learning_rate: .nan\n", "train.learning_rate"),
+        ("  epochs: .nan\n", "train.epochs"),
+        ("  epochs: .inf\n", "train.epochs"),
+        ("  warmup_ratio: .nan\n", "train.warmup_ratio"),
+        ("  eval_batch_size: 0\n", "train.eval_batch_size"),
+    ] {
+        let err = RunConfig::from_yaml(&format!("{MINIMAL}train:\n{train}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{train}: {err}");
+    }
+    let err = RunConfig::from_yaml(&format!("{MINIMAL}lora:\n  lora_dropout: .nan\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("lora_dropout"), "{err}");
+}
