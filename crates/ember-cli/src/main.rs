@@ -452,6 +452,7 @@ fn matrix(value: &serde_json::Value, key: &str, path: &Path) -> Result<Option<(V
 
 fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
     let (model_dir, inputs, out) = (job.model.as_path(), job.inputs.as_path(), job.out.as_path());
+    refuse_to_replace_non_logits(out)?;
     let text = std::fs::read_to_string(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", inputs.display()))?;
@@ -503,6 +504,35 @@ fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
     let file = safetensors::serialize(vec![("logits", view)], None)?;
     ember_lora::atomic::write_file(out, &file)?;
     note!("wrote logits {shape:?} to {}", out.display());
+    Ok(())
+}
+
+/// `ember forward --out` replaces an earlier logits file, never anything else (a model's
+/// weights, say): an existing file that is not exactly one `logits` tensor is refused.
+fn refuse_to_replace_non_logits(out: &Path) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    let is_logits = out.is_file()
+        && std::fs::File::open(out)
+            .ok()
+            .and_then(|f| {
+                let mut header = [0u8; 8];
+                std::io::Read::read_exact(&mut &f, &mut header).ok()?;
+                let len = u64::from_le_bytes(header).min(1 << 20) as usize;
+                let mut json = vec![0u8; len];
+                std::io::Read::read_exact(&mut &f, &mut json).ok()?;
+                let value: serde_json::Value = serde_json::from_slice(&json).ok()?;
+                let keys: Vec<&String> = value.as_object()?.keys().filter(|k| *k != "__metadata__").collect();
+                Some(keys == ["logits"])
+            })
+            .unwrap_or(false);
+    if !is_logits {
+        bail!(
+            "{} exists and is not an earlier `ember forward` output; choose another --out",
+            out.display()
+        );
+    }
     Ok(())
 }
 

@@ -499,12 +499,15 @@ fn kill_9_during_training_then_resume_gives_the_uninterrupted_adapter() {
     let steps = "  max_steps: 300\n  save_every: 1\n  keep_last: 2\n";
     let reference_dir = tempdir("kill-train-ref");
     let reference = run_config(&reference_dir, &model, &data, steps);
+    let start = Instant::now();
     assert_ok(&train(&reference, &[]));
+    // Kills land within the time an uninterrupted run takes on this machine now.
+    let run_ms = start.elapsed().as_millis() as u64;
     let expected = std::fs::read(reference_dir.join("out/adapter/adapter_model.safetensors")).unwrap();
 
     let config = run_config(&dir, &model, &data, steps);
     let out = dir.join("out");
-    let delays = random_delays(4, 50, 1800);
+    let delays = random_delays(4, run_ms / 20 + 1, run_ms * 9 / 10 + 2);
     eprintln!("kill delays: {delays:?}");
     let mut killed = 0;
     for delay in delays {
@@ -559,8 +562,23 @@ fn kill_9_during_merge_leaves_the_base_and_no_partial_output() {
     let before = snapshot(&base);
     let adapter = fixtures().join("qwen3/adapter_trained");
     let out = dir.join("merged");
+    let start = Instant::now();
+    let o = ember(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+    ]);
+    assert_ok(&o);
+    let merge_ms = start.elapsed().as_millis() as u64;
+    std::fs::remove_dir_all(&out).unwrap();
     let mut killed = 0;
-    for delay in random_delays(6, 5, 400) {
+    for delay in random_delays(6, merge_ms / 20 + 1, merge_ms * 9 / 10 + 2) {
         let args = [
             "merge",
             "--base",
@@ -843,4 +861,36 @@ fn generate_refuses_meaningless_sampling_settings() {
         ]);
         assert_refused(&o, &[flag]);
     }
+}
+
+/// `ember forward --out` replaces an earlier logits file but never another file, such as the
+/// model's own weights.
+#[test]
+fn forward_never_replaces_a_file_that_is_not_its_output() {
+    let dir = tempdir("forward-out");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("llama").join(f), model.join(f)).unwrap();
+    }
+    let inputs = fixtures().join("llama/inputs.json");
+    let run = |out: &Path| {
+        ember(&[
+            "forward",
+            "--model",
+            model.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let before = snapshot(&model);
+    let o = run(&model.join("model.safetensors"));
+    assert_refused(&o, &["model.safetensors", "not an earlier"]);
+    assert_eq!(snapshot(&model), before);
+    let logits = dir.join("logits.safetensors");
+    assert_ok(&run(&logits));
+    assert_ok(&run(&logits));
+    let _ = std::fs::remove_dir_all(&dir);
 }
