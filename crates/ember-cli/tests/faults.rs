@@ -208,7 +208,12 @@ fn resume_with_changed_lora_settings_is_refused() {
     assert_ok(&train(&config, &[]));
     let out = dir.join("out");
     let before = snapshot(&out);
-    for (set, key) in [("lora.r=8", "r: 4 vs 8"), ("lora.lora_alpha=16", "lora_alpha: 8 vs 16")] {
+    for (set, key) in [
+        ("lora.r=8", "r: 4 vs 8"),
+        ("lora.lora_alpha=16", "lora_alpha: 8 vs 16"),
+        ("train.micro_batch_size=1", "train.micro_batch_size: 2 vs 1"),
+        ("data.max_seq_len=32", "data.max_seq_len: 64 vs 32"),
+    ] {
         let o = train(&config, &["--set", set, "--resume"]);
         assert_refused(&o, &["checkpoint-2", key]);
     }

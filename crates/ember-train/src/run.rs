@@ -568,6 +568,8 @@ pub fn save_checkpoint<B: AutodiffBackend>(
         message: e.to_string(),
     })?;
     std::fs::write(&state_path, text).map_err(io(&state_path))?;
+    // The settings that decide which rows the next steps see, checked on resume.
+    config.save(&staging.join(CHECKPOINT_CONFIG))?;
     staging_guard.commit(&dir)?;
     prune_checkpoints(&config.output_dir, config.train.keep_last.max(1))?;
     Ok(dir)
@@ -595,6 +597,63 @@ fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+/// The run config as a checkpoint saved it.
+const CHECKPOINT_CONFIG: &str = "run_config.yaml";
+
+/// Settings that decide the data order and batches: a resumed run must share them with its
+/// checkpoint, or it would not continue the same run. (Learning rate, steps, evaluation and
+/// saving may change.)
+fn data_order_differences(saved: &RunConfig, now: &RunConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut check = |key: &str, a: String, b: String| {
+        if a != b {
+            out.push(format!("{key}: {a} vs {b}"));
+        }
+    };
+    let (d, e) = (&saved.data, &now.data);
+    check(
+        "data.train",
+        d.train.display().to_string(),
+        e.train.display().to_string(),
+    );
+    check("data.format", format!("{:?}", d.format), format!("{:?}", e.format));
+    check("data.max_seq_len", d.max_seq_len.to_string(), e.max_seq_len.to_string());
+    check("data.packing", d.packing.to_string(), e.packing.to_string());
+    check("data.shuffle", d.shuffle.to_string(), e.shuffle.to_string());
+    check(
+        "data.group_by_length",
+        d.group_by_length.to_string(),
+        e.group_by_length.to_string(),
+    );
+    check(
+        "data.train_on_inputs",
+        d.train_on_inputs.to_string(),
+        e.train_on_inputs.to_string(),
+    );
+    check(
+        "data.max_train_rows",
+        format!("{:?}", d.max_train_rows),
+        format!("{:?}", e.max_train_rows),
+    );
+    check(
+        "data.val_split",
+        format!("{:?}", d.val_split),
+        format!("{:?}", e.val_split),
+    );
+    let (t, u) = (&saved.train, &now.train);
+    check(
+        "train.micro_batch_size",
+        t.micro_batch_size.to_string(),
+        u.micro_batch_size.to_string(),
+    );
+    check(
+        "train.gradient_accumulation_steps",
+        t.gradient_accumulation_steps.to_string(),
+        u.gradient_accumulation_steps.to_string(),
+    );
+    out
+}
+
 /// Restores adapter values, optimizer moments and step from a checkpoint; returns its state.
 pub fn load_checkpoint<B: AutodiffBackend>(
     trainer: &mut Trainer<B>,
@@ -614,6 +673,18 @@ pub fn load_checkpoint<B: AutodiffBackend>(
             "was made with seed {}, the config says {}",
             state.seed, config.seed
         )));
+    }
+    let saved_config = dir.join(CHECKPOINT_CONFIG);
+    if saved_config.exists() {
+        let saved = RunConfig::load(&saved_config, &[])?;
+        let changed = data_order_differences(&saved, config);
+        if !changed.is_empty() {
+            return Err(bad(format!(
+                "it was made with other data settings (checkpoint vs config): {}; resuming would not continue \
+                 the same run",
+                changed.join(", ")
+            )));
+        }
     }
     let adapter = AdapterFiles::read(&dir.join("adapter"))?;
     let targets: Vec<String> = adapter.tensors.keys().cloned().collect();
