@@ -899,3 +899,34 @@ fn forward_never_replaces_a_file_that_is_not_its_output() {
     assert_ok(&run(&logits));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two runs into one output_dir at once: the second is refused while the first runs, and the
+/// first finishes unharmed.
+#[test]
+fn a_second_run_into_a_busy_output_dir_is_refused() {
+    let dir = tempdir("busy");
+    let model = model_dir(&dir, CHATML);
+    let config = run_config(&dir, &model, &completion_data(&dir), "  max_steps: 100000\n");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["train", config.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = dir.join("out/metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !metrics.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for extra in [&[][..], &["--resume"][..], &["--overwrite"][..]] {
+        let o = train(&config, extra);
+        assert_refused(&o, &["in use by another ember process"]);
+    }
+    #[cfg(unix)]
+    // SAFETY: sends SIGINT to the child this test started.
+    unsafe {
+        libc::kill(first.id() as i32, libc::SIGINT)
+    };
+    assert_eq!(first.wait().unwrap().code(), Some(130));
+    assert_ok(&train(&config, &["--resume", "--set", "train.max_steps=1"]));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -171,6 +171,65 @@ impl Staging {
         self.committed = true;
         Ok(())
     }
+
+    /// Renames the folder to `target`, which must not exist: an output that appeared while
+    /// this one was written (a second `ember merge --out` of the same folder) is kept, and
+    /// this one is removed.
+    pub fn commit_new(mut self, target: &Path) -> Result<()> {
+        if target.exists() {
+            return Err(LoraError::Io {
+                path: target.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "appeared while this output was written (another process?); it is kept",
+                ),
+            });
+        }
+        std::fs::rename(&self.path, target).map_err(io(target))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+/// An exclusive lock on a folder, held while the value lives (`flock` on `DIR/.ember.lock`;
+/// released by the kernel when the process dies, so a killed run never leaves it held).
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// The lock file's name inside a locked folder.
+pub const LOCK_FILE: &str = ".ember.lock";
+
+impl DirLock {
+    /// Takes the lock on `dir` (created if missing), or fails at once when another process
+    /// holds it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(&path))?;
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor this function owns; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc != 0 {
+                return Err(LoraError::Io {
+                    path: dir.to_path_buf(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        "in use by another ember process (a run writing into the same output_dir)",
+                    ),
+                });
+            }
+        }
+        Ok(Self { _file: file })
+    }
 }
 
 impl Drop for Staging {

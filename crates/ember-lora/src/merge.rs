@@ -188,7 +188,7 @@ pub fn merge_checkpoint(base: &Path, adapter: &AdapterFiles, out: &Path, dtype: 
 
     let staging = Staging::new(out)?;
     let report = write_merged(base, adapter, &files, index, staging.path(), dtype)?;
-    staging.commit(out)?;
+    staging.commit_new(out)?;
     Ok(report)
 }
 

@@ -134,6 +134,6 @@ pub fn convert_gguf(path: &Path, out: &Path) -> Result<()> {
         "pad_token_id": config.get("pad_token_id"),
     });
     std::fs::write(staging.join("generation_config.json"), json_text(&generation)).map_err(io(&staging))?;
-    staging_guard.commit(out)?;
+    staging_guard.commit_new(out)?;
     Ok(())
 }

@@ -235,6 +235,7 @@ fn check_output_dir(output_dir: &Path, options: &RunOptions) -> Result<()> {
     let mut found: Vec<String> = entries
         .flatten()
         .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n != ember_lora::atomic::LOCK_FILE)
         .collect();
     if found.is_empty() || options.resume.is_some() {
         return Ok(());
@@ -327,7 +328,21 @@ fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
 
 /// Runs training as `config` says; see the crate docs for what is written where.
 pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device: &B::Device) -> Result<RunSummary> {
-    // Everything that can fail on bad input happens before anything is written.
+    // Everything that can fail on bad input happens before anything is written, but for the
+    // lock that keeps a second run out of this output_dir (an empty folder and lock file).
+    let created = !config.output_dir.exists();
+    let lock = ember_lora::atomic::DirLock::acquire(&config.output_dir)?;
+    let result = run_locked::<B>(config, options, device);
+    drop(lock);
+    if result.is_err() && created {
+        // A run refused before it wrote anything leaves no trace.
+        let _ = std::fs::remove_file(config.output_dir.join(ember_lora::atomic::LOCK_FILE));
+        let _ = std::fs::remove_dir(&config.output_dir);
+    }
+    result
+}
+
+fn run_locked<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device: &B::Device) -> Result<RunSummary> {
     check_output_dir(&config.output_dir, options)?;
     let model_config = ember_model::source::read_config(&config.base_model)?;
     let tokenizer = ember_model::source::read_tokenizer(&config.base_model)?;
