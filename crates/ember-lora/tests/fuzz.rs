@@ -58,8 +58,17 @@ fn check(dir: &Path) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Cases per property: `default` in `cargo test`, more with `EMBER_FUZZ_CASES=N` (a longer
+/// hunt by hand).
+fn cases(default: u32) -> u32 {
+    std::env::var("EMBER_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(128), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn adapter_config_survives_odd_values(

@@ -446,6 +446,26 @@ impl DecoderConfig {
                 "hidden_size, num_hidden_layers and num_attention_heads must be positive".into(),
             ));
         }
+        // Sizes far beyond any released model are a broken or hostile file: refused before
+        // anything is allocated from them.
+        let limits: [(&str, Option<usize>, usize); 8] = [
+            ("vocab_size", Some(hf.vocab_size), 1 << 24),
+            ("hidden_size", Some(hf.hidden_size), 1 << 17),
+            ("intermediate_size", Some(hf.intermediate_size), 1 << 20),
+            ("num_hidden_layers", Some(hf.num_hidden_layers), 1 << 12),
+            ("num_attention_heads", Some(hf.num_attention_heads), 1 << 12),
+            ("num_key_value_heads", hf.num_key_value_heads, 1 << 12),
+            ("head_dim", hf.head_dim, 1 << 14),
+            ("max_position_embeddings", hf.max_position_embeddings, 1 << 32),
+        ];
+        for (key, value, limit) in limits {
+            if let Some(v) = value.filter(|&v| v > limit) {
+                return Err(invalid(
+                    key,
+                    format!("{v} is beyond any supported model (at most {limit})"),
+                ));
+            }
+        }
         let num_heads = hf.num_attention_heads;
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(num_heads);
         if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {

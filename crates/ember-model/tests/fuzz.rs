@@ -54,8 +54,17 @@ fn safetensors_header_len(bytes: &[u8]) -> usize {
     8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
 }
 
+/// Cases per property: `default` in `cargo test`, more with `EMBER_FUZZ_CASES=N` (a longer
+/// hunt by hand).
+fn cases(default: u32) -> u32 {
+    std::env::var("EMBER_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(96), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn gguf_parser_survives_mutations(

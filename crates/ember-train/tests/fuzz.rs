@@ -49,8 +49,17 @@ fn every_config_key_can_be_set() {
     }
 }
 
+/// Cases per property: `default` in `cargo test`, more with `EMBER_FUZZ_CASES=N` (a longer
+/// hunt by hand).
+fn cases(default: u32) -> u32 {
+    std::env::var("EMBER_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(128), failure_persistence: None, ..ProptestConfig::default() })]
 
     /// Bytes of a valid config replaced or cut: an error with the file name, or a config that
     /// passed validation.
