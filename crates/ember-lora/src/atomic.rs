@@ -106,7 +106,9 @@ pub fn write_file_with(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std
             path: path.to_path_buf(),
             source,
         }
-    })
+    })?;
+    sync_dir(&parent);
+    Ok(())
 }
 
 /// A fresh temporary folder beside `target` (same file system, so the final rename is atomic).
@@ -144,6 +146,35 @@ pub fn commit_dir(staging: &Path, target: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Flushes every file under `dir`, and `dir` itself, to disk: a rename that a power loss
+/// keeps must not point at files whose data was still in the page cache.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))?;
+        }
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Flushes a folder's entries (best effort: not every file system can sync a directory).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Flushes the folder holding `target`, so that its rename is on disk.
+fn sync_parent(target: &Path) {
+    sync_dir(&split(target).0);
+}
+
 /// A staging folder that is removed when dropped unless it was committed: errors and panics
 /// between [`staging_dir`] and [`commit_dir`] leave nothing behind.
 pub struct Staging {
@@ -165,10 +196,12 @@ impl Staging {
         &self.path
     }
 
-    /// Renames the folder to `target` (see [`commit_dir`]).
+    /// Renames the folder to `target` (see [`commit_dir`]) once its files are on disk.
     pub fn commit(mut self, target: &Path) -> Result<()> {
+        sync_tree(&self.path)?;
         commit_dir(&self.path, target)?;
         self.committed = true;
+        sync_parent(target);
         Ok(())
     }
 
@@ -185,8 +218,12 @@ impl Staging {
                 ),
             });
         }
+        // Not flushed file by file: merged and converted models are large, and like `cp` (and
+        // transformers' save_pretrained) this leaves flushing to the kernel. A kill cannot
+        // leave a partial folder; a power loss within seconds of the rename can.
         std::fs::rename(&self.path, target).map_err(io(target))?;
         self.committed = true;
+        sync_parent(target);
         Ok(())
     }
 }
