@@ -475,6 +475,30 @@ fn kill_after(args: &[&str], delay: Duration) -> std::process::ExitStatus {
     child.wait().unwrap()
 }
 
+/// Runs `ember args` and kills it with SIGKILL once `metrics` has `lines` lines, plus `jitter`
+/// (so the kill lands at any phase of a step: forward, checkpoint write, prune). Returns whether
+/// the run was killed (it may finish first).
+fn kill_at_line(args: &[&str], metrics: &Path, lines: usize, jitter: Duration) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        let done = std::fs::read_to_string(metrics).map_or(0, |t| t.lines().count());
+        if done >= lines {
+            std::thread::sleep(jitter);
+            let _ = child.kill();
+            return !child.wait().unwrap().success();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A pseudo-random delay in `[lo, hi)` ms, different per run (time and pid), printed so a
 /// failure can be reproduced by hand.
 fn random_delays(n: usize, lo: u64, hi: u64) -> Vec<Duration> {
@@ -512,10 +536,18 @@ fn kill_9_during_training_then_resume_gives_the_uninterrupted_adapter() {
 
     let config = run_config(&dir, &model, &data, steps);
     let out = dir.join("out");
-    let delays = random_delays(4, run_ms / 20 + 1, run_ms * 9 / 10 + 2);
-    eprintln!("kill delays: {delays:?}");
+    // Kill points: after a random number of logged lines (steps), at a random phase of the
+    // next step (up to the time one step takes).
+    let step_ms = (run_ms / 300).max(1);
+    let points: Vec<(usize, Duration)> = random_delays(4, 1, 280)
+        .into_iter()
+        .zip(random_delays(4, 0, step_ms + 1))
+        .map(|(line, jitter)| (line.as_millis() as usize, jitter))
+        .collect();
+    eprintln!("kill points (metrics lines, jitter): {points:?}");
+    let metrics = out.join("metrics.jsonl");
     let mut killed = 0;
-    for delay in delays {
+    for (line, jitter) in points {
         let has_checkpoint = std::fs::read_dir(&out)
             .is_ok_and(|entries| entries.flatten().any(|e| e.path().join("trainer_state.json").exists()));
         let mut args = vec!["train", config.to_str().unwrap()];
@@ -524,7 +556,8 @@ fn kill_9_during_training_then_resume_gives_the_uninterrupted_adapter() {
         } else if out.exists() {
             args.push("--overwrite");
         }
-        killed += usize::from(!kill_after(&args, delay).success());
+        let lines_before = std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count());
+        killed += usize::from(kill_at_line(&args, &metrics, lines_before.max(line), jitter));
     }
     assert!(killed > 0, "no kill landed during a run");
     let has_checkpoint =

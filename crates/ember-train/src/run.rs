@@ -330,13 +330,17 @@ fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
 pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device: &B::Device) -> Result<RunSummary> {
     // Everything that can fail on bad input happens before anything is written, but for the
     // lock that keeps a second run out of this output_dir (an empty folder and lock file).
-    let created = !config.output_dir.exists();
+    let lock_path = config.output_dir.join(ember_lora::atomic::LOCK_FILE);
+    let (created_dir, created_lock) = (!config.output_dir.exists(), !lock_path.exists());
     let lock = ember_lora::atomic::DirLock::acquire(&config.output_dir)?;
     let result = run_locked::<B>(config, options, device);
+    if result.is_err() && created_lock {
+        // A run that failed leaves no lock file it made (removed while still held).
+        let _ = std::fs::remove_file(&lock_path);
+    }
     drop(lock);
-    if result.is_err() && created {
-        // A run refused before it wrote anything leaves no trace.
-        let _ = std::fs::remove_file(config.output_dir.join(ember_lora::atomic::LOCK_FILE));
+    if result.is_err() && created_dir {
+        // ...and no empty output_dir it made.
         let _ = std::fs::remove_dir(&config.output_dir);
     }
     result
