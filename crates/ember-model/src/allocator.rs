@@ -25,6 +25,9 @@ pub fn reuse_freed_buffers() {
     }
 }
 
+/// Budgets entered on any thread: while 0, the allocator skips the thread-local look-up.
+static ACTIVE_BUDGETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 thread_local! {
     /// Bytes this thread may still allocate while a chat template renders; `None` outside.
     static TEMPLATE_BUDGET: std::cell::Cell<Option<isize>> = const { std::cell::Cell::new(None) };
@@ -44,6 +47,7 @@ pub struct TemplateMemoryBudget {
 impl TemplateMemoryBudget {
     /// Starts counting this thread's allocations against `bytes`; ends when dropped.
     pub fn enter(bytes: usize) -> Self {
+        ACTIVE_BUDGETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let previous = TEMPLATE_BUDGET.with(|b| b.replace(Some(bytes.min(isize::MAX as usize) as isize)));
         Self { previous }
     }
@@ -52,6 +56,7 @@ impl TemplateMemoryBudget {
 impl Drop for TemplateMemoryBudget {
     fn drop(&mut self) {
         TEMPLATE_BUDGET.with(|b| b.set(self.previous));
+        ACTIVE_BUDGETS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -62,6 +67,9 @@ pub struct GuardedAllocator;
 impl GuardedAllocator {
     /// Charges `delta` bytes to this thread's template budget, if one is entered.
     fn charge(delta: isize) {
+        if ACTIVE_BUDGETS.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return;
+        }
         // `try_with`: the thread-local may already be gone while a thread shuts down.
         let _ = TEMPLATE_BUDGET.try_with(|budget| {
             if let Some(left) = budget.get() {
