@@ -145,6 +145,28 @@ fn run_config(dir: &Path, model: &Path, data: &Path, train: &str) -> PathBuf {
     path
 }
 
+/// `ember merge` arguments: base, adapter, out, and `--dtype` when given.
+fn merge_args(base: &Path, adapter: &Path, out: &Path, dtype: Option<&str>) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "merge".into(),
+        "--base".into(),
+        base.display().to_string(),
+        "--adapter".into(),
+        adapter.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    if let Some(d) = dtype {
+        args.extend(["--dtype".to_string(), d.to_string()]);
+    }
+    args
+}
+
+/// Runs `ember` with owned arguments.
+fn ember_owned(args: &[String]) -> Output {
+    ember(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn train(config: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["train", config.to_str().unwrap()];
     args.extend_from_slice(extra);
@@ -374,15 +396,7 @@ fn non_finite_adapters_are_refused() {
         "1,2",
     ]);
     assert_refused(&o, &[&poisoned]);
-    let o = ember(&[
-        "merge",
-        "--base",
-        m,
-        "--adapter",
-        a,
-        "--out",
-        dir.join("merged").to_str().unwrap(),
-    ]);
+    let o = ember_owned(&merge_args(&model, &adapter, &dir.join("merged"), None));
     assert_refused(&o, &[&poisoned]);
     assert!(!dir.join("merged").exists());
     let _ = std::fs::remove_dir_all(&dir);
@@ -601,34 +615,14 @@ fn kill_9_during_merge_leaves_the_base_and_no_partial_output() {
     let adapter = fixtures().join("qwen3/adapter_trained");
     let out = dir.join("merged");
     let start = Instant::now();
-    let o = ember(&[
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--dtype",
-        "bf16",
-    ]);
+    let o = ember_owned(&merge_args(&base, &adapter, &out, Some("bf16")));
     assert_ok(&o);
     let merge_ms = start.elapsed().as_millis() as u64;
     std::fs::remove_dir_all(&out).unwrap();
     let mut killed = 0;
     for delay in random_delays(6, merge_ms / 20 + 1, merge_ms * 9 / 10 + 2) {
-        let args = [
-            "merge",
-            "--base",
-            base.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--dtype",
-            "bf16",
-        ];
-        let status = kill_after(&args, delay);
+        let args = merge_args(&base, &adapter, &out, Some("bf16"));
+        let status = kill_after(&args.iter().map(String::as_str).collect::<Vec<_>>(), delay);
         killed += usize::from(!status.success());
         if out.exists() {
             // Complete: a later merge into it is refused, and its weights load.
@@ -642,15 +636,7 @@ fn kill_9_during_merge_leaves_the_base_and_no_partial_output() {
         assert_eq!(snapshot(&base), before, "the base changed");
     }
     assert!(killed > 0, "no kill landed during a merge");
-    let o = ember(&[
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = ember_owned(&merge_args(&base, &adapter, &out, None));
     assert_ok(&o);
     assert_eq!(leftovers(&dir), Vec::<String>::new());
     let _ = std::fs::remove_dir_all(&dir);
@@ -687,15 +673,7 @@ fn merge_refuses_index_paths_outside_the_folder() {
         std::fs::write(base.join("model.safetensors.index.json"), index.to_string()).unwrap();
         let before = snapshot(&base);
         for out in [dir.join("merged"), base.join("merged")] {
-            let o = ember(&[
-                "merge",
-                "--base",
-                base.to_str().unwrap(),
-                "--adapter",
-                adapter.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ]);
+            let o = ember_owned(&merge_args(&base, &adapter, &out, None));
             assert_refused(&o, &["model.safetensors.index.json", "plain file name"]);
             assert!(!out.exists());
         }
@@ -817,17 +795,12 @@ fn a_full_disk_fails_cleanly() {
         // Merge: the 0.5 MB model fits twice at most; fill the disk so that it cannot.
         std::fs::write(mount.join("filler"), vec![0u8; 1_800_000]).unwrap();
         let out = mount.join("merged");
-        let o = ember(&[
-            "merge",
-            "--base",
-            model.to_str().unwrap(),
-            "--adapter",
-            fixtures().join("llama/adapter_trained").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--dtype",
-            "f32",
-        ]);
+        let o = ember_owned(&merge_args(
+            &model,
+            &fixtures().join("llama/adapter_trained"),
+            &out,
+            Some("f32"),
+        ));
         assert_refused(&o, &["No space left"]);
         assert!(!out.exists());
         assert_eq!(leftovers(&mount), Vec::<String>::new());

@@ -488,6 +488,8 @@ impl<'a> Encoder<'a> {
             Record::Chat { messages } => self.encode_chat(messages)?,
             Record::Tokens { input_ids, labels } => {
                 if let Some(bad) = outside_vocab(input_ids, self.vocab_size, false) {
+                    // Negative ids would wrap around in the cast below; rows from a file are
+                    // checked with their row number by `read_records_for_vocab` already.
                     return Err(TrainError::Config(format!(
                         "token id {bad} is outside the model's vocabulary (0..{})",
                         self.vocab_size

@@ -623,54 +623,35 @@ const CHECKPOINT_CONFIG: &str = "run_config.yaml";
 /// checkpoint, or it would not continue the same run. (Learning rate, steps, evaluation and
 /// saving may change.)
 fn data_order_differences(saved: &RunConfig, now: &RunConfig) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut check = |key: &str, a: String, b: String| {
-        if a != b {
-            out.push(format!("{key}: {a} vs {b}"));
-        }
-    };
-    let (d, e) = (&saved.data, &now.data);
-    check(
+    const KEYS: [&str; 11] = [
         "data.train",
-        d.train.display().to_string(),
-        e.train.display().to_string(),
-    );
-    check("data.format", format!("{:?}", d.format), format!("{:?}", e.format));
-    check("data.max_seq_len", d.max_seq_len.to_string(), e.max_seq_len.to_string());
-    check("data.packing", d.packing.to_string(), e.packing.to_string());
-    check("data.shuffle", d.shuffle.to_string(), e.shuffle.to_string());
-    check(
+        "data.format",
+        "data.max_seq_len",
+        "data.packing",
+        "data.shuffle",
         "data.group_by_length",
-        d.group_by_length.to_string(),
-        e.group_by_length.to_string(),
-    );
-    check(
         "data.train_on_inputs",
-        d.train_on_inputs.to_string(),
-        e.train_on_inputs.to_string(),
-    );
-    check(
         "data.max_train_rows",
-        format!("{:?}", d.max_train_rows),
-        format!("{:?}", e.max_train_rows),
-    );
-    check(
         "data.val_split",
-        format!("{:?}", d.val_split),
-        format!("{:?}", e.val_split),
-    );
-    let (t, u) = (&saved.train, &now.train);
-    check(
         "train.micro_batch_size",
-        t.micro_batch_size.to_string(),
-        u.micro_batch_size.to_string(),
-    );
-    check(
         "train.gradient_accumulation_steps",
-        t.gradient_accumulation_steps.to_string(),
-        u.gradient_accumulation_steps.to_string(),
+    ];
+    let (saved, now) = (
+        serde_yaml::to_value(saved).unwrap_or_default(),
+        serde_yaml::to_value(now).unwrap_or_default(),
     );
-    out
+    let at = |root: &serde_yaml::Value, path: &str| {
+        let value = path
+            .split('.')
+            .fold(root.clone(), |v, k| v.get(k).cloned().unwrap_or_default());
+        serde_yaml::to_string(&value).unwrap_or_default().trim().to_string()
+    };
+    KEYS.iter()
+        .filter_map(|key| {
+            let (a, b) = (at(&saved, key), at(&now, key));
+            (a != b).then(|| format!("{key}: {a} vs {b}"))
+        })
+        .collect()
 }
 
 /// Restores adapter values, optimizer moments and step from a checkpoint; returns its state.
