@@ -12,13 +12,16 @@ use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand, ValueEnum};
 use ember_lora::merge::{merge_checkpoint, MergeDtype};
 use ember_lora::AdapterFiles;
-use ember_model::{CausalLm, ModelInput, Weights};
-use ember_train::config::DeviceKind as RunDevice;
+use ember_model::{BaseDtype, CausalLm, ModelInput, Weights};
+use ember_train::config::DeviceKind;
 use ember_train::{Resume, RunConfig, RunOptions};
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+mod device;
+use device::{on_device, BackendJob};
 
 /// `println!` that returns an error instead of panicking when stdout is closed (`| head`).
 macro_rules! out {
@@ -59,15 +62,6 @@ struct Cli {
     command: Command,
 }
 
-/// Where tensors live.
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum DeviceKind {
-    /// burn-ndarray on the CPU.
-    Cpu,
-    /// burn-cuda on the first GPU (build with `--features cuda`).
-    Cuda,
-}
-
 /// Storage dtype of a merged checkpoint.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DtypeArg {
@@ -79,6 +73,24 @@ enum DtypeArg {
     Bf16,
     /// float16.
     F16,
+}
+
+/// Where a command runs and how the frozen base is stored (`--device`, `--dtype`).
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+struct DeviceArgs {
+    /// cpu (burn-ndarray; burn-flex for a bf16/f16 base), flex, cuda or wgpu.
+    #[arg(long)]
+    device: Option<DeviceKind>,
+    /// Storage and matmul dtype of the frozen base: float32, bfloat16 or float16.
+    #[arg(long)]
+    dtype: Option<BaseDtype>,
+}
+
+impl DeviceArgs {
+    /// The flags, else the given defaults (a run config's), else cpu and float32.
+    fn or(self, device: DeviceKind, dtype: BaseDtype) -> (DeviceKind, BaseDtype) {
+        (self.device.unwrap_or(device), self.dtype.unwrap_or(dtype))
+    }
 }
 
 #[derive(Subcommand)]
@@ -97,6 +109,9 @@ enum Command {
         /// and metrics are removed once the new run has loaded model and data).
         #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
+        /// `--device`/`--dtype` override the config's `device:`/`dtype:`.
+        #[command(flatten)]
+        on: DeviceArgs,
     },
     /// Evaluate the base model and adapters side by side: loss/perplexity over answer tokens,
     /// label-scoring accuracy, optionally generation match. Writes eval_report.json.
@@ -139,6 +154,8 @@ enum Command {
         /// Print the generated ids and text as JSON instead of streaming.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        on: DeviceArgs,
     },
     /// Inspect training data as the trainer will see it.
     Data {
@@ -188,9 +205,8 @@ enum Command {
         /// A PEFT adapter to apply (unmerged).
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// Device to run on.
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceKind,
+        #[command(flatten)]
+        on: DeviceArgs,
     },
 }
 
@@ -242,7 +258,14 @@ fn run() -> Result<ExitCode> {
             overrides,
             resume,
             overwrite,
-        } => return train(&config, &overrides, resume, overwrite),
+            on,
+        } => {
+            // As overrides, so that the resume hint repeats them.
+            let mut overrides = overrides;
+            overrides.extend(on.device.map(|d| format!("device={d}")));
+            overrides.extend(on.dtype.map(|d| format!("dtype={d}")));
+            return train(&config, &overrides, resume, overwrite);
+        }
         Command::Data {
             command:
                 DataCommand::Preview {
@@ -265,6 +288,7 @@ fn run() -> Result<ExitCode> {
             seed,
             stop,
             json,
+            on,
         } => {
             let config = ember_model::generate::GenerationConfig {
                 max_new_tokens,
@@ -275,7 +299,19 @@ fn run() -> Result<ExitCode> {
                 eos_token_ids: Vec::new(),
                 use_cache: true,
             };
-            generate_text(&model, adapter.as_deref(), prompt, input_ids, chat, config, &stop, json)
+            let (device, dtype) = on.or(DeviceKind::Cpu, BaseDtype::Float32);
+            let job = GenerateJob {
+                model,
+                adapter,
+                prompt,
+                input_ids,
+                chat,
+                config,
+                stop,
+                json,
+                dtype,
+            };
+            on_device(device, dtype, job)
         }
         Command::Inspect { path } => {
             if path.join("adapter_config.json").exists() {
@@ -301,18 +337,17 @@ fn run() -> Result<ExitCode> {
             inputs,
             out,
             adapter,
-            device,
+            on,
         } => {
+            let (device, dtype) = on.or(DeviceKind::Cpu, BaseDtype::Float32);
             let job = ForwardJob {
                 model,
                 inputs,
                 out,
                 adapter,
+                dtype,
             };
-            match device {
-                DeviceKind::Cpu => forward::<burn::backend::NdArray<f32>>(&job, &Default::default()),
-                DeviceKind::Cuda => forward_cuda(&job),
-            }
+            on_device(device, dtype, job)
         }
     };
     done.map(|()| ExitCode::SUCCESS)
@@ -324,16 +359,15 @@ struct ForwardJob {
     inputs: PathBuf,
     out: PathBuf,
     adapter: Option<PathBuf>,
+    dtype: BaseDtype,
 }
 
-#[cfg(feature = "cuda")]
-fn forward_cuda(job: &ForwardJob) -> Result<()> {
-    forward::<burn::backend::Cuda<f32>>(job, &Default::default())
-}
+impl BackendJob for ForwardJob {
+    type Output = ();
 
-#[cfg(not(feature = "cuda"))]
-fn forward_cuda(_: &ForwardJob) -> Result<()> {
-    bail!("this ember was built without CUDA; rebuild with `cargo build --release --features cuda`")
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        forward::<B>(&self, &device)
+    }
 }
 
 fn inspect(path: &Path) -> Result<()> {
@@ -470,7 +504,7 @@ fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
             }
         }
     }
-    let mut model = CausalLm::<B>::from_path(model_dir, device)?;
+    let mut model = CausalLm::<B>::from_path_as(model_dir, device, job.dtype)?;
     if let Some(adapter) = &job.adapter {
         let files = AdapterFiles::read(adapter)?;
         let report = model
@@ -621,21 +655,15 @@ fn train(config_path: &Path, overrides: &[String], resume: Option<String>, overw
         progress: true,
         overwrite,
     };
-    let summary = match config.device {
-        // Gradient checkpointing recomputes activations in the backward pass (burn's balanced strategy).
-        RunDevice::Cpu if config.train.gradient_checkpointing => ember_train::run::<
-            burn::backend::Autodiff<
-                burn::backend::NdArray<f32>,
-                burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
-            >,
-        >(&config, &options, &Default::default())?,
-        RunDevice::Cpu => ember_train::run::<burn::backend::Autodiff<burn::backend::NdArray<f32>>>(
-            &config,
-            &options,
-            &Default::default(),
-        )?,
-        RunDevice::Cuda => train_cuda(&config, &options)?,
-    };
+    let (device, dtype) = (config.device, config.dtype);
+    let summary = on_device(
+        device,
+        dtype,
+        TrainJob {
+            config: &config,
+            options: &options,
+        },
+    )?;
     let d = &summary.train_data;
     note!(
         "data: {} rows, {} samples ({} over max_seq_len dropped, {} truncated, {} without targets, {} bad rows skipped)",
@@ -677,18 +705,27 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-#[cfg(feature = "cuda")]
-fn train_cuda(config: &RunConfig, options: &RunOptions) -> Result<ember_train::RunSummary> {
-    Ok(ember_train::run::<burn::backend::Autodiff<burn::backend::Cuda<f32>>>(
-        config,
-        options,
-        &Default::default(),
-    )?)
+/// `ember train` on a chosen backend.
+struct TrainJob<'a> {
+    config: &'a RunConfig,
+    options: &'a RunOptions,
 }
 
-#[cfg(not(feature = "cuda"))]
-fn train_cuda(_: &RunConfig, _: &RunOptions) -> Result<ember_train::RunSummary> {
-    bail!("device: cuda needs an ember built with `--features cuda`")
+impl BackendJob for TrainJob<'_> {
+    type Output = ember_train::RunSummary;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+        use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+        use burn::backend::Autodiff;
+        let (config, options) = (self.config, self.options);
+        // Gradient checkpointing recomputes activations in the backward pass (burn's balanced
+        // strategy), on every backend.
+        Ok(if config.train.gradient_checkpointing {
+            ember_train::run::<Autodiff<B, BalancedCheckpointing>>(config, options, &device)?
+        } else {
+            ember_train::run::<Autodiff<B>>(config, options, &device)?
+        })
+    }
 }
 
 fn preview(config_path: &Path, overrides: &[String], count: usize) -> Result<()> {
@@ -751,6 +788,9 @@ struct EvalArgs {
     /// Folder for eval_report.json (default: the run's output_dir, else the current folder).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Default: the run config's `device:`/`dtype:`, else cpu and float32.
+    #[command(flatten)]
+    on: DeviceArgs,
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
@@ -779,6 +819,10 @@ fn eval(a: EvalArgs) -> Result<()> {
         data.max_seq_len = a.max_seq_len;
     }
     let max_rows = a.max_rows.or(run.as_ref().and_then(|r| r.data.max_eval_rows));
+    let (device, dtype) = match &run {
+        Some(r) => a.on.or(r.device, r.dtype),
+        None => a.on.or(DeviceKind::Cpu, BaseDtype::Float32),
+    };
     let spec = ember_train::eval::EvalSpec {
         model,
         adapters,
@@ -787,14 +831,9 @@ fn eval(a: EvalArgs) -> Result<()> {
         max_rows,
         batch_size: a.batch_size,
         generate: a.generate,
+        dtype,
     };
-    let report = ember_train::eval::evaluate_models::<burn::backend::NdArray<f32>>(&spec, &Default::default(), |m| {
-        if m.starts_with("  ") {
-            progress!("\r{m}   ");
-        } else {
-            note!("{m}");
-        }
-    })?;
+    let report = on_device(device, dtype, EvalJob(&spec))?;
     note!();
     out!("{}", report.markdown());
     let out = a
@@ -808,19 +847,57 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn generate_text(
-    model_path: &Path,
-    adapter: Option<&Path>,
+/// `ember eval` on a chosen backend.
+struct EvalJob<'a>(&'a ember_train::eval::EvalSpec);
+
+impl BackendJob for EvalJob<'_> {
+    type Output = ember_train::eval::EvalReport;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+        Ok(ember_train::eval::evaluate_models::<B>(self.0, &device, |m| {
+            if m.starts_with("  ") {
+                progress!("\r{m}   ");
+            } else {
+                note!("{m}");
+            }
+        })?)
+    }
+}
+
+/// What `ember generate` was asked to do.
+struct GenerateJob {
+    model: PathBuf,
+    adapter: Option<PathBuf>,
     prompt: Option<String>,
     input_ids: Vec<u32>,
     chat: bool,
-    mut config: ember_model::generate::GenerationConfig,
-    stop: &[String],
+    config: ember_model::generate::GenerationConfig,
+    stop: Vec<String>,
     json: bool,
-) -> Result<()> {
-    type B = burn::backend::NdArray<f32>;
-    let device = Default::default();
+    dtype: BaseDtype,
+}
+
+impl BackendJob for GenerateJob {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        generate_text::<B>(self, &device)
+    }
+}
+
+fn generate_text<B: Backend>(job: GenerateJob, device: &B::Device) -> Result<()> {
+    let GenerateJob {
+        model: model_path,
+        adapter,
+        prompt,
+        input_ids,
+        chat,
+        mut config,
+        stop,
+        json,
+        dtype,
+    } = job;
+    let model_path = model_path.as_path();
     if !config.temperature.is_finite() || config.temperature < 0.0 {
         bail!("--temperature {}: must be 0 (greedy) or positive", config.temperature);
     }
@@ -829,9 +906,9 @@ fn generate_text(
     }
     let model_config = ember_model::source::read_config(model_path)?;
     let tokenizer = ember_model::source::read_tokenizer(model_path)?;
-    let mut model = CausalLm::<B>::from_path(model_path, &device)?;
-    if let Some(a) = adapter {
-        model.load_adapter(&AdapterFiles::read(a)?, &device)?;
+    let mut model = CausalLm::<B>::from_path_as(model_path, device, dtype)?;
+    if let Some(a) = &adapter {
+        model.load_adapter(&AdapterFiles::read(a)?, device)?;
     }
     let ids = if !input_ids.is_empty() {
         input_ids

@@ -2,7 +2,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, ElementConversion, Tensor};
+use burn::tensor::{Distribution, ElementConversion, FloatDType, Tensor};
 
 use crate::config::{InitLoraWeights, ModuleLora};
 use crate::error::{LoraError, Result};
@@ -137,7 +137,10 @@ impl<B: Backend> LoraLinear<B> {
         let Some(adapter) = self.adapter.as_mut().filter(|a| !a.merged) else {
             return Ok(());
         };
-        let merged = self.weight.val() + adapter.delta_weight();
+        let weight = self.weight.val();
+        let dtype = weight.dtype();
+        // In f32, then stored back in the base's dtype (bf16 stays bf16).
+        let merged = (weight.cast(FloatDType::F32) + adapter.delta_weight()).cast(dtype);
         let non_finite: i64 = merged.clone().is_finite().bool_not().int().sum().into_scalar().elem();
         if non_finite > 0 {
             return Err(LoraError::NonFinite {
@@ -152,7 +155,9 @@ impl<B: Backend> LoraLinear<B> {
     /// Undoes [`LoraLinear::merge`] by subtracting `s·B·A` again.
     pub fn unmerge(&mut self) {
         if let Some(adapter) = self.adapter.as_mut().filter(|a| a.merged) {
-            let restored = self.weight.val() - adapter.delta_weight();
+            let weight = self.weight.val();
+            let dtype = weight.dtype();
+            let restored = (weight.cast(FloatDType::F32) - adapter.delta_weight()).cast(dtype);
             self.weight = Param::from_tensor(matmul_layout(restored)).set_require_grad(false);
             adapter.merged = false;
         }
@@ -163,7 +168,8 @@ impl<B: Backend> LoraLinear<B> {
         self.weight.val().dims()
     }
 
-    /// Applies the layer.
+    /// Applies the layer. A base weight stored in a half dtype multiplies `x` cast to that
+    /// dtype (see [`linear`]); the adapter branch computes in `x`'s dtype (f32).
     ///
     /// # Shapes
     /// - `x`: `[..., in]`
@@ -197,6 +203,12 @@ pub fn matmul_layout<B: Backend>(weight: Tensor<B, 2>) -> Tensor<B, 2> {
 
 /// `x·Wᵀ + b` with `W` in HF layout `[out, in]`.
 ///
+/// When `W` is stored in another dtype than `x` (a bf16/f16 frozen base under f32 activations),
+/// the product is computed in `W`'s dtype and returned in `x`'s: `x` is cast explicitly, since
+/// burn does not promote mixed dtypes (a cubecl kernel with an f32 and a bf16 operand reads
+/// garbage). The casts are differentiable, so `x`'s gradient flows through in the same way.
+/// `b` is added in `x`'s dtype.
+///
 /// # Shapes
 /// - `x`: `[..., in]`
 /// - `weight`: `[out, in]`
@@ -210,9 +222,14 @@ pub fn linear<B: Backend, const D: usize>(
     let dims = x.dims();
     let [out, inp] = weight.dims();
     let rows = dims[..D - 1].iter().product::<usize>();
-    let y = x.reshape([rows, inp]).matmul(weight.transpose());
+    let x_dtype = x.dtype();
+    let y = x
+        .reshape([rows, inp])
+        .cast(weight.dtype())
+        .matmul(weight.transpose())
+        .cast(x_dtype);
     let y = match bias {
-        Some(b) => y + b.unsqueeze::<2>(),
+        Some(b) => y + b.cast(x_dtype).unsqueeze::<2>(),
         None => y,
     };
     let mut out_dims = dims;

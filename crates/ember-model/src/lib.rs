@@ -14,6 +14,7 @@
 
 pub mod allocator;
 pub mod config;
+pub mod dtype;
 mod error;
 pub mod generate;
 pub mod gguf;
@@ -26,6 +27,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{DecoderConfig, HfConfig};
+pub use dtype::BaseDtype;
 pub use error::{ModelError, Result};
 pub use lora::LoraReport;
 pub use model::{CausalLm, ModelInput, ModelOutput};

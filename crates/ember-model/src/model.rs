@@ -8,10 +8,11 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, FloatDType, Int, Tensor};
 use ember_lora::LoraLinear;
 
 use crate::config::{Activation, DecoderConfig, QkNorm};
+use crate::dtype::BaseDtype;
 use crate::error::{ModelError, Result};
 use crate::moe::SparseMoe;
 use crate::rope::{RopeFrequencies, RopeTables};
@@ -34,7 +35,8 @@ impl<B: Backend> Embedding<B> {
     /// - `ids`: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        burn::tensor::module::embedding(self.weight.val(), ids)
+        // A half-precision table gives f32 rows: the residual stream is always f32.
+        burn::tensor::module::embedding(self.weight.val(), ids).cast(FloatDType::F32)
     }
 }
 
@@ -429,19 +431,33 @@ impl<B: Backend> CausalLm<B> {
 
     /// Loads a HF model folder or a `.gguf` file.
     pub fn from_path(path: &Path, device: &B::Device) -> Result<Self> {
+        Self::from_path_as(path, device, BaseDtype::Float32)
+    }
+
+    /// [`CausalLm::from_path`] with the frozen base stored in `dtype`.
+    pub fn from_path_as(path: &Path, device: &B::Device, dtype: BaseDtype) -> Result<Self> {
         if crate::source::is_gguf(path) {
             let (config, weights) = crate::source::gguf_weights(path)?;
-            Self::load(config, &weights, device)
+            Self::load_as(config, &weights, device, dtype)
         } else {
-            Self::from_dir(path, device)
+            let config = DecoderConfig::from_file(path.join("config.json"))?;
+            let weights = Weights::open_dir(path)?;
+            Self::load_as(config, &weights, device, dtype)
         }
     }
 
     /// Builds the model from `weights`, checking every key and shape.
     pub fn load(config: DecoderConfig, weights: &Weights, device: &B::Device) -> Result<Self> {
+        Self::load_as(config, weights, device, BaseDtype::Float32)
+    }
+
+    /// [`CausalLm::load`] with the frozen base stored in `dtype` (see [`BaseDtype`] for which
+    /// tensors that covers).
+    pub fn load_as(config: DecoderConfig, weights: &Weights, device: &B::Device, dtype: BaseDtype) -> Result<Self> {
         let c = &config;
+        let base_dtype = dtype.float_dtype();
         let linear = |key: &str, out: usize, inp: usize, bias: bool| -> Result<LoraLinear<B>> {
-            let w = weights.tensor::<B, 2>(&format!("{key}.weight"), [out, inp], device)?;
+            let w = weights.tensor_as::<B, 2>(&format!("{key}.weight"), [out, inp], device, base_dtype)?;
             let b = if bias {
                 Some(weights.tensor::<B, 1>(&format!("{key}.bias"), [out], device)?)
             } else {
@@ -509,7 +525,7 @@ impl<B: Backend> CausalLm<B> {
             };
             let sparse = c.moe.as_ref().filter(|m| m.sparse_layers[i]);
             let mlp = match sparse {
-                Some(moe) => FeedForward::Sparse(crate::moe::load(moe, c, weights, &p, device)?),
+                Some(moe) => FeedForward::Sparse(crate::moe::load(moe, c, weights, &p, device, base_dtype)?),
                 None => {
                     let i_dim = c.intermediate_size;
                     let gate_up = if c.fused_gate_up {
@@ -539,7 +555,7 @@ impl<B: Backend> CausalLm<B> {
                 local_rope: c.local_rope.is_some() && c.sliding_window[i].is_some(),
             });
         }
-        let embed = weights.tensor::<B, 2>("model.embed_tokens.weight", [c.vocab_size, h], device)?;
+        let embed = weights.tensor_as::<B, 2>("model.embed_tokens.weight", [c.vocab_size, h], device, base_dtype)?;
         // A tied table is also the output head: laid out for its `h·Eᵀ` (lookups read rows anywhere).
         let embed = if c.tie_word_embeddings {
             ember_lora::matmul_layout(embed)

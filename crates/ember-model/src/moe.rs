@@ -9,7 +9,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::config::{DecoderConfig, ExpertActivation, MoeConfig, MoeLayout, Routing};
 use crate::error::Result;
@@ -133,7 +133,8 @@ impl<B: Backend> SparseMoe<B> {
     }
 }
 
-/// Loads the sparse block of layer `prefix` (`model.layers.{i}`) in the checkpoint layout
+/// Loads the sparse block of layer `prefix` (`model.layers.{i}`), experts stored in `dtype`
+/// (the router stays f32), in the checkpoint layout
 /// `moe.layout`. Mixtral and Qwen experts may also come fused as transformers 5 holds them in
 /// memory (`mlp.experts.gate_up_proj` `[experts, 2·inter, hidden]`, `down_proj`
 /// `[experts, hidden, inter]`).
@@ -143,6 +144,7 @@ pub(crate) fn load<B: Backend>(
     weights: &Weights,
     prefix: &str,
     device: &B::Device,
+    dtype: FloatDType,
 ) -> Result<SparseMoe<B>> {
     let (h, inter, n) = (config.hidden_size, moe.intermediate_size, moe.num_experts);
     let frozen2 = |t: Tensor<B, 2>| Param::from_tensor(ember_lora::matmul_layout(t)).set_require_grad(false);
@@ -166,9 +168,9 @@ pub(crate) fn load<B: Backend>(
     let experts = match moe.layout {
         MoeLayout::GptOss => {
             // [experts, hidden, 2·inter], gate/up interleaved along the last axis; x·W layout.
-            let gate_up = weights.tensor::<B, 3>(&fused_gate_up, [n, h, 2 * inter], device)?;
+            let gate_up = weights.tensor_as::<B, 3>(&fused_gate_up, [n, h, 2 * inter], device, dtype)?;
             let gate_up_bias = weights.tensor::<B, 2>(&format!("{fused_gate_up}_bias"), [n, 2 * inter], device)?;
-            let down = weights.tensor::<B, 3>(&format!("{base}.experts.down_proj"), [n, inter, h], device)?;
+            let down = weights.tensor_as::<B, 3>(&format!("{base}.experts.down_proj"), [n, inter, h], device, dtype)?;
             let down_bias = weights.tensor::<B, 2>(&format!("{base}.experts.down_proj_bias"), [n, h], device)?;
             (0..n)
                 .map(|e| {
@@ -186,8 +188,8 @@ pub(crate) fn load<B: Backend>(
                 .collect()
         }
         _ if weights.contains(&fused_gate_up) => {
-            let gate_up = weights.tensor::<B, 3>(&fused_gate_up, [n, 2 * inter, h], device)?;
-            let down = weights.tensor::<B, 3>(&format!("{base}.experts.down_proj"), [n, h, inter], device)?;
+            let gate_up = weights.tensor_as::<B, 3>(&fused_gate_up, [n, 2 * inter, h], device, dtype)?;
+            let down = weights.tensor_as::<B, 3>(&format!("{base}.experts.down_proj"), [n, h, inter], device, dtype)?;
             (0..n)
                 .map(|e| Expert {
                     gate_up: frozen2(gate_up.clone().narrow(0, e, 1).reshape([2 * inter, h])),
@@ -205,12 +207,12 @@ pub(crate) fn load<B: Backend>(
             let mut experts = Vec::with_capacity(n);
             for e in 0..n {
                 let key = |name: &str| format!("{base}.experts.{e}.{name}.weight");
-                let g = weights.tensor::<B, 2>(&key(gate), [inter, h], device)?;
-                let u = weights.tensor::<B, 2>(&key(up), [inter, h], device)?;
+                let g = weights.tensor_as::<B, 2>(&key(gate), [inter, h], device, dtype)?;
+                let u = weights.tensor_as::<B, 2>(&key(up), [inter, h], device, dtype)?;
                 experts.push(Expert {
                     gate_up: frozen2(Tensor::cat(vec![g, u], 0)),
                     gate_up_bias: None,
-                    down: frozen2(weights.tensor::<B, 2>(&key(down), [h, inter], device)?),
+                    down: frozen2(weights.tensor_as::<B, 2>(&key(down), [h, inter], device, dtype)?),
                     down_bias: None,
                 });
             }

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
@@ -305,8 +305,23 @@ impl Weights {
         expected: [usize; D],
         device: &B::Device,
     ) -> Result<Tensor<B, D>> {
+        self.tensor_as(key, expected, device, FloatDType::F32)
+    }
+
+    /// [`Weights::tensor`] stored in `dtype` on the device (converted from f32 on the host, one
+    /// tensor at a time, so a bf16 model never exists in f32 as a whole).
+    pub fn tensor_as<B: Backend, const D: usize>(
+        &self,
+        key: &str,
+        expected: [usize; D],
+        device: &B::Device,
+        dtype: FloatDType,
+    ) -> Result<Tensor<B, D>> {
         let values = self.read_f32(key, &expected)?;
-        Ok(Tensor::from_data(TensorData::new(values, expected), device))
+        Ok(Tensor::from_data(
+            TensorData::new(values, expected),
+            (device, DType::from(dtype)),
+        ))
     }
 
     /// Marks `key` as deliberately unused (e.g. a stored copy of a tied `lm_head`).

@@ -4,37 +4,55 @@
 //! cargo run --release -p ember-train --example step_bench -- MODEL[.gguf] [SEQ] [BATCH] [STEPS] [TARGETS_PER_ROW]
 //! ```
 //! r 16, alpha 32, all linear layers, AdamW; TARGETS_PER_ROW = 0 trains every token.
-//! `EMBER_DEVICE=cuda` (built with `--features cuda`) runs on the first GPU.
+//! `EMBER_DEVICE=cuda` (built with `--features cuda`) runs on the first GPU, `wgpu` (with
+//! `--features wgpu`) on the first wgpu adapter, `flex` on burn-flex; `EMBER_DTYPE=bfloat16`
+//! (or `float16`) stores the frozen base in that dtype (burn-flex on the CPU).
 
 use std::time::Instant;
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::backend::AutodiffBackend;
 use ember_lora::{LoraConfig, TargetModules};
-use ember_model::CausalLm;
+use ember_model::{BaseDtype, CausalLm};
 use ember_train::data::{collate, Sample, IGNORE};
 use ember_train::optim::AdamW;
 use ember_train::Trainer;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type Run = Result<(), Box<dyn std::error::Error>>;
+
+fn main() -> Run {
     ember_model::allocator::reuse_freed_buffers();
+    let dtype: BaseDtype = std::env::var("EMBER_DTYPE").as_deref().unwrap_or("float32").parse()?;
     match std::env::var("EMBER_DEVICE").as_deref() {
-        Ok("cuda") => cuda(),
-        _ => bench::<Autodiff<NdArray<f32>>>(),
+        Ok("cuda") => cuda(dtype),
+        Ok("wgpu") => wgpu(dtype),
+        Ok("flex") => bench::<Autodiff<Flex>>(dtype),
+        _ if dtype.is_half() => bench::<Autodiff<Flex>>(dtype),
+        _ => bench::<Autodiff<NdArray<f32>>>(dtype),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda() -> Result<(), Box<dyn std::error::Error>> {
-    bench::<Autodiff<burn::backend::Cuda<f32>>>()
+fn cuda(dtype: BaseDtype) -> Run {
+    bench::<Autodiff<burn::backend::Cuda<f32>>>(dtype)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda() -> Result<(), Box<dyn std::error::Error>> {
+fn cuda(_: BaseDtype) -> Run {
     Err("EMBER_DEVICE=cuda needs `--features cuda`".into())
 }
 
-fn bench<B: AutodiffBackend>() -> Result<(), Box<dyn std::error::Error>> {
+#[cfg(feature = "wgpu")]
+fn wgpu(dtype: BaseDtype) -> Run {
+    bench::<Autodiff<burn::backend::Wgpu>>(dtype)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu(_: BaseDtype) -> Run {
+    Err("EMBER_DEVICE=wgpu needs `--features wgpu`".into())
+}
+
+fn bench<B: AutodiffBackend>(dtype: BaseDtype) -> Run {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let path = std::path::PathBuf::from(
         args.first()
@@ -43,7 +61,7 @@ fn bench<B: AutodiffBackend>() -> Result<(), Box<dyn std::error::Error>> {
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (seq, batch, steps, targets) = (arg(1, 256), arg(2, 4), arg(3, 5), arg(4, 0));
     let device = Default::default();
-    let mut model = CausalLm::<B>::from_path(&path, &device)?;
+    let mut model = CausalLm::<B>::from_path_as(&path, &device, dtype)?;
     let config = LoraConfig {
         r: 16,
         lora_alpha: 32.0,

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use ember_lora::LoraConfig;
+use ember_model::BaseDtype;
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 
@@ -21,13 +22,13 @@ pub struct RunConfig {
     /// Seed of adapter init, shuffling and dropout.
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// `cpu` or `cuda`.
+    /// `cpu`, `flex`, `cuda` or `wgpu` (see [`DeviceKind`]).
     #[serde(default)]
     pub device: DeviceKind,
-    /// Compute dtype: `float32` (bf16/f16 checkpoints are converted on load; bf16 compute is
-    /// not implemented yet and is refused).
-    #[serde(default = "default_dtype")]
-    pub dtype: String,
+    /// Storage and matmul dtype of the frozen base: `float32`, `bfloat16` or `float16`.
+    /// Adapters, optimizer moments, activations and the loss are f32 in every case.
+    #[serde(default)]
+    pub dtype: BaseDtype,
     /// LoRA settings (PEFT's names) plus `init_from`.
     #[serde(default)]
     pub lora: LoraSection,
@@ -41,19 +42,58 @@ pub struct RunConfig {
 fn default_seed() -> u64 {
     42
 }
-fn default_dtype() -> String {
-    "float32".into()
-}
 
-/// Where the model runs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Where the model runs, and on which burn backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
-    /// burn-ndarray.
+    /// The CPU: burn-ndarray for an f32 base, burn-flex for a bf16/f16 one (burn-ndarray
+    /// holds no half types).
     #[default]
     Cpu,
-    /// burn-cuda (build with `--features cuda`).
+    /// The CPU on burn-flex, whatever the dtype.
+    Flex,
+    /// The first NVIDIA GPU on burn-cuda (build with `--features cuda`).
     Cuda,
+    /// The first GPU wgpu finds (Vulkan, Metal, DX12; build with `--features wgpu`).
+    Wgpu,
+}
+
+impl DeviceKind {
+    /// Every choice with its name in configs and on the command line.
+    pub const ALL: [(DeviceKind, &'static str); 4] = [
+        (DeviceKind::Cpu, "cpu"),
+        (DeviceKind::Flex, "flex"),
+        (DeviceKind::Cuda, "cuda"),
+        (DeviceKind::Wgpu, "wgpu"),
+    ];
+
+    /// The name (`cpu`, `flex`, `cuda`, `wgpu`).
+    pub fn name(self) -> &'static str {
+        DeviceKind::ALL
+            .iter()
+            .find(|(d, _)| *d == self)
+            .map(|(_, n)| *n)
+            .unwrap_or("cpu")
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        DeviceKind::ALL
+            .iter()
+            .find(|(_, n)| *n == s.trim())
+            .map(|(d, _)| *d)
+            .ok_or_else(|| format!("`{s}`: use cpu, flex, cuda or wgpu"))
+    }
 }
 
 /// `lora:`: PEFT's LoRA settings, and optionally an adapter to start from.
@@ -466,15 +506,6 @@ impl RunConfig {
                     "must be in (0, 1) and not combined with data.eval".into(),
                 );
             }
-        }
-        if !matches!(self.dtype.as_str(), "float32" | "f32") {
-            return bad(
-                "dtype",
-                format!(
-                    "`{}`: only float32 compute is implemented so far (bf16/f16 checkpoints are converted on load)",
-                    self.dtype
-                ),
-            );
         }
         Ok(())
     }

@@ -481,6 +481,8 @@ pub struct EvalSpec {
     pub batch_size: usize,
     /// Also generate answers (greedy) and report exact / normalised match.
     pub generate: bool,
+    /// Storage dtype of the frozen base.
+    pub dtype: ember_model::BaseDtype,
 }
 
 /// One model's row of the report.
@@ -624,7 +626,7 @@ pub fn evaluate_models<B: Backend>(
                 .collect()
         });
     // One base model; each adapter is attached in turn (the previous one removed first).
-    let mut model = CausalLm::<B>::from_path(&spec.model, device)?;
+    let mut model = CausalLm::<B>::from_path_as(&spec.model, device, spec.dtype)?;
     let mut models = Vec::new();
     let names: Vec<Option<&std::path::PathBuf>> = std::iter::once(None).chain(spec.adapters.iter().map(Some)).collect();
     for adapter in names {

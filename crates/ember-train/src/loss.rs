@@ -9,7 +9,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 use ember_model::CausalLm;
 
 use crate::data::IGNORE;
@@ -211,7 +211,9 @@ fn chunked_nll<B: Backend>(
             }
             // (dz·W) as (Wᵀ·dzᵀ)ᵀ: the head is stored as its transpose (matmul_layout), so Wᵀ is
             // read in place and only the chunk `dz` is transposed.
-            grads.push(head.clone().transpose().matmul(dz.transpose()).transpose());
+            // A half-precision head multiplies dz cast to its dtype (burn does not promote).
+            let dz = dz.cast(head.dtype()).transpose();
+            grads.push(head.clone().transpose().matmul(dz).transpose().cast(FloatDType::F32));
         }
     }
     let nll = Tensor::cat(nll, 0);

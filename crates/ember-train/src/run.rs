@@ -377,7 +377,7 @@ fn run_locked<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, devi
         .unwrap_or(0);
 
     B::seed(device, config.seed);
-    let mut model = CausalLm::<B>::from_path(&config.base_model, device)?;
+    let mut model = CausalLm::<B>::from_path_as(&config.base_model, device, config.dtype)?;
     let report = match &init_from {
         Some(files) => model.load_adapter(files, device)?,
         None => model.attach_lora(&lora_config, device)?,

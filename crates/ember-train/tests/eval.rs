@@ -104,6 +104,7 @@ fn report_lists_base_and_every_adapter_on_the_same_rows() {
         max_rows: None,
         batch_size: 4,
         generate: true,
+        dtype: Default::default(),
     };
     let report = ember_train::eval::evaluate_models::<B>(&spec, &Default::default(), |_| {}).unwrap();
     assert_eq!(report.rows, 6);

@@ -7,14 +7,19 @@
 
 use std::path::PathBuf;
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::Autodiff;
 use ember_lora::AdapterFiles;
 use ember_model::{CausalLm, Weights};
 use ember_train::data::Batch;
 use ember_train::optim::AdamW;
 use ember_train::Trainer;
 
-type B = Autodiff<NdArray<f32>>;
+/// burn-ndarray, or burn-wgpu when tested with `--features wgpu` (CI, on Mesa's lavapipe).
+#[cfg(not(feature = "wgpu"))]
+type B = Autodiff<burn::backend::NdArray<f32>>;
+/// burn-wgpu (`--features wgpu`).
+#[cfg(feature = "wgpu")]
+type B = Autodiff<burn::backend::Wgpu>;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")

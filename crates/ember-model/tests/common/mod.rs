@@ -23,8 +23,13 @@ pub const FAMILIES: [&str; 13] = [
     "gpt_oss",
 ];
 
-/// The backend every test runs on.
+/// The backend every test runs on: burn-ndarray, or burn-wgpu when the crate is tested with
+/// `--features wgpu` (CI runs the golden tests that way on Mesa's software Vulkan driver).
+#[cfg(not(feature = "wgpu"))]
 pub type TestBackend = burn::backend::NdArray<f32>;
+/// The backend every test runs on: burn-wgpu (`--features wgpu`).
+#[cfg(feature = "wgpu")]
+pub type TestBackend = burn::backend::Wgpu;
 
 /// `tests/fixtures/` at the workspace root.
 pub fn fixtures() -> PathBuf {
@@ -50,12 +55,16 @@ impl Inputs {
     }
 
     pub fn to_model_input(&self) -> ModelInput<TestBackend> {
-        let device = Default::default();
+        self.model_input(&Default::default())
+    }
+
+    pub fn model_input<B: burn::tensor::backend::Backend>(&self, device: &B::Device) -> ModelInput<B> {
+        let device = device.clone();
         let dims = self.dims();
         let ids: Vec<i64> = self.input_ids.concat();
         let mask: Vec<i64> = self.attention_mask.concat();
         ModelInput {
-            input_ids: Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(ids, dims), &device),
+            input_ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, dims), &device),
             attention_mask: Some(Tensor::from_data(TensorData::new(mask, dims), &device)),
             position_ids: None,
             segment_ids: None,

@@ -1,0 +1,246 @@
+//! `ember forward|train|eval|generate --device wgpu` reproduce the CPU results on the fixtures.
+//!
+//! Built only with `--features wgpu`; CI runs it on Mesa's software Vulkan driver (lavapipe),
+//! which compiles the same cubecl kernels CUDA runs through another compiler, so an op that is
+//! missing or wrong on GPU backends fails here without a GPU:
+//!
+//! ```sh
+//! VK_DRIVER_FILES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json cargo test -p ember-cli --features wgpu --test devices
+//! ```
+//! Tolerances: logits 1e-4 absolute against transformers, the 5-step training trace 1e-4
+//! relative against the CPU run, greedy tokens equal.
+#![cfg(feature = "wgpu")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Every fixture family with PEFT adapters.
+const FAMILIES: [&str; 13] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+    "glm4",
+    "mixtral",
+    "qwen3_moe",
+    "gpt_oss",
+];
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn ember(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_ember")).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "ember {}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ember-devices-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn read_f32(path: &Path, key: &str) -> (Vec<f32>, Vec<usize>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(key).unwrap();
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (v, t.shape().to_vec())
+}
+
+/// Max |a − e| where the fixture's attention_mask is 1.
+fn masked_max_diff(arch: &str, actual: &[f32], expected: &[f32], shape: &[usize]) -> f32 {
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("inputs.json")).unwrap()).unwrap();
+    let mask: Vec<Vec<i64>> = serde_json::from_value(inputs["attention_mask"].clone()).unwrap();
+    assert_eq!(actual.len(), expected.len());
+    let mut worst = 0.0f32;
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        let pos = i / shape[2];
+        if mask[pos / shape[1]][pos % shape[1]] == 1 {
+            let d = (a - e).abs();
+            worst = if d.is_nan() { f32::INFINITY } else { worst.max(d) };
+        }
+    }
+    worst
+}
+
+/// Base logits and PEFT LoRA logits of every family on wgpu, against transformers.
+#[test]
+fn forward_on_wgpu_matches_transformers_on_every_family() {
+    let out = tmp("forward");
+    for arch in FAMILIES {
+        let dir = fixtures().join(arch);
+        for (adapter, reference) in [
+            (None, "logits.safetensors"),
+            (Some("adapter_random_b"), "lora_logits.safetensors"),
+        ] {
+            let file = out.join(format!("{arch}.safetensors"));
+            let mut args = vec![
+                "forward".to_string(),
+                "--device".into(),
+                "wgpu".into(),
+                "--model".into(),
+                dir.display().to_string(),
+                "--inputs".into(),
+                dir.join("inputs.json").display().to_string(),
+                "--out".into(),
+                file.display().to_string(),
+            ];
+            if let Some(a) = adapter {
+                args.extend(["--adapter".into(), dir.join(a).display().to_string()]);
+            }
+            ember(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            let (logits, shape) = read_f32(&file, "logits");
+            let (expected, expected_shape) = read_f32(&dir.join(reference), "logits");
+            assert_eq!(shape, expected_shape, "{arch}");
+            let diff = masked_max_diff(arch, &logits, &expected, &shape);
+            println!("{arch} {reference} on wgpu: {diff:.3e}");
+            assert!(diff <= 1e-4, "{arch} {reference} on wgpu: max abs diff {diff:.3e}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The losses `ember train` logs in metrics.jsonl.
+fn losses(output_dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(output_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(|l| l.as_f64()))
+        .collect()
+}
+
+/// Five AdamW steps from the same YAML on cpu and wgpu (a dense model, a tied one with
+/// biases, a MoE), checkpointed on wgpu: the same per-step losses within 1e-4 relative and
+/// adapters that give the same logits; `eval` reports the same loss and accuracy.
+#[test]
+fn train_and_eval_on_wgpu_reproduce_the_cpu_run() {
+    let work = tmp("train");
+    let data = work.join("train.jsonl");
+    let rows: String = (0..8)
+        .map(|i| {
+            let answer = if i % 2 == 0 { "spam" } else { "ham" };
+            serde_json::json!({"instruction": "Classify the email.", "input": format!("offer number {i} for you"), "output": answer})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    for arch in ["llama", "qwen2", "mixtral"] {
+        let mut runs = Vec::new();
+        for (device, checkpointing) in [("cpu", false), ("wgpu", true)] {
+            let output_dir = work.join(format!("{arch}-{device}"));
+            let config = work.join(format!("{arch}-{device}.yaml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "base_model: {}\noutput_dir: {}\ndevice: {device}\nlora:\n  r: 4\n  lora_alpha: 8\n  target_modules: all-linear\n\
+                     data:\n  train: {}\n  format: alpaca\n  max_seq_len: 64\n\
+                     train:\n  max_steps: 5\n  micro_batch_size: 4\n  learning_rate: 0.01\n  warmup_steps: 0\n  log_every: 1\n  gradient_checkpointing: {checkpointing}\n",
+                    fixtures().join(arch).display(),
+                    output_dir.display(),
+                    data.display()
+                ),
+            )
+            .unwrap();
+            ember(&["train", config.to_str().unwrap()]);
+            let eval = ember(&[
+                "eval",
+                "--device",
+                device,
+                "--model",
+                fixtures().join(arch).to_str().unwrap(),
+                "--adapter",
+                output_dir.join("adapter").to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--format",
+                "alpaca",
+                "--out",
+                output_dir.to_str().unwrap(),
+            ]);
+            assert!(!eval.is_empty());
+            let report: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(output_dir.join("eval_report.json")).unwrap()).unwrap();
+            runs.push((losses(&output_dir), report, output_dir));
+        }
+        let (cpu, wgpu) = (&runs[0], &runs[1]);
+        assert_eq!(cpu.0.len(), 5, "{arch}: five logged steps");
+        for (step, (c, g)) in cpu.0.iter().zip(&wgpu.0).enumerate() {
+            let rel = (c - g).abs() / c.abs();
+            println!("{arch} step {step}: cpu {c:.6} wgpu {g:.6} (rel {rel:.2e})");
+            assert!(rel <= 1e-4, "{arch} step {step}: cpu {c} vs wgpu {g}");
+        }
+        for (c, g) in cpu.1["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(wgpu.1["models"].as_array().unwrap())
+        {
+            let (lc, lg) = (c["loss"]["loss"].as_f64().unwrap(), g["loss"]["loss"].as_f64().unwrap());
+            assert!((lc - lg).abs() / lc <= 1e-4, "{arch} eval loss: cpu {lc} vs wgpu {lg}");
+            assert_eq!(
+                c["classification"]["accuracy"], g["classification"]["accuracy"],
+                "{arch} eval accuracy"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Greedy generation on wgpu gives transformers' tokens (llama, base and adapter_trained).
+#[test]
+fn greedy_generation_on_wgpu_matches_transformers() {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("llama/expected.json")).unwrap()).unwrap();
+    let g = &expected["generation"];
+    let prompt: Vec<String> = g["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let dir = fixtures().join("llama");
+    for (adapter, key) in [
+        (None, "base_new_tokens"),
+        (Some("adapter_trained"), "trained_adapter_new_tokens"),
+    ] {
+        let mut args = vec![
+            "generate".to_string(),
+            "--device".into(),
+            "wgpu".into(),
+            "--model".into(),
+            dir.display().to_string(),
+            "--input-ids".into(),
+            prompt.join(","),
+            "--max-new-tokens".into(),
+            "10".into(),
+            "--json".into(),
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter".into(), dir.join(a).display().to_string()]);
+        }
+        let out = ember(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(json["generated_ids"], g[key], "{key}");
+    }
+}

@@ -1,0 +1,99 @@
+//! Half-precision frozen bases on the CPU (burn-flex): stored in bf16/f16, multiplied in that
+//! dtype with f32 activations, against transformers 5.24's references for `llama/bf16/`.
+//!
+//! `logits_bf16_weights_f32_compute` is transformers with the bf16 weights upcast to f32;
+//! `logits_bf16_compute` is transformers computing wholly in bf16 (autocast-free `dtype=bf16`).
+//! Ember keeps the residual stream, norms and softmax in f32 and rounds only the matmul
+//! operands, so its bf16 logits must sit at least as close to the f32-compute reference as
+//! transformers' own bf16 logits do.
+
+mod common;
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor};
+use common::*;
+use ember_model::{BaseDtype, CausalLm};
+
+type Cpu = Flex;
+
+fn logits(model: &CausalLm<Cpu>, arch: &str) -> Vec<f32> {
+    let inputs = Inputs::read(arch);
+    let logits: Tensor<Cpu, 3> = model.forward(inputs.model_input(&Default::default()));
+    logits.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+/// burn-flex in f32 is a golden backend too: every family's logits within 1e-4.
+#[test]
+fn flex_f32_matches_transformers_on_every_family() {
+    for arch in FAMILIES {
+        let dir = fixtures().join(arch);
+        let model = CausalLm::<Cpu>::from_path_as(&dir, &Default::default(), BaseDtype::Float32).unwrap();
+        let (expected, shape) = reference(&dir.join("logits.safetensors"), "logits");
+        let inputs = Inputs::read(arch);
+        let diff = masked_max_diff(&logits(&model, arch), &expected, &shape, &inputs.attention_mask);
+        assert_close(&format!("{arch} on burn-flex f32"), diff, 1e-4);
+    }
+}
+
+#[test]
+fn half_precision_bases_are_stored_half_and_as_close_as_transformers_bf16() {
+    let dir = fixtures().join("llama");
+    let reference_file = dir.join("logits_bf16.safetensors");
+    let (f32_compute, shape) = reference(&reference_file, "logits_bf16_weights_f32_compute");
+    let (bf16_compute, _) = reference(&reference_file, "logits_bf16_compute");
+    let mask = Inputs::read("llama").attention_mask;
+    let (transformers_bf16, _) = masked_max_diff(&bf16_compute, &f32_compute, &shape, &mask);
+    println!("transformers bf16 compute vs f32 compute: {transformers_bf16:.3e}");
+    assert!(transformers_bf16 > 1e-3, "the reference should show bf16 rounding");
+
+    for (dtype, stored) in [(BaseDtype::Bfloat16, DType::BF16), (BaseDtype::Float16, DType::F16)] {
+        let model = CausalLm::<Cpu>::from_path_as(&dir.join("bf16"), &Default::default(), dtype).unwrap();
+        for (path, layer) in model.linear_layers() {
+            assert_eq!(layer.weight.val().dtype(), stored, "{path} under {dtype}");
+            if let Some(bias) = &layer.bias {
+                assert_eq!(bias.val().dtype(), DType::F32, "{path} bias under {dtype}");
+            }
+        }
+        assert_eq!(model.model.embed_tokens.weight.val().dtype(), stored);
+        assert_eq!(model.model.norm.weight.val().dtype(), DType::F32, "norms stay f32");
+
+        let actual = logits(&model, "llama");
+        let (diff, at) = masked_max_diff(&actual, &f32_compute, &shape, &mask);
+        println!("Ember {dtype} vs f32 compute: {diff:.3e} at {at}");
+        assert!(diff > 0.0, "{dtype}: the matmuls should round");
+        assert!(
+            diff <= transformers_bf16,
+            "{dtype}: {diff:.3e} from f32 compute, transformers' bf16 is {transformers_bf16:.3e}"
+        );
+    }
+}
+
+/// An adapter on a bf16 base: the adapter branch stays f32, and the output moves by the
+/// adapter's contribution as it does on the f32 base (PEFT LoRA logits within the bf16 bound).
+#[test]
+fn adapters_on_a_bf16_base_match_the_f32_base() {
+    let dir = fixtures().join("llama");
+    let files = ember_lora::AdapterFiles::read(&dir.join("adapter_random_b")).unwrap();
+    let device = Default::default();
+    let mut half = CausalLm::<Cpu>::from_path_as(&dir, &device, BaseDtype::Bfloat16).unwrap();
+    half.load_adapter(&files, &device).unwrap();
+    let (expected, shape) = reference(&dir.join("lora_logits.safetensors"), "logits");
+    let mask = Inputs::read("llama").attention_mask;
+    let (diff, at) = masked_max_diff(&logits(&half, "llama"), &expected, &shape, &mask);
+    // The same bound as the base: transformers' own bf16 rounding of this model.
+    let reference_file = dir.join("logits_bf16.safetensors");
+    let (f32_compute, _) = reference(&reference_file, "logits_bf16_weights_f32_compute");
+    let (bf16_compute, _) = reference(&reference_file, "logits_bf16_compute");
+    let (bound, _) = masked_max_diff(&bf16_compute, &f32_compute, &shape, &mask);
+    println!("bf16 base + adapter vs PEFT f32: {diff:.3e} at {at} (bound {bound:.3e})");
+    let mut adapted = 0;
+    for (path, layer) in half.linear_layers() {
+        if let Some(adapter) = &layer.adapter {
+            assert_eq!(adapter.lora_a.val().dtype(), DType::F32, "{path} lora_A");
+            assert_eq!(adapter.lora_b.val().dtype(), DType::F32, "{path} lora_B");
+            adapted += 1;
+        }
+    }
+    assert_eq!(adapted, files.tensors.len());
+    assert!(diff <= bound, "{diff:.3e} > {bound:.3e}");
+}
