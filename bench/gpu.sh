@@ -1,36 +1,46 @@
 #!/usr/bin/env bash
-# Issue 7's GPU case, one prepared run on the lent H100/H200 (fits in ~8 minutes):
-#   Ember's step_bench (an x86-64 release binary built HERE with `--features cuda` and carried:
+# The GPU case, one prepared run on a lent H100/H200 (about 8 minutes with MODELS=1b, 14 with both):
+#   Ember's step_bench (an x86-64 release binary built HERE and carried:
 #   cargo build --release -p ember-train --example step_bench --features cuda) against
-#   transformers + PEFT with the PyTorch installed on the device, on a Llama-3.2-1B-shaped model
-#   with random weights (bf16 on disk), seq 2048, batch 1, r 16 / alpha 32 all-linear, AdamW.
-# Prints tokens/s, peak device memory, Ember / PEFT ratios and MFU = 4·N·tokens/s / 989 TFLOP/s.
-# Ember computes in f32 (bf16 compute is not implemented yet), so PEFT runs twice: bf16 (what
-# users run) and f32 (like for like).
+#   transformers + PEFT with the PyTorch installed on the device (sdpa attention), on random
+#   models shaped as Llama-3.2-1B and Llama-3.1-8B (bf16 on disk), seq 2048, batch 1,
+#   r 16 / alpha 32 all-linear, AdamW.
+# Rows: Ember with a bf16 frozen base (EMBER_DTYPE=bfloat16; LoRA, moments and loss in f32),
+# Ember f32, PEFT bf16 (what users run) and PEFT f32 (like for like). Prints tokens/s, peak
+# device memory, MFU = 4·N·tokens/s / 989 TFLOP/s (bf16 dense peak of an H100/H200 SXM) and
+# Ember-bf16 / row.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-${TMPDIR:-/tmp}/ember-gpu-bench}"
 STEPS="${STEPS:-6}"
+MODELS="${MODELS:-1b 8b}"
 BIN="${BIN:-target/release/examples/step_bench}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 - "$OUT/llama-1b" <<'PY'
+
+# A random Llama of the given shape, saved in bf16; prints its parameter count last.
+make_model() {
+    python3 - "$OUT/llama-$1" "$1" <<'PY'
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
+shapes = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
 config = LlamaConfig(
-    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-    rms_norm_eps=1e-5, tie_word_embeddings=True,
+    vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, **shapes[sys.argv[2]],
     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "high_freq_factor": 4.0,
                      "low_freq_factor": 1.0, "original_max_position_embeddings": 8192},
 )
 torch.manual_seed(0)
-model = LlamaForCausalLM(config).to(torch.bfloat16)
+with torch.device("cuda"):
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
 model.save_pretrained(sys.argv[1])
-print("params", sum(p.numel() for p in model.parameters()))
+print(sum(p.numel() for p in model.parameters()))
 PY
-N=$(python3 -c "print(1_235_814_400)")
-
+}
 # Peak device memory for a command: poll nvidia-smi while it runs (MiB used, max).
 peak() {
     local log="$1"; shift
@@ -44,18 +54,25 @@ peak() {
 }
 tps() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])['tokens_per_s'])" "$1" 2>/dev/null || echo 0; }
 
-EMBER_DEVICE=cuda peak "$OUT/ember" timeout 240 "$BIN" "$OUT/llama-1b" 2048 1 "$STEPS" 0 > "$OUT/ember" 2> "$OUT/ember.err"
-echo "ember rc $? (stderr tail:)"; tail -3 "$OUT/ember.err"
-peak "$OUT/peft_bf16" timeout 150 python3 bench/peft_reference.py train "$OUT/llama-1b" --seq 2048 --batch 1 \
+for shape in $MODELS; do
+N=$(make_model "$shape" | tail -1)
+M="$OUT/llama-$shape"
+echo "== llama-$shape ($N parameters)"
+EMBER_DEVICE=cuda EMBER_DTYPE=bfloat16 peak "$OUT/ember_bf16" timeout 240 "$BIN" "$M" 2048 1 "$STEPS" 0 \
+    > "$OUT/ember_bf16" 2> "$OUT/ember_bf16.err"
+echo "ember bf16 rc $? (stderr tail:)"; tail -3 "$OUT/ember_bf16.err"
+EMBER_DEVICE=cuda peak "$OUT/ember_f32" timeout 240 "$BIN" "$M" 2048 1 "$STEPS" 0 > "$OUT/ember_f32" 2> "$OUT/ember_f32.err"
+echo "ember f32 rc $? (stderr tail:)"; tail -3 "$OUT/ember_f32.err"
+peak "$OUT/peft_bf16" timeout 200 python3 bench/peft_reference.py train "$M" --seq 2048 --batch 1 \
     --steps "$STEPS" --dtype bfloat16 --device cuda > "$OUT/peft_bf16"
-peak "$OUT/peft_f32" timeout 150 python3 bench/peft_reference.py train "$OUT/llama-1b" --seq 2048 --batch 1 \
+peak "$OUT/peft_f32" timeout 200 python3 bench/peft_reference.py train "$M" --seq 2048 --batch 1 \
     --steps "$STEPS" --dtype float32 --device cuda > "$OUT/peft_f32"
 
 echo
-echo "| run | tokens/s | peak MiB | MFU | Ember / run |"
+echo "| llama-$shape | tokens/s | peak MiB | MFU | Ember bf16 / row |"
 echo "|---|---:|---:|---:|---:|"
-e=$(tps "$OUT/ember")
-for run in ember peft_bf16 peft_f32; do
+e=$(tps "$OUT/ember_bf16")
+for run in ember_bf16 ember_f32 peft_bf16 peft_f32; do
     t=$(tps "$OUT/$run")
     python3 -c "
 import sys
@@ -64,4 +81,6 @@ mfu = 4 * n * t / 989e12
 ratio = e / t if t else float('nan')
 print(f'| {sys.argv[4]} | {t:.0f} | {sys.argv[5]} | {100 * mfu:.1f}% | {ratio:.2f} |')
 " "$t" "$e" "$N" "$run" "$(cat "$OUT/$run.peak" 2>/dev/null)"
+done
+rm -rf "$M"
 done

@@ -51,6 +51,21 @@ fn checked<B: Backend, J: BackendJob>(kind: DeviceKind, dtype: BaseDtype, job: J
 
 #[cfg(feature = "cuda")]
 fn cuda<J: BackendJob>(dtype: BaseDtype, job: J) -> Result<J::Output> {
+    // burn-cuda compiles its kernels at run time with NVRTC against the toolkit's headers and
+    // panics when it finds none; the same search, as an error that says what to install.
+    let toolkit = std::env::var_os("CUDA_PATH").map(std::path::PathBuf::from).or_else(|| {
+        ["/usr/local/cuda", "/opt/cuda", "/usr"]
+            .into_iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.join("include/cuda.h").exists())
+    });
+    match toolkit {
+        Some(path) if path.join("include").exists() => {}
+        _ => bail!(
+            "--device cuda: no CUDA toolkit found (burn-cuda compiles kernels at run time with NVRTC and \
+             the toolkit's headers); install it (NVRTC + headers) and set CUDA_PATH, or use /usr/local/cuda"
+        ),
+    }
     checked::<burn::backend::Cuda<f32>, J>(DeviceKind::Cuda, dtype, job)
 }
 

@@ -53,6 +53,31 @@ fn tmp(name: &str) -> PathBuf {
     dir
 }
 
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// The `arch` fixture with the fixtures' tokenizer (same 384-token vocabulary), in `dir`.
+fn with_tokenizer(arch: &str, dir: &Path) -> PathBuf {
+    let model = dir.join(format!("{arch}-model"));
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        let from = fixtures().join(arch).join(f);
+        if from.exists() {
+            std::fs::copy(from, model.join(f)).unwrap();
+        }
+    }
+    std::fs::copy(
+        fixtures().join("tokenizer/hf/tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    let config = serde_json::json!({
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML,
+    });
+    std::fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
+    model
+}
+
 fn read_f32(path: &Path, key: &str) -> (Vec<f32>, Vec<usize>) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -129,8 +154,9 @@ fn losses(output_dir: &Path) -> Vec<f64> {
         .collect()
 }
 
-/// Five AdamW steps from the same YAML on cpu and wgpu (a dense model, a tied one with
-/// biases, a MoE), checkpointed on wgpu: the same per-step losses within 1e-4 relative and
+/// Five AdamW steps from the same YAML and the same starting adapter (a fresh one would be
+/// drawn from each backend's own RNG) on cpu and wgpu (a dense model, a tied one with biases,
+/// a MoE), checkpointed on wgpu: the same per-step losses within 1e-4 relative and
 /// adapters that give the same logits; `eval` reports the same loss and accuracy.
 #[test]
 fn train_and_eval_on_wgpu_reproduce_the_cpu_run() {
@@ -139,13 +165,14 @@ fn train_and_eval_on_wgpu_reproduce_the_cpu_run() {
     let rows: String = (0..8)
         .map(|i| {
             let answer = if i % 2 == 0 { "spam" } else { "ham" };
-            serde_json::json!({"instruction": "Classify the email.", "input": format!("offer number {i} for you"), "output": answer})
+            serde_json::json!({"messages": [{"role": "user", "content": format!("mail {i}")}, {"role": "assistant", "content": answer}]})
                 .to_string()
                 + "\n"
         })
         .collect();
     std::fs::write(&data, rows).unwrap();
     for arch in ["llama", "qwen2", "mixtral"] {
+        let model = with_tokenizer(arch, &work);
         let mut runs = Vec::new();
         for (device, checkpointing) in [("cpu", false), ("wgpu", true)] {
             let output_dir = work.join(format!("{arch}-{device}"));
@@ -153,11 +180,12 @@ fn train_and_eval_on_wgpu_reproduce_the_cpu_run() {
             std::fs::write(
                 &config,
                 format!(
-                    "base_model: {}\noutput_dir: {}\ndevice: {device}\nlora:\n  r: 4\n  lora_alpha: 8\n  target_modules: all-linear\n\
-                     data:\n  train: {}\n  format: alpaca\n  max_seq_len: 64\n\
+                    "base_model: {}\noutput_dir: {}\ndevice: {device}\nlora:\n  init_from: {}\n\
+                     data:\n  train: {}\n  format: chat\n  max_seq_len: 128\n\
                      train:\n  max_steps: 5\n  micro_batch_size: 4\n  learning_rate: 0.01\n  warmup_steps: 0\n  log_every: 1\n  gradient_checkpointing: {checkpointing}\n",
-                    fixtures().join(arch).display(),
+                    model.display(),
                     output_dir.display(),
+                    fixtures().join(arch).join("adapter_random_b").display(),
                     data.display()
                 ),
             )
@@ -168,13 +196,13 @@ fn train_and_eval_on_wgpu_reproduce_the_cpu_run() {
                 "--device",
                 device,
                 "--model",
-                fixtures().join(arch).to_str().unwrap(),
+                model.to_str().unwrap(),
                 "--adapter",
                 output_dir.join("adapter").to_str().unwrap(),
                 "--data",
                 data.to_str().unwrap(),
                 "--format",
-                "alpaca",
+                "chat",
                 "--out",
                 output_dir.to_str().unwrap(),
             ]);
@@ -219,6 +247,8 @@ fn greedy_generation_on_wgpu_matches_transformers() {
         .iter()
         .map(|v| v.to_string())
         .collect();
+    let work = tmp("generate");
+    let model = with_tokenizer("llama", &work);
     let dir = fixtures().join("llama");
     for (adapter, key) in [
         (None, "base_new_tokens"),
@@ -229,7 +259,7 @@ fn greedy_generation_on_wgpu_matches_transformers() {
             "--device".into(),
             "wgpu".into(),
             "--model".into(),
-            dir.display().to_string(),
+            model.display().to_string(),
             "--input-ids".into(),
             prompt.join(","),
             "--max-new-tokens".into(),
@@ -243,4 +273,5 @@ fn greedy_generation_on_wgpu_matches_transformers() {
         let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(json["generated_ids"], g[key], "{key}");
     }
+    let _ = std::fs::remove_dir_all(&work);
 }

@@ -89,6 +89,16 @@ parity! {
     gpt_oss: "gpt_oss",
 }
 
+/// Under `--features wgpu` the golden tests really run on burn-wgpu (and on burn-ndarray
+/// without it).
+#[test]
+fn golden_tests_run_on_the_configured_backend() {
+    use burn::tensor::backend::Backend;
+    let name = <TestBackend as Backend>::name(&Default::default());
+    println!("golden tests on {name}");
+    assert_eq!(name.contains("wgpu"), cfg!(feature = "wgpu"), "{name}");
+}
+
 /// bf16 weights upcast to f32 and computed in f32 match transformers'
 /// `logits_bf16_weights_f32_compute` (a fresh reload of `llama/bf16/` with `dtype=torch.float32`).
 #[test]

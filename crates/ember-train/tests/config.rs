@@ -116,3 +116,26 @@ fn nan_and_zero_values_are_refused() {
         .to_string();
     assert!(err.contains("lora_dropout"), "{err}");
 }
+
+#[test]
+fn device_and_dtype_parse_and_bad_ones_are_named() {
+    use ember_model::BaseDtype;
+    use ember_train::config::DeviceKind;
+    let c = RunConfig::from_yaml(MINIMAL).unwrap();
+    assert_eq!((c.device, c.dtype), (DeviceKind::Cpu, BaseDtype::Float32));
+    let c = RunConfig::from_yaml(&format!("{MINIMAL}device: wgpu\ndtype: bf16\n")).unwrap();
+    assert_eq!((c.device, c.dtype), (DeviceKind::Wgpu, BaseDtype::Bfloat16));
+    let dir = tempdir("config-device");
+    let path = dir.join("run.yaml");
+    write(&path, &format!("{MINIMAL}dtype: int8\n"));
+    let err = RunConfig::load(&path, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("run.yaml") && err.contains("int8") && err.contains("bfloat16"),
+        "{err}"
+    );
+    write(&path, MINIMAL);
+    let err = RunConfig::load(&path, &["device=tpu".into()]).unwrap_err().to_string();
+    assert!(err.contains("tpu") && err.contains("wgpu"), "{err}");
+    let c = RunConfig::load(&path, &["dtype=float16".into(), "device=flex".into()]).unwrap();
+    assert_eq!((c.device, c.dtype), (DeviceKind::Flex, BaseDtype::Float16));
+}
