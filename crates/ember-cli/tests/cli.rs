@@ -195,3 +195,52 @@ fn merge_and_forward_with_adapter() {
         "{text}"
     );
 }
+
+/// `--dtype bfloat16` on the CPU runs on burn-flex with a bf16 base (logits move by bf16
+/// rounding only); a backend missing from the build or an unknown dtype is a clear error.
+#[test]
+fn devices_and_dtypes_are_chosen_by_flags() {
+    let dir = fixtures().join("llama");
+    let out = std::env::temp_dir().join(format!("ember-cli-dtype-{}.safetensors", std::process::id()));
+    let inputs = dir.join("inputs.json");
+    let forward = |extra: &[&str]| {
+        let mut args = vec![
+            "forward",
+            "--model",
+            dir.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ember(&args)
+    };
+    let o = forward(&["--dtype", "bfloat16"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (half, _) = read_f32(&out, "logits");
+    let (full, _) = read_f32(&dir.join("logits.safetensors"), "logits");
+    let worst = half.iter().zip(&full).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst > 0.0 && worst < 0.1, "bf16 vs f32 logits: {worst}");
+
+    let o = forward(&["--dtype", "int8"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("int8") && err.contains("bfloat16"),
+        "{err}"
+    );
+    let o = forward(&["--device", "tpu"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cpu, flex, cuda or wgpu"), "{err}");
+    if !cfg!(feature = "cuda") {
+        let o = forward(&["--device", "cuda"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("--features cuda"), "{err}");
+    }
+    if !cfg!(feature = "wgpu") {
+        let o = forward(&["--device", "wgpu"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("--features wgpu"), "{err}");
+    }
+    let _ = std::fs::remove_file(&out);
+}
