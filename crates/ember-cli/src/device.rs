@@ -37,13 +37,8 @@ fn checked<B: Backend, J: BackendJob>(kind: DeviceKind, dtype: BaseDtype, job: J
     let device = B::Device::default();
     if !B::supports_dtype(&device, DType::from(dtype.float_dtype())) {
         bail!(
-            "--device {kind} ({}) cannot store {dtype} tensors on this machine; use dtype float32{}",
-            B::name(&device),
-            if kind == DeviceKind::Cpu || kind == DeviceKind::Flex {
-                ""
-            } else {
-                " or another device"
-            }
+            "--device {kind} ({}) cannot store {dtype} tensors on this machine; use another dtype or device",
+            B::name(&device)
         );
     }
     job.run::<B>(device)

@@ -1,27 +1,12 @@
 //! The `ember` binary end to end on the fixtures.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod common;
+use common::{fixtures, masked_max_diff, read_f32};
 
 fn ember(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ember")).args(args).output().unwrap()
-}
-
-fn read_f32(path: &std::path::Path, key: &str) -> (Vec<f32>, Vec<usize>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(key).unwrap();
-    assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    let v = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    (v, t.shape().to_vec())
 }
 
 /// `ember forward` reproduces transformers' logits (≤ 1e-4 where attention_mask is 1).
@@ -43,17 +28,7 @@ fn forward_writes_reference_logits() {
         let (logits, shape) = read_f32(&out, "logits");
         let (expected, eshape) = read_f32(&dir.join("logits.safetensors"), "logits");
         assert_eq!(shape, eshape);
-        let inputs: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
-        let mask: Vec<Vec<i64>> = serde_json::from_value(inputs["attention_mask"].clone()).unwrap();
-        let vocab = shape[2];
-        let mut worst = 0.0f32;
-        for (i, (a, e)) in logits.iter().zip(&expected).enumerate() {
-            let pos = i / vocab;
-            if mask[pos / shape[1]][pos % shape[1]] == 1 {
-                worst = worst.max((a - e).abs());
-            }
-        }
+        let worst = masked_max_diff(arch, &logits, &expected, &shape);
         assert!(worst <= 1e-4, "{arch}: max abs diff {worst:.3e}");
     }
 }
@@ -149,21 +124,9 @@ fn merge_and_forward_with_adapter() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         read_f32(out, "logits").0
     };
-    let mask: Vec<Vec<i64>> = serde_json::from_value(
-        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&inputs).unwrap()).unwrap()
-            ["attention_mask"]
-            .clone(),
-    )
-    .unwrap();
     let check = |actual: &[f32], reference: &str| {
         let (expected, shape) = read_f32(&dir.join(reference), "logits");
-        let mut worst = 0.0f32;
-        for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
-            let pos = i / shape[2];
-            if mask[pos / shape[1]][pos % shape[1]] == 1 {
-                worst = worst.max((a - e).abs());
-            }
-        }
+        let worst = masked_max_diff("qwen3", actual, &expected, &shape);
         assert!(worst <= 1e-4, "{reference}: {worst:.3e}");
     };
     check(

@@ -14,25 +14,20 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Every fixture family with PEFT adapters.
-const FAMILIES: [&str; 13] = [
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "olmo2",
-    "glm4",
-    "mixtral",
-    "qwen3_moe",
-    "gpt_oss",
-];
+mod common;
+use common::{fixtures, masked_max_diff, model_folder, read_f32, CHATML};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+/// Every fixture family with PEFT adapters (the folders holding `adapter_random_b/`).
+fn families() -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("adapter_random_b").is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    assert!(out.len() >= 13, "fixture families: {out:?}");
+    out
 }
 
 fn ember(args: &[&str]) -> String {
@@ -53,65 +48,17 @@ fn tmp(name: &str) -> PathBuf {
     dir
 }
 
-const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// The `arch` fixture with the fixtures' tokenizer (same 384-token vocabulary), in `dir`.
+/// The `arch` fixture with the fixtures' tokenizer, in `dir`.
 fn with_tokenizer(arch: &str, dir: &Path) -> PathBuf {
-    let model = dir.join(format!("{arch}-model"));
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        let from = fixtures().join(arch).join(f);
-        if from.exists() {
-            std::fs::copy(from, model.join(f)).unwrap();
-        }
-    }
-    std::fs::copy(
-        fixtures().join("tokenizer/hf/tokenizer.json"),
-        model.join("tokenizer.json"),
-    )
-    .unwrap();
-    let config = serde_json::json!({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML,
-    });
-    std::fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
-    model
-}
-
-fn read_f32(path: &Path, key: &str) -> (Vec<f32>, Vec<usize>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(key).unwrap();
-    let v = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    (v, t.shape().to_vec())
-}
-
-/// Max |a − e| where the fixture's attention_mask is 1.
-fn masked_max_diff(arch: &str, actual: &[f32], expected: &[f32], shape: &[usize]) -> f32 {
-    let inputs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("inputs.json")).unwrap()).unwrap();
-    let mask: Vec<Vec<i64>> = serde_json::from_value(inputs["attention_mask"].clone()).unwrap();
-    assert_eq!(actual.len(), expected.len());
-    let mut worst = 0.0f32;
-    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
-        let pos = i / shape[2];
-        if mask[pos / shape[1]][pos % shape[1]] == 1 {
-            let d = (a - e).abs();
-            worst = if d.is_nan() { f32::INFINITY } else { worst.max(d) };
-        }
-    }
-    worst
+    model_folder(arch, &dir.join(format!("{arch}-model")), CHATML)
 }
 
 /// Base logits and PEFT LoRA logits of every family on wgpu, against transformers.
 #[test]
 fn forward_on_wgpu_matches_transformers_on_every_family() {
     let out = tmp("forward");
-    for arch in FAMILIES {
+    for arch in families() {
+        let arch = arch.as_str();
         let dir = fixtures().join(arch);
         for (adapter, reference) in [
             (None, "logits.safetensors"),

@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod common;
+use common::{fixtures, model_folder, CHATML};
 
 fn ember(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ember"))
@@ -87,26 +86,9 @@ fn leftovers(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
 /// The llama fixture with the fixtures' tokenizer and `template` as chat template.
 fn model_dir(dir: &Path, template: &str) -> PathBuf {
-    let model = dir.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(fixtures().join("llama").join(f), model.join(f)).unwrap();
-    }
-    std::fs::copy(
-        fixtures().join("tokenizer/hf/tokenizer.json"),
-        model.join("tokenizer.json"),
-    )
-    .unwrap();
-    let config = serde_json::json!({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
-    });
-    std::fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
-    model
+    model_folder("llama", &dir.join("model"), template)
 }
 
 /// A completion data file of a few lines.

@@ -26,12 +26,8 @@ pub enum BaseDtype {
 }
 
 impl BaseDtype {
-    /// Every choice with its canonical name.
-    pub const ALL: [(BaseDtype, &'static str); 3] = [
-        (BaseDtype::Float32, "float32"),
-        (BaseDtype::Bfloat16, "bfloat16"),
-        (BaseDtype::Float16, "float16"),
-    ];
+    /// Every choice.
+    pub const ALL: [BaseDtype; 3] = [BaseDtype::Float32, BaseDtype::Bfloat16, BaseDtype::Float16];
 
     /// burn's dtype for tensors of the frozen base.
     pub fn float_dtype(self) -> FloatDType {
@@ -49,11 +45,11 @@ impl BaseDtype {
 
     /// The canonical name (`float32`, `bfloat16`, `float16`).
     pub fn name(self) -> &'static str {
-        BaseDtype::ALL
-            .iter()
-            .find(|(d, _)| *d == self)
-            .map(|(_, n)| *n)
-            .unwrap_or("float32")
+        match self {
+            BaseDtype::Float32 => "float32",
+            BaseDtype::Bfloat16 => "bfloat16",
+            BaseDtype::Float16 => "float16",
+        }
     }
 }
 
@@ -80,10 +76,11 @@ mod tests {
 
     #[test]
     fn names_and_aliases_parse() {
-        for (dtype, name) in BaseDtype::ALL {
-            assert_eq!(name.parse::<BaseDtype>().unwrap(), dtype);
-            assert_eq!(dtype.to_string(), name);
+        for dtype in BaseDtype::ALL {
+            assert_eq!(dtype.name().parse::<BaseDtype>().unwrap(), dtype);
+            assert_eq!(dtype.to_string(), dtype.name());
         }
+        assert_eq!("float32".parse::<BaseDtype>().unwrap(), BaseDtype::Float32);
         assert_eq!("bf16".parse::<BaseDtype>().unwrap(), BaseDtype::Bfloat16);
         assert_eq!("fp16".parse::<BaseDtype>().unwrap(), BaseDtype::Float16);
         let err = "int8".parse::<BaseDtype>().unwrap_err();

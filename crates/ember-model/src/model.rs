@@ -424,9 +424,7 @@ pub struct CausalLm<B: Backend> {
 impl<B: Backend> CausalLm<B> {
     /// Reads `config.json` and the safetensors weights of a HF model folder.
     pub fn from_dir(dir: &Path, device: &B::Device) -> Result<Self> {
-        let config = DecoderConfig::from_file(dir.join("config.json"))?;
-        let weights = Weights::open_dir(dir)?;
-        Self::load(config, &weights, device)
+        Self::from_path_as(dir, device, BaseDtype::Float32)
     }
 
     /// Loads a HF model folder or a `.gguf` file.

@@ -60,21 +60,17 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
-    /// Every choice with its name in configs and on the command line.
-    pub const ALL: [(DeviceKind, &'static str); 4] = [
-        (DeviceKind::Cpu, "cpu"),
-        (DeviceKind::Flex, "flex"),
-        (DeviceKind::Cuda, "cuda"),
-        (DeviceKind::Wgpu, "wgpu"),
-    ];
+    /// Every choice.
+    pub const ALL: [DeviceKind; 4] = [DeviceKind::Cpu, DeviceKind::Flex, DeviceKind::Cuda, DeviceKind::Wgpu];
 
     /// The name (`cpu`, `flex`, `cuda`, `wgpu`).
     pub fn name(self) -> &'static str {
-        DeviceKind::ALL
-            .iter()
-            .find(|(d, _)| *d == self)
-            .map(|(_, n)| *n)
-            .unwrap_or("cpu")
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Flex => "flex",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Wgpu => "wgpu",
+        }
     }
 }
 
@@ -89,9 +85,8 @@ impl std::str::FromStr for DeviceKind {
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         DeviceKind::ALL
-            .iter()
-            .find(|(_, n)| *n == s.trim())
-            .map(|(d, _)| *d)
+            .into_iter()
+            .find(|d| d.name() == s.trim())
             .ok_or_else(|| format!("`{s}`: use cpu, flex, cuda or wgpu"))
     }
 }

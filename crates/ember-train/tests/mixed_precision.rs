@@ -5,7 +5,7 @@
 //! trace (`expected.json` → `lora.train.losses_before_each_step`): the half-precision runs stay
 //! within 2e-2 relative per step, the LoRA weights, their gradients and AdamW's moments stay f32.
 
-use std::path::PathBuf;
+mod common;
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex, NdArray};
@@ -13,50 +13,10 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
 use ember_lora::AdapterFiles;
 use ember_model::{BaseDtype, CausalLm};
-use ember_train::data::Batch;
 use ember_train::optim::AdamW;
 use ember_train::Trainer;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn fixture_batch(arch: &str) -> Batch {
-    #[derive(serde::Deserialize)]
-    struct Inputs {
-        input_ids: Vec<Vec<i64>>,
-        attention_mask: Vec<Vec<i64>>,
-        labels: Vec<Vec<i64>>,
-    }
-    let i: Inputs =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("inputs.json")).unwrap()).unwrap();
-    let dims = [i.input_ids.len(), i.input_ids[0].len()];
-    let target_tokens = i
-        .labels
-        .iter()
-        .map(|r| r[1..].iter().filter(|&&l| l != -100).count())
-        .sum();
-    Batch {
-        input_ids: i.input_ids.concat(),
-        labels: i.labels.concat(),
-        attention_mask: i.attention_mask.concat(),
-        position_ids: (0..dims[0]).flat_map(|_| 0..dims[1] as i64).collect(),
-        segment_ids: None,
-        dims,
-        target_tokens,
-    }
-}
-
-fn reference_losses(arch: &str) -> Vec<f64> {
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("expected.json")).unwrap()).unwrap();
-    expected["lora"]["train"]["losses_before_each_step"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect()
-}
+use common::{fixture_batch, fixtures, reference_losses};
 
 /// Five steps on backend `B` with the base in `dtype`; returns the losses.
 fn trace<B: AutodiffBackend>(arch: &str, dtype: BaseDtype) -> Vec<f64> {

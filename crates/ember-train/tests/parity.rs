@@ -5,14 +5,15 @@
 //! within 1e-4 relative, and the step-0 gradients match `lora_grads_step0.safetensors` within
 //! 1e-4 relative (to each tensor's largest entry). References: `../shared/fixtures/_generator/gen_fixtures.py`.
 
-use std::path::PathBuf;
+mod common;
 
 use burn::backend::Autodiff;
 use ember_lora::AdapterFiles;
 use ember_model::{CausalLm, Weights};
-use ember_train::data::Batch;
 use ember_train::optim::AdamW;
 use ember_train::Trainer;
+
+use common::{expected, fixture_batch, fixtures, reference_losses};
 
 /// burn-ndarray, or burn-wgpu when tested with `--features wgpu` (CI, on Mesa's lavapipe).
 #[cfg(not(feature = "wgpu"))]
@@ -20,38 +21,6 @@ type B = Autodiff<burn::backend::NdArray<f32>>;
 /// burn-wgpu (`--features wgpu`).
 #[cfg(feature = "wgpu")]
 type B = Autodiff<burn::backend::Wgpu>;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn fixture_batch(arch: &str) -> Batch {
-    #[derive(serde::Deserialize)]
-    struct Inputs {
-        input_ids: Vec<Vec<i64>>,
-        attention_mask: Vec<Vec<i64>>,
-        labels: Vec<Vec<i64>>,
-    }
-    let i: Inputs =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("inputs.json")).unwrap()).unwrap();
-    let dims = [i.input_ids.len(), i.input_ids[0].len()];
-    let labels = i.labels.concat();
-    let target_tokens = i
-        .labels
-        .iter()
-        .map(|r| r[1..].iter().filter(|&&l| l != -100).count())
-        .sum();
-    Batch {
-        input_ids: i.input_ids.concat(),
-        labels,
-        attention_mask: i.attention_mask.concat(),
-        // transformers used arange positions for both rows (right padding).
-        position_ids: (0..dims[0]).flat_map(|_| 0..dims[1] as i64).collect(),
-        segment_ids: None,
-        dims,
-        target_tokens,
-    }
-}
 
 fn trainer(arch: &str) -> Trainer<B> {
     let device = Default::default();
@@ -62,8 +31,7 @@ fn trainer(arch: &str) -> Trainer<B> {
 }
 
 fn check_arch(arch: &str) {
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("expected.json")).unwrap()).unwrap();
+    let expected = expected(arch);
     let train = &expected["lora"]["train"];
     assert_eq!(train["lr"], 0.01);
     let batch = fixture_batch(arch);
@@ -95,12 +63,7 @@ fn check_arch(arch: &str) {
 
     // Five AdamW steps.
     let mut t = trainer(arch);
-    let want: Vec<f64> = train["losses_before_each_step"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let want = reference_losses(arch);
     for (step, &w) in want.iter().enumerate() {
         let stats = t.train_step(std::slice::from_ref(&batch), 0.01).unwrap();
         let rel = (stats.loss - w).abs() / w.abs();

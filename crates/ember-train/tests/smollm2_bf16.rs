@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex, NdArray};
-use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use ember_lora::{LoraConfig, TargetModules};
 use ember_model::{BaseDtype, CausalLm};
@@ -76,7 +75,6 @@ fn run<B: AutodiffBackend>(dtype: BaseDtype) -> (Vec<f64>, usize) {
     let losses = (0..5)
         .map(|_| t.train_step(std::slice::from_ref(&batch), 1e-3).unwrap().loss)
         .collect();
-    assert!(t.model.num_params() > 0);
     (losses, frozen_bytes)
 }
 

@@ -40,6 +40,49 @@ pub fn model_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// The fixture's `inputs.json` as one training batch; transformers used arange positions for
+/// both rows (right padding).
+pub fn fixture_batch(arch: &str) -> ember_train::data::Batch {
+    #[derive(serde::Deserialize)]
+    struct Inputs {
+        input_ids: Vec<Vec<i64>>,
+        attention_mask: Vec<Vec<i64>>,
+        labels: Vec<Vec<i64>>,
+    }
+    let i: Inputs =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("inputs.json")).unwrap()).unwrap();
+    let dims = [i.input_ids.len(), i.input_ids[0].len()];
+    let target_tokens = i
+        .labels
+        .iter()
+        .map(|r| r[1..].iter().filter(|&&l| l != -100).count())
+        .sum();
+    ember_train::data::Batch {
+        input_ids: i.input_ids.concat(),
+        labels: i.labels.concat(),
+        attention_mask: i.attention_mask.concat(),
+        position_ids: (0..dims[0]).flat_map(|_| 0..dims[1] as i64).collect(),
+        segment_ids: None,
+        dims,
+        target_tokens,
+    }
+}
+
+/// The fixture's `expected.json`.
+pub fn expected(arch: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("expected.json")).unwrap()).unwrap()
+}
+
+/// PEFT's five losses from `adapter_random_b` (`lora.train.losses_before_each_step`).
+pub fn reference_losses(arch: &str) -> Vec<f64> {
+    expected(arch)["lora"]["train"]["losses_before_each_step"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
 pub fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
