@@ -7,6 +7,7 @@
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::DType;
+use ember_lora::EmberBackend;
 use ember_model::BaseDtype;
 use ember_train::config::DeviceKind;
 
@@ -16,7 +17,7 @@ pub trait BackendJob {
     type Output;
 
     /// Runs the command on backend `B`, on `device`.
-    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: EmberBackend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
 /// Runs `job` on the backend for `kind` with a frozen base in `dtype`: burn-ndarray for an
@@ -33,7 +34,7 @@ pub fn on_device<J: BackendJob>(kind: DeviceKind, dtype: BaseDtype, job: J) -> R
 }
 
 /// `job` on `B`'s default device, after checking that `B` can store `dtype` there.
-fn checked<B: Backend, J: BackendJob>(kind: DeviceKind, dtype: BaseDtype, job: J) -> Result<J::Output> {
+fn checked<B: EmberBackend, J: BackendJob>(kind: DeviceKind, dtype: BaseDtype, job: J) -> Result<J::Output> {
     let device = B::Device::default();
     if !B::supports_dtype(&device, DType::from(dtype.float_dtype())) {
         bail!(

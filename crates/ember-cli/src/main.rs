@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 mod device;
 use device::{on_device, BackendJob};
+use ember_lora::EmberBackend;
 
 /// `println!` that returns an error instead of panicking when stdout is closed (`| head`).
 macro_rules! out {
@@ -365,7 +366,7 @@ struct ForwardJob {
 impl BackendJob for ForwardJob {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: EmberBackend>(self, device: B::Device) -> Result<()> {
         forward::<B>(&self, &device)
     }
 }
@@ -484,7 +485,7 @@ fn matrix(value: &serde_json::Value, key: &str, path: &Path) -> Result<Option<(V
     Ok(Some((rows.concat(), [rows.len(), width])))
 }
 
-fn forward<B: Backend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
+fn forward<B: EmberBackend>(job: &ForwardJob, device: &B::Device) -> Result<()> {
     let (model_dir, inputs, out) = (job.model.as_path(), job.inputs.as_path(), job.out.as_path());
     refuse_to_replace_non_logits(out)?;
     let text = std::fs::read_to_string(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
@@ -714,7 +715,7 @@ struct TrainJob<'a> {
 impl BackendJob for TrainJob<'_> {
     type Output = ember_train::RunSummary;
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+    fn run<B: EmberBackend>(self, device: B::Device) -> Result<Self::Output> {
         use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
         use burn::backend::Autodiff;
         let (config, options) = (self.config, self.options);
@@ -853,7 +854,7 @@ struct EvalJob<'a>(&'a ember_train::eval::EvalSpec);
 impl BackendJob for EvalJob<'_> {
     type Output = ember_train::eval::EvalReport;
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+    fn run<B: EmberBackend>(self, device: B::Device) -> Result<Self::Output> {
         Ok(ember_train::eval::evaluate_models::<B>(self.0, &device, |m| {
             if m.starts_with("  ") {
                 progress!("\r{m}   ");
@@ -880,12 +881,12 @@ struct GenerateJob {
 impl BackendJob for GenerateJob {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: EmberBackend>(self, device: B::Device) -> Result<()> {
         generate_text::<B>(self, &device)
     }
 }
 
-fn generate_text<B: Backend>(job: GenerateJob, device: &B::Device) -> Result<()> {
+fn generate_text<B: EmberBackend>(job: GenerateJob, device: &B::Device) -> Result<()> {
     let GenerateJob {
         model: model_path,
         adapter,

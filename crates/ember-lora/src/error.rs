@@ -29,6 +29,12 @@ pub enum LoraError {
         /// A module path of the model, to show the naming.
         example: String,
     },
+    /// A quantized weight is malformed, or a format cannot be written.
+    #[error("quantized weight: {message}")]
+    InvalidQuantized {
+        /// What is wrong.
+        message: String,
+    },
     /// A file could not be read or written.
     #[error("`{path}`: {source}")]
     Io {

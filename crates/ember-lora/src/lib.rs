@@ -5,7 +5,8 @@
 //! - [`LoraLinear`]: a frozen linear layer (`weight` [out, in], optional `bias`) with an optional
 //!   low-rank adapter, `y = x·Wᵀ + b + s·B(A(dropout(x)))`, mergeable in memory;
 //! - [`adapter`]: PEFT's `adapter_config.json` + `adapter_model.safetensors`, read and written;
-//! - [`merge`]: a streaming merge of an adapter into safetensors shards.
+//! - [`merge`]: a streaming merge of an adapter into safetensors shards;
+//! - [`quant`]: quantized frozen weights (QLoRA) and [`EmberBackend`], Ember's own burn ops.
 //!
 //! Weight paths such as `model.layers.3.self_attn.q_proj` are born in `ember-model` and handed
 //! here; this crate never learns a model's names.
@@ -17,8 +18,10 @@ pub mod config;
 mod error;
 mod linear;
 pub mod merge;
+pub mod quant;
 
 pub use adapter::{AdapterFiles, AdapterTensors};
 pub use config::{InitLoraWeights, LoraConfig, ModuleLora, TargetModules};
 pub use error::{LoraError, Result};
-pub use linear::{linear, matmul_layout, LoraAdapter, LoraLinear};
+pub use linear::{linear, matmul_layout, FrozenWeight, LoraAdapter, LoraLinear};
+pub use quant::{EmberAutodiffBackend, EmberBackend, QuantFormat, QuantMatrix, QuantizedWeight};

@@ -1,11 +1,14 @@
 //! The frozen linear layer with an optional low-rank adapter.
 
+use std::sync::Arc;
+
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, ElementConversion, FloatDType, Tensor};
+use burn::tensor::{Distribution, ElementConversion, FloatDType, Int, Tensor, TensorData};
 
 use crate::config::{InitLoraWeights, ModuleLora};
 use crate::error::{LoraError, Result};
+use crate::quant::{quant_input_grad, quant_linear, EmberBackend, QuantMatrix, QuantizedWeight};
 
 /// A low-rank adapter `s·B(A(dropout(x)))` attached to a linear layer.
 ///
@@ -78,13 +81,157 @@ impl<B: Backend> LoraAdapter<B> {
     }
 }
 
+/// A frozen base weight `[out, in]`: a float tensor (f32, bf16 or f16) or quantized blocks.
+#[derive(Module, Debug)]
+pub enum FrozenWeight<B: Backend> {
+    /// A float tensor, never trained.
+    Dense(Param<Tensor<B, 2>>),
+    /// Quantized blocks on the host (CPU backends multiply them with fused kernels; GPU
+    /// backends keep a device copy of the codes), see [`crate::quant`].
+    Quantized(QuantizedWeight),
+}
+
+impl<B: Backend> FrozenWeight<B> {
+    /// A float weight, marked as not requiring gradients (its memory layout is kept).
+    ///
+    /// # Shapes
+    /// - `weight`: `[out, in]`
+    pub fn from_tensor(weight: Tensor<B, 2>) -> Self {
+        FrozenWeight::Dense(Param::from_tensor(weight).set_require_grad(false))
+    }
+
+    /// A quantized weight.
+    pub fn from_quantized(matrix: QuantMatrix) -> Self {
+        FrozenWeight::Quantized(QuantizedWeight(Arc::new(matrix)))
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            FrozenWeight::Dense(w) => w.val().dims(),
+            FrozenWeight::Quantized(q) => q.0.shape(),
+        }
+    }
+
+    /// The float tensor, when the weight is not quantized.
+    pub fn dense(&self) -> Option<Tensor<B, 2>> {
+        match self {
+            FrozenWeight::Dense(w) => Some(w.val()),
+            FrozenWeight::Quantized(_) => None,
+        }
+    }
+
+    /// The quantized blocks, when the weight is quantized.
+    pub fn quantized(&self) -> Option<&Arc<QuantMatrix>> {
+        match self {
+            FrozenWeight::Dense(_) => None,
+            FrozenWeight::Quantized(q) => Some(&q.0),
+        }
+    }
+
+    /// The weight as a float tensor in f32 on `device` (dequantized when quantized).
+    pub fn to_f32(&self, device: &B::Device) -> Tensor<B, 2> {
+        match self {
+            FrozenWeight::Dense(w) => w.val().cast(FloatDType::F32),
+            FrozenWeight::Quantized(q) => Tensor::from_data(TensorData::new(q.0.dequantize(), q.0.shape()), device),
+        }
+    }
+
+    /// How the weight is stored: `float32`, `bfloat16`, `float16` or the block format (`Q4_0`).
+    pub fn storage(&self) -> String {
+        match self {
+            FrozenWeight::Dense(w) => match w.val().dtype() {
+                burn::tensor::DType::BF16 => "bfloat16".into(),
+                burn::tensor::DType::F16 => "float16".into(),
+                _ => "float32".into(),
+            },
+            FrozenWeight::Quantized(q) => q.0.format().name().into(),
+        }
+    }
+
+    /// Bytes the weight takes.
+    pub fn bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(w) => {
+                let w = w.val();
+                w.shape().num_elements() * w.dtype().size()
+            }
+            FrozenWeight::Quantized(q) => q.0.bytes(),
+        }
+    }
+}
+
+impl<B: EmberBackend> FrozenWeight<B> {
+    /// `x·Wᵀ (+ b)`; differentiable in `x` (see [`linear`] and [`crate::quant::quant_linear`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[..., in]`; `bias`: `[out]`; output: `[..., out]`
+    pub fn linear<const D: usize>(&self, x: Tensor<B, D>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+        match self {
+            FrozenWeight::Dense(w) => linear(x, w.val(), bias),
+            FrozenWeight::Quantized(q) => {
+                let dtype = x.dtype();
+                let y = quant_linear(x, &q.0);
+                match bias {
+                    Some(b) => y + b.cast(dtype).unsqueeze::<D>(),
+                    None => y,
+                }
+            }
+        }
+    }
+
+    /// `g·W` in f32: the gradient of `x·Wᵀ` with respect to `x`, for hand-written backward
+    /// passes (the chunked loss's frozen output head).
+    ///
+    /// # Shapes
+    /// - `g`: `[m, out]`; output: `[m, in]`
+    pub fn input_grad(&self, g: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            // (g·W) as (Wᵀ·gᵀ)ᵀ: the weight is stored as its transpose (matmul_layout), so Wᵀ is
+            // read in place and only `g` is transposed. A half weight multiplies g cast to its
+            // dtype (burn does not promote).
+            FrozenWeight::Dense(w) => {
+                let w = w.val();
+                let g = g.cast(w.dtype()).transpose();
+                w.transpose().matmul(g).transpose().cast(FloatDType::F32)
+            }
+            FrozenWeight::Quantized(q) => quant_input_grad(g, &q.0),
+        }
+    }
+
+    /// Rows `ids` of the weight, as f32 (an embedding lookup in a frozen table).
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, seq]`; output: `[batch, seq, in]`
+    pub fn rows(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        match self {
+            // A half-precision table gives f32 rows: the residual stream is always f32.
+            FrozenWeight::Dense(w) => burn::tensor::module::embedding(w.val(), ids).cast(FloatDType::F32),
+            FrozenWeight::Quantized(q) => {
+                let [batch, seq] = ids.dims();
+                let device = ids.device();
+                let ids: Vec<usize> = ids
+                    .into_data()
+                    .convert::<i64>()
+                    .to_vec::<i64>()
+                    .expect("int ids")
+                    .into_iter()
+                    .map(|i| i as usize)
+                    .collect();
+                let cols = q.0.shape()[1];
+                Tensor::from_data(TensorData::new(q.0.rows(&ids), [batch, seq, cols]), &device)
+            }
+        }
+    }
+}
+
 /// A linear layer whose base weight is frozen, with an optional LoRA adapter.
 ///
 /// The weight keeps HuggingFace's layout `[out, in]`, so checkpoints load without transposes.
 #[derive(Module, Debug)]
 pub struct LoraLinear<B: Backend> {
     /// The frozen base weight, shape `[out, in]`.
-    pub weight: Param<Tensor<B, 2>>,
+    pub weight: FrozenWeight<B>,
     /// The frozen base bias, shape `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// The trainable adapter, if one is attached.
@@ -98,8 +245,24 @@ impl<B: Backend> LoraLinear<B> {
     /// - `weight`: `[out, in]`
     /// - `bias`: `[out]`
     pub fn frozen(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self::with_weight(FrozenWeight::from_tensor(matmul_layout(weight)), bias)
+    }
+
+    /// Wraps a quantized base weight and a bias.
+    ///
+    /// # Shapes
+    /// - `weight`: `[out, in]`; `bias`: `[out]`
+    pub fn quantized(weight: QuantMatrix, bias: Option<Tensor<B, 1>>) -> Self {
+        Self::with_weight(FrozenWeight::from_quantized(weight), bias)
+    }
+
+    /// Wraps a frozen weight of either kind and a bias.
+    ///
+    /// # Shapes
+    /// - `weight`: `[out, in]`; `bias`: `[out]`
+    pub fn with_weight(weight: FrozenWeight<B>, bias: Option<Tensor<B, 1>>) -> Self {
         Self {
-            weight: Param::from_tensor(matmul_layout(weight)).set_require_grad(false),
+            weight,
             bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
             adapter: None,
         }
@@ -132,50 +295,60 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// Folds `s·B·A` into the base weight; the adapter stays attached but is skipped.
-    /// Errors (and changes nothing) if the result would hold NaN or infinity.
+    /// Errors (and changes nothing) if the result would hold NaN or infinity. A quantized
+    /// weight is dequantized first and the merged weight kept in f32 (re-quantizing a merged
+    /// weight would move it by up to half a quantization step).
     pub fn merge(&mut self, path: &str) -> Result<()> {
         let Some(adapter) = self.adapter.as_mut().filter(|a| !a.merged) else {
             return Ok(());
         };
-        let weight = self.weight.val();
-        let dtype = weight.dtype();
+        let delta = adapter.delta_weight();
         // In f32, then stored back in the base's dtype (bf16 stays bf16).
-        let merged = (weight.cast(FloatDType::F32) + adapter.delta_weight()).cast(dtype);
+        let (weight, dtype) = match &self.weight {
+            FrozenWeight::Dense(w) => (w.val().cast(FloatDType::F32), w.val().dtype()),
+            FrozenWeight::Quantized(_) => (self.weight.to_f32(&delta.device()), burn::tensor::DType::F32),
+        };
+        let merged = (weight + delta).cast(dtype);
         let non_finite: i64 = merged.clone().is_finite().bool_not().int().sum().into_scalar().elem();
         if non_finite > 0 {
             return Err(LoraError::NonFinite {
                 key: format!("{path}.weight"),
             });
         }
-        self.weight = Param::from_tensor(matmul_layout(merged)).set_require_grad(false);
+        self.weight = FrozenWeight::from_tensor(matmul_layout(merged));
         adapter.merged = true;
         Ok(())
     }
 
-    /// Undoes [`LoraLinear::merge`] by subtracting `s·B·A` again.
+    /// Undoes [`LoraLinear::merge`] by subtracting `s·B·A` again (a weight that was quantized
+    /// stays in f32).
     pub fn unmerge(&mut self) {
         if let Some(adapter) = self.adapter.as_mut().filter(|a| a.merged) {
-            let weight = self.weight.val();
-            let dtype = weight.dtype();
-            let restored = (weight.cast(FloatDType::F32) - adapter.delta_weight()).cast(dtype);
-            self.weight = Param::from_tensor(matmul_layout(restored)).set_require_grad(false);
+            let device = adapter.lora_a.val().device();
+            let weight = self.weight.to_f32(&device);
+            let dtype = self.weight.dense().map_or(burn::tensor::DType::F32, |w| w.dtype());
+            let restored = (weight - adapter.delta_weight()).cast(dtype);
+            self.weight = FrozenWeight::from_tensor(matmul_layout(restored));
             adapter.merged = false;
         }
     }
 
     /// `[out, in]` of the base weight.
     pub fn dims(&self) -> [usize; 2] {
-        self.weight.val().dims()
+        self.weight.dims()
     }
+}
 
+impl<B: EmberBackend> LoraLinear<B> {
     /// Applies the layer. A base weight stored in a half dtype multiplies `x` cast to that
-    /// dtype (see [`linear`]); the adapter branch computes in `x`'s dtype (f32).
+    /// dtype (see [`linear`]), a quantized one goes through [`crate::quant::quant_linear`]; the
+    /// adapter branch computes in `x`'s dtype (f32).
     ///
     /// # Shapes
     /// - `x`: `[..., in]`
     /// - output: `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let base = linear(x.clone(), self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        let base = self.weight.linear(x.clone(), self.bias.as_ref().map(|b| b.val()));
         match &self.adapter {
             Some(adapter) if adapter.enabled && !adapter.merged => {
                 // Dropout is active only under autodiff, i.e. while training.

@@ -1,8 +1,8 @@
 //! Text generation with a key/value cache: greedy, temperature, top-k, top-p, seeded
 //! sampling, eos and stop strings, batched prompts with left padding.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use ember_lora::EmberBackend;
 use rand::{Rng, SeedableRng};
 
 use crate::model::{CausalLm, KvCache, ModelInput};
@@ -94,7 +94,7 @@ pub fn pick_token(logits: &[f32], config: &GenerationConfig, rng: &mut impl Rng)
 /// Generates continuations of `prompts` (left-padded into one batch). `on_token(row, id)` is
 /// called for every new token as it is chosen (for streaming); `stop(row, new_ids)` may end a
 /// row early (stop strings). Returns the new tokens of each row.
-pub fn generate<B: Backend>(
+pub fn generate<B: EmberBackend>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
@@ -102,7 +102,7 @@ pub fn generate<B: Backend>(
     mut on_token: impl FnMut(usize, u32),
     mut stop: impl FnMut(usize, &[u32]) -> bool,
 ) -> Vec<Vec<u32>> {
-    let device = model.model.embed_tokens.weight.val().device();
+    let device = model.device();
     let batch = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
     // Left padding; positions count real tokens only (transformers: cumsum(mask) - 1).

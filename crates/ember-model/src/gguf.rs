@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use serde_json::{json, Value};
 
+use ember_lora::{QuantFormat, QuantMatrix};
+
 use crate::error::{ModelError, Result};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 
@@ -170,12 +172,7 @@ fn block_layout(kind: u32) -> Option<(usize, usize)> {
     Some(match kind {
         0 => (1, 4),
         1 | 30 => (1, 2),
-        2 => (32, 18),
-        3 => (32, 20),
-        8 => (32, 34),
-        12 => (256, 144),
-        14 => (256, 210),
-        _ => return None,
+        other => QuantFormat::from_ggml(other).map(|f| (f.block_values(), f.block_bytes()))?,
     })
 }
 
@@ -185,97 +182,15 @@ fn f16(b: &[u8]) -> f32 {
 
 /// Dequantizes `n` values of ggml type `kind`.
 pub fn dequantize(kind: u32, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
-    let mut out = Vec::with_capacity(n);
+    let floats = |width: usize, f: fn(&[u8]) -> f32| -> Option<Vec<f32>> {
+        (bytes.len() >= n * width).then(|| bytes.chunks_exact(width).take(n).map(f).collect())
+    };
     match kind {
-        0 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .take(n)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
-        1 => out.extend(bytes.chunks_exact(2).take(n).map(f16)),
-        30 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .take(n)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        8 => {
-            for b in bytes.chunks_exact(34) {
-                let d = f16(&b[0..2]);
-                out.extend(b[2..34].iter().map(|&q| q as i8 as f32 * d));
-            }
-        }
-        2 => {
-            for b in bytes.chunks_exact(18) {
-                let d = f16(&b[0..2]);
-                let qs = &b[2..18];
-                out.extend(qs.iter().map(|&q| ((q & 0x0F) as i32 - 8) as f32 * d));
-                out.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
-            }
-        }
-        3 => {
-            for b in bytes.chunks_exact(20) {
-                let (d, m) = (f16(&b[0..2]), f16(&b[2..4]));
-                let qs = &b[4..20];
-                out.extend(qs.iter().map(|&q| (q & 0x0F) as f32 * d + m));
-                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
-            }
-        }
-        12 => {
-            // Q4_K: d, dmin, 12 bytes of 6-bit scales/mins for 8 sub-blocks, 128 bytes of nibbles.
-            for b in bytes.chunks_exact(144) {
-                let (d, dmin) = (f16(&b[0..2]), f16(&b[2..4]));
-                let scales = &b[4..16];
-                let qs = &b[16..144];
-                let scale_min = |j: usize| -> (u8, u8) {
-                    if j < 4 {
-                        (scales[j] & 63, scales[j + 4] & 63)
-                    } else {
-                        (
-                            (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4),
-                            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
-                        )
-                    }
-                };
-                for (chunk, q) in qs.chunks_exact(32).enumerate() {
-                    let (s1, m1) = scale_min(2 * chunk);
-                    let (s2, m2) = scale_min(2 * chunk + 1);
-                    let (d1, min1) = (d * s1 as f32, dmin * m1 as f32);
-                    let (d2, min2) = (d * s2 as f32, dmin * m2 as f32);
-                    out.extend(q.iter().map(|&x| d1 * (x & 0x0F) as f32 - min1));
-                    out.extend(q.iter().map(|&x| d2 * (x >> 4) as f32 - min2));
-                }
-            }
-        }
-        14 => {
-            // Q6_K: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, d.
-            for b in bytes.chunks_exact(210) {
-                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
-                let d = f16(&b[208..210]);
-                let mut y = [0f32; 256];
-                for half in 0..2 {
-                    let (ql, qh, sc) = (&ql[64 * half..], &qh[32 * half..], &sc[8 * half..]);
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        let base = 128 * half;
-                        y[base + l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                        y[base + l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                        y[base + l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                        y[base + l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-                    }
-                }
-                out.extend_from_slice(&y);
-            }
-        }
-        _ => return None,
+        0 => floats(4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        1 => floats(2, f16),
+        30 => floats(2, |c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        other => ember_lora::quant::dequantize_blocks(QuantFormat::from_ggml(other)?, bytes, n),
     }
-    out.truncate(n);
-    (out.len() == n).then_some(out)
 }
 
 impl GgufFile {
@@ -391,6 +306,19 @@ impl GgufFile {
 
     /// Dequantizes one tensor to f32, row-major with HF's shape (`dims` reversed).
     pub fn read(&self, t: &GgufTensor) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (bytes, n) = self.stored(t)?;
+        let values = dequantize(t.kind, bytes, n).ok_or_else(|| ModelError::CorruptWeights {
+            path: self.path.clone(),
+            message: format!(
+                "GGUF: tensor `{}` has {} values, not a whole number of blocks",
+                t.name, n
+            ),
+        })?;
+        Ok((values, t.dims.iter().rev().copied().collect()))
+    }
+
+    /// The stored bytes of one tensor and its number of values.
+    fn stored(&self, t: &GgufTensor) -> Result<(&[u8], usize)> {
         let n = t.values().ok_or_else(|| ModelError::CorruptWeights {
             path: self.path.clone(),
             message: format!(
@@ -407,15 +335,7 @@ impl GgufFile {
             ),
         })?;
         let start = self.data_start + t.offset;
-        let bytes = &self.mmap[start..start + n.div_ceil(block) * bytes_per];
-        let values = dequantize(t.kind, bytes, n).ok_or_else(|| ModelError::CorruptWeights {
-            path: self.path.clone(),
-            message: format!(
-                "GGUF: tensor `{}` has {} values, not a whole number of blocks",
-                t.name, n
-            ),
-        })?;
-        Ok((values, t.dims.iter().rev().copied().collect()))
+        Ok((&self.mmap[start..start + n.div_ceil(block) * bytes_per], n))
     }
 
     /// A HF `config.json` built from the metadata (architectures in [`GGUF_ARCHITECTURES`]).
@@ -501,25 +421,63 @@ impl GgufFile {
 
     /// Every tensor, dequantized, under its HF name, with llama.cpp's q/k permutation undone.
     pub fn hf_tensors(&self, config: &Value) -> Result<crate::weights::HostTensors> {
+        Ok(self.hf_tensors_keeping_blocks(config, false)?.0)
+    }
+
+    /// [`GgufFile::hf_tensors`], with `keep_blocks` the quantized 2-d tensors (Q8_0, Q4_0, Q4_1,
+    /// Q4_K, Q6_K) kept as their stored blocks (rows un-permuted as whole blocks) instead of
+    /// dequantized: the float tensors, and the quantized ones by HF name.
+    pub fn hf_tensors_keeping_blocks(
+        &self,
+        config: &Value,
+        keep_blocks: bool,
+    ) -> Result<(crate::weights::HostTensors, BTreeMap<String, QuantMatrix>)> {
         let heads = config["num_attention_heads"].as_u64().unwrap_or(1) as usize;
         let kv_heads = config["num_key_value_heads"].as_u64().unwrap_or(heads as u64) as usize;
         // llama.cpp's converter permutes q/k rows for the llama architecture only.
         let permuted = config["model_type"] == "llama";
         let mut out = BTreeMap::new();
+        let mut blocks = BTreeMap::new();
         for t in &self.tensors {
             let name = hf_name(&t.name).ok_or_else(|| ModelError::UnexpectedTensors {
                 keys: format!("{} (no HF name for this llama.cpp tensor)", t.name),
                 dir: self.path.clone(),
             })?;
-            let (mut values, shape) = self.read(t)?;
-            if permuted && name.ends_with("self_attn.q_proj.weight") {
-                values = unpermute(&values, &shape, heads);
-            } else if permuted && name.ends_with("self_attn.k_proj.weight") {
-                values = unpermute(&values, &shape, kv_heads);
+            let heads = if !permuted {
+                None
+            } else if name.ends_with("self_attn.q_proj.weight") {
+                Some(heads)
+            } else if name.ends_with("self_attn.k_proj.weight") {
+                Some(kv_heads)
+            } else {
+                None
+            };
+            let shape: Vec<usize> = t.dims.iter().rev().copied().collect();
+            match QuantFormat::from_ggml(t.kind).filter(|_| keep_blocks && shape.len() == 2) {
+                Some(format) => {
+                    let (bytes, _) = self.stored(t)?;
+                    let bytes = match heads {
+                        Some(h) => unpermute_rows(bytes, shape[0], h),
+                        None => bytes.to_vec(),
+                    };
+                    let matrix = QuantMatrix::from_blocks(format, [shape[0], shape[1]], bytes).map_err(|e| {
+                        ModelError::CorruptWeights {
+                            path: self.path.clone(),
+                            message: format!("GGUF: tensor `{}`: {e}", t.name),
+                        }
+                    })?;
+                    blocks.insert(name, matrix);
+                }
+                None => {
+                    let (mut values, shape) = self.read(t)?;
+                    if let Some(h) = heads {
+                        values = unpermute(&values, &shape, h);
+                    }
+                    out.insert(name, (values, shape));
+                }
             }
-            out.insert(name, (values, shape));
         }
-        Ok(out)
+        Ok((out, blocks))
     }
 
     /// The tokenizer from `tokenizer.ggml.*` (gpt2-style byte-level BPE) and the chat template.
@@ -658,10 +616,16 @@ pub fn hf_name(name: &str) -> Option<String> {
 /// # Shapes
 /// - `values`: `[heads·head_dim, in]` row-major; output: same
 pub fn unpermute(values: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
-    let (rows, cols) = (shape[0], shape.iter().skip(1).product::<usize>().max(1));
+    unpermute_rows(values, shape[0], heads)
+}
+
+/// [`unpermute`] of `rows` equal rows of any element type (f32 values, or the bytes of a
+/// quantized tensor's rows, which are whole blocks in GGUF).
+pub fn unpermute_rows<T: Copy + Default>(values: &[T], rows: usize, heads: usize) -> Vec<T> {
+    let cols = values.len() / rows.max(1);
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut out = vec![0.0f32; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {

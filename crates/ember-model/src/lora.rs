@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use burn::module::Module;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use ember_lora::EmberBackend;
 use ember_lora::{AdapterFiles, AdapterTensors, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules};
 
 use crate::error::Result;
@@ -36,7 +36,7 @@ impl std::fmt::Display for LoraReport {
     }
 }
 
-impl<B: Backend> CausalLm<B> {
+impl<B: EmberBackend> CausalLm<B> {
     /// Every adaptable linear layer with its HF module path, in model order: the attention
     /// projections (`qkv_proj` where fused), the dense MLP projections (`gate_up_proj` where
     /// fused) and an untied `lm_head`. MoE routers and experts are frozen and not listed.

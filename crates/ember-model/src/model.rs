@@ -8,8 +8,9 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, FloatDType, Int, Tensor};
-use ember_lora::LoraLinear;
+use burn::tensor::{Bool, Int, Tensor};
+use ember_lora::EmberBackend;
+use ember_lora::{FrozenWeight, LoraLinear};
 
 use crate::config::{Activation, DecoderConfig, QkNorm};
 use crate::dtype::BaseDtype;
@@ -24,19 +25,19 @@ const MASK_VALUE: f32 = f32::MIN;
 /// Token embedding table (`embed_tokens`).
 #[derive(Module, Debug)]
 pub struct Embedding<B: Backend> {
-    /// `[vocab, hidden]`.
-    pub weight: Param<Tensor<B, 2>>,
+    /// `[vocab, hidden]` (quantized under `base_dtype: gguf`).
+    pub weight: FrozenWeight<B>,
 }
 
-impl<B: Backend> Embedding<B> {
+impl<B: EmberBackend> Embedding<B> {
     /// Looks up token rows.
     ///
     /// # Shapes
     /// - `ids`: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        // A half-precision table gives f32 rows: the residual stream is always f32.
-        burn::tensor::module::embedding(self.weight.val(), ids).cast(FloatDType::F32)
+        // Always f32 rows: the residual stream is f32 whatever the table's storage.
+        self.weight.rows(ids)
     }
 }
 
@@ -49,7 +50,7 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: EmberBackend> RmsNorm<B> {
     /// Normalises over the last dimension.
     ///
     /// # Shapes
@@ -114,7 +115,7 @@ pub struct Attention<B: Backend> {
     pub softcap: Option<f64>,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: EmberBackend> Attention<B> {
     /// Attends causally over the sequence.
     ///
     /// # Shapes
@@ -204,7 +205,7 @@ impl<B: Backend> Attention<B> {
 /// # Shapes
 /// - `x`: `[batch, kv_heads, seq, head_dim]`
 /// - output: `[batch, kv_heads·groups, seq, head_dim]`
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
+fn repeat_kv<B: EmberBackend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
     if groups == 1 {
         return x;
     }
@@ -246,7 +247,7 @@ pub struct Mlp<B: Backend> {
     pub act: Activation,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: EmberBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
@@ -264,7 +265,7 @@ impl<B: Backend> Mlp<B> {
 }
 
 /// Applies an MLP activation.
-pub(crate) fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
+pub(crate) fn activate<B: EmberBackend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
     match act {
         Activation::Silu => silu(x),
         Activation::Gelu => gelu(x),
@@ -273,7 +274,7 @@ pub(crate) fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activat
 }
 
 /// GeLU with the tanh approximation, as `gelu_pytorch_tanh`.
-fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+fn gelu_tanh<B: EmberBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let c = (2.0f64 / std::f64::consts::PI).sqrt();
     let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar(c);
     x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
@@ -290,7 +291,7 @@ pub enum FeedForward<B: Backend> {
     Sparse(SparseMoe<B>),
 }
 
-impl<B: Backend> FeedForward<B> {
+impl<B: EmberBackend> FeedForward<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
@@ -324,14 +325,14 @@ pub struct DecoderLayer<B: Backend> {
     pub local_rope: bool,
 }
 
-fn norm_opt<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+fn norm_opt<B: EmberBackend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     match norm {
         Some(norm) => norm.forward(x),
         None => x,
     }
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: EmberBackend> DecoderLayer<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
     /// - `mask`: additive, `[batch, 1, seq, seq]`
@@ -381,7 +382,7 @@ pub struct ModelInput<B: Backend> {
     pub segment_ids: Option<Tensor<B, 2, Int>>,
 }
 
-impl<B: Backend> ModelInput<B> {
+impl<B: EmberBackend> ModelInput<B> {
     /// A batch with no padding and default positions.
     pub fn new(input_ids: Tensor<B, 2, Int>) -> Self {
         Self {
@@ -421,7 +422,7 @@ pub struct CausalLm<B: Backend> {
     pub local_rope: Option<RopeFrequencies>,
 }
 
-impl<B: Backend> CausalLm<B> {
+impl<B: EmberBackend> CausalLm<B> {
     /// Reads `config.json` and the safetensors weights of a HF model folder.
     pub fn from_dir(dir: &Path, device: &B::Device) -> Result<Self> {
         Self::from_path_as(dir, device, BaseDtype::Float32)
@@ -433,10 +434,21 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// [`CausalLm::from_path`] with the frozen base stored in `dtype`.
+    ///
+    /// `gguf` keeps a GGUF file's quantized tensors as stored and is refused for a HF folder
+    /// (whose weights `q8_0`, `q4_0` or `nf4` quantize on load).
     pub fn from_path_as(path: &Path, device: &B::Device, dtype: BaseDtype) -> Result<Self> {
         if crate::source::is_gguf(path) {
-            let (config, weights) = crate::source::gguf_weights(path)?;
+            let (config, weights) = crate::source::gguf_weights_keeping_blocks(path, dtype == BaseDtype::Gguf)?;
             Self::load_as(config, &weights, device, dtype)
+        } else if dtype == BaseDtype::Gguf {
+            Err(ModelError::InvalidConfig {
+                path: path.to_path_buf(),
+                key: "base_dtype".into(),
+                message: "`gguf` keeps the quantized blocks of a .gguf base, and this is a HF model folder; \
+                          use q8_0, q4_0 or nf4 to quantize its linear layers on load"
+                    .into(),
+            })
         } else {
             let config = DecoderConfig::from_file(path.join("config.json"))?;
             let weights = Weights::open_dir(path)?;
@@ -450,19 +462,42 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// [`CausalLm::load`] with the frozen base stored in `dtype` (see [`BaseDtype`] for which
-    /// tensors that covers).
+    /// tensors that covers). Tensors `weights` holds as quantized blocks are kept so; with
+    /// `q8_0`, `q4_0` or `nf4` the decoder's linear layers are quantized here, one at a time.
     pub fn load_as(config: DecoderConfig, weights: &Weights, device: &B::Device, dtype: BaseDtype) -> Result<Self> {
         let c = &config;
         let base_dtype = dtype.float_dtype();
-        let linear = |key: &str, out: usize, inp: usize, bias: bool| -> Result<LoraLinear<B>> {
-            let w = weights.tensor_as::<B, 2>(&format!("{key}.weight"), [out, inp], device, base_dtype)?;
+        let frozen = |key: &str, out: usize, inp: usize, quantize: bool| -> Result<FrozenWeight<B>> {
+            if let Some(blocks) = weights.take_quantized(key, [out, inp])? {
+                return Ok(FrozenWeight::from_quantized(blocks));
+            }
+            match dtype.quantize_on_load().filter(|_| quantize) {
+                Some(format) => {
+                    let values = weights.read_f32(key, &[out, inp])?;
+                    let blocks = ember_lora::QuantMatrix::quantize(format, &values, [out, inp]).map_err(|e| {
+                        ModelError::CorruptWeights {
+                            path: weights.source().to_path_buf(),
+                            message: format!("`{key}`: {e}"),
+                        }
+                    })?;
+                    Ok(FrozenWeight::from_quantized(blocks))
+                }
+                None => Ok(FrozenWeight::from_tensor(ember_lora::matmul_layout(
+                    weights.tensor_as::<B, 2>(key, [out, inp], device, base_dtype)?,
+                ))),
+            }
+        };
+        // The output head stays unquantized on load (as bitsandbytes leaves it).
+        let linear_of = |key: &str, out: usize, inp: usize, bias: bool, quantize: bool| -> Result<LoraLinear<B>> {
+            let weight = frozen(&format!("{key}.weight"), out, inp, quantize)?;
             let b = if bias {
                 Some(weights.tensor::<B, 1>(&format!("{key}.bias"), [out], device)?)
             } else {
                 None
             };
-            Ok(LoraLinear::frozen(w, b))
+            Ok(LoraLinear::with_weight(weight, b))
         };
+        let linear = |key: &str, out: usize, inp: usize, bias: bool| linear_of(key, out, inp, bias, true);
         let norm = |key: &str, dim: usize| -> Result<RmsNorm<B>> {
             let mut w = weights.tensor::<B, 1>(&format!("{key}.weight"), [dim], device)?;
             if c.norm_unit_offset {
@@ -553,17 +588,22 @@ impl<B: Backend> CausalLm<B> {
                 local_rope: c.local_rope.is_some() && c.sliding_window[i].is_some(),
             });
         }
-        let embed = weights.tensor_as::<B, 2>("model.embed_tokens.weight", [c.vocab_size, h], device, base_dtype)?;
-        // A tied table is also the output head: laid out for its `h·Eᵀ` (lookups read rows anywhere).
-        let embed = if c.tie_word_embeddings {
-            ember_lora::matmul_layout(embed)
-        } else {
-            embed
+        let embed_key = "model.embed_tokens.weight";
+        let embed = match weights.take_quantized(embed_key, [c.vocab_size, h])? {
+            Some(blocks) => FrozenWeight::from_quantized(blocks),
+            None => {
+                let embed = weights.tensor_as::<B, 2>(embed_key, [c.vocab_size, h], device, base_dtype)?;
+                // A tied table is also the output head: laid out for its `h·Eᵀ` (lookups read
+                // rows anywhere).
+                FrozenWeight::from_tensor(if c.tie_word_embeddings {
+                    ember_lora::matmul_layout(embed)
+                } else {
+                    embed
+                })
+            }
         };
         let model = DecoderModel {
-            embed_tokens: Embedding {
-                weight: Param::from_tensor(embed).set_require_grad(false),
-            },
+            embed_tokens: Embedding { weight: embed },
             layers,
             norm: norm("model.norm", h)?,
         };
@@ -572,7 +612,7 @@ impl<B: Backend> CausalLm<B> {
             weights.skip("lm_head.weight");
             None
         } else {
-            Some(linear("lm_head", c.vocab_size, h, false)?)
+            Some(linear_of("lm_head", c.vocab_size, h, false, false)?)
         };
         weights.ensure_all_used()?;
         let rope = RopeFrequencies::new(&c.rope);
@@ -584,6 +624,11 @@ impl<B: Backend> CausalLm<B> {
             rope,
             local_rope,
         })
+    }
+
+    /// The device the model's tensors live on.
+    pub fn device(&self) -> B::Device {
+        self.model.norm.weight.val().device()
     }
 
     /// Runs the model and returns logits for every position.
@@ -695,7 +740,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn lm_head_logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => ember_lora::linear(hidden, self.model.embed_tokens.weight.val(), None),
+            None => self.model.embed_tokens.weight.linear(hidden, None),
         };
         match self.config.final_softcap {
             Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
@@ -706,11 +751,11 @@ impl<B: Backend> CausalLm<B> {
     /// The output head's weight `[vocab, hidden]` (the embedding matrix when tied) while no
     /// adapter is attached to the head, i.e. while nothing in it trains: a loss may then run the
     /// head's backward pass itself ([`CausalLm::lm_head_logits`] is the forward, final softcap
-    /// included). The tensor is laid out as [`ember_lora::matmul_layout`] leaves it.
-    pub fn frozen_lm_head_weight(&self) -> Option<Tensor<B, 2>> {
+    /// included, [`FrozenWeight::input_grad`] the input gradient).
+    pub fn frozen_lm_head_weight(&self) -> Option<&FrozenWeight<B>> {
         match &self.lm_head {
-            None => Some(self.model.embed_tokens.weight.val()),
-            Some(head) if head.adapter.is_none() => Some(head.weight.val()),
+            None => Some(&self.model.embed_tokens.weight),
+            Some(head) if head.adapter.is_none() => Some(&head.weight),
             Some(_) => None,
         }
     }
@@ -782,7 +827,7 @@ pub struct KvCache<B: Backend> {
     pub len: usize,
 }
 
-impl<B: Backend> Default for KvCache<B> {
+impl<B: EmberBackend> Default for KvCache<B> {
     fn default() -> Self {
         Self {
             layers: Vec::new(),
@@ -799,7 +844,7 @@ impl<B: Backend> Default for KvCache<B> {
 /// # Shapes
 /// - `padding`: `[batch, past + seq]` (1 real, 0 pad)
 /// - output: `[batch, 1, seq, past + seq]`
-pub fn attention_mask<B: Backend>(
+pub fn attention_mask<B: EmberBackend>(
     padding: Option<Tensor<B, 2, Int>>,
     batch: usize,
     seq: usize,
@@ -840,7 +885,7 @@ pub fn attention_mask<B: Backend>(
 /// - `mask`: additive, `[batch, 1, seq, seq]`
 /// - `segments`: `[batch, seq]`
 /// - output: `[batch, 1, seq, seq]`
-pub fn segment_mask<B: Backend>(mask: Tensor<B, 4>, segments: Tensor<B, 2, Int>) -> Tensor<B, 4> {
+pub fn segment_mask<B: EmberBackend>(mask: Tensor<B, 4>, segments: Tensor<B, 2, Int>) -> Tensor<B, 4> {
     let [batch, seq] = segments.dims();
     let q = segments
         .clone()

@@ -10,6 +10,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
+use ember_lora::EmberBackend;
 
 use crate::config::{DecoderConfig, ExpertActivation, MoeConfig, MoeLayout, Routing};
 use crate::error::Result;
@@ -29,7 +30,7 @@ pub struct Expert<B: Backend> {
     pub down_bias: Option<Param<Tensor<B, 1>>>,
 }
 
-impl<B: Backend> Expert<B> {
+impl<B: EmberBackend> Expert<B> {
     /// # Shapes
     /// - `x`: `[tokens, hidden]`
     /// - output: `[tokens, hidden]`
@@ -70,7 +71,7 @@ pub struct SparseMoe<B: Backend> {
     pub activation: ExpertActivation,
 }
 
-impl<B: Backend> SparseMoe<B> {
+impl<B: EmberBackend> SparseMoe<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
@@ -138,7 +139,7 @@ impl<B: Backend> SparseMoe<B> {
 /// `moe.layout`. Mixtral and Qwen experts may also come fused as transformers 5 holds them in
 /// memory (`mlp.experts.gate_up_proj` `[experts, 2·inter, hidden]`, `down_proj`
 /// `[experts, hidden, inter]`).
-pub(crate) fn load<B: Backend>(
+pub(crate) fn load<B: EmberBackend>(
     moe: &MoeConfig,
     config: &DecoderConfig,
     weights: &Weights,

@@ -49,6 +49,12 @@ pub fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
 
 /// Config and dequantized weights (HF names) of a GGUF file.
 pub fn gguf_weights(path: &Path) -> Result<(DecoderConfig, Weights)> {
+    gguf_weights_keeping_blocks(path, false)
+}
+
+/// [`gguf_weights`]; with `keep_blocks` the quantized tensors stay as their stored blocks
+/// (`base_dtype: gguf`) instead of being dequantized to f32.
+pub fn gguf_weights_keeping_blocks(path: &Path, keep_blocks: bool) -> Result<(DecoderConfig, Weights)> {
     let file = GgufFile::open(path)?;
     let value = file.hf_config()?;
     let hf: HfConfig = serde_json::from_value(value.clone()).map_err(|source| ModelError::Json {
@@ -56,8 +62,8 @@ pub fn gguf_weights(path: &Path) -> Result<(DecoderConfig, Weights)> {
         source,
     })?;
     let config = DecoderConfig::from_hf(&hf, path)?;
-    let tensors = file.hf_tensors(&value)?;
-    Ok((config, Weights::from_memory(path, tensors)))
+    let (tensors, blocks) = file.hf_tensors_keeping_blocks(&value, keep_blocks)?;
+    Ok((config, Weights::from_memory_with_blocks(path, tensors, blocks)))
 }
 
 /// Writes a GGUF model as a HuggingFace folder transformers loads: `config.json`,

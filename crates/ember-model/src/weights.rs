@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+use ember_lora::QuantMatrix;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
@@ -64,6 +65,11 @@ pub struct Weights {
     index: BTreeMap<String, usize>,
     /// Tensors already in memory (e.g. dequantized from GGUF), by key.
     memory: HostTensors,
+    /// Quantized tensors kept as blocks (a GGUF base under `base_dtype: gguf`), by key; each is
+    /// moved out when the model takes it.
+    quantized: RefCell<BTreeMap<String, QuantMatrix>>,
+    /// The keys of `quantized`, taken or not, with their shapes.
+    quantized_shapes: BTreeMap<String, Vec<usize>>,
     taken: RefCell<BTreeSet<String>>,
 }
 
@@ -131,25 +137,70 @@ impl Weights {
             shards,
             index,
             memory: BTreeMap::new(),
+            quantized: RefCell::new(BTreeMap::new()),
+            quantized_shapes: BTreeMap::new(),
             taken: RefCell::new(BTreeSet::new()),
         })
     }
 
     /// Weights held in memory as f32 (`source` names them in errors).
     pub fn from_memory(source: &Path, tensors: HostTensors) -> Self {
+        Self::from_memory_with_blocks(source, tensors, BTreeMap::new())
+    }
+
+    /// Weights held in memory: f32 tensors and quantized ones kept as blocks.
+    pub fn from_memory_with_blocks(
+        source: &Path,
+        tensors: HostTensors,
+        quantized: BTreeMap<String, QuantMatrix>,
+    ) -> Self {
+        let quantized_shapes = quantized.iter().map(|(k, q)| (k.clone(), q.shape().to_vec())).collect();
         Self {
             dir: source.to_path_buf(),
             shards: Vec::new(),
             index: BTreeMap::new(),
             memory: tensors,
+            quantized: RefCell::new(quantized),
+            quantized_shapes,
             taken: RefCell::new(BTreeSet::new()),
         }
+    }
+
+    /// Takes `key` as quantized blocks when it is held so (else `None`), checking its shape.
+    pub fn take_quantized(&self, key: &str, expected: [usize; 2]) -> Result<Option<QuantMatrix>> {
+        let Some(shape) = self.quantized_shapes.get(key) else {
+            return Ok(None);
+        };
+        if shape != &expected {
+            return Err(ModelError::ShapeMismatch {
+                key: key.to_string(),
+                path: self.dir.clone(),
+                expected: expected.to_vec(),
+                found: shape.clone(),
+            });
+        }
+        let matrix = self.quantized.borrow_mut().remove(key);
+        if matrix.is_some() {
+            self.taken.borrow_mut().insert(key.to_string());
+        }
+        Ok(matrix)
+    }
+
+    /// The folder or file the weights come from.
+    pub fn source(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether any tensor is held as quantized blocks.
+    pub fn has_quantized(&self) -> bool {
+        !self.quantized_shapes.is_empty()
     }
 
     /// Whether the checkpoint holds `key` (also as gpt-oss MXFP4 `{key}_blocks`/`_scales`).
     pub fn contains(&self, key: &str) -> bool {
         self.index.contains_key(key)
             || self.memory.contains_key(key)
+            || self.quantized_shapes.contains_key(key)
             || self.index.contains_key(&format!("{key}_blocks"))
     }
 
@@ -234,13 +285,19 @@ impl Weights {
 
     /// All keys, sorted.
     pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.index.keys().chain(self.memory.keys())
+        self.index
+            .keys()
+            .chain(self.memory.keys())
+            .chain(self.quantized_shapes.keys())
     }
 
-    /// The stored shape and dtype of `key`.
+    /// The stored shape and dtype of `key` (quantized blocks report `U8`).
     pub fn info(&self, key: &str) -> Option<(Vec<usize>, StorageDtype)> {
         if let Some((_, shape)) = self.memory.get(key) {
             return Some((shape.clone(), StorageDtype::F32));
+        }
+        if let Some(shape) = self.quantized_shapes.get(key) {
+            return Some((shape.clone(), StorageDtype::U8));
         }
         let shard = &self.shards[*self.index.get(key)?];
         let info = &shard.tensors[key];
@@ -273,6 +330,27 @@ impl Weights {
             }
             self.taken.borrow_mut().insert(key.to_string());
             return Ok(values.clone());
+        }
+        if let Some(shape) = self.quantized_shapes.get(key) {
+            // Quantized blocks asked for as floats (a tensor Ember keeps dense): dequantized.
+            if shape != expected {
+                return Err(ModelError::ShapeMismatch {
+                    key: key.to_string(),
+                    path: self.dir.clone(),
+                    expected: expected.to_vec(),
+                    found: shape.clone(),
+                });
+            }
+            let matrix = self
+                .quantized
+                .borrow_mut()
+                .remove(key)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    key: format!("{key} (already taken)"),
+                    dir: self.dir.clone(),
+                })?;
+            self.taken.borrow_mut().insert(key.to_string());
+            return Ok(matrix.dequantize());
         }
         if !self.index.contains_key(key) {
             if let Some(values) = self.read_mxfp4(key, expected)? {

@@ -1,7 +1,7 @@
 //! Evaluation shared by `ember eval` and the trainer's periodic evaluation: loss and
 //! perplexity over target tokens (prompts masked exactly as in training).
 
-use burn::tensor::backend::Backend;
+use ember_lora::EmberBackend;
 use ember_model::{CausalLm, Tokenizer};
 use serde::Serialize;
 
@@ -24,13 +24,13 @@ pub struct LossReport {
 }
 
 /// Mean loss per target token over `samples`, in batches of `batch_size` (no gradients).
-pub fn evaluate_loss<B: Backend>(
+pub fn evaluate_loss<B: EmberBackend>(
     model: &CausalLm<B>,
     samples: &[Sample],
     batch_size: usize,
     pad_id: u32,
 ) -> LossReport {
-    let device = model.model.embed_tokens.weight.val().device();
+    let device = model.device();
     let mut total = 0.0f64;
     let mut tokens = 0usize;
     // Similar lengths together: less padding (the sum does not depend on the order).
@@ -107,7 +107,7 @@ pub fn labeled_prompts(records: &[Record], tokenizer: &Tokenizer) -> Result<Vec<
 /// Log-likelihood of each candidate continuation after each prompt, as lm-evaluation-harness
 /// scores multiple choice: Σ log p(candidate token | prompt, earlier candidate tokens).
 /// Returns `[prompt][candidate]`.
-pub fn label_log_likelihoods<B: Backend>(
+pub fn label_log_likelihoods<B: EmberBackend>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
     candidates: &[Vec<u32>],
@@ -133,7 +133,7 @@ pub struct GoldContinuation {
 /// forward: the prompt and its continuation run once into a key/value cache, the candidates'
 /// first tokens are read at the last prompt position, and longer candidates continue from the
 /// cache cut back to the prompt. Returns the scores and `(Σ target NLL, target tokens)`.
-pub fn label_scores_and_gold_loss<B: Backend>(
+pub fn label_scores_and_gold_loss<B: EmberBackend>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
     gold: &[GoldContinuation],
@@ -168,7 +168,7 @@ pub fn label_scores_and_gold_loss<B: Backend>(
 
 /// The same scores from one full forward per (prompt, candidate) pair; the reference the
 /// faster paths are tested against.
-pub fn full_sequence_scores<B: Backend>(
+pub fn full_sequence_scores<B: EmberBackend>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
     candidates: &[Vec<u32>],
@@ -176,7 +176,7 @@ pub fn full_sequence_scores<B: Backend>(
     pad_id: u32,
     mut progress: impl FnMut(usize),
 ) -> Vec<Vec<f64>> {
-    let device = model.model.embed_tokens.weight.val().device();
+    let device = model.device();
     let mut jobs: Vec<(usize, usize, Sample)> = Vec::new();
     for (p, prompt) in prompts.iter().enumerate() {
         for (c, cand) in candidates.iter().enumerate() {
@@ -210,7 +210,7 @@ pub fn full_sequence_scores<B: Backend>(
 /// further tokens continue from a copy of the cache cut back to the prompt (prompts are
 /// left-padded, continuations right-padded; positions count real tokens). Single-token labels
 /// cost one forward.
-fn cached_scores<B: Backend>(
+fn cached_scores<B: EmberBackend>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
     gold: &[GoldContinuation],
@@ -222,7 +222,7 @@ fn cached_scores<B: Backend>(
     use burn::tensor::activation::log_softmax;
     use burn::tensor::{Int, Tensor, TensorData};
     use ember_model::model::KvCache;
-    let device = model.model.embed_tokens.weight.val().device();
+    let device = model.device();
     let int = |rows: &[Vec<i64>]| {
         let w = rows[0].len();
         Tensor::<B, 2, Int>::from_data(TensorData::new(rows.concat(), [rows.len(), w]), &device)
@@ -353,7 +353,7 @@ pub struct ClassificationReport {
 }
 
 /// Scores every candidate label for every example and reports accuracy and confusion.
-pub fn classify<B: Backend>(
+pub fn classify<B: EmberBackend>(
     model: &CausalLm<B>,
     tokenizer: &Tokenizer,
     examples: &[LabeledPrompt],
@@ -432,7 +432,7 @@ pub fn normalize_answer(s: &str) -> String {
 
 /// Greedy-generates an answer for each example (up to `max_new_tokens`, stopping at eos) and
 /// compares it with the gold answer.
-pub fn generation_match<B: Backend>(
+pub fn generation_match<B: EmberBackend>(
     model: &CausalLm<B>,
     tokenizer: &Tokenizer,
     examples: &[LabeledPrompt],
@@ -543,7 +543,7 @@ impl EvalReport {
 }
 
 /// Evaluates the base model and every adapter on the same rows.
-pub fn evaluate_models<B: Backend>(
+pub fn evaluate_models<B: EmberBackend>(
     spec: &EvalSpec,
     device: &B::Device,
     mut log: impl FnMut(&str),

@@ -8,8 +8,9 @@
 //! alive and the graph holds only `[targets, hidden]` tensors (see [`target_loss_sum`]).
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
-use burn::tensor::{FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use ember_lora::{EmberBackend, FrozenWeight};
 use ember_model::CausalLm;
 
 use crate::data::IGNORE;
@@ -52,7 +53,7 @@ impl Targets {
     ///
     /// # Shapes
     /// - `hidden`: `[batch, seq, hidden]`; output: `[targets, hidden]`
-    fn pick<B: Backend>(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+    fn pick<B: EmberBackend>(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
         let [batch, seq, width] = hidden.dims();
         let n = self.positions.len();
         let index = Tensor::<B, 1, Int>::from_data(TensorData::new(self.positions.clone(), [n]), &hidden.device());
@@ -69,7 +70,7 @@ impl Targets {
 /// - `hidden`: `[batch, seq, hidden]` (final normed states)
 /// - `labels`: host `[batch·seq]` row-major, −100 = ignored
 /// - output: `[targets]`
-pub fn target_log_probs<B: Backend>(
+pub fn target_log_probs<B: EmberBackend>(
     model: &CausalLm<B>,
     hidden: Tensor<B, 3>,
     labels: &[i64],
@@ -88,7 +89,7 @@ pub fn target_log_probs<B: Backend>(
 ///
 /// # Shapes
 /// - `picked`: `[targets, hidden]`; output: `[targets]`
-fn log_probs_of_picked<B: Backend>(model: &CausalLm<B>, targets: &Targets, picked: Tensor<B, 2>) -> Tensor<B, 1> {
+fn log_probs_of_picked<B: EmberBackend>(model: &CausalLm<B>, targets: &Targets, picked: Tensor<B, 2>) -> Tensor<B, 1> {
     if model.frozen_lm_head_weight().is_some() && !picked.is_require_grad() {
         return chunked_nll(model, picked, &targets.tokens, None, chunk_rows(model))
             .0
@@ -110,7 +111,7 @@ fn log_probs_of_picked<B: Backend>(model: &CausalLm<B>, targets: &Targets, picke
 ///
 /// # Shapes
 /// - `hidden`: `[batch, seq, hidden]`; `labels`: host `[batch·seq]`; output: `[1]`
-pub fn target_loss_sum<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, labels: &[i64]) -> Tensor<B, 1> {
+pub fn target_loss_sum<B: EmberBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, labels: &[i64]) -> Tensor<B, 1> {
     let [batch, seq, _] = hidden.dims();
     let targets = Targets::of(labels, batch, seq);
     if targets.positions.is_empty() {
@@ -126,7 +127,7 @@ pub fn target_loss_sum<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, la
 }
 
 /// Rows per chunk of logits: [`CHUNK_LOGITS`] values, at least one row.
-fn chunk_rows<B: Backend>(model: &CausalLm<B>) -> usize {
+fn chunk_rows<B: EmberBackend>(model: &CausalLm<B>) -> usize {
     (CHUNK_LOGITS / model.config().vocab_size).max(1)
 }
 
@@ -134,11 +135,11 @@ fn chunk_rows<B: Backend>(model: &CausalLm<B>) -> usize {
 ///
 /// # Shapes
 /// - `picked`: `[targets, hidden]` (tracked); `tokens`: host `[targets]`; `head`: `[vocab, hidden]`
-fn frozen_head_loss_sum<B: Backend>(
+fn frozen_head_loss_sum<B: EmberBackend>(
     model: &CausalLm<B>,
     picked: Tensor<B, 2>,
     tokens: &[i64],
-    head: Tensor<B, 2>,
+    head: &FrozenWeight<B>,
     rows: usize,
 ) -> Tensor<B, 1> {
     let constant = picked.clone().detach();
@@ -150,7 +151,7 @@ fn frozen_head_loss_sum<B: Backend>(
 }
 
 /// Summed cross-entropy of each batch row over that row's targets, on the host.
-pub fn target_loss_per_row<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, labels: &[i64]) -> Vec<f64> {
+pub fn target_loss_per_row<B: EmberBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, labels: &[i64]) -> Vec<f64> {
     let batch = hidden.dims()[0];
     let mut out = vec![0.0f64; batch];
     if let Some((logp, rows)) = target_log_probs(model, hidden, labels) {
@@ -171,11 +172,11 @@ pub fn target_loss_per_row<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>
 /// # Shapes
 /// - `hidden`: `[targets, hidden]`; `tokens`: host `[targets]`; `head`: `[vocab, hidden]`
 /// - output: `[targets]` and `[targets, hidden]`
-fn chunked_nll<B: Backend>(
+fn chunked_nll<B: EmberBackend>(
     model: &CausalLm<B>,
     hidden: Tensor<B, 2>,
     tokens: &[i64],
-    head: Option<Tensor<B, 2>>,
+    head: Option<&FrozenWeight<B>>,
     rows: usize,
 ) -> (Tensor<B, 1>, Option<Tensor<B, 2>>) {
     let [n, _] = hidden.dims();
@@ -203,17 +204,13 @@ fn chunked_nll<B: Backend>(
         let exp = logits.sub(max.clone()).exp();
         let total = exp.clone().sum_dim(1);
         nll.push(total.clone().log().add(max).sub(target_logit).reshape([len]));
-        if let Some(head) = &head {
+        if let Some(head) = head {
             let minus_one = Tensor::<B, 2>::full([len, 1], -1.0, &device);
             let mut dz = exp.div(total).scatter(1, targets, minus_one, IndexingUpdateOp::Add);
             if let Some(slope) = cap_slope {
                 dz = dz.mul(slope);
             }
-            // (dz·W) as (Wᵀ·dzᵀ)ᵀ: the head is stored as its transpose (matmul_layout), so Wᵀ is
-            // read in place and only the chunk `dz` is transposed.
-            // A half-precision head multiplies dz cast to its dtype (burn does not promote).
-            let dz = dz.cast(head.dtype()).transpose();
-            grads.push(head.clone().transpose().matmul(dz).transpose().cast(FloatDType::F32));
+            grads.push(head.input_grad(dz));
         }
     }
     let nll = Tensor::cat(nll, 0);

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
+
 use burn::tensor::{Tensor, TensorData};
 use ember_lora::adapter::write_safetensors;
 use ember_lora::atomic::Staging;
 use ember_lora::{AdapterFiles, LoraConfig};
 use ember_model::{CausalLm, Tokenizer, Weights};
 
+use ember_lora::EmberAutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
@@ -327,7 +328,11 @@ fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
 }
 
 /// Runs training as `config` says; see the crate docs for what is written where.
-pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device: &B::Device) -> Result<RunSummary> {
+pub fn run<B: EmberAutodiffBackend>(
+    config: &RunConfig,
+    options: &RunOptions,
+    device: &B::Device,
+) -> Result<RunSummary> {
     // Everything that can fail on bad input happens before anything is written, but for the
     // lock that keeps a second run out of this output_dir (an empty folder and lock file).
     let lock_path = config.output_dir.join(ember_lora::atomic::LOCK_FILE);
@@ -346,7 +351,11 @@ pub fn run<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device:
     result
 }
 
-fn run_locked<B: AutodiffBackend>(config: &RunConfig, options: &RunOptions, device: &B::Device) -> Result<RunSummary> {
+fn run_locked<B: EmberAutodiffBackend>(
+    config: &RunConfig,
+    options: &RunOptions,
+    device: &B::Device,
+) -> Result<RunSummary> {
     check_output_dir(&config.output_dir, options)?;
     let model_config = ember_model::source::read_config(&config.base_model)?;
     let tokenizer = ember_model::source::read_tokenizer(&config.base_model)?;
@@ -555,7 +564,7 @@ fn format_duration(seconds: f64) -> String {
 
 /// Writes `output_dir/checkpoint-N/` atomically (adapter, optimizer moments, state), then
 /// prunes all but the newest `keep_last`.
-pub fn save_checkpoint<B: AutodiffBackend>(
+pub fn save_checkpoint<B: EmberAutodiffBackend>(
     trainer: &Trainer<B>,
     config: &RunConfig,
     lora_config: &LoraConfig,
@@ -655,7 +664,7 @@ fn data_order_differences(saved: &RunConfig, now: &RunConfig) -> Vec<String> {
 }
 
 /// Restores adapter values, optimizer moments and step from a checkpoint; returns its state.
-pub fn load_checkpoint<B: AutodiffBackend>(
+pub fn load_checkpoint<B: EmberAutodiffBackend>(
     trainer: &mut Trainer<B>,
     dir: &Path,
     config: &RunConfig,

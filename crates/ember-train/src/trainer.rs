@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use burn::module::Param;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
+use ember_lora::{EmberAutodiffBackend, EmberBackend};
 use ember_model::{CausalLm, ModelInput};
 
 use crate::data::Batch;
@@ -36,7 +37,7 @@ pub struct StepStats {
 }
 
 /// A model with adapters and the optimizer that trains them.
-pub struct Trainer<B: AutodiffBackend> {
+pub struct Trainer<B: EmberAutodiffBackend> {
     /// The model; only adapter parameters require gradients.
     pub model: CausalLm<B>,
     /// AdamW state.
@@ -50,7 +51,7 @@ pub struct Trainer<B: AutodiffBackend> {
 }
 
 /// Moves a host batch to the device as model input plus labels.
-pub fn batch_to_device<B: Backend>(batch: &Batch, device: &B::Device) -> (ModelInput<B>, Tensor<B, 2, Int>) {
+pub fn batch_to_device<B: EmberBackend>(batch: &Batch, device: &B::Device) -> (ModelInput<B>, Tensor<B, 2, Int>) {
     let int = |v: &[i64]| Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), batch.dims), device);
     let input = ModelInput {
         input_ids: int(&batch.input_ids),
@@ -66,7 +67,7 @@ fn names(path: &str) -> (String, String) {
     (format!("{path}.lora_A"), format!("{path}.lora_B"))
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
+impl<B: EmberAutodiffBackend> Trainer<B> {
     /// A trainer over `model` (adapters already attached).
     pub fn new(
         model: CausalLm<B>,
