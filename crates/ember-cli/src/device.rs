@@ -5,7 +5,6 @@
 //! dtype name. Training wraps the chosen backend in burn's `Autodiff` itself.
 
 use anyhow::{bail, Result};
-use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use ember_lora::EmberBackend;
 use ember_model::BaseDtype;

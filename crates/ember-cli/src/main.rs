@@ -7,7 +7,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand, ValueEnum};
 use ember_lora::merge::{merge_checkpoint, MergeDtype};
@@ -82,8 +81,9 @@ struct DeviceArgs {
     /// cpu (burn-ndarray; burn-flex for a bf16/f16 base), flex, cuda or wgpu.
     #[arg(long)]
     device: Option<DeviceKind>,
-    /// Storage and matmul dtype of the frozen base: float32, bfloat16 or float16.
-    #[arg(long)]
+    /// How the frozen base is stored: float32, bfloat16, float16, or quantized (QLoRA): gguf
+    /// (a .gguf base's blocks as stored), q8_0, q4_0, nf4 (quantized on load).
+    #[arg(long = "base-dtype", visible_alias = "dtype")]
     dtype: Option<BaseDtype>,
 }
 
@@ -264,7 +264,7 @@ fn run() -> Result<ExitCode> {
             // As overrides, so that the resume hint repeats them.
             let mut overrides = overrides;
             overrides.extend(on.device.map(|d| format!("device={d}")));
-            overrides.extend(on.dtype.map(|d| format!("dtype={d}")));
+            overrides.extend(on.dtype.map(|d| format!("base_dtype={d}")));
             return train(&config, &overrides, resume, overwrite);
         }
         Command::Data {

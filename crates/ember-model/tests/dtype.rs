@@ -49,12 +49,12 @@ fn half_precision_bases_are_stored_half_and_as_close_as_transformers_bf16() {
     for (dtype, stored) in [(BaseDtype::Bfloat16, DType::BF16), (BaseDtype::Float16, DType::F16)] {
         let model = CausalLm::<Cpu>::from_path_as(&dir.join("bf16"), &Default::default(), dtype).unwrap();
         for (path, layer) in model.linear_layers() {
-            assert_eq!(layer.weight.val().dtype(), stored, "{path} under {dtype}");
+            assert_eq!(layer.weight.dense().unwrap().dtype(), stored, "{path} under {dtype}");
             if let Some(bias) = &layer.bias {
                 assert_eq!(bias.val().dtype(), DType::F32, "{path} bias under {dtype}");
             }
         }
-        assert_eq!(model.model.embed_tokens.weight.val().dtype(), stored);
+        assert_eq!(model.model.embed_tokens.weight.dense().unwrap().dtype(), stored);
         assert_eq!(model.model.norm.weight.val().dtype(), DType::F32, "norms stay f32");
 
         let actual = logits(&model, "llama");

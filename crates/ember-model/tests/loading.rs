@@ -116,7 +116,7 @@ fn f16_storage_is_converted_while_loading() {
         .into_iter()
         .find(|(path, _)| path == "model.layers.0.self_attn.q_proj")
         .unwrap();
-    let w = q_proj.weight.val().into_data().to_vec::<f32>().unwrap();
+    let w = q_proj.weight.dense().unwrap().into_data().to_vec::<f32>().unwrap();
     let reference = llama_tensors()
         .into_iter()
         .find(|(k, _, _)| k == "model.layers.0.self_attn.q_proj.weight")

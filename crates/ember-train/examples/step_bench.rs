@@ -11,7 +11,6 @@
 use std::time::Instant;
 
 use burn::backend::{Autodiff, Flex, NdArray};
-use burn::tensor::backend::AutodiffBackend;
 use ember_lora::{LoraConfig, TargetModules};
 use ember_model::{BaseDtype, CausalLm};
 use ember_train::data::{collate, Sample, IGNORE};
@@ -52,7 +51,7 @@ fn wgpu(_: BaseDtype) -> Run {
     Err("EMBER_DEVICE=wgpu needs `--features wgpu`".into())
 }
 
-fn bench<B: AutodiffBackend>(dtype: BaseDtype) -> Run {
+fn bench<B: ember_lora::EmberAutodiffBackend>(dtype: BaseDtype) -> Run {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let path = std::path::PathBuf::from(
         args.first()

@@ -25,9 +25,11 @@ pub struct RunConfig {
     /// `cpu`, `flex`, `cuda` or `wgpu` (see [`DeviceKind`]).
     #[serde(default)]
     pub device: DeviceKind,
-    /// Storage and matmul dtype of the frozen base: `float32`, `bfloat16` or `float16`.
-    /// Adapters, optimizer moments, activations and the loss are f32 in every case.
-    #[serde(default)]
+    /// YAML `base_dtype:` (also `dtype:`): how the frozen base is stored, `float32`,
+    /// `bfloat16`, `float16`, or quantized (QLoRA): `gguf` (a GGUF base's blocks as stored),
+    /// `q8_0`, `q4_0`, `nf4` (quantized on load); see [`BaseDtype`]. Adapters, optimizer
+    /// moments, activations and the loss are f32 in every case.
+    #[serde(default, rename = "base_dtype", alias = "dtype")]
     pub dtype: BaseDtype,
     /// LoRA settings (PEFT's names) plus `init_from`.
     #[serde(default)]
@@ -314,6 +316,7 @@ const KEYS: &[&str] = &[
     "output_dir",
     "seed",
     "device",
+    "base_dtype",
     "dtype",
     "lora",
     "data",
@@ -540,6 +543,12 @@ pub fn apply_override(root: &mut Value, assignment: &str) -> Result<()> {
                 }
             }
         };
+        if i == 0 && (*part == "dtype" || *part == "base_dtype") && parts.len() == 1 {
+            // One key under either name (serde would refuse both at once).
+            map.remove(Value::String("dtype".into()));
+            map.insert(Value::String("base_dtype".into()), value);
+            return Ok(());
+        }
         let key = Value::String(part.to_string());
         if i + 1 == parts.len() {
             map.insert(key, value);

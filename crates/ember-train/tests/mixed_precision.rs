@@ -9,7 +9,6 @@ mod common;
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex, NdArray};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::DType;
 use ember_lora::AdapterFiles;
 use ember_model::{BaseDtype, CausalLm};
@@ -19,7 +18,7 @@ use ember_train::Trainer;
 use common::{fixture_batch, fixtures, reference_losses};
 
 /// Five steps on backend `B` with the base in `dtype`; returns the losses.
-fn trace<B: AutodiffBackend>(arch: &str, dtype: BaseDtype) -> Vec<f64> {
+fn trace<B: ember_lora::EmberAutodiffBackend>(arch: &str, dtype: BaseDtype) -> Vec<f64> {
     let device = Default::default();
     let mut model = CausalLm::<B>::from_path_as(&fixtures().join(arch), &device, dtype).unwrap();
     let files = AdapterFiles::read(&fixtures().join(arch).join("adapter_random_b")).unwrap();
@@ -34,7 +33,11 @@ fn trace<B: AutodiffBackend>(arch: &str, dtype: BaseDtype) -> Vec<f64> {
         .map(|_| t.train_step(std::slice::from_ref(&batch), 0.01).unwrap().loss)
         .collect();
     for (path, layer) in t.model.linear_layers() {
-        assert_eq!(layer.weight.val().dtype(), DType::from(dtype.float_dtype()), "{path}");
+        assert_eq!(
+            layer.weight.dense().unwrap().dtype(),
+            DType::from(dtype.float_dtype()),
+            "{path}"
+        );
         if let Some(adapter) = &layer.adapter {
             assert_eq!(adapter.lora_a.val().dtype(), DType::F32, "{path}");
             assert_eq!(adapter.lora_b.val().dtype(), DType::F32, "{path}");

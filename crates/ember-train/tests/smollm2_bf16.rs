@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex, NdArray};
-use burn::tensor::backend::AutodiffBackend;
 use ember_lora::{LoraConfig, TargetModules};
 use ember_model::{BaseDtype, CausalLm};
 use ember_train::data::{collate, Sample, IGNORE};
@@ -18,16 +17,16 @@ fn gguf() -> PathBuf {
 }
 
 /// The losses of 5 steps and the bytes of the frozen base.
-fn run<B: AutodiffBackend>(dtype: BaseDtype) -> (Vec<f64>, usize) {
+fn run<B: ember_lora::EmberAutodiffBackend>(dtype: BaseDtype) -> (Vec<f64>, usize) {
     let device = Default::default();
     B::seed(&device, 7);
     let mut model = CausalLm::<B>::from_path_as(&gguf(), &device, dtype).unwrap();
     let frozen_bytes: usize = model
         .linear_layers()
         .iter()
-        .map(|(_, l)| l.weight.val().into_data().bytes.len())
+        .map(|(_, l)| l.weight.dense().unwrap().into_data().bytes.len())
         .sum::<usize>()
-        + model.model.embed_tokens.weight.val().into_data().bytes.len();
+        + model.model.embed_tokens.weight.dense().unwrap().into_data().bytes.len();
     let config = LoraConfig {
         r: 16,
         lora_alpha: 32.0,
