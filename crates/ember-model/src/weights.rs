@@ -171,19 +171,25 @@ impl Weights {
         let Some(shape) = self.quantized_shapes.get(key) else {
             return Ok(None);
         };
-        if shape != &expected {
-            return Err(ModelError::ShapeMismatch {
-                key: key.to_string(),
-                path: self.dir.clone(),
-                expected: expected.to_vec(),
-                found: shape.clone(),
-            });
-        }
+        self.check_shape(key, shape, &expected)?;
         let matrix = self.quantized.borrow_mut().remove(key);
         if matrix.is_some() {
             self.taken.borrow_mut().insert(key.to_string());
         }
         Ok(matrix)
+    }
+
+    /// Errors unless a held tensor's `shape` is `expected`.
+    fn check_shape(&self, key: &str, shape: &[usize], expected: &[usize]) -> Result<()> {
+        if shape == expected {
+            return Ok(());
+        }
+        Err(ModelError::ShapeMismatch {
+            key: key.to_string(),
+            path: self.dir.clone(),
+            expected: expected.to_vec(),
+            found: shape.to_vec(),
+        })
     }
 
     /// The folder or file the weights come from.
@@ -320,27 +326,13 @@ impl Weights {
     /// Reads `key` as f32 values, checking the stored shape against `expected`.
     pub fn read_f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>> {
         if let Some((values, shape)) = self.memory.get(key) {
-            if shape != expected {
-                return Err(ModelError::ShapeMismatch {
-                    key: key.to_string(),
-                    path: self.dir.clone(),
-                    expected: expected.to_vec(),
-                    found: shape.clone(),
-                });
-            }
+            self.check_shape(key, shape, expected)?;
             self.taken.borrow_mut().insert(key.to_string());
             return Ok(values.clone());
         }
         if let Some(shape) = self.quantized_shapes.get(key) {
             // Quantized blocks asked for as floats (a tensor Ember keeps dense): dequantized.
-            if shape != expected {
-                return Err(ModelError::ShapeMismatch {
-                    key: key.to_string(),
-                    path: self.dir.clone(),
-                    expected: expected.to_vec(),
-                    found: shape.clone(),
-                });
-            }
+            self.check_shape(key, shape, expected)?;
             let matrix = self
                 .quantized
                 .borrow_mut()

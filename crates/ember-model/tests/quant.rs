@@ -20,6 +20,16 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+fn shape_of(case: &Value) -> [usize; 2] {
+    let dims: Vec<usize> = case["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    [dims[0], dims[1]]
+}
+
 fn bytes(v: &Value) -> Vec<u8> {
     v.as_array()
         .unwrap()
@@ -33,16 +43,11 @@ fn q8_0_and_q4_0_blocks_equal_llama_cpps_reference_quantizer() {
     let cases = reference();
     let mut checked = 0;
     for (name, case) in cases.as_object().unwrap() {
-        let shape: Vec<usize> = case["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
+        let shape = shape_of(case);
         let values = floats(&case["values"]);
         for (key, format) in [("q8_0", QuantFormat::Q8_0), ("q4_0", QuantFormat::Q4_0)] {
             let Some(expected) = case.get(key) else { continue };
-            let q = QuantMatrix::quantize(format, &values, [shape[0], shape[1]]).unwrap();
+            let q = QuantMatrix::quantize(format, &values, shape).unwrap();
             assert_eq!(q.blocks(), bytes(&expected["blocks"]).as_slice(), "{name} {key} blocks");
             assert_eq!(q.dequantize(), floats(&expected["dequantized"]), "{name} {key} values");
             checked += 1;
@@ -55,14 +60,9 @@ fn q8_0_and_q4_0_blocks_equal_llama_cpps_reference_quantizer() {
 fn nf4_codes_and_absmax_equal_bitsandbytes_layout() {
     let cases = reference();
     for (name, case) in cases.as_object().unwrap() {
-        let shape: Vec<usize> = case["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
+        let shape = shape_of(case);
         let values = floats(&case["values"]);
-        let q = QuantMatrix::quantize(QuantFormat::Nf4, &values, [shape[0], shape[1]]).unwrap();
+        let q = QuantMatrix::quantize(QuantFormat::Nf4, &values, shape).unwrap();
         let (packed, absmax) = (bytes(&case["nf4"]["packed"]), floats(&case["nf4"]["absmax"]));
         // Ember's NF4 block: the f32 absmax, then bitsandbytes' 32 packed bytes.
         for (i, block) in q.blocks().chunks_exact(36).enumerate() {
