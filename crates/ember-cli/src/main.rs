@@ -179,7 +179,8 @@ enum Command {
     },
     /// Merge a PEFT adapter into the base weights and write a HuggingFace folder.
     Merge {
-        /// The base model folder (read only).
+        /// The base model folder or .gguf file (read only; a GGUF base is dequantized to f32 and
+        /// the merged folder is a HF checkpoint).
         #[arg(long)]
         base: PathBuf,
         /// The adapter folder (adapter_config.json + adapter_model.safetensors).
@@ -609,6 +610,15 @@ fn inspect_adapter(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A temporary folder, removed when dropped.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn merge(base: &Path, adapter: &Path, out: &Path, dtype: DtypeArg) -> Result<()> {
     let files = AdapterFiles::read(adapter)?;
     let dtype = match dtype {
@@ -618,7 +628,28 @@ fn merge(base: &Path, adapter: &Path, out: &Path, dtype: DtypeArg) -> Result<()>
         DtypeArg::F16 => MergeDtype::F16,
     };
     let start = std::time::Instant::now();
-    let report = merge_checkpoint(base, &files, out, dtype)
+    // A GGUF base (quantized or not) is dequantized to a f32 HF folder beside `out` first, and
+    // the adapter is folded into that: merging into 4-bit blocks would drift.
+    let _converted;
+    let base_dir = if ember_model::source::is_gguf(base) {
+        if out.exists() {
+            bail!("{}: output folder exists; choose a new one", out.display());
+        }
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = out.with_file_name(format!(".{name}.base-from-gguf"));
+        let _ = std::fs::remove_dir_all(&tmp); // left by an interrupted merge
+        ember_model::source::convert_gguf(base, &tmp)
+            .with_context(|| format!("dequantizing {} to a f32 folder for the merge", base.display()))?;
+        note!("dequantized {} to f32 for the merge", base.display());
+        _converted = RemovedOnDrop(tmp.clone());
+        tmp
+    } else {
+        base.to_path_buf()
+    };
+    let report = merge_checkpoint(&base_dir, &files, out, dtype)
         .with_context(|| format!("merging {} into {}", adapter.display(), base.display()))?;
     note!(
         "merged {} weights into {} shard(s), {:.1} MB, in {:.2} s -> {}",

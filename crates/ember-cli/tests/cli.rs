@@ -207,3 +207,144 @@ fn devices_and_dtypes_are_chosen_by_flags() {
     }
     let _ = std::fs::remove_file(&out);
 }
+
+/// QLoRA end to end on `llama_q.gguf` (the llama fixture as a Q8_0/Q4_0 GGUF): `forward`,
+/// `train` (YAML `base_dtype`) and `eval` with the blocks kept (`gguf`) match the same file
+/// dequantized (`float32`); `merge --base x.gguf` folds the adapter into the dequantized base,
+/// giving the adapted model's logits. On the HF fixture, `--base-dtype q8_0|q4_0|nf4` quantize
+/// on load: the logits move, least with 8 bits.
+#[test]
+fn quantized_bases_forward_train_and_merge() {
+    let tmp = std::env::temp_dir().join(format!("ember-cli-qlora-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let gguf = tmp.join("llama_q.gguf");
+    std::fs::copy(fixtures().join("gguf_arch/llama_q.gguf"), &gguf).unwrap();
+    // The fixtures' tokenizer beside the .gguf (which carries none), as a user would put it.
+    common::model_folder("gguf_arch", &tmp, common::CHATML);
+    let inputs = fixtures().join("llama/inputs.json");
+    let forward = |model: &std::path::Path, extra: &[&str], name: &str| {
+        let out = tmp.join(format!("{name}.safetensors"));
+        let mut args = vec![
+            "forward",
+            "--model",
+            model.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = ember(&args);
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        read_f32(&out, "logits")
+    };
+    let (dense, shape) = forward(&gguf, &["--base-dtype", "float32"], "dense");
+    let (blocks, _) = forward(&gguf, &["--base-dtype", "gguf"], "blocks");
+    let worst = masked_max_diff("llama", &blocks, &dense, &shape);
+    assert!(worst <= 1e-4, "gguf vs float32 logits: {worst:.3e}");
+
+    // Quantized on load from the HF folder.
+    let hf = fixtures().join("llama");
+    let (reference, _) = read_f32(&hf.join("logits.safetensors"), "logits");
+    let moved = |dtype: &str| {
+        let (q, _) = forward(&hf, &["--base-dtype", dtype], dtype);
+        masked_max_diff("llama", &q, &reference, &shape)
+    };
+    let (q8, q4, nf4) = (moved("q8_0"), moved("q4_0"), moved("nf4"));
+    println!("logits moved by q8_0 {q8:.3e}, q4_0 {q4:.3e}, nf4 {nf4:.3e}");
+    assert!(q8 > 0.0 && q8 < q4 && q8 < nf4, "q8_0 {q8}, q4_0 {q4}, nf4 {nf4}");
+    let o = ember(&[
+        "forward",
+        "--model",
+        hf.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        tmp.join("x.safetensors").to_str().unwrap(),
+        "--base-dtype",
+        "gguf",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("q4_0"), "{err}");
+
+    // Five steps from the same adapter, blocks kept vs dequantized.
+    let data = tmp.join("train.jsonl");
+    let rows: String = (0..8)
+        .map(|i| {
+            let answer = if i % 2 == 0 { "spam" } else { "ham" };
+            serde_json::json!({"messages": [{"role": "user", "content": format!("mail {i}")}, {"role": "assistant", "content": answer}]})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let mut traces = Vec::new();
+    for dtype in ["gguf", "float32"] {
+        let output_dir = tmp.join(format!("run-{dtype}"));
+        let config = tmp.join(format!("{dtype}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "base_model: {}\nbase_dtype: {dtype}\noutput_dir: {}\nlora:\n  init_from: {}\n\
+                 data:\n  train: {}\n  format: chat\n  max_seq_len: 128\n\
+                 train:\n  max_steps: 5\n  micro_batch_size: 4\n  learning_rate: 0.01\n  warmup_steps: 0\n  log_every: 1\n",
+                gguf.display(),
+                output_dir.display(),
+                hf.join("adapter_random_b").display(),
+                data.display()
+            ),
+        )
+        .unwrap();
+        let o = ember(&["train", config.to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "train {dtype}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let losses: Vec<f64> = std::fs::read_to_string(output_dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("loss").and_then(|l| l.as_f64()))
+            .collect();
+        assert_eq!(losses.len(), 5, "{dtype}: five logged steps");
+        traces.push(losses);
+    }
+    for (step, (q, d)) in traces[0].iter().zip(&traces[1]).enumerate() {
+        let rel = (q - d).abs() / d.abs();
+        assert!(rel <= 1e-4, "step {step}: gguf {q} vs float32 {d} (rel {rel:.2e})");
+    }
+
+    // The trained adapter merged into the dequantized GGUF base gives the adapted logits.
+    let adapter = tmp.join("run-gguf/adapter");
+    let merged = tmp.join("merged");
+    let o = ember(&[
+        "merge",
+        "--base",
+        gguf.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(merged.join("config.json").exists() && merged.join("tokenizer.json").exists());
+    assert!(
+        !tmp.join(".merged.base-from-gguf").exists(),
+        "the dequantized copy is removed"
+    );
+    let (adapted, _) = forward(
+        &gguf,
+        &["--base-dtype", "gguf", "--adapter", adapter.to_str().unwrap()],
+        "adapted",
+    );
+    let (merged_logits, _) = forward(&merged, &[], "merged");
+    assert!(
+        masked_max_diff("llama", &adapted, &blocks, &shape) > 1e-3,
+        "the adapter changes the logits"
+    );
+    let worst = masked_max_diff("llama", &merged_logits, &adapted, &shape);
+    assert!(worst <= 1e-4, "merged vs adapter logits: {worst:.3e}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -24,4 +24,4 @@ pub use adapter::{AdapterFiles, AdapterTensors};
 pub use config::{InitLoraWeights, LoraConfig, ModuleLora, TargetModules};
 pub use error::{LoraError, Result};
 pub use linear::{linear, matmul_layout, FrozenWeight, LoraAdapter, LoraLinear};
-pub use quant::{EmberAutodiffBackend, EmberBackend, QuantFormat, QuantMatrix, QuantizedWeight};
+pub use quant::{EmberAutodiffBackend, EmberBackend, QuantFormat, QuantMatrix, QuantizedWeight, SharedBytes};

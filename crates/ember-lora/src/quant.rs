@@ -279,11 +279,32 @@ pub fn dequantize_blocks(format: QuantFormat, blocks: &[u8], n: usize) -> Option
     Some(out)
 }
 
+/// Bytes that several weights share, e.g. a memory-mapped GGUF file.
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// Where a weight's blocks live.
+enum BlockStore {
+    /// Bytes of its own (quantized on load, or rows reordered).
+    Owned(Vec<u8>),
+    /// A range of a shared buffer: a GGUF base's blocks read in place from the mapped file, so
+    /// that loading copies nothing and the page cache holds the only copy.
+    Shared { buffer: SharedBytes, range: Range<usize> },
+}
+
+impl BlockStore {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Owned(v) => v,
+            Self::Shared { buffer, range } => &(**buffer).as_ref()[range.clone()],
+        }
+    }
+}
+
 /// A frozen `[out, in]` weight held as quantized blocks.
 pub struct QuantMatrix {
     format: QuantFormat,
     shape: [usize; 2],
-    blocks: Vec<u8>,
+    blocks: BlockStore,
     /// The device layout of the first non-CPU backend that used this weight.
     device: OnceLock<Box<dyn Any + Send + Sync>>,
 }
@@ -295,7 +316,7 @@ impl fmt::Debug for QuantMatrix {
             "QuantMatrix({} {:?}, {} bytes)",
             self.format,
             self.shape,
-            self.blocks.len()
+            self.blocks().len()
         )
     }
 }
@@ -303,14 +324,33 @@ impl fmt::Debug for QuantMatrix {
 impl QuantMatrix {
     /// Wraps stored blocks of a `[out, in]` weight, checking their length.
     pub fn from_blocks(format: QuantFormat, shape: [usize; 2], blocks: Vec<u8>) -> Result<Self> {
+        Self::new(format, shape, BlockStore::Owned(blocks))
+    }
+
+    /// Wraps blocks of a `[out, in]` weight that lie at `range` of a shared buffer (a mapped
+    /// file), without copying them; checks that the range is inside the buffer and long enough.
+    pub fn from_shared_blocks(
+        format: QuantFormat,
+        shape: [usize; 2],
+        buffer: SharedBytes,
+        range: Range<usize>,
+    ) -> Result<Self> {
+        let len = (*buffer).as_ref().len();
+        if range.start > range.end || range.end > len {
+            return Err(LoraError::InvalidQuantized {
+                message: format!("{format} weight {shape:?}: bytes {range:?} are outside a buffer of {len}"),
+            });
+        }
+        Self::new(format, shape, BlockStore::Shared { buffer, range })
+    }
+
+    fn new(format: QuantFormat, shape: [usize; 2], blocks: BlockStore) -> Result<Self> {
         let values = shape[0] * shape[1];
         let expected = values.div_ceil(format.block_values()) * format.block_bytes();
-        if blocks.len() != expected {
+        let found = blocks.bytes().len();
+        if found != expected {
             return Err(LoraError::InvalidQuantized {
-                message: format!(
-                    "{format} weight {shape:?} needs {expected} bytes of blocks, found {}",
-                    blocks.len()
-                ),
+                message: format!("{format} weight {shape:?} needs {expected} bytes of blocks, found {found}"),
             });
         }
         Ok(Self {
@@ -369,12 +409,18 @@ impl QuantMatrix {
 
     /// The stored blocks.
     pub fn blocks(&self) -> &[u8] {
-        &self.blocks
+        self.blocks.bytes()
     }
 
-    /// Bytes held (the blocks).
+    /// Whether the blocks are read in place from a shared buffer (a mapped file) rather than
+    /// owned.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.blocks, BlockStore::Shared { .. })
+    }
+
+    /// Bytes held (the blocks, owned or mapped).
     pub fn bytes(&self) -> usize {
-        self.blocks.len()
+        self.blocks().len()
     }
 
     /// Dequantizes `out.len()` values of the row-major weight starting at value `start`.
@@ -383,11 +429,12 @@ impl QuantMatrix {
         let mut buf = [0f32; 256];
         let mut pos = start;
         let mut written = 0;
+        let blocks = self.blocks();
         while written < out.len() {
             let block = pos / bv;
             let offset = pos - block * bv;
             let take = (bv - offset).min(out.len() - written);
-            let bytes = &self.blocks[block * bb..(block + 1) * bb];
+            let bytes = &blocks[block * bb..(block + 1) * bb];
             if offset == 0 && take == bv {
                 decode_block(self.format, bytes, &mut out[written..written + bv]);
             } else {
@@ -555,7 +602,7 @@ impl QuantMatrix {
             QuantFormat::Q6K => table.iter_mut().enumerate().for_each(|(c, t)| *t = c as f32 - 32.0),
             QuantFormat::Nf4 => table[..16].copy_from_slice(&NF4_CODE_BOOK),
         }
-        for (i, b) in self.blocks.chunks_exact(bb).enumerate() {
+        for (i, b) in self.blocks().chunks_exact(bb).enumerate() {
             let codes = &mut codes[i * bv..(i + 1) * bv];
             let g0 = i * bv / group;
             match self.format {

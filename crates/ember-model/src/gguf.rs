@@ -6,11 +6,12 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use serde_json::{json, Value};
 
-use ember_lora::{QuantFormat, QuantMatrix};
+use ember_lora::{QuantFormat, QuantMatrix, SharedBytes};
 
 use crate::error::{ModelError, Result};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
@@ -69,7 +70,8 @@ impl GgufTensor {
 /// An opened GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    /// Shared with the quantized weights read in place (`hf_tensors_keeping_blocks`).
+    mmap: Arc<Mmap>,
     /// Metadata by key.
     pub metadata: BTreeMap<String, MetaValue>,
     /// Tensor headers in file order.
@@ -256,7 +258,7 @@ impl GgufFile {
         let data_start = r.pos.div_ceil(alignment) * alignment;
         let file = Self {
             path: path.to_path_buf(),
-            mmap,
+            mmap: Arc::new(mmap),
             metadata,
             tensors,
             data_start,
@@ -319,6 +321,12 @@ impl GgufFile {
 
     /// The stored bytes of one tensor and its number of values.
     fn stored(&self, t: &GgufTensor) -> Result<(&[u8], usize)> {
+        let (range, n) = self.stored_range(t)?;
+        Ok((&self.mmap[range], n))
+    }
+
+    /// Where one tensor's bytes lie in the file, and its number of values.
+    fn stored_range(&self, t: &GgufTensor) -> Result<(std::ops::Range<usize>, usize)> {
         let n = t.values().ok_or_else(|| ModelError::CorruptWeights {
             path: self.path.clone(),
             message: format!(
@@ -335,7 +343,7 @@ impl GgufFile {
             ),
         })?;
         let start = self.data_start + t.offset;
-        Ok((&self.mmap[start..start + n.div_ceil(block) * bytes_per], n))
+        Ok((start..start + n.div_ceil(block) * bytes_per, n))
     }
 
     /// A HF `config.json` built from the metadata (architectures in [`GGUF_ARCHITECTURES`]).
@@ -398,7 +406,22 @@ impl GgufFile {
             "tie_word_embeddings": tied,
             "torch_dtype": "float32",
         });
-        if let Some(factor) = opt("rope.scaling.factor") {
+        if let Some(t) = self.tensors.iter().find(|t| t.name == ROPE_FREQS) {
+            // Llama 3.1/3.2: llama.cpp's converter stores the llama3 scaling as per-frequency
+            // divisors; transformers wants the parameters, recovered here.
+            let (factors, _) = self.read(t)?;
+            let rotary_dim = opt("rope.dimension_count").map_or(head_dim, |v| v as usize);
+            let theta = opt("rope.freq_base").unwrap_or(10000.0);
+            let old = opt("rope.scaling.original_context_length").unwrap_or(8192.0);
+            config["rope_scaling"] =
+                llama3_scaling_from_factors(&factors, theta, rotary_dim, old).map_err(|message| {
+                    ModelError::InvalidConfig {
+                        path: self.path.clone(),
+                        key: ROPE_FREQS.into(),
+                        message,
+                    }
+                })?;
+        } else if let Some(factor) = opt("rope.scaling.factor") {
             let kind = self
                 .meta(&format!("{arch}.rope.scaling.type"))
                 .and_then(MetaValue::as_str)
@@ -438,7 +461,8 @@ impl GgufFile {
         let permuted = config["model_type"] == "llama";
         let mut out = BTreeMap::new();
         let mut blocks = BTreeMap::new();
-        for t in &self.tensors {
+        // `rope_freqs` is read into the config's rope_scaling (`hf_config`), not a weight.
+        for t in self.tensors.iter().filter(|t| t.name != ROPE_FREQS) {
             let name = hf_name(&t.name).ok_or_else(|| ModelError::UnexpectedTensors {
                 keys: format!("{} (no HF name for this llama.cpp tensor)", t.name),
                 dir: self.path.clone(),
@@ -455,16 +479,22 @@ impl GgufFile {
             let shape: Vec<usize> = t.dims.iter().rev().copied().collect();
             match QuantFormat::from_ggml(t.kind).filter(|_| keep_blocks && shape.len() == 2) {
                 Some(format) => {
-                    let (bytes, _) = self.stored(t)?;
-                    let bytes = match heads {
-                        Some(h) => unpermute_rows(bytes, shape[0], h),
-                        None => bytes.to_vec(),
-                    };
-                    let matrix = QuantMatrix::from_blocks(format, [shape[0], shape[1]], bytes).map_err(|e| {
-                        ModelError::CorruptWeights {
-                            path: self.path.clone(),
-                            message: format!("GGUF: tensor `{}`: {e}", t.name),
+                    let (range, _) = self.stored_range(t)?;
+                    let shape = [shape[0], shape[1]];
+                    // Blocks whose rows need no reordering are read in place from the mapped
+                    // file: loading copies nothing, and the page cache holds the only copy.
+                    let matrix = match heads {
+                        Some(h) => {
+                            QuantMatrix::from_blocks(format, shape, unpermute_rows(&self.mmap[range], shape[0], h))
                         }
+                        None => {
+                            let file: SharedBytes = self.mmap.clone();
+                            QuantMatrix::from_shared_blocks(format, shape, file, range)
+                        }
+                    }
+                    .map_err(|e| ModelError::CorruptWeights {
+                        path: self.path.clone(),
+                        message: format!("GGUF: tensor `{}`: {e}", t.name),
                     })?;
                     blocks.insert(name, matrix);
                 }
@@ -478,6 +508,11 @@ impl GgufFile {
             }
         }
         Ok((out, blocks))
+    }
+
+    /// Whether the file carries a tokenizer (`tokenizer.ggml.model`).
+    pub fn has_tokenizer(&self) -> bool {
+        self.meta("tokenizer.ggml.model").is_some()
     }
 
     /// The tokenizer from `tokenizer.ggml.*` (gpt2-style byte-level BPE) and the chat template.
@@ -571,6 +606,112 @@ impl GgufFile {
         tokenizer.pad_token = pad;
         Ok(tokenizer)
     }
+}
+
+/// llama.cpp's tensor of per-frequency RoPE divisors (Llama 3.1/3.2's llama3 scaling).
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The divisors llama.cpp's converter (`LlamaModel.generate_extra_tensors`) writes for
+/// transformers' llama3 RoPE scaling: 1 above the high-frequency cut, `factor` below the
+/// low-frequency one, `1 / ((1 - s)/factor + s)` between, `s` linear in `old / wavelength`.
+pub fn llama3_rope_factors(theta: f64, rotary_dim: usize, factor: f64, low: f64, high: f64, old: f64) -> Vec<f64> {
+    (0..rotary_dim / 2)
+        .map(|i| {
+            let wavelen = 2.0 * std::f64::consts::PI * theta.powf((2 * i) as f64 / rotary_dim as f64);
+            if wavelen < old / high {
+                1.0
+            } else if wavelen > old / low {
+                factor
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect()
+}
+
+/// transformers' `rope_scaling` of type llama3 from llama.cpp's `rope_freqs` divisors:
+/// `factor` is the largest divisor; the smoothing `s` of the divisors between 1 and `factor`
+/// is linear in `old / wavelength` with slope `1/(high - low)` and intercept `-low/(high - low)`,
+/// fitted by least squares (only the ratios of `old`, `low` and `high` matter, so `old` is
+/// taken as given: the GGUF's `rope.scaling.original_context_length`, else Llama 3's 8192).
+/// The recovered parameters are checked by recomputing every divisor, so a wrong guess is an
+/// error, never a different RoPE.
+pub fn llama3_scaling_from_factors(
+    factors: &[f32],
+    theta: f64,
+    rotary_dim: usize,
+    old: f64,
+) -> std::result::Result<Value, String> {
+    if factors.len() != rotary_dim / 2 {
+        return Err(format!(
+            "has {} values; {rotary_dim} rotated dimensions need {}",
+            factors.len(),
+            rotary_dim / 2
+        ));
+    }
+    let factor = factors.iter().fold(1f64, |m, &f| m.max(f as f64));
+    if factors.iter().all(|&f| (f as f64 - 1.0).abs() < 1e-6) {
+        return Ok(Value::Null);
+    }
+    let points: Vec<(f64, f64)> = factors
+        .iter()
+        .enumerate()
+        .filter(|(_, &f)| (f as f64) > 1.0 + 1e-4 && (f as f64) < factor * (1.0 - 1e-4))
+        .map(|(i, &f)| {
+            let wavelen = 2.0 * std::f64::consts::PI * theta.powf((2 * i) as f64 / rotary_dim as f64);
+            let smooth = (1.0 / f as f64 - 1.0 / factor) / (1.0 - 1.0 / factor);
+            (old / wavelen, smooth)
+        })
+        .collect();
+    // Values as a config would state them (the divisors are stored in f32).
+    let round = |v: f64| (v * 1e4).round() / 1e4;
+    let (low, high) = if points.len() >= 2 {
+        let n = points.len() as f64;
+        let (mx, my) = (
+            points.iter().map(|p| p.0).sum::<f64>() / n,
+            points.iter().map(|p| p.1).sum::<f64>() / n,
+        );
+        let slope = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>()
+            / points.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
+        let intercept = my - slope * mx;
+        if slope.is_nan() || slope <= 0.0 {
+            return Err("does not look like a llama3 RoPE scaling (no smooth ramp between 1 and the factor)".into());
+        }
+        (round(-intercept / slope), round((1.0 - intercept) / slope))
+    } else {
+        // Too few divisors on the ramp to fit it: Llama 3's low_freq_factor of 1, and the
+        // high one through the ramp's point (or Llama 3's 4); the check below decides.
+        match points.first() {
+            Some(&(x, s)) if s > 0.0 => (1.0, round(1.0 + (x - 1.0) / s)),
+            _ => (1.0, 4.0),
+        }
+    };
+    if low.is_nan() || high.is_nan() || low <= 0.0 || high <= low {
+        return Err(format!(
+            "does not look like a llama3 RoPE scaling (low_freq_factor {low}, high_freq_factor {high})"
+        ));
+    }
+    let factor = round(factor);
+    let again = llama3_rope_factors(theta, rotary_dim, factor, low, high, old);
+    let mismatch = factors
+        .iter()
+        .zip(&again)
+        .enumerate()
+        .find(|&(_, (&f, &g))| (f as f64 - g).abs() > 1e-4 * g);
+    if let Some((i, (f, g))) = mismatch {
+        return Err(format!(
+            "divisor {i} is {f}, the llama3 scaling (factor {factor}, low_freq_factor {low}, high_freq_factor {high}, \
+             original_max_position_embeddings {old}) gives {g}"
+        ));
+    }
+    Ok(json!({
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": old as u64,
+    }))
 }
 
 /// The GGUF `general.architecture`s Ember reads.

@@ -37,7 +37,10 @@ pub fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
         if dir.join("tokenizer.json").exists() {
             let mut t = Tokenizer::from_dir(dir)?;
             if t.chat_template.is_none() {
-                t.chat_template = GgufFile::open(path)?.tokenizer()?.chat_template;
+                let file = GgufFile::open(path)?;
+                if file.has_tokenizer() {
+                    t.chat_template = file.tokenizer()?.chat_template;
+                }
             }
             return Ok(t);
         }
@@ -68,8 +71,9 @@ pub fn gguf_weights_keeping_blocks(path: &Path, keep_blocks: bool) -> Result<(De
 
 /// Writes a GGUF model as a HuggingFace folder transformers loads: `config.json`,
 /// `model.safetensors` (f32, dequantized), `tokenizer.json`, `tokenizer_config.json` (with the
-/// chat template) and `generation_config.json`. The folder is written under a temporary name
-/// and renamed at the end; an existing `out` is refused.
+/// chat template; a `tokenizer.json` beside the file wins, as in [`read_tokenizer`]) and
+/// `generation_config.json`; a GGUF without either gets no tokenizer files. The folder is written under a temporary name and renamed at the
+/// end; an existing `out` is refused.
 pub fn convert_gguf(path: &Path, out: &Path) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
     use serde_json::json;
@@ -88,7 +92,12 @@ pub fn convert_gguf(path: &Path, out: &Path) -> Result<()> {
     }
     let file = GgufFile::open(path)?;
     let config = file.hf_config()?;
-    let tokenizer = file.tokenizer()?;
+    let beside = path.parent().is_some_and(|dir| dir.join("tokenizer.json").exists());
+    let tokenizer = if beside || file.has_tokenizer() {
+        Some(read_tokenizer(path)?)
+    } else {
+        None
+    };
     let tensors = file.hf_tensors(&config)?;
     let staging_guard = ember_lora::atomic::Staging::new(out)?;
     let staging = staging_guard.path().to_path_buf();
@@ -118,22 +127,24 @@ pub fn convert_gguf(path: &Path, out: &Path) -> Result<()> {
         path: weights_path.clone(),
         message: format!("cannot write: {e:?}"),
     })?;
-    let tokenizer_json = tokenizer.inner().to_string(true).map_err(|e| ModelError::Tokenizer {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    std::fs::write(staging.join("tokenizer.json"), tokenizer_json).map_err(io(&staging))?;
-    let tokenizer_config = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": tokenizer.bos_token,
-        "eos_token": tokenizer.eos_token,
-        "pad_token": tokenizer.pad_token,
-        "chat_template": tokenizer.chat_template.as_ref().map(|t| t.source().to_string()),
-        "model_max_length": config["max_position_embeddings"],
-        "add_bos_token": false,
-        "clean_up_tokenization_spaces": false,
-    });
-    std::fs::write(staging.join("tokenizer_config.json"), json_text(&tokenizer_config)).map_err(io(&staging))?;
+    if let Some(tokenizer) = &tokenizer {
+        let tokenizer_json = tokenizer.inner().to_string(true).map_err(|e| ModelError::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(staging.join("tokenizer.json"), tokenizer_json).map_err(io(&staging))?;
+        let tokenizer_config = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "pad_token": tokenizer.pad_token,
+            "chat_template": tokenizer.chat_template.as_ref().map(|t| t.source().to_string()),
+            "model_max_length": config["max_position_embeddings"],
+            "add_bos_token": false,
+            "clean_up_tokenization_spaces": false,
+        });
+        std::fs::write(staging.join("tokenizer_config.json"), json_text(&tokenizer_config)).map_err(io(&staging))?;
+    }
     let generation = json!({
         "bos_token_id": config.get("bos_token_id"),
         "eos_token_id": config.get("eos_token_id"),

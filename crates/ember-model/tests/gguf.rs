@@ -178,3 +178,59 @@ fn qwen_gguf_files_give_transformers_logits() {
         );
     }
 }
+
+/// Llama 3.1/3.2 GGUFs carry the llama3 RoPE scaling as llama.cpp's `rope_freqs.weight`
+/// divisors: `llama_rope3.gguf` (the llama_rope3 fixture as llama.cpp's converter writes it,
+/// `gen_gguf_arch.py`) gives transformers' logits, with the scaling recovered into the config.
+#[test]
+fn llama3_rope_freqs_give_transformers_logits() {
+    let path = fixtures().join("gguf_arch/llama_rope3.gguf");
+    let config = ember_model::gguf::GgufFile::open(&path).unwrap().hf_config().unwrap();
+    assert_eq!(
+        config["rope_scaling"],
+        serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    );
+    let model = CausalLm::<TestBackend>::from_path(&path, &Default::default()).unwrap();
+    let inputs = Inputs::read("llama_rope3");
+    let logits = model
+        .forward(inputs.to_model_input())
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let (expected, shape) = reference(&fixtures().join("llama_rope3/logits.safetensors"), "logits");
+    assert_close(
+        "llama_rope3 GGUF logits",
+        masked_max_diff(&logits, &expected, &shape, &inputs.attention_mask),
+        1e-4,
+    );
+}
+
+/// Llama-3.1-8B's divisors (head_dim 128, θ 500000, factor 8, low 1, high 4, 8192: six on the
+/// ramp) are recovered exactly, with 8192 assumed when the GGUF does not say; divisors that no
+/// llama3 scaling gives are refused.
+#[test]
+fn llama3_scaling_is_recovered_from_its_divisors() {
+    use ember_model::gguf::{llama3_rope_factors, llama3_scaling_from_factors};
+    let factors: Vec<f32> = llama3_rope_factors(500000.0, 128, 8.0, 1.0, 4.0, 8192.0)
+        .iter()
+        .map(|&f| f as f32)
+        .collect();
+    let ramp = factors.iter().filter(|&&f| f > 1.0 && f < 8.0).count();
+    assert!(ramp >= 2, "{ramp} divisors on the ramp");
+    let scaling = llama3_scaling_from_factors(&factors, 500000.0, 128, 8192.0).unwrap();
+    assert_eq!(
+        scaling,
+        serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    );
+    let mut bent = factors.clone();
+    bent[30] *= 1.01;
+    let err = llama3_scaling_from_factors(&bent, 500000.0, 128, 8192.0).unwrap_err();
+    assert!(err.contains("divisor"), "{err}");
+    assert!(llama3_scaling_from_factors(&factors[..10], 500000.0, 128, 8192.0).is_err());
+    assert_eq!(
+        llama3_scaling_from_factors(&[1.0; 64], 500000.0, 128, 8192.0).unwrap(),
+        serde_json::Value::Null
+    );
+}
