@@ -26,13 +26,11 @@ run() {
     EMBER_DTYPE="$dtype" /usr/bin/time -f "%M" -o "$OUT/$name.rss" \
         "$STEP_BENCH" "$model" "$seq" "$batch" "$steps" > "$OUT/$name.json" 2> "$OUT/$name.log"
     "$PYTHON" - "$OUT/$name" "$name" "$dtype" "$seq" "$batch" <<'PY'
-import json, re, sys
+import json, sys
 base, name, dtype, seq, batch = sys.argv[1:]
 rss = int(open(base + ".rss").read().split()[-1]) / 1024
-speed = json.load(open(base + ".json"))["tokens_per_s"]
-log = open(base + ".log").read()
-first = float(re.search(r"step 0: [0-9.]+ s, loss ([0-9.]+)", log).group(1))
-print(f"| {name} | {dtype} | {seq}x{batch} | {rss:.0f} | {speed:.1f} | {first:.6f} |")
+result = json.load(open(base + ".json"))
+print(f"| {name} | {dtype} | {seq}x{batch} | {rss:.0f} | {result['tokens_per_s']:.1f} | {result['first_loss']:.7f} |")
 PY
 }
 

@@ -103,14 +103,21 @@ impl<B: EmberBackend> CausalLm<B> {
         out
     }
 
-    /// Number of parameters of the base model (adapters excluded).
+    /// Number of parameters of the base model (adapters excluded; quantized weights, which are
+    /// not burn parameters, counted by their shape).
     pub fn base_param_count(&self) -> usize {
-        let adapters: usize = self
-            .linear_layers()
+        let layers = self.linear_layers();
+        let adapters: usize = layers
             .iter()
             .filter_map(|(_, l)| l.adapter.as_ref().map(|a| a.num_params()))
             .sum();
-        self.num_params() - adapters
+        let values = |q: &ember_lora::QuantMatrix| q.shape()[0] * q.shape()[1];
+        let quantized: usize = layers
+            .iter()
+            .filter_map(|(_, l)| l.weight.quantized().map(|q| values(q)))
+            .chain(self.model.embed_tokens.weight.quantized().map(|q| values(q)))
+            .sum();
+        self.num_params() - adapters + quantized
     }
 
     fn report(&self) -> LoraReport {

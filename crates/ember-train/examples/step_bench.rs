@@ -6,10 +6,13 @@
 //! r 16, alpha 32, all linear layers, AdamW; TARGETS_PER_ROW = 0 trains every token.
 //! `EMBER_DEVICE=cuda` (built with `--features cuda`) runs on the first GPU, `wgpu` (with
 //! `--features wgpu`) on the first wgpu adapter, `flex` on burn-flex; `EMBER_DTYPE=bfloat16`
-//! (or `float16`) stores the frozen base in that dtype (burn-flex on the CPU).
+//! (or `float16`) stores the frozen base in that dtype (burn-flex on the CPU); `gguf` keeps a
+//! GGUF's quantized blocks. `EMBER_CHECKPOINT=1` recomputes activations in the backward pass
+//! (burn-ndarray with balanced checkpointing).
 
 use std::time::Instant;
 
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex, NdArray};
 use ember_lora::{LoraConfig, TargetModules};
 use ember_model::{BaseDtype, CausalLm};
@@ -26,6 +29,10 @@ fn main() -> Run {
         Ok("cuda") => cuda(dtype),
         Ok("wgpu") => wgpu(dtype),
         Ok("flex") => bench::<Autodiff<Flex>>(dtype),
+        // burn's balanced gradient checkpointing (recompute in the backward pass)
+        _ if std::env::var("EMBER_CHECKPOINT").is_ok_and(|v| v == "1") => {
+            bench::<Autodiff<NdArray<f32>, BalancedCheckpointing>>(dtype)
+        }
         _ if dtype.is_half() => bench::<Autodiff<Flex>>(dtype),
         _ => bench::<Autodiff<NdArray<f32>>>(dtype),
     }
@@ -91,11 +98,15 @@ fn bench<B: ember_lora::EmberAutodiffBackend>(dtype: BaseDtype) -> Run {
     let window = vec![collate(&refs, 0)];
     let mut trainer = Trainer::new(model, AdamW::new((0.9, 0.999), 1e-8, 0.0), Some(1.0), 0, device);
     let mut times = Vec::new();
+    let mut first_loss = f64::NAN;
     for step in 0..steps {
         let start = Instant::now();
         let stats = trainer.train_step(&window, 1e-4)?;
         let t = start.elapsed().as_secs_f64();
         times.push(t);
+        if step == 0 {
+            first_loss = stats.loss;
+        }
         eprintln!(
             "step {step}: {t:.2} s, loss {:.4}, {:.0} tok/s",
             stats.loss,
@@ -110,7 +121,7 @@ fn bench<B: ember_lora::EmberAutodiffBackend>(dtype: BaseDtype) -> Run {
         (seq * batch) as f64 / median
     );
     println!(
-        "{{\"median_step_s\": {median:.4}, \"tokens_per_s\": {:.2}}}",
+        "{{\"median_step_s\": {median:.4}, \"tokens_per_s\": {:.2}, \"first_loss\": {first_loss:.9}}}",
         (seq * batch) as f64 / median
     );
     Ok(())
