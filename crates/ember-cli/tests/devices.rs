@@ -222,3 +222,77 @@ fn greedy_generation_on_wgpu_matches_transformers() {
     }
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// A quantized frozen base on wgpu (codes on the device, dequantized per call by Ember's op):
+/// `forward` of `llama_q.gguf` with its blocks kept and of the HF llama fixture quantized on
+/// load (q4_0, nf4) give the CPU's logits, and three `train` steps give the CPU's losses (the
+/// backward pass runs the input-gradient op), 1e-4 relative.
+#[test]
+fn quantized_bases_on_wgpu_reproduce_the_cpu() {
+    let work = tmp("quantized");
+    let gguf = work.join("llama_q.gguf");
+    std::fs::copy(fixtures().join("gguf_arch/llama_q.gguf"), &gguf).unwrap();
+    model_folder("gguf_arch", &work, CHATML); // the tokenizer beside the .gguf
+    let hf = fixtures().join("llama");
+    let inputs = hf.join("inputs.json");
+    let forward = |model: &Path, dtype: &str, device: &str| {
+        let file = work.join(format!("{dtype}-{device}.safetensors"));
+        ember(&[
+            "forward",
+            "--device",
+            device,
+            "--base-dtype",
+            dtype,
+            "--model",
+            model.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--out",
+            file.to_str().unwrap(),
+        ]);
+        read_f32(&file, "logits")
+    };
+    for (model, dtype) in [(&gguf, "gguf"), (&hf, "q4_0"), (&hf, "nf4")] {
+        let (cpu, shape) = forward(model, dtype, "cpu");
+        let (gpu, _) = forward(model, dtype, "wgpu");
+        let diff = masked_max_diff("llama", &gpu, &cpu, &shape);
+        println!("{dtype} logits, wgpu vs cpu: {diff:.3e}");
+        assert!(diff <= 1e-4, "{dtype} logits, wgpu vs cpu: {diff:.3e}");
+    }
+    let data = work.join("train.jsonl");
+    let rows: String = (0..4)
+        .map(|i| {
+            serde_json::json!({"messages": [{"role": "user", "content": format!("mail {i}")}, {"role": "assistant", "content": "spam"}]})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let mut traces = Vec::new();
+    for device in ["cpu", "wgpu"] {
+        let output_dir = work.join(format!("run-{device}"));
+        let config = work.join(format!("{device}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "base_model: {}\nbase_dtype: gguf\ndevice: {device}\noutput_dir: {}\nlora:\n  init_from: {}\n\
+                 data:\n  train: {}\n  format: chat\n  max_seq_len: 64\n\
+                 train:\n  max_steps: 3\n  micro_batch_size: 4\n  learning_rate: 0.01\n  warmup_steps: 0\n  log_every: 1\n",
+                gguf.display(),
+                output_dir.display(),
+                hf.join("adapter_random_b").display(),
+                data.display()
+            ),
+        )
+        .unwrap();
+        ember(&["train", config.to_str().unwrap()]);
+        traces.push(losses(&output_dir));
+    }
+    assert_eq!(traces[0].len(), 3, "three logged steps");
+    for (step, (c, g)) in traces[0].iter().zip(&traces[1]).enumerate() {
+        let rel = (c - g).abs() / c.abs();
+        println!("gguf step {step}: cpu {c:.6} wgpu {g:.6} (rel {rel:.2e})");
+        assert!(rel <= 1e-4, "gguf step {step}: cpu {c} vs wgpu {g}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
