@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand, ValueEnum};
-use ember_lora::merge::{merge_checkpoint, MergeDtype};
+use ember_lora::merge::MergeDtype;
 use ember_lora::AdapterFiles;
 use ember_model::{BaseDtype, CausalLm, ModelInput, Weights};
 use ember_train::config::DeviceKind;
@@ -379,11 +379,13 @@ fn inspect(path: &Path) -> Result<()> {
     } else {
         Weights::open_dir(path)?
     };
+    let names = ember_model::family::ModuleNames::for_checkpoint(&config, weights.keys().map(String::as_str));
     let mut params = 0usize;
-    for key in weights.keys() {
+    for key in weights.keys().filter(|k| names.is_text_key(k)) {
         let (shape, _) = weights.info(key).expect("key from the checkpoint");
         params += shape.iter().product::<usize>();
     }
+    let ignored = names.ignored_components(weights.keys().map(String::as_str));
     let dtype = if ember_model::source::is_gguf(path) {
         format!(
             "GGUF {} (dequantized to f32 on load)",
@@ -401,7 +403,16 @@ fn inspect(path: &Path) -> Result<()> {
         .map(|w| w.map_or("global".to_string(), |w| format!("window {w}")))
         .collect();
     out!("model:          {}", path.display());
-    out!("architecture:   {}", config.model_type);
+    out!("architecture:   {} ({})", config.model_type, config.spec().summary);
+    if let Some(wrapper) = &config.wrapper {
+        out!(
+            "wrapper:        {wrapper} (multimodal); text decoder under `{}`, loaded alone",
+            names.checkpoint_decoder
+        );
+        for (component, tensors) in &ignored {
+            out!("  ignored:      {component} ({tensors} tensors)");
+        }
+    }
     out!("parameters:     {params} ({:.1} M)", params as f64 / 1e6);
     out!("dtype:          {dtype}");
     out!("layers:         {}", config.num_layers);
@@ -432,6 +443,16 @@ fn inspect(path: &Path) -> Result<()> {
         );
     }
     out!("attention:      {}", compress(&windows));
+    if config.rope_layers.iter().any(|r| !r) {
+        let layers: Vec<String> = (0..config.num_layers)
+            .filter(|&i| !config.rope_layers[i])
+            .map(|i| i.to_string())
+            .collect();
+        out!("no rope:        layers {}", layers.join(", "));
+    }
+    if let Some(scale) = &config.query_scale {
+        out!("query scale:    {scale:?} (per position)");
+    }
     if let Some(moe) = &config.moe {
         let sparse = moe.sparse_layers.iter().filter(|s| **s).count();
         out!(
@@ -649,7 +670,7 @@ fn merge(base: &Path, adapter: &Path, out: &Path, dtype: DtypeArg) -> Result<()>
     } else {
         base.to_path_buf()
     };
-    let report = merge_checkpoint(&base_dir, &files, out, dtype)
+    let report = ember_model::lora::merge_checkpoint(&base_dir, &files, out, dtype)
         .with_context(|| format!("merging {} into {}", adapter.display(), base.display()))?;
     note!(
         "merged {} weights into {} shard(s), {:.1} MB, in {:.2} s -> {}",

@@ -15,7 +15,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde_json::Value;
 
-use crate::adapter::{bytes_to_f32, AdapterFiles};
+use crate::adapter::{bytes_to_f32, AdapterFiles, AdapterTensors};
 use crate::atomic::{is_plain_file_name, Staging};
 use crate::error::{LoraError, Result};
 
@@ -148,6 +148,27 @@ fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
 /// (weights, index, config.json and every other file of the base folder). Refuses an
 /// existing `out`, adapters that do not fit the base, and non-finite results.
 pub fn merge_checkpoint(base: &Path, adapter: &AdapterFiles, out: &Path, dtype: MergeDtype) -> Result<MergeReport> {
+    merge_checkpoint_renamed(base, adapter, out, dtype, &|module| module.to_string())
+}
+
+/// One adapted weight of a merge: its adapter tensors and `alpha / r` (computed from the
+/// adapter's own module path, which rank and alpha patterns match).
+struct MergeJob<'a> {
+    tensors: &'a AdapterTensors,
+    scaling: f64,
+}
+
+/// [`merge_checkpoint`] for a checkpoint whose key stems differ from the adapter's module
+/// paths: `checkpoint_key` maps a module path (`model.language_model.layers.0.self_attn.q_proj`)
+/// to the stem of its weight in `base` (`language_model.model.layers.0.self_attn.q_proj` in a
+/// multimodal wrapper saved in the older layout). The model crate knows the mapping.
+pub fn merge_checkpoint_renamed(
+    base: &Path,
+    adapter: &AdapterFiles,
+    out: &Path,
+    dtype: MergeDtype,
+    checkpoint_key: &dyn Fn(&str) -> String,
+) -> Result<MergeReport> {
     if out.exists() {
         return Err(LoraError::Io {
             path: out.to_path_buf(),
@@ -169,8 +190,10 @@ pub fn merge_checkpoint(base: &Path, adapter: &AdapterFiles, out: &Path, dtype: 
             shapes.insert(key.to_string(), (view.shape().to_vec(), path.clone()));
         }
     }
+    let mut jobs: BTreeMap<String, MergeJob<'_>> = BTreeMap::new();
     for (module, t) in &adapter.tensors {
-        let key = format!("{module}.weight");
+        let stem = checkpoint_key(module);
+        let key = format!("{stem}.weight");
         let (shape, _) = shapes.get(&key).ok_or_else(|| LoraError::UnexpectedTensor {
             path: base.to_path_buf(),
             key: format!("base_model.model.{module}.lora_A.weight"),
@@ -184,10 +207,17 @@ pub fn merge_checkpoint(base: &Path, adapter: &AdapterFiles, out: &Path, dtype: 
                 found: shape.clone(),
             });
         }
+        jobs.insert(
+            stem,
+            MergeJob {
+                tensors: t,
+                scaling: adapter.config.module_lora(module).scaling,
+            },
+        );
     }
 
     let staging = Staging::new(out)?;
-    let report = write_merged(base, adapter, &files, index, staging.path(), dtype)?;
+    let report = write_merged(base, &jobs, &files, index, staging.path(), dtype)?;
     staging.commit_new(out)?;
     Ok(report)
 }
@@ -224,7 +254,7 @@ impl MergedBytes {
 fn write_shard_in_place(
     path: &Path,
     mmap: &Mmap,
-    adapter: &AdapterFiles,
+    adapter: &BTreeMap<String, MergeJob<'_>>,
     out_path: &Path,
     report: &mut MergeReport,
 ) -> Result<()> {
@@ -237,14 +267,11 @@ fn write_shard_in_place(
     // The adapted weights in file order: key, dtype, absolute byte range, adapter tensors.
     let mut jobs = Vec::new();
     for (key, info) in metadata.tensors() {
-        let Some((module, t)) = key
-            .strip_suffix(".weight")
-            .and_then(|m| adapter.tensors.get(m).map(|t| (m.to_string(), t)))
-        else {
+        let Some(t) = key.strip_suffix(".weight").and_then(|m| adapter.get(m)) else {
             continue;
         };
         let (begin, end) = info.data_offsets;
-        jobs.push((key, info.dtype, data_start + begin..data_start + end, module, t));
+        jobs.push((key, info.dtype, data_start + begin..data_start + end, t));
     }
     let mut keys: Vec<String> = jobs.iter().map(|job| job.0.clone()).collect();
     keys.sort();
@@ -262,7 +289,7 @@ fn write_shard_in_place(
     std::thread::scope(|scope| -> Result<()> {
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Result<(std::ops::Range<usize>, MergedBytes)>>(1);
         scope.spawn(move || {
-            for (key, dtype, range, module, t) in jobs {
+            for (key, dtype, range, t) in jobs {
                 let merged = bytes_to_f32(&mmap[range.clone()], dtype)
                     .ok_or_else(|| LoraError::UnexpectedTensor {
                         path: path.to_path_buf(),
@@ -270,7 +297,7 @@ fn write_shard_in_place(
                         message: format!("cannot merge into dtype {dtype:?}"),
                     })
                     .and_then(|mut w| {
-                        t.add_delta_to(&mut w, adapter.config.module_lora(&module).scaling);
+                        t.tensors.add_delta_to(&mut w, t.scaling);
                         if w.iter().any(|x| !x.is_finite()) {
                             return Err(LoraError::NonFinite { key: key.clone() });
                         }
@@ -298,7 +325,7 @@ fn write_shard_in_place(
 
 fn write_merged(
     base: &Path,
-    adapter: &AdapterFiles,
+    adapter: &BTreeMap<String, MergeJob<'_>>,
     files: &[String],
     index: Option<Value>,
     staging: &Path,
@@ -326,15 +353,15 @@ fn write_merged(
             })?;
             let target = dtype.target(view.dtype());
             let module = key.strip_suffix(".weight");
-            let lora = module.and_then(|m| adapter.tensors.get(m).map(|t| (m, t)));
+            let lora = module.and_then(|m| adapter.get(m));
             let bytes = match lora {
-                Some((module, t)) => {
+                Some(t) => {
                     let mut w = bytes_to_f32(view.data(), view.dtype()).ok_or_else(|| LoraError::UnexpectedTensor {
                         path: path.clone(),
                         key: key.clone(),
                         message: format!("cannot merge into dtype {:?}", view.dtype()),
                     })?;
-                    t.add_delta_to(&mut w, adapter.config.module_lora(module).scaling);
+                    t.tensors.add_delta_to(&mut w, t.scaling);
                     if w.iter().any(|x| !x.is_finite()) {
                         return Err(LoraError::NonFinite { key });
                     }

@@ -11,22 +11,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
-/// The `model_type`s Ember implements.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "olmo2",
-    "glm4",
-    "mixtral",
-    "qwen3_moe",
-    "gpt_oss",
-];
+use crate::family::{BiasRule, Family, FamilySpec, LayerPattern, RopeRule, WindowRule, WrapperSpec};
 
 /// Deserialises a key that may be absent (outer `None`) or `null` (inner `None`): Gemma 2's
 /// soft-caps default to 50/30 when absent but are off when `null`.
@@ -136,8 +121,12 @@ pub struct HfConfig {
     pub swiglu_alpha: Option<f64>,
     /// Phi-3 (transformers 4 style): context length of pre-training, for longrope.
     pub original_max_position_embeddings: Option<f64>,
-    /// Multimodal wrappers (Gemma 3 4B+, ...) nest the language model here.
+    /// Multimodal wrappers (Gemma 3 4B+, Mistral 3, ...) nest the language model here.
     pub text_config: Option<Value>,
+    /// SmolLM3: per layer, 1 = RoPE, 0 = no position embedding.
+    pub no_rope_layers: Option<Vec<usize>>,
+    /// SmolLM3: without `no_rope_layers`, every n-th layer has no RoPE (default 4).
+    pub no_rope_layer_interval: Option<usize>,
 }
 
 /// How RoPE frequencies are rescaled for long context.
@@ -330,11 +319,38 @@ pub enum Activation {
     Gelu,
 }
 
+/// A per-position multiplier of the queries (after RoPE).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum QueryScale {
+    /// Ministral 3 (Llama 4's long-context trick): `1 + beta·ln(1 + ⌊pos / original⌋)`.
+    LogPosition {
+        /// β (`llama_4_scaling_beta`).
+        beta: f64,
+        /// The positions per step (`original_max_position_embeddings`).
+        original: f64,
+    },
+}
+
+impl QueryScale {
+    /// The multiplier at position `pos`, in f32 as transformers computes it.
+    pub fn at(&self, pos: i64) -> f32 {
+        match *self {
+            QueryScale::LogPosition { beta, original } => {
+                1.0 + beta as f32 * (1.0 + (pos as f32 / original as f32).floor()).ln()
+            }
+        }
+    }
+}
+
 /// The normalised decoder configuration the model is built from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecoderConfig {
-    /// The architecture family (for display; the forward pass never reads it).
+    /// The text decoder's `model_type` (for display; the forward pass never reads it).
     pub model_type: String,
+    /// The family row the config was normalised with.
+    pub family: Family,
+    /// The multimodal wrapper's `model_type` when the decoder came from its `text_config`.
+    pub wrapper: Option<String>,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// Model width.
@@ -387,6 +403,10 @@ pub struct DecoderConfig {
     pub moe: Option<MoeConfig>,
     /// Sliding window per layer (`None` = global attention).
     pub sliding_window: Vec<Option<usize>>,
+    /// Per layer: whether RoPE rotates q and k (SmolLM3 has RoPE-free layers).
+    pub rope_layers: Vec<bool>,
+    /// Per-position query multiplier (Ministral 3).
+    pub query_scale: Option<QueryScale>,
     /// Whether `lm_head` shares the embedding matrix.
     pub tie_word_embeddings: bool,
     /// Longest trained context.
@@ -409,14 +429,57 @@ impl DecoderConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let hf: HfConfig = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        let json = |source| ModelError::Json {
             path: path.to_path_buf(),
             source,
-        })?;
-        Self::from_hf(&hf, path)
+        };
+        let value: Value = serde_json::from_str(&text).map_err(json)?;
+        Self::from_value(value, path)
     }
 
-    /// Normalises a parsed config; `path` names the file in errors.
+    /// Normalises a parsed `config.json`: a text decoder's, or a multimodal wrapper's whose
+    /// `text_config` holds the decoder (its vision/audio settings are ignored). `path` names
+    /// the file in errors.
+    pub fn from_value(value: Value, path: &Path) -> Result<Self> {
+        let json = |source| ModelError::Json {
+            path: path.to_path_buf(),
+            source,
+        };
+        let Some(text_config) = value.get("text_config").filter(|v| v.is_object()) else {
+            let hf: HfConfig = serde_json::from_value(value).map_err(json)?;
+            return Self::from_hf(&hf, path);
+        };
+        let wrapper_type = value.get("model_type").and_then(Value::as_str).unwrap_or_default();
+        let Some(wrapper) = WrapperSpec::of(wrapper_type) else {
+            return Err(ModelError::UnsupportedModelType {
+                path: path.to_path_buf(),
+                model_type: format!("{wrapper_type} (a multimodal wrapper with `text_config`)"),
+                supported: crate::family::supported_model_types(),
+            });
+        };
+        let mut text = text_config.clone();
+        let object = text.as_object_mut().expect("checked above");
+        object
+            .entry("model_type")
+            .or_insert_with(|| Value::from(wrapper.default_text_model_type));
+        // The wrapper's own key decides tying (transformers ties through the outer model).
+        let tied = value
+            .get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+            .unwrap_or(wrapper.tied_by_default);
+        object.insert("tie_word_embeddings".into(), Value::from(tied));
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype"] {
+            if let Some(v) = value.get(key).filter(|v| !v.is_null()) {
+                object.entry(key).or_insert_with(|| v.clone());
+            }
+        }
+        let hf: HfConfig = serde_json::from_value(text).map_err(json)?;
+        let mut config = Self::from_hf(&hf, path)?;
+        config.wrapper = Some(wrapper.model_type.to_string());
+        Ok(config)
+    }
+
+    /// Normalises a parsed text-decoder config; `path` names the file in errors.
     pub fn from_hf(hf: &HfConfig, path: &Path) -> Result<Self> {
         let invalid = |key: &str, message: String| ModelError::InvalidConfig {
             path: path.to_path_buf(),
@@ -427,19 +490,16 @@ impl DecoderConfig {
         if hf.text_config.is_some() {
             return Err(invalid(
                 "text_config",
-                format!(
-                    "`{model_type}` is a multimodal wrapper; Ember loads text-only decoders \
-                     (for Gemma 3, a `gemma3_text` checkpoint)"
-                ),
+                format!("`{model_type}` is a multimodal wrapper; read it with DecoderConfig::from_value"),
             ));
         }
-        if !SUPPORTED_MODEL_TYPES.contains(&model_type) {
+        let Some(spec) = FamilySpec::of(model_type) else {
             return Err(ModelError::UnsupportedModelType {
                 path: path.to_path_buf(),
                 model_type: model_type.to_string(),
-                supported: SUPPORTED_MODEL_TYPES.join(", "),
+                supported: crate::family::supported_model_types(),
             });
-        }
+        };
         if hf.num_attention_heads == 0 || hf.hidden_size == 0 || hf.num_hidden_layers == 0 {
             return Err(invalid(
                 "num_attention_heads",
@@ -475,7 +535,7 @@ impl DecoderConfig {
             ));
         }
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / num_heads);
-        let gemma = matches!(model_type, "gemma" | "gemma2" | "gemma3_text");
+        let gemma = spec.gemma_conventions;
         let (act_key, act_name) = if gemma {
             // transformers' Gemma reads `hidden_activation` only (default gelu_pytorch_tanh).
             (
@@ -487,62 +547,66 @@ impl DecoderConfig {
         };
         let act = parse_activation(act_name).map_err(|m| invalid(act_key, m))?;
 
-        let qwen = matches!(model_type, "qwen2" | "qwen3" | "qwen3_moe");
-        let qkv_bias = match model_type {
-            "qwen2" => true,
-            "phi3" => false,
-            _ => hf.attention_bias.unwrap_or(false),
+        let bias = |rule: BiasRule| match rule {
+            BiasRule::FromConfig => hf.attention_bias.unwrap_or(false),
+            BiasRule::Always => true,
+            BiasRule::Never => false,
         };
-        let o_bias = match model_type {
-            "qwen2" | "glm4" | "phi3" => false,
-            _ => hf.attention_bias.unwrap_or(false),
-        };
-        let layer_types = layer_types(hf).map_err(|(key, msg)| invalid(&key, msg))?;
+        let layer_types = layer_types(hf, spec).map_err(|(key, msg)| invalid(&key, msg))?;
         let sliding_window =
-            layer_windows(hf, qwen, layer_types.as_deref()).map_err(|(key, msg)| invalid(&key, msg))?;
+            layer_windows(hf, spec, layer_types.as_deref()).map_err(|(key, msg)| invalid(&key, msg))?;
 
-        let mut rope = rope_config(hf, head_dim, None).map_err(|(key, msg)| invalid(&key, msg))?;
-        let mut local_rope = None;
-        if model_type == "gemma3_text" {
-            rope = rope_config(hf, head_dim, Some("full_attention")).map_err(|(key, msg)| invalid(&key, msg))?;
-            local_rope =
-                Some(rope_config(hf, head_dim, Some("sliding_attention")).map_err(|(key, msg)| invalid(&key, msg))?);
+        let (mut rope, mut local_rope) = match spec.rope {
+            RopeRule::Shared => (
+                rope_config(hf, spec, head_dim, None).map_err(|(key, msg)| invalid(&key, msg))?,
+                None,
+            ),
+            RopeRule::PerLayerType => (
+                rope_config(hf, spec, head_dim, Some("full_attention")).map_err(|(key, msg)| invalid(&key, msg))?,
+                Some(
+                    rope_config(hf, spec, head_dim, Some("sliding_attention"))
+                        .map_err(|(key, msg)| invalid(&key, msg))?,
+                ),
+            ),
+        };
+        rope.interleaved = spec.interleaved_rope;
+        if let Some(local) = local_rope.as_mut() {
+            local.interleaved = spec.interleaved_rope;
         }
-        if model_type == "glm4" {
-            rope.interleaved = true;
-            if let Some(local) = local_rope.as_mut() {
-                local.interleaved = true;
+        let rope_layers = rope_layers(hf, spec).map_err(|(key, msg)| invalid(&key, msg))?;
+        let query_scale = if spec.position_query_scale {
+            let (params, key) = rope_parameters(hf, None);
+            let get = |name: &str| params.as_ref().and_then(|p| p.get(name)).and_then(Value::as_f64);
+            match (get("llama_4_scaling_beta"), get("original_max_position_embeddings")) {
+                (Some(beta), Some(original)) if original > 0.0 => Some(QueryScale::LogPosition { beta, original }),
+                (Some(_), _) => {
+                    return Err(invalid(
+                        &format!("{key}.original_max_position_embeddings"),
+                        "a positive number is required with llama_4_scaling_beta".into(),
+                    ))
+                }
+                (None, _) => None,
             }
-        }
-
-        let norms = match model_type {
-            "gemma2" | "gemma3_text" => NormPlacement::GEMMA_SANDWICH,
-            "glm4" => NormPlacement::GLM_SANDWICH,
-            "olmo2" => NormPlacement::POST,
-            _ => NormPlacement::PRE,
-        };
-        let qk_norm = match model_type {
-            "qwen3" | "qwen3_moe" | "gemma3_text" => QkNorm::PerHead,
-            "olmo2" => QkNorm::Full,
-            _ => QkNorm::None,
-        };
-        let attn_scale = match (model_type, hf.query_pre_attn_scalar) {
-            ("gemma2" | "gemma3_text", Some(s)) => s.powf(-0.5),
-            ("gemma2" | "gemma3_text", None) => 256f64.powf(-0.5),
-            _ => (head_dim as f64).powf(-0.5),
-        };
-        let (attn_softcap, final_softcap) = if model_type == "gemma2" {
-            (
-                hf.attn_logit_softcapping.unwrap_or(Some(50.0)),
-                hf.final_logit_softcapping.unwrap_or(Some(30.0)),
-            )
         } else {
-            (
+            None
+        };
+
+        let attn_scale = match (spec.query_pre_attn_scalar, hf.query_pre_attn_scalar) {
+            (true, Some(s)) => s.powf(-0.5),
+            (true, None) => 256f64.powf(-0.5),
+            (false, _) => (head_dim as f64).powf(-0.5),
+        };
+        let (attn_softcap, final_softcap) = match spec.default_softcaps {
+            Some((attn, last)) => (
+                hf.attn_logit_softcapping.unwrap_or(Some(attn)),
+                hf.final_logit_softcapping.unwrap_or(Some(last)),
+            ),
+            None => (
                 hf.attn_logit_softcapping.flatten(),
                 hf.final_logit_softcapping.flatten(),
-            )
+            ),
         };
-        let moe = moe_config(hf, act).map_err(|(key, msg)| invalid(&key, msg))?;
+        let moe = moe_config(hf, spec, act).map_err(|(key, msg)| invalid(&key, msg))?;
 
         let token = |v: &Option<Value>| -> Vec<u32> {
             match v {
@@ -554,6 +618,8 @@ impl DecoderConfig {
 
         Ok(Self {
             model_type: model_type.to_string(),
+            family: spec.family,
+            wrapper: None,
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
             intermediate_size: hf.intermediate_size,
@@ -562,32 +628,38 @@ impl DecoderConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-            qkv_bias,
-            o_bias,
+            qkv_bias: bias(spec.qkv_bias),
+            o_bias: bias(spec.o_bias),
             mlp_bias: hf.mlp_bias.unwrap_or(false),
-            qk_norm,
+            qk_norm: spec.qk_norm,
             act,
             rope,
             local_rope,
-            norms,
+            norms: spec.norms.clone(),
             norm_unit_offset: gemma,
             embed_scale: gemma.then(|| (hf.hidden_size as f64).sqrt() as f32),
             attn_scale,
             attn_softcap,
             final_softcap,
-            attn_sinks: model_type == "gpt_oss",
-            fused_qkv: model_type == "phi3",
-            fused_gate_up: matches!(model_type, "phi3" | "glm4"),
+            attn_sinks: spec.attn_sinks,
+            fused_qkv: spec.fused_qkv,
+            fused_gate_up: spec.fused_gate_up,
             moe,
             sliding_window,
-            // transformers' default: Gemma ties the head to the embeddings, the others do not.
-            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(gemma),
+            rope_layers,
+            query_scale,
+            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(spec.tied_by_default),
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
             bos_token_id: token(&hf.bos_token_id).first().copied(),
             eos_token_ids: token(&hf.eos_token_id),
             pad_token_id: token(&hf.pad_token_id).first().copied(),
             torch_dtype: hf.dtype.clone().or_else(|| hf.torch_dtype.clone()),
         })
+    }
+
+    /// The family row this config was normalised with.
+    pub fn spec(&self) -> &'static FamilySpec {
+        FamilySpec::get(self.family)
     }
 
     /// Number of query heads sharing one key/value head.
@@ -605,29 +677,36 @@ fn parse_activation(name: &str) -> std::result::Result<Activation, String> {
     }
 }
 
-/// Reads RoPE settings from either `rope_parameters` (transformers 5) or
-/// `rope_theta` + `rope_scaling` (transformers 4). `layer_type` selects Gemma 3's
-/// per-layer-type parameters (`rope_parameters.sliding_attention`, or `rope_local_base_freq`
-/// unscaled in transformers 4 style). Errors are `(key, message)`.
-fn rope_config(
-    hf: &HfConfig,
-    head_dim: usize,
-    layer_type: Option<&str>,
-) -> std::result::Result<RopeConfig, (String, String)> {
-    // transformers 5 folds theta into rope_parameters (per layer type for Gemma 3);
-    // transformers 4 keeps them apart.
+/// The RoPE parameter object that applies (`rope_parameters`, per layer type when given, or
+/// transformers 4's `rope_scaling`) and the key it came from.
+fn rope_parameters(hf: &HfConfig, layer_type: Option<&str>) -> (Option<Value>, String) {
     let per_type = layer_type.and_then(|t| hf.rope_parameters.as_ref().and_then(|p| p.get(t)));
-    let (params, key) = match (per_type, &hf.rope_parameters, &hf.rope_scaling) {
-        (Some(p @ Value::Object(_)), _, _) => {
-            (Some(p.clone()), format!("rope_parameters.{}", layer_type.unwrap_or("")))
-        }
+    match (per_type, &hf.rope_parameters, &hf.rope_scaling) {
+        (Some(p @ Value::Object(_)), _, _) => (Some(p.clone()), format!("rope_parameters.{}", layer_type.unwrap_or(""))),
         (None, Some(p @ Value::Object(_)), _) => (Some(p.clone()), "rope_parameters".to_string()),
         (None, _, Some(s @ Value::Object(_))) => (Some(s.clone()), "rope_scaling".to_string()),
         _ => (None, "rope_scaling".to_string()),
-    };
-    // transformers 4 Gemma 3: sliding layers use rope_local_base_freq and no scaling.
+    }
+}
+
+/// Reads RoPE settings from either `rope_parameters` (transformers 5) or
+/// `rope_theta` + `rope_scaling` (transformers 4). `layer_type` selects the per-layer-type
+/// parameters of Gemma 3 and OLMo 3 (`rope_parameters.sliding_attention`; in transformers 4
+/// style the sliding layers are unscaled, with Gemma 3's `rope_local_base_freq` or the shared
+/// `rope_theta`). Errors are `(key, message)`.
+fn rope_config(
+    hf: &HfConfig,
+    spec: &FamilySpec,
+    head_dim: usize,
+    layer_type: Option<&str>,
+) -> std::result::Result<RopeConfig, (String, String)> {
+    let per_type = layer_type.and_then(|t| hf.rope_parameters.as_ref().and_then(|p| p.get(t)));
+    let (params, key) = rope_parameters(hf, layer_type);
     let (params, local_theta) = match (layer_type, per_type) {
-        (Some("sliding_attention"), None) => (None, Some(hf.rope_local_base_freq.unwrap_or(10_000.0))),
+        (Some("sliding_attention"), None) if spec.gemma_conventions => {
+            (None, Some(hf.rope_local_base_freq.unwrap_or(10_000.0)))
+        }
+        (Some("sliding_attention"), None) => (None, hf.rope_theta),
         _ => (params, None),
     };
     let get = |name: &str| params.as_ref().and_then(|p| p.get(name)).and_then(Value::as_f64);
@@ -747,7 +826,7 @@ fn rope_config(
 /// The attention kind of each layer: `layer_types` when given, else the family's default
 /// alternation (Gemma 2 and gpt-oss: sliding, global, ...; Gemma 3: every
 /// `sliding_window_pattern`-th layer global). `None` when the family has no layer types.
-fn layer_types(hf: &HfConfig) -> std::result::Result<Option<Vec<String>>, (String, String)> {
+fn layer_types(hf: &HfConfig, spec: &FamilySpec) -> std::result::Result<Option<Vec<String>>, (String, String)> {
     let n = hf.num_hidden_layers;
     if let Some(types) = &hf.layer_types {
         if types.len() != n {
@@ -758,13 +837,13 @@ fn layer_types(hf: &HfConfig) -> std::result::Result<Option<Vec<String>>, (Strin
         }
         return Ok(Some(types.clone()));
     }
-    let pattern = match hf.model_type.as_str() {
-        "gemma2" | "gpt_oss" => 2,
-        "gemma3_text" => hf
+    let pattern = match spec.layer_pattern {
+        LayerPattern::EveryNthGlobal(n) => n,
+        LayerPattern::SlidingWindowPatternKey(default) => hf
             .sliding_window_pattern
             .or(hf.sliding_window_pattern_private)
-            .unwrap_or(6),
-        _ => return Ok(None),
+            .unwrap_or(default),
+        LayerPattern::None => return Ok(None),
     };
     if pattern == 0 {
         return Err(("sliding_window_pattern".into(), "must be positive".into()));
@@ -783,12 +862,13 @@ fn layer_types(hf: &HfConfig) -> std::result::Result<Option<Vec<String>>, (Strin
 }
 
 /// The MoE settings, `None` for dense models. Errors are `(key, message)`.
-fn moe_config(hf: &HfConfig, act: Activation) -> std::result::Result<Option<MoeConfig>, (String, String)> {
-    let layout = match hf.model_type.as_str() {
-        "mixtral" => MoeLayout::Mixtral,
-        "qwen3_moe" => MoeLayout::Qwen,
-        "gpt_oss" => MoeLayout::GptOss,
-        _ => return Ok(None),
+fn moe_config(
+    hf: &HfConfig,
+    spec: &FamilySpec,
+    act: Activation,
+) -> std::result::Result<Option<MoeConfig>, (String, String)> {
+    let Some(layout) = spec.moe else {
+        return Ok(None);
     };
     let num_experts = hf
         .num_local_experts
@@ -858,11 +938,13 @@ fn moe_config(hf: &HfConfig, act: Activation) -> std::result::Result<Option<MoeC
 /// The sliding window of each layer. Errors are `(key, message)`.
 fn layer_windows(
     hf: &HfConfig,
-    qwen: bool,
+    spec: &FamilySpec,
     layer_types: Option<&[String]>,
 ) -> std::result::Result<Vec<Option<usize>>, (String, String)> {
     let n = hf.num_hidden_layers;
-    if let Some(types) = layer_types {
+    // SmolLM3 writes `layer_types` but slides only with `use_sliding_window`.
+    let disabled = spec.window == WindowRule::WhenEnabled && !hf.use_sliding_window.unwrap_or(false);
+    if let Some(types) = layer_types.filter(|_| !disabled) {
         return types
             .iter()
             .map(|t| match t.as_str() {
@@ -877,14 +959,14 @@ fn layer_windows(
             })
             .collect();
     }
-    // Families whose transformers attention never slides ignore a `sliding_window` key.
-    let window = match hf.model_type.as_str() {
-        "mistral" | "mixtral" | "phi3" | "qwen2" | "qwen3" | "qwen3_moe" => hf.sliding_window,
-        _ => None,
+    let window = match spec.window {
+        // Families whose transformers attention never slides ignore a `sliding_window` key.
+        WindowRule::Ignored | WindowRule::WhenEnabled => None,
+        WindowRule::EveryLayer | WindowRule::Qwen => hf.sliding_window,
     };
     Ok((0..n)
         .map(|i| {
-            if qwen {
+            if spec.window == WindowRule::Qwen {
                 // Qwen2/3 (transformers 4 configs): window only if enabled, from max_window_layers on.
                 let enabled = hf.use_sliding_window.unwrap_or(false);
                 let from = hf.max_window_layers.unwrap_or(0);
@@ -898,6 +980,29 @@ fn layer_windows(
             }
         })
         .collect())
+}
+
+/// Per layer, whether RoPE applies: SmolLM3's `no_rope_layers` (1 = RoPE), or without it
+/// every `no_rope_layer_interval`-th layer (default 4) RoPE-free; every layer elsewhere.
+fn rope_layers(hf: &HfConfig, spec: &FamilySpec) -> std::result::Result<Vec<bool>, (String, String)> {
+    let n = hf.num_hidden_layers;
+    if !spec.nope_layers {
+        return Ok(vec![true; n]);
+    }
+    if let Some(list) = &hf.no_rope_layers {
+        if list.len() != n {
+            return Err((
+                "no_rope_layers".into(),
+                format!("has {} entries for {n} layers", list.len()),
+            ));
+        }
+        return Ok(list.iter().map(|&x| x != 0).collect());
+    }
+    let interval = hf.no_rope_layer_interval.unwrap_or(4);
+    if interval == 0 {
+        return Err(("no_rope_layer_interval".into(), "must be positive".into()));
+    }
+    Ok((0..n).map(|i| (i + 1) % interval != 0).collect())
 }
 
 /// Resolves `dir/config.json`.

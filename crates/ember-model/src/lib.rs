@@ -15,6 +15,7 @@
 pub mod allocator;
 pub mod config;
 pub mod dtype;
+pub mod family;
 mod error;
 pub mod generate;
 pub mod gguf;

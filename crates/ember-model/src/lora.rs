@@ -10,7 +10,7 @@ use ember_lora::EmberBackend;
 use ember_lora::{AdapterFiles, AdapterTensors, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules};
 
 use crate::error::Result;
-use crate::model::{CausalLm, FeedForward, GateUpProjection, QkvProjection};
+use crate::model::{CausalLm, FeedForward, GateUpProjection, QkvProjection, SelfAttention};
 
 /// What attaching or loading an adapter did.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,9 +42,10 @@ impl<B: EmberBackend> CausalLm<B> {
     /// fused) and an untied `lm_head`. MoE routers and experts are frozen and not listed.
     pub fn linear_layers(&self) -> Vec<(String, &LoraLinear<B>)> {
         let mut out = Vec::new();
+        let decoder = &self.names.decoder;
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &layer.self_attn;
+            let p = format!("{decoder}.layers.{i}");
+            let SelfAttention::Grouped(a) = &layer.self_attn;
             match &a.qkv {
                 QkvProjection::Split(s) => {
                     out.push((format!("{p}.self_attn.q_proj"), &s.q_proj));
@@ -74,9 +75,10 @@ impl<B: EmberBackend> CausalLm<B> {
     /// [`CausalLm::linear_layers`], mutable.
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
         let mut out = Vec::new();
+        let decoder = self.names.decoder.clone();
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut layer.self_attn;
+            let p = format!("{decoder}.layers.{i}");
+            let SelfAttention::Grouped(a) = &mut layer.self_attn;
             match &mut a.qkv {
                 QkvProjection::Split(s) => {
                     out.push((format!("{p}.self_attn.q_proj"), &mut s.q_proj));
@@ -173,6 +175,18 @@ impl<B: EmberBackend> CausalLm<B> {
         let known: BTreeMap<String, [usize; 2]> =
             self.linear_layers().into_iter().map(|(p, l)| (p, l.dims())).collect();
         for (path, t) in &files.tensors {
+            if self.names.wrapped && !self.names.is_text_module(path) {
+                return Err(LoraError::UnexpectedTensor {
+                    path: "adapter_model.safetensors".into(),
+                    key: format!("base_model.model.{path}.lora_A.weight"),
+                    message: format!(
+                        "`{path}` is outside the text decoder (`{}`): Ember loads and trains the language \
+                         model of a multimodal checkpoint only, not LoRA on its vision or audio towers",
+                        self.names.decoder
+                    ),
+                }
+                .into());
+            }
             let Some(&[out, inp]) = known.get(path) else {
                 return Err(LoraError::UnexpectedTensor {
                     path: "adapter_model.safetensors".into(),
@@ -262,4 +276,43 @@ impl<B: EmberBackend> CausalLm<B> {
             }
         }
     }
+}
+
+/// Merges `adapter` into the HF checkpoint at `base` (see [`ember_lora::merge`]), naming each
+/// adapted module as the checkpoint does: a multimodal wrapper's text decoder may be stored
+/// under `language_model.model.` while PEFT adapters name it `model.language_model.`. LoRA on
+/// a wrapper's vision or audio towers is refused, as everywhere in Ember.
+pub fn merge_checkpoint(
+    base: &std::path::Path,
+    adapter: &AdapterFiles,
+    out: &std::path::Path,
+    dtype: ember_lora::merge::MergeDtype,
+) -> Result<ember_lora::merge::MergeReport> {
+    let config = crate::config::DecoderConfig::from_file(base.join("config.json"))?;
+    let names = if config.wrapper.is_some() {
+        let weights = crate::weights::Weights::open_dir(base)?;
+        let names = crate::family::ModuleNames::wrapped(weights.keys().map(String::as_str));
+        if let Some(module) = adapter.tensors.keys().find(|m| !names.is_text_module(m)) {
+            return Err(LoraError::UnexpectedTensor {
+                path: "adapter_model.safetensors".into(),
+                key: format!("base_model.model.{module}.lora_A.weight"),
+                message: format!(
+                    "`{module}` is outside the text decoder (`{}`): Ember merges LoRA of the language model \
+                     of a multimodal checkpoint only",
+                    names.decoder
+                ),
+            }
+            .into());
+        }
+        names
+    } else {
+        crate::family::ModuleNames::text_only()
+    };
+    Ok(ember_lora::merge::merge_checkpoint_renamed(
+        base,
+        adapter,
+        out,
+        dtype,
+        &|module| names.checkpoint_key(module),
+    )?)
 }

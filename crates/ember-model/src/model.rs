@@ -8,13 +8,14 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use ember_lora::EmberBackend;
 use ember_lora::{FrozenWeight, LoraLinear};
 
-use crate::config::{Activation, DecoderConfig, QkNorm};
+use crate::config::{Activation, DecoderConfig, QkNorm, QueryScale};
 use crate::dtype::BaseDtype;
 use crate::error::{ModelError, Result};
+use crate::family::ModuleNames;
 use crate::moe::SparseMoe;
 use crate::rope::{RopeFrequencies, RopeTables};
 use crate::weights::Weights;
@@ -115,15 +116,85 @@ pub struct Attention<B: Backend> {
     pub softcap: Option<f64>,
 }
 
+/// What a layer's attention needs besides its input: positions as RoPE tables and query
+/// scales, and the mask.
+#[derive(Debug, Clone)]
+pub struct AttentionInputs<'a, B: Backend> {
+    /// The cos/sin tables of this layer; `None` for RoPE-free layers (SmolLM3).
+    pub rope: Option<&'a RopeTables<B>>,
+    /// Per-position query multipliers, `[batch, 1, seq, 1]` (Ministral 3).
+    pub query_scale: Option<&'a Tensor<B, 4>>,
+    /// Additive mask, `[batch, 1, seq, past + seq]`.
+    pub mask: Tensor<B, 4>,
+}
+
+/// What one layer keeps between decoding steps; one variant per attention kind.
+#[derive(Debug, Clone)]
+pub enum LayerCache<B: Backend> {
+    /// Keys and values after RoPE, before head repetition, `[batch, kv_heads, len, head_dim]`.
+    KeyValue {
+        /// Keys.
+        keys: Tensor<B, 4>,
+        /// Values.
+        values: Tensor<B, 4>,
+    },
+}
+
+impl<B: Backend> LayerCache<B> {
+    /// Keeps the first `len` positions (a scoring pass that continues from a shorter prefix).
+    pub fn truncate(self, len: usize) -> Self {
+        match self {
+            LayerCache::KeyValue { keys, values } => LayerCache::KeyValue {
+                keys: keys.narrow(2, 0, len),
+                values: values.narrow(2, 0, len),
+            },
+        }
+    }
+}
+
+/// A layer's token mixer; one variant per attention kind (part 2 of the 2026 families adds
+/// latent and linear attention beside it).
+// One per layer; boxing would buy nothing and burn modules do not derive through Box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum SelfAttention<B: Backend> {
+    /// Softmax attention with grouped key/value heads and a key/value cache.
+    Grouped(Attention<B>),
+}
+
+impl<B: EmberBackend> SelfAttention<B> {
+    /// Mixes the sequence, continuing from `cache`; returns the output and the new cache.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        inputs: &AttentionInputs<'_, B>,
+        cache: Option<LayerCache<B>>,
+    ) -> (Tensor<B, 3>, LayerCache<B>) {
+        match self {
+            SelfAttention::Grouped(attention) => {
+                let past = cache.map(|c| match c {
+                    LayerCache::KeyValue { keys, values } => (keys, values),
+                });
+                let (out, (keys, values)) = attention.forward_cached(x, inputs, past);
+                (out, LayerCache::KeyValue { keys, values })
+            }
+        }
+    }
+}
+
 impl<B: EmberBackend> Attention<B> {
     /// Attends causally over the sequence.
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
-    /// - `mask`: additive, `[batch, 1, seq, seq]`
+    /// - `inputs.mask`: additive, `[batch, 1, seq, seq]`
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4>) -> Tensor<B, 3> {
-        self.forward_cached(x, rope, mask, None).0
+    pub fn forward(&self, x: Tensor<B, 3>, inputs: &AttentionInputs<'_, B>) -> Tensor<B, 3> {
+        self.forward_cached(x, inputs, None).0
     }
 
     /// Attends over cached keys/values plus the new positions; returns the output and the
@@ -131,14 +202,13 @@ impl<B: EmberBackend> Attention<B> {
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
-    /// - `mask`: additive, `[batch, 1, seq, past + seq]`
+    /// - `inputs.mask`: additive, `[batch, 1, seq, past + seq]`
     /// - `cache`: keys and values `[batch, kv_heads, past, head_dim]`
     /// - output: `[batch, seq, hidden]`, cache `[batch, kv_heads, past + seq, head_dim]`
     pub fn forward_cached(
         &self,
         x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        mask: Tensor<B, 4>,
+        inputs: &AttentionInputs<'_, B>,
         cache: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
     ) -> (Tensor<B, 3>, (Tensor<B, 4>, Tensor<B, 4>)) {
         let [batch, seq, _] = x.dims();
@@ -170,8 +240,14 @@ impl<B: EmberBackend> Attention<B> {
             q = q_norm.forward(q);
             k = k_norm.forward(k);
         }
-        let q = rope.apply(q.swap_dims(1, 2));
-        let mut k = rope.apply(k.swap_dims(1, 2));
+        let (mut q, mut k) = (q.swap_dims(1, 2), k.swap_dims(1, 2));
+        if let Some(rope) = inputs.rope {
+            q = rope.apply(q);
+            k = rope.apply(k);
+        }
+        if let Some(scale) = inputs.query_scale {
+            q = q * scale.clone();
+        }
         let mut v = v.swap_dims(1, 2);
         if let Some((past_k, past_v)) = cache {
             k = Tensor::cat(vec![past_k, k], 2);
@@ -185,7 +261,7 @@ impl<B: EmberBackend> Attention<B> {
         if let Some(cap) = self.softcap {
             scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
         }
-        let scores = scores + mask;
+        let scores = scores + inputs.mask.clone();
         let probs = match &self.sinks {
             None => softmax(scores, 3),
             Some(sinks) => {
@@ -309,8 +385,8 @@ impl<B: EmberBackend> FeedForward<B> {
 pub struct DecoderLayer<B: Backend> {
     /// Norm before attention.
     pub attn_norm: Option<RmsNorm<B>>,
-    /// Attention.
-    pub self_attn: Attention<B>,
+    /// Attention (of the layer's kind).
+    pub self_attn: SelfAttention<B>,
     /// Norm of the attention output.
     pub attn_out_norm: Option<RmsNorm<B>>,
     /// Norm before the feed-forward block.
@@ -321,8 +397,20 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp_out_norm: Option<RmsNorm<B>>,
     /// Sliding window of this layer (`None` = global).
     pub sliding_window: Option<usize>,
-    /// Uses the local RoPE tables (Gemma 3 sliding layers).
-    pub local_rope: bool,
+    /// Which RoPE tables the layer uses.
+    #[module(skip)]
+    pub rope: LayerRope,
+}
+
+/// The RoPE a layer applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerRope {
+    /// The model's (global) RoPE.
+    Global,
+    /// The sliding-window layers' own RoPE (Gemma 3, OLMo 3).
+    Local,
+    /// None: the layer has no position embedding (SmolLM3's NoPE layers).
+    None,
 }
 
 fn norm_opt<B: EmberBackend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -335,22 +423,21 @@ fn norm_opt<B: EmberBackend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 3>) -> Tens
 impl<B: EmberBackend> DecoderLayer<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
-    /// - `mask`: additive, `[batch, 1, seq, seq]`
+    /// - `inputs.mask`: additive, `[batch, 1, seq, seq]`
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4>) -> Tensor<B, 3> {
-        self.forward_cached(x, rope, mask, None).0
+    pub fn forward(&self, x: Tensor<B, 3>, inputs: &AttentionInputs<'_, B>) -> Tensor<B, 3> {
+        self.forward_cached(x, inputs, None).0
     }
 
-    /// [`DecoderLayer::forward`] with a key/value cache (see [`Attention::forward_cached`]).
+    /// [`DecoderLayer::forward`] with the layer's cache (see [`SelfAttention::forward_cached`]).
     pub fn forward_cached(
         &self,
         x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        mask: Tensor<B, 4>,
-        cache: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
-    ) -> (Tensor<B, 3>, (Tensor<B, 4>, Tensor<B, 4>)) {
+        inputs: &AttentionInputs<'_, B>,
+        cache: Option<LayerCache<B>>,
+    ) -> (Tensor<B, 3>, LayerCache<B>) {
         let h = norm_opt(&self.attn_norm, x.clone());
-        let (h, cache) = self.self_attn.forward_cached(h, rope, mask, cache);
+        let (h, cache) = self.self_attn.forward_cached(h, inputs, cache);
         let x = x + norm_opt(&self.attn_out_norm, h);
         let h = self.mlp.forward(norm_opt(&self.mlp_norm, x.clone()));
         (x + norm_opt(&self.mlp_out_norm, h), cache)
@@ -417,9 +504,17 @@ pub struct CausalLm<B: Backend> {
     /// RoPE frequencies (of the global layers).
     #[module(skip)]
     pub rope: RopeFrequencies,
-    /// RoPE frequencies of the sliding-window layers, when they differ (Gemma 3).
+    /// RoPE frequencies of the sliding-window layers, when they differ (Gemma 3, OLMo 3).
     #[module(skip)]
     pub local_rope: Option<RopeFrequencies>,
+    /// Where the decoder's modules live in module paths and in the checkpoint.
+    #[module(skip)]
+    pub names: ModuleNames,
+    /// Checkpoint components a multimodal wrapper holds besides the text decoder (vision or
+    /// audio towers, projectors, multi-token-prediction layers), with their tensor counts:
+    /// not loaded.
+    #[module(skip)]
+    pub ignored_components: Vec<(String, usize)>,
 }
 
 impl<B: EmberBackend> CausalLm<B> {
@@ -467,6 +562,8 @@ impl<B: EmberBackend> CausalLm<B> {
     pub fn load_as(config: DecoderConfig, weights: &Weights, device: &B::Device, dtype: BaseDtype) -> Result<Self> {
         let c = &config;
         let base_dtype = dtype.float_dtype();
+        let names = ModuleNames::for_checkpoint(c, weights.keys().map(String::as_str));
+        let decoder = names.checkpoint_decoder.as_str();
         let frozen = |key: &str, out: usize, inp: usize, quantize: bool| -> Result<FrozenWeight<B>> {
             if let Some(blocks) = weights.take_quantized(key, [out, inp])? {
                 return Ok(FrozenWeight::from_quantized(blocks));
@@ -512,7 +609,7 @@ impl<B: EmberBackend> CausalLm<B> {
         let (h, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
-            let p = format!("model.layers.{i}");
+            let p = format!("{decoder}.layers.{i}");
             let qkv = if c.fused_qkv {
                 QkvProjection::Fused(linear(
                     &format!("{p}.self_attn.qkv_proj"),
@@ -543,7 +640,7 @@ impl<B: EmberBackend> CausalLm<B> {
             } else {
                 None
             };
-            let self_attn = Attention {
+            let self_attn = SelfAttention::Grouped(Attention {
                 qkv,
                 o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q_dim, c.o_bias)?,
                 q_norm: qk_norm("q_norm", q_norm_dim)?,
@@ -555,7 +652,7 @@ impl<B: EmberBackend> CausalLm<B> {
                 qk_norm: c.qk_norm,
                 scale: c.attn_scale,
                 softcap: c.attn_softcap,
-            };
+            });
             let sparse = c.moe.as_ref().filter(|m| m.sparse_layers[i]);
             let mlp = match sparse {
                 Some(moe) => FeedForward::Sparse(crate::moe::load(moe, c, weights, &p, device, base_dtype)?),
@@ -585,10 +682,14 @@ impl<B: EmberBackend> CausalLm<B> {
                 mlp,
                 mlp_out_norm: layer_norm(c.norms.post_mlp)?,
                 sliding_window: c.sliding_window[i],
-                local_rope: c.local_rope.is_some() && c.sliding_window[i].is_some(),
+                rope: match (c.rope_layers[i], c.local_rope.is_some() && c.sliding_window[i].is_some()) {
+                    (false, _) => LayerRope::None,
+                    (true, true) => LayerRope::Local,
+                    (true, false) => LayerRope::Global,
+                },
             });
         }
-        let embed_key = "model.embed_tokens.weight";
+        let embed_key = &format!("{decoder}.embed_tokens.weight");
         let embed = match weights.take_quantized(embed_key, [c.vocab_size, h])? {
             Some(blocks) => FrozenWeight::from_quantized(blocks),
             None => {
@@ -605,15 +706,22 @@ impl<B: EmberBackend> CausalLm<B> {
         let model = DecoderModel {
             embed_tokens: Embedding { weight: embed },
             layers,
-            norm: norm("model.norm", h)?,
+            norm: norm(&format!("{decoder}.norm"), h)?,
         };
         let lm_head = if c.tie_word_embeddings {
             // Some tied checkpoints also store the (identical) head; transformers ignores it.
-            weights.skip("lm_head.weight");
+            weights.skip(&format!("{}.weight", names.checkpoint_lm_head));
             None
         } else {
-            Some(linear_of("lm_head", c.vocab_size, h, false, false)?)
+            Some(linear_of(&names.checkpoint_lm_head, c.vocab_size, h, false, false)?)
         };
+        // A wrapper's vision/audio towers and projectors are not loaded (and said so).
+        let ignored_components = names.ignored_components(weights.keys().map(String::as_str));
+        if names.wrapped {
+            for key in weights.keys().filter(|k| !names.is_text_key(k)) {
+                weights.skip(key);
+            }
+        }
         weights.ensure_all_used()?;
         let rope = RopeFrequencies::new(&c.rope);
         let local_rope = c.local_rope.as_ref().map(RopeFrequencies::new);
@@ -623,6 +731,8 @@ impl<B: EmberBackend> CausalLm<B> {
             config,
             rope,
             local_rope,
+            names,
+            ignored_components,
         })
     }
 
@@ -686,7 +796,8 @@ impl<B: EmberBackend> CausalLm<B> {
         capture: bool,
     ) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
         let rope = self.rope.tables(position_ids.clone());
-        let local_rope = self.local_rope.as_ref().map(|r| r.tables(position_ids));
+        let local_rope = self.local_rope.as_ref().map(|r| r.tables(position_ids.clone()));
+        let query_scale = self.config.query_scale.map(|scale| query_scales(scale, position_ids));
         let mut masks: BTreeMap<Option<usize>, Tensor<B, 4>> = BTreeMap::new();
         let mut x = self.model.embed_tokens.forward(input_ids);
         if let Some(scale) = self.config.embed_scale {
@@ -707,13 +818,19 @@ impl<B: EmberBackend> CausalLm<B> {
         for (i, layer) in self.model.layers.iter().enumerate() {
             let window = layer.sliding_window;
             let layer_mask = masks.entry(window).or_insert_with(|| mask(window)).clone();
-            let tables = match (&local_rope, layer.local_rope) {
-                (Some(local), true) => local,
-                _ => &rope,
+            let tables = match (&local_rope, layer.rope) {
+                (_, LayerRope::None) => None,
+                (Some(local), LayerRope::Local) => Some(local),
+                _ => Some(&rope),
+            };
+            let inputs = AttentionInputs {
+                rope: tables,
+                query_scale: query_scale.as_ref(),
+                mask: layer_mask,
             };
             let mut slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let past = slot.as_mut().and_then(|s| s.take());
-            let (out, kv) = layer.forward_cached(x, tables, layer_mask, past);
+            let (out, kv) = layer.forward_cached(x, &inputs, past);
             if let Some(slot) = slot {
                 *slot = Some(kv);
             }
@@ -818,11 +935,25 @@ impl<B: EmberBackend> CausalLm<B> {
     }
 }
 
-/// Keys and values of every layer for the positions processed so far.
+/// Per-position query multipliers.
+///
+/// # Shapes
+/// - `position_ids`: `[batch, seq]`
+/// - output: `[batch, 1, seq, 1]`
+fn query_scales<B: EmberBackend>(scale: QueryScale, position_ids: Tensor<B, 2, Int>) -> Tensor<B, 4> {
+    let [batch, seq] = position_ids.dims();
+    let device = position_ids.device();
+    let positions = position_ids.into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default();
+    let values: Vec<f32> = positions.iter().map(|&p| scale.at(p)).collect();
+    Tensor::<B, 1>::from_data(TensorData::new(values, [batch * seq]), &device).reshape([batch, 1, seq, 1])
+}
+
+/// What every layer keeps for the positions processed so far (keys and values for softmax
+/// attention; one [`LayerCache`] variant per attention kind).
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    /// Per layer: keys and values `[batch, kv_heads, len, head_dim]`.
-    pub layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// Per layer: its cache, once a step has run.
+    pub layers: Vec<Option<LayerCache<B>>>,
     /// Number of cached positions.
     pub len: usize,
 }

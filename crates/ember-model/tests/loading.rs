@@ -280,12 +280,15 @@ fn sliding_window_key_applies_only_where_transformers_uses_it() {
 
 #[test]
 fn unsupported_layouts_are_named() {
-    // A multimodal wrapper (Gemma 3 4B+) nests the decoder under text_config.
-    let mut config = fixture_config("gemma3");
-    config["model_type"] = "gemma3".into();
-    config["text_config"] = serde_json::json!({"model_type": "gemma3_text"});
-    let err = normalise(&config).unwrap_err().to_string();
-    assert!(err.contains("text_config") && err.contains("gemma3_text"), "{err}");
+    // A multimodal wrapper Ember does not know is named as one.
+    let wrapper = serde_json::json!({"model_type": "llava_next", "text_config": fixture_config("llama")});
+    let err = DecoderConfig::from_value(wrapper, Path::new("config.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("llava_next (a multimodal wrapper") && err.contains("mistral3"),
+        "{err}"
+    );
 
     // Dynamic NTK scaling is not implemented: refused, not silently ignored; longrope factors
     // must cover the rotary dimensions.
@@ -346,4 +349,43 @@ fn mxfp4_experts_dequantise_like_transformers() {
         err.contains("gate_up_proj_blocks") && err.contains("[2, 64, 6]"),
         "{err}"
     );
+}
+
+/// A Gemma 3 multimodal config (4B and up) reads as its `gemma3_text` decoder: the wrapper's
+/// `tie_word_embeddings` decides, a `text_config` without `model_type` takes the wrapper's
+/// default, and `inspect` can name the wrapper.
+#[test]
+fn gemma3_wrapper_config_reads_its_text_decoder() {
+    let mut text = fixture_config("gemma3");
+    text.as_object_mut().unwrap().remove("model_type");
+    text.as_object_mut().unwrap().remove("tie_word_embeddings");
+    let wrapper = serde_json::json!({
+        "model_type": "gemma3", "text_config": text, "vision_config": {"model_type": "siglip_vision_model"},
+        "eos_token_id": [1, 106],
+    });
+    let c = DecoderConfig::from_value(wrapper, Path::new("config.json")).unwrap();
+    let plain = normalise(&fixture_config("gemma3")).unwrap();
+    assert_eq!(c.model_type, "gemma3_text");
+    assert_eq!(c.wrapper.as_deref(), Some("gemma3"));
+    assert!(c.tie_word_embeddings, "Gemma3Config ties by default");
+    assert_eq!(c.eos_token_ids, plain.eos_token_ids, "text_config's eos wins");
+    assert_eq!(
+        DecoderConfig { wrapper: None, ..c },
+        plain,
+        "the same decoder as the text-only config"
+    );
+}
+
+/// Every row of the family table has a fixture checked against transformers (the test lists
+/// are the fixture folders), and every fixture's config names a row.
+#[test]
+fn every_family_has_a_fixture() {
+    let mut covered = std::collections::BTreeSet::new();
+    for arch in families() {
+        let c = DecoderConfig::from_file(fixtures().join(&arch).join("config.json")).unwrap();
+        covered.insert(c.family);
+    }
+    for spec in ember_model::family::FAMILIES {
+        assert!(covered.contains(&spec.family), "no fixture for {}", spec.model_type);
+    }
 }

@@ -8,7 +8,8 @@
 mod common;
 
 use common::*;
-use ember_lora::merge::{merge_checkpoint, MergeDtype};
+use ember_lora::merge::MergeDtype;
+use ember_model::lora::merge_checkpoint;
 use ember_lora::{AdapterFiles, LoraConfig, TargetModules};
 use ember_model::{CausalLm, Weights};
 
@@ -42,7 +43,8 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 #[test]
 fn peft_adapters_give_peft_logits() {
     let device = Default::default();
-    for arch in FAMILIES {
+    for arch in families() {
+        let arch = arch.as_str();
         let inputs = Inputs::read(arch);
         for (adapter, reference_file) in [
             ("adapter_random_b", "lora_logits.safetensors"),
@@ -77,7 +79,8 @@ fn peft_adapters_give_peft_logits() {
 
 #[test]
 fn streaming_merge_reproduces_peft_merged_checkpoint() {
-    for arch in FAMILIES {
+    for arch in families() {
+        let arch = arch.as_str();
         let dir = fixtures().join(arch);
         let files = AdapterFiles::read(&dir.join("adapter_trained")).unwrap();
         let out = tempdir(&format!("merged-{arch}"));

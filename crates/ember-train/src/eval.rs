@@ -280,9 +280,8 @@ fn cached_scores<B: EmberBackend>(
             let value: f32 = burn::tensor::ElementConversion::elem(sum.into_scalar());
             loss_sum += value as f64;
             // Candidates continue from the prompt alone.
-            for (k, v) in cache.layers.iter_mut().flatten() {
-                *k = k.clone().narrow(2, 0, width);
-                *v = v.clone().narrow(2, 0, width);
+            for layer in cache.layers.iter_mut() {
+                *layer = layer.take().map(|c| c.truncate(width));
             }
             cache.len = width;
         }

@@ -119,4 +119,8 @@ training_parity! {
     mixtral_training_matches_peft: "mixtral",
     qwen3_moe_training_matches_peft: "qwen3_moe",
     gpt_oss_training_matches_peft: "gpt_oss",
+    olmo3_training_matches_peft: "olmo3",
+    smollm3_training_matches_peft: "smollm3",
+    ministral3_training_matches_peft: "ministral3",
+    ministral3_wrapped_training_matches_peft: "ministral3_wrapped",
 }

@@ -6,22 +6,19 @@ use std::path::PathBuf;
 use burn::tensor::{Int, Tensor, TensorData};
 use ember_model::{ModelInput, Weights};
 
-/// Every fixture family with PEFT adapters (`llama_rope3` shares llama's code path).
-pub const FAMILIES: [&str; 13] = [
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "olmo2",
-    "glm4",
-    "mixtral",
-    "qwen3_moe",
-    "gpt_oss",
-];
+/// Every fixture with PEFT adapters (a folder holding `adapter_random_b/`): one or more per
+/// row of the family table (`llama_rope3` shares llama's row, `*_wrapped` is the family inside
+/// its multimodal wrapper). `every_family_has_a_fixture` (loading.rs) checks the coverage.
+pub fn families() -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("adapter_random_b").is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
 
 /// The backend every test runs on: burn-ndarray, or burn-wgpu when the crate is tested with
 /// `--features wgpu` (CI runs the golden tests that way on Mesa's software Vulkan driver).
@@ -42,6 +39,9 @@ pub struct Inputs {
     pub input_ids: Vec<Vec<i64>>,
     pub attention_mask: Vec<Vec<i64>>,
     pub labels: Vec<Vec<i64>>,
+    /// Explicit positions (the 2026 fixtures, left-padded); absent = `0..seq` per row.
+    #[serde(default, deserialize_with = "positions_or_note")]
+    pub position_ids: Option<Vec<Vec<i64>>>,
 }
 
 impl Inputs {
@@ -66,7 +66,10 @@ impl Inputs {
         ModelInput {
             input_ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, dims), &device),
             attention_mask: Some(Tensor::from_data(TensorData::new(mask, dims), &device)),
-            position_ids: None,
+            position_ids: self
+                .position_ids
+                .as_ref()
+                .map(|p| Tensor::from_data(TensorData::new(p.concat(), dims), &device)),
             segment_ids: None,
         }
     }
@@ -126,4 +129,14 @@ pub fn assert_close(what: &str, (max, at): (f32, usize), tol: f32) {
         max <= tol,
         "{what}: max abs diff {max:.3e} at flat index {at} exceeds {tol:.0e}"
     );
+}
+
+/// `position_ids` of an inputs.json: explicit positions, or (the 2025 fixtures) a note saying
+/// transformers used `0..seq`.
+pub fn positions_or_note<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Vec<i64>>>, D::Error> {
+    use serde::Deserialize;
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Array(rows) => Some(serde_json::from_value(serde_json::Value::Array(rows)).map_err(serde::de::Error::custom)?),
+        _ => None,
+    })
 }

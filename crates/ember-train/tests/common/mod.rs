@@ -40,14 +40,16 @@ pub fn model_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// The fixture's `inputs.json` as one training batch; transformers used arange positions for
-/// both rows (right padding).
+/// The fixture's `inputs.json` as one training batch, with its `position_ids` when given (the
+/// left-padded 2026 fixtures), else the arange positions transformers used (right padding).
 pub fn fixture_batch(arch: &str) -> ember_train::data::Batch {
     #[derive(serde::Deserialize)]
     struct Inputs {
         input_ids: Vec<Vec<i64>>,
         attention_mask: Vec<Vec<i64>>,
         labels: Vec<Vec<i64>>,
+        #[serde(default, deserialize_with = "positions_or_note")]
+        position_ids: Option<Vec<Vec<i64>>>,
     }
     let i: Inputs =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("inputs.json")).unwrap()).unwrap();
@@ -61,7 +63,10 @@ pub fn fixture_batch(arch: &str) -> ember_train::data::Batch {
         input_ids: i.input_ids.concat(),
         labels: i.labels.concat(),
         attention_mask: i.attention_mask.concat(),
-        position_ids: (0..dims[0]).flat_map(|_| 0..dims[1] as i64).collect(),
+        position_ids: match &i.position_ids {
+            Some(p) => p.concat(),
+            None => (0..dims[0]).flat_map(|_| 0..dims[1] as i64).collect(),
+        },
         segment_ids: None,
         dims,
         target_tokens,
@@ -108,4 +113,14 @@ pub fn completion_data(dir: &Path) -> PathBuf {
         .collect();
     write(&path, &text);
     path
+}
+
+/// `position_ids` of an inputs.json: explicit positions, or (the 2025 fixtures) a note saying
+/// transformers used `0..seq`.
+pub fn positions_or_note<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Vec<i64>>>, D::Error> {
+    use serde::Deserialize;
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Array(rows) => Some(serde_json::from_value(serde_json::Value::Array(rows)).map_err(serde::de::Error::custom)?),
+        _ => None,
+    })
 }

@@ -1,0 +1,517 @@
+//! One entry per architecture family: everything Ember knows about a `model_type`, in one
+//! table. Config normalisation ([`crate::config`]), weight names ([`ModuleNames`]), the LoRA
+//! module paths ([`crate::lora`]) and the test lists (one fixture per entry) are derived from
+//! it; the forward pass reads the typed flags the config builds from it, never `model_type`.
+//!
+//! Adding a family is adding a [`FamilySpec`] row (and a fixture under `tests/fixtures/`);
+//! a new mechanism (an attention kind, a router) is a new variant of the typed flags.
+
+use crate::config::{MoeLayout, NormPlacement, QkNorm};
+
+/// The architecture families Ember implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// Llama 2/3/3.x.
+    Llama,
+    /// Mistral 7B and its successors with a text-only config.
+    Mistral,
+    /// Ministral 3 (Mistral 3 family): YaRN and a position-dependent query scale.
+    Ministral3,
+    /// Qwen 2 / 2.5.
+    Qwen2,
+    /// Qwen 3 dense.
+    Qwen3,
+    /// Gemma 1.
+    Gemma,
+    /// Gemma 2.
+    Gemma2,
+    /// Gemma 3 (text decoder).
+    Gemma3,
+    /// Phi-3 / 3.5 / Phi-4-mini.
+    Phi3,
+    /// OLMo 2.
+    Olmo2,
+    /// OLMo 3: OLMo 2 with sliding-window layers.
+    Olmo3,
+    /// SmolLM3: Llama with RoPE-free (NoPE) layers.
+    SmolLm3,
+    /// GLM 4.
+    Glm4,
+    /// Mixtral.
+    Mixtral,
+    /// Qwen 3 MoE.
+    Qwen3Moe,
+    /// gpt-oss.
+    GptOss,
+}
+
+/// Whether a projection has a bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BiasRule {
+    /// As `attention_bias` says (default false).
+    FromConfig,
+    /// Always (Qwen 2's q/k/v).
+    Always,
+    /// Never, whatever the config says.
+    Never,
+}
+
+/// Which layers a `sliding_window` key applies to when the config has no `layer_types`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowRule {
+    /// The family's attention never slides; the key is ignored (transformers ignores it too).
+    Ignored,
+    /// Every layer slides when `sliding_window` is set (Mistral, Mixtral, Phi-3).
+    EveryLayer,
+    /// Qwen 2/3: only with `use_sliding_window`, from `max_window_layers` on.
+    Qwen,
+    /// SmolLM3: only with `use_sliding_window`, on the `sliding_attention` layers.
+    WhenEnabled,
+}
+
+/// The default per-layer attention kinds when the config has no `layer_types`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerPattern {
+    /// No layer types: every layer follows [`WindowRule`].
+    None,
+    /// Every n-th layer (1-based) is global, the others slide (gemma2 and gpt-oss: 2, OLMo 3: 4).
+    EveryNthGlobal(usize),
+    /// Gemma 3: every `sliding_window_pattern`-th layer is global (default given).
+    SlidingWindowPatternKey(usize),
+}
+
+/// Which RoPE a layer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeRule {
+    /// One RoPE for every layer.
+    Shared,
+    /// Per layer type (`rope_parameters.sliding_attention` / `.full_attention`; Gemma 3, OLMo 3).
+    PerLayerType,
+}
+
+/// Everything one family changes, as data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FamilySpec {
+    /// The family.
+    pub family: Family,
+    /// `model_type` in config.json.
+    pub model_type: &'static str,
+    /// transformers' causal-LM class (`architectures` in config.json).
+    pub causal_lm_class: &'static str,
+    /// What is special, for `ember inspect` and the README table.
+    pub summary: &'static str,
+    /// Where each block normalises, with the checkpoint's norm names.
+    pub norms: NormPlacement,
+    /// q/k RMS norm before RoPE.
+    pub qk_norm: QkNorm,
+    /// Gemma conventions: `(1 + w)` norms, `√hidden` embedding scale, `hidden_activation`
+    /// (default GeLU-tanh), `rope_local_base_freq`.
+    pub gemma_conventions: bool,
+    /// Gemma 2/3: scores scaled by `query_pre_attn_scalar^-0.5` (default 256) instead of
+    /// `head_dim^-0.5`.
+    pub query_pre_attn_scalar: bool,
+    /// transformers' default of `tie_word_embeddings` when the config omits it.
+    pub tied_by_default: bool,
+    /// Bias on q/k/v.
+    pub qkv_bias: BiasRule,
+    /// Bias on `o_proj`.
+    pub o_bias: BiasRule,
+    /// One `qkv_proj` (Phi-3).
+    pub fused_qkv: bool,
+    /// One `gate_up_proj` (Phi-3, GLM 4).
+    pub fused_gate_up: bool,
+    /// RoPE on interleaved pairs (GLM).
+    pub interleaved_rope: bool,
+    /// Where a `sliding_window` key applies without `layer_types`.
+    pub window: WindowRule,
+    /// Default layer types.
+    pub layer_pattern: LayerPattern,
+    /// One RoPE or one per layer type.
+    pub rope: RopeRule,
+    /// Gemma 2: default attention / final logit soft-caps when the keys are absent.
+    pub default_softcaps: Option<(f64, f64)>,
+    /// gpt-oss: per-head attention sinks.
+    pub attn_sinks: bool,
+    /// Sparse MoE layout, `None` for dense families.
+    pub moe: Option<MoeLayout>,
+    /// SmolLM3: `no_rope_layers` / `no_rope_layer_interval` switch RoPE off per layer.
+    pub nope_layers: bool,
+    /// Ministral 3: queries scaled by `1 + β·ln(1 + ⌊pos / original⌋)`
+    /// (`rope_parameters.llama_4_scaling_beta`).
+    pub position_query_scale: bool,
+}
+
+/// A plain pre-norm dense Llama-style decoder; the rows below override what differs.
+const LLAMA: FamilySpec = FamilySpec {
+    family: Family::Llama,
+    model_type: "llama",
+    causal_lm_class: "LlamaForCausalLM",
+    summary: "pre-norm SwiGLU decoder; llama3 RoPE scaling",
+    norms: NormPlacement::PRE,
+    qk_norm: QkNorm::None,
+    gemma_conventions: false,
+    query_pre_attn_scalar: false,
+    tied_by_default: false,
+    qkv_bias: BiasRule::FromConfig,
+    o_bias: BiasRule::FromConfig,
+    fused_qkv: false,
+    fused_gate_up: false,
+    interleaved_rope: false,
+    window: WindowRule::Ignored,
+    layer_pattern: LayerPattern::None,
+    rope: RopeRule::Shared,
+    default_softcaps: None,
+    attn_sinks: false,
+    moe: None,
+    nope_layers: false,
+    position_query_scale: false,
+};
+
+/// Every supported family, one row each.
+pub const FAMILIES: &[FamilySpec] = &[
+    LLAMA,
+    FamilySpec {
+        family: Family::Mistral,
+        model_type: "mistral",
+        causal_lm_class: "MistralForCausalLM",
+        summary: "Llama blocks, sliding window on every layer",
+        window: WindowRule::EveryLayer,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Ministral3,
+        model_type: "ministral3",
+        causal_lm_class: "Ministral3ForCausalLM",
+        summary: "Mistral blocks, YaRN, position-dependent query scale (llama_4_scaling_beta); inside `mistral3` wrappers",
+        window: WindowRule::EveryLayer,
+        position_query_scale: true,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Qwen2,
+        model_type: "qwen2",
+        causal_lm_class: "Qwen2ForCausalLM",
+        summary: "q/k/v bias",
+        qkv_bias: BiasRule::Always,
+        o_bias: BiasRule::Never,
+        window: WindowRule::Qwen,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Qwen3,
+        model_type: "qwen3",
+        causal_lm_class: "Qwen3ForCausalLM",
+        summary: "per-head q/k norm",
+        qk_norm: QkNorm::PerHead,
+        window: WindowRule::Qwen,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Gemma,
+        model_type: "gemma",
+        causal_lm_class: "GemmaForCausalLM",
+        summary: "(1 + w) norms, √hidden embedding scale, GeLU-tanh, MQA",
+        gemma_conventions: true,
+        tied_by_default: true,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Gemma2,
+        model_type: "gemma2",
+        causal_lm_class: "Gemma2ForCausalLM",
+        summary: "Gemma + soft-caps, sandwich norms, query_pre_attn_scalar, alternating sliding/global layers",
+        norms: NormPlacement::GEMMA_SANDWICH,
+        gemma_conventions: true,
+        query_pre_attn_scalar: true,
+        tied_by_default: true,
+        layer_pattern: LayerPattern::EveryNthGlobal(2),
+        default_softcaps: Some((50.0, 30.0)),
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Gemma3,
+        model_type: "gemma3_text",
+        causal_lm_class: "Gemma3ForCausalLM",
+        summary: "Gemma 2 without soft-caps, per-head q/k norm, per-layer-type RoPE; inside `gemma3` wrappers",
+        norms: NormPlacement::GEMMA_SANDWICH,
+        qk_norm: QkNorm::PerHead,
+        gemma_conventions: true,
+        query_pre_attn_scalar: true,
+        tied_by_default: true,
+        layer_pattern: LayerPattern::SlidingWindowPatternKey(6),
+        rope: RopeRule::PerLayerType,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Phi3,
+        model_type: "phi3",
+        causal_lm_class: "Phi3ForCausalLM",
+        summary: "fused qkv_proj and gate_up_proj, partial rotary, LongRoPE",
+        qkv_bias: BiasRule::Never,
+        o_bias: BiasRule::Never,
+        fused_qkv: true,
+        fused_gate_up: true,
+        window: WindowRule::EveryLayer,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Olmo2,
+        model_type: "olmo2",
+        causal_lm_class: "Olmo2ForCausalLM",
+        summary: "post-norm blocks, q/k norm over the full projection",
+        norms: NormPlacement::POST,
+        qk_norm: QkNorm::Full,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Olmo3,
+        model_type: "olmo3",
+        causal_lm_class: "Olmo3ForCausalLM",
+        summary: "OLMo 2 + sliding-window layers (every 4th global), per-layer-type RoPE",
+        norms: NormPlacement::POST,
+        qk_norm: QkNorm::Full,
+        layer_pattern: LayerPattern::EveryNthGlobal(4),
+        rope: RopeRule::PerLayerType,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::SmolLm3,
+        model_type: "smollm3",
+        causal_lm_class: "SmolLM3ForCausalLM",
+        summary: "Llama blocks without RoPE on every 4th layer (no_rope_layers), tied",
+        tied_by_default: true,
+        window: WindowRule::WhenEnabled,
+        nope_layers: true,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Glm4,
+        model_type: "glm4",
+        causal_lm_class: "Glm4ForCausalLM",
+        summary: "fused gate_up_proj, interleaved partial rotary, sandwich norms",
+        norms: NormPlacement::GLM_SANDWICH,
+        o_bias: BiasRule::Never,
+        fused_gate_up: true,
+        interleaved_rope: true,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Mixtral,
+        model_type: "mixtral",
+        causal_lm_class: "MixtralForCausalLM",
+        summary: "sparse MoE, softmax-top-k renormalised",
+        window: WindowRule::EveryLayer,
+        moe: Some(MoeLayout::Mixtral),
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Qwen3Moe,
+        model_type: "qwen3_moe",
+        causal_lm_class: "Qwen3MoeForCausalLM",
+        summary: "sparse MoE, per-head q/k norm",
+        qk_norm: QkNorm::PerHead,
+        window: WindowRule::Qwen,
+        moe: Some(MoeLayout::Qwen),
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::GptOss,
+        model_type: "gpt_oss",
+        causal_lm_class: "GptOssForCausalLM",
+        summary: "sparse MoE top-k-softmax, attention sinks, clamped SwiGLU, YaRN, alternating sliding/global",
+        layer_pattern: LayerPattern::EveryNthGlobal(2),
+        attn_sinks: true,
+        moe: Some(MoeLayout::GptOss),
+        ..LLAMA
+    },
+];
+
+impl FamilySpec {
+    /// The row of `model_type`, if Ember implements it.
+    pub fn of(model_type: &str) -> Option<&'static FamilySpec> {
+        FAMILIES.iter().find(|f| f.model_type == model_type)
+    }
+
+    /// The row of `family`.
+    pub fn get(family: Family) -> &'static FamilySpec {
+        FAMILIES
+            .iter()
+            .find(|f| f.family == family)
+            .expect("every family has a row")
+    }
+}
+
+/// Every supported `model_type`, comma-separated (for error messages and `--help`).
+pub fn supported_model_types() -> String {
+    let mut names: Vec<&str> = FAMILIES.iter().map(|f| f.model_type).collect();
+    names.extend(WRAPPERS.iter().map(|w| w.model_type));
+    names.join(", ")
+}
+
+/// A multimodal wrapper: a text decoder under `text_config`, with vision (or audio) towers
+/// Ember ignores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WrapperSpec {
+    /// The wrapper's `model_type`.
+    pub model_type: &'static str,
+    /// transformers' class.
+    pub class: &'static str,
+    /// The text decoder's `model_type` when `text_config` does not name one.
+    pub default_text_model_type: &'static str,
+    /// transformers' default of the wrapper's `tie_word_embeddings` (the wrapper's key decides).
+    pub tied_by_default: bool,
+}
+
+/// The multimodal wrappers whose text decoder Ember loads.
+pub const WRAPPERS: &[WrapperSpec] = &[
+    WrapperSpec {
+        model_type: "mistral3",
+        class: "Mistral3ForConditionalGeneration",
+        default_text_model_type: "mistral",
+        tied_by_default: true,
+    },
+    WrapperSpec {
+        model_type: "gemma3",
+        class: "Gemma3ForConditionalGeneration",
+        default_text_model_type: "gemma3_text",
+        tied_by_default: true,
+    },
+];
+
+impl WrapperSpec {
+    /// The row of `model_type`, if it is a wrapper Ember reads.
+    pub fn of(model_type: &str) -> Option<&'static WrapperSpec> {
+        WRAPPERS.iter().find(|w| w.model_type == model_type)
+    }
+}
+
+/// Where the text decoder's modules live: under `model.` in a text-only checkpoint, under
+/// `model.language_model.` in a wrapper (transformers 5 module names, which PEFT adapters
+/// use), and in a wrapper checkpoint saved in the older layout under `language_model.model.`
+/// (what transformers 5 still writes for Mistral 3 and Gemma 3, and what their hub files hold).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleNames {
+    /// Module path of the decoder body: `model` or `model.language_model`.
+    pub decoder: String,
+    /// The same in the checkpoint's keys: `model`, `model.language_model` or `language_model.model`.
+    pub checkpoint_decoder: String,
+    /// The output head's key stem in the checkpoint: `lm_head` or `language_model.lm_head`.
+    pub checkpoint_lm_head: String,
+    /// Whether the model sits in a multimodal wrapper (other components are ignored).
+    pub wrapped: bool,
+}
+
+impl ModuleNames {
+    /// A text-only checkpoint.
+    pub fn text_only() -> Self {
+        Self {
+            decoder: "model".into(),
+            checkpoint_decoder: "model".into(),
+            checkpoint_lm_head: "lm_head".into(),
+            wrapped: false,
+        }
+    }
+
+    /// The names of a wrapper checkpoint holding `keys`: the older `language_model.model.`
+    /// layout when any key uses it, else transformers 5's `model.language_model.`.
+    pub fn wrapped<'a>(mut keys: impl Iterator<Item = &'a str>) -> Self {
+        let legacy = keys.any(|k| k.starts_with("language_model."));
+        Self {
+            decoder: "model.language_model".into(),
+            checkpoint_decoder: if legacy { "language_model.model" } else { "model.language_model" }.into(),
+            checkpoint_lm_head: if legacy { "language_model.lm_head" } else { "lm_head" }.into(),
+            wrapped: true,
+        }
+    }
+
+    /// The checkpoint key stem of a module path (`model.language_model.layers.0.self_attn.q_proj`
+    /// → `language_model.model.layers.0.self_attn.q_proj` in the older wrapper layout); other
+    /// wrapper components (`model.vision_tower.…`) lose the `model.` of the older layout.
+    pub fn checkpoint_key(&self, module: &str) -> String {
+        if let Some(rest) = module.strip_prefix(&self.decoder).filter(|r| r.is_empty() || r.starts_with('.')) {
+            return format!("{}{rest}", self.checkpoint_decoder);
+        }
+        if let Some(rest) = module.strip_prefix("lm_head").filter(|r| r.is_empty() || r.starts_with('.')) {
+            return format!("{}{rest}", self.checkpoint_lm_head);
+        }
+        if self.wrapped && self.checkpoint_decoder.starts_with("language_model") {
+            if let Some(rest) = module.strip_prefix("model.") {
+                return rest.to_string();
+            }
+        }
+        module.to_string()
+    }
+
+    /// Whether a module path belongs to the text decoder or its head (not a vision or audio
+    /// tower, projector or multi-token-prediction layer).
+    pub fn is_text_module(&self, module: &str) -> bool {
+        let under = |prefix: &str| module == prefix || module.starts_with(&format!("{prefix}."));
+        under(&self.decoder) || under("lm_head")
+    }
+
+    /// The names of a checkpoint whose config is `config` and which holds `keys`.
+    pub fn for_checkpoint<'a>(config: &crate::config::DecoderConfig, keys: impl Iterator<Item = &'a str>) -> Self {
+        if config.wrapper.is_some() {
+            Self::wrapped(keys)
+        } else {
+            Self::text_only()
+        }
+    }
+
+    /// The checkpoint's components outside the text decoder (`vision_tower`,
+    /// `model.multi_modal_projector`, ...) with their tensor counts: what a wrapper holds that
+    /// Ember does not load.
+    pub fn ignored_components<'a>(&self, keys: impl Iterator<Item = &'a str>) -> Vec<(String, usize)> {
+        let mut out: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+        for key in keys.filter(|k| !self.is_text_key(k)) {
+            let parts: Vec<&str> = key.split('.').collect();
+            let take = if parts[0] == "model" && parts.len() > 2 { 2 } else { 1 };
+            *out.entry(parts[..take].join(".")).or_default() += 1;
+        }
+        out.into_iter().collect()
+    }
+
+    /// Whether a checkpoint key belongs to the text decoder or its head.
+    pub fn is_text_key(&self, key: &str) -> bool {
+        let under = |prefix: &str| key.starts_with(&format!("{prefix}."));
+        under(&self.checkpoint_decoder) || under(&self.checkpoint_lm_head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_model_type_has_one_row() {
+        for (i, a) in FAMILIES.iter().enumerate() {
+            for b in &FAMILIES[i + 1..] {
+                assert_ne!(a.model_type, b.model_type);
+                assert_ne!(a.family, b.family);
+            }
+            assert_eq!(FamilySpec::get(a.family).model_type, a.model_type);
+        }
+    }
+
+    #[test]
+    fn wrapper_names_map_both_layouts() {
+        let legacy = ModuleNames::wrapped(["language_model.model.norm.weight"].into_iter());
+        assert_eq!(
+            legacy.checkpoint_key("model.language_model.layers.0.self_attn.q_proj"),
+            "language_model.model.layers.0.self_attn.q_proj"
+        );
+        assert_eq!(legacy.checkpoint_key("lm_head"), "language_model.lm_head");
+        assert_eq!(legacy.checkpoint_key("model.vision_tower.x"), "vision_tower.x");
+        let v5 = ModuleNames::wrapped(["model.language_model.norm.weight"].into_iter());
+        assert_eq!(
+            v5.checkpoint_key("model.language_model.layers.0.mlp.up_proj"),
+            "model.language_model.layers.0.mlp.up_proj"
+        );
+        assert_eq!(v5.checkpoint_key("lm_head"), "lm_head");
+        assert!(v5.is_text_module("model.language_model.layers.1.mlp.up_proj"));
+        assert!(!v5.is_text_module("model.vision_tower.transformer.layers.0.attention.q_proj"));
+        assert!(!v5.is_text_module("model.language_model_x"));
+        let text = ModuleNames::text_only();
+        assert_eq!(text.checkpoint_key("model.layers.0.mlp.up_proj"), "model.layers.0.mlp.up_proj");
+    }
+}
