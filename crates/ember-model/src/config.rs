@@ -125,8 +125,24 @@ pub struct HfConfig {
     pub text_config: Option<Value>,
     /// SmolLM3: per layer, 1 = RoPE, 0 = no position embedding.
     pub no_rope_layers: Option<Vec<usize>>,
-    /// SmolLM3: without `no_rope_layers`, every n-th layer has no RoPE (default 4).
+    /// SmolLM3, Llama 4: without `no_rope_layers`, every n-th layer has no RoPE (default 4).
     pub no_rope_layer_interval: Option<usize>,
+    /// Llama 4: weightless L2 norm of q and k after RoPE (on RoPE layers).
+    pub use_qk_norm: Option<bool>,
+    /// Llama 4: the chunk of `chunked_attention` layers (tokens attend within their chunk).
+    pub attention_chunk_size: Option<usize>,
+    /// Llama 4: query temperature on RoPE-free layers.
+    pub attn_temperature_tuning: Option<bool>,
+    /// Llama 4: positions per temperature step.
+    pub floor_scale: Option<f64>,
+    /// Llama 4: temperature slope.
+    pub attn_scale: Option<f64>,
+    /// Llama 4: the MoE layers (others dense).
+    pub moe_layers: Option<Vec<usize>>,
+    /// Llama 4: without `moe_layers`, every n-th layer is MoE.
+    pub interleave_moe_layer_step: Option<usize>,
+    /// Llama 4: width of the dense layers' MLP (`intermediate_size` is the experts').
+    pub intermediate_size_mlp: Option<usize>,
 }
 
 /// How RoPE frequencies are rescaled for long context.
@@ -248,6 +264,8 @@ pub enum QkNorm {
     PerHead,
     /// Over the whole projection, weight `[heads·head_dim]` (OLMo 2).
     Full,
+    /// Llama 4: weightless (L2) RMS norm over each head, after RoPE, on RoPE layers only.
+    L2AfterRope,
 }
 
 /// How the router turns logits into expert weights.
@@ -261,6 +279,8 @@ pub enum Routing {
     },
     /// Keep the top-k logits, softmax over them (gpt-oss).
     TopKSoftmax,
+    /// Keep the top-k logits, sigmoid of each (Llama 4).
+    TopKSigmoid,
 }
 
 /// The activation inside each expert.
@@ -287,6 +307,11 @@ pub enum MoeLayout {
     /// `mlp.router` (with bias), `mlp.experts.gate_up_proj` `[experts, hidden, 2·inter]` with
     /// gate/up interleaved, `mlp.experts.down_proj` `[experts, inter, hidden]`, biases (gpt-oss).
     GptOss,
+    /// `feed_forward.router`, `feed_forward.experts.gate_up_proj` `[experts, hidden, 2·inter]`
+    /// (`[gate | up]`), `feed_forward.experts.down_proj` `[experts, inter, hidden]`, and a
+    /// dense `feed_forward.shared_expert` added to every token; the routing weight scales the
+    /// expert's input (Llama 4).
+    Llama4,
 }
 
 /// A sparse mixture-of-experts feed-forward block.
@@ -306,6 +331,8 @@ pub struct MoeConfig {
     pub layout: MoeLayout,
     /// Per layer: sparse (`true`) or the dense MLP.
     pub sparse_layers: Vec<bool>,
+    /// Width of the always-on shared expert (Llama 4), `None` without one.
+    pub shared_expert_size: Option<usize>,
 }
 
 /// MLP activation functions.
@@ -322,12 +349,22 @@ pub enum Activation {
 /// A per-position multiplier of the queries (after RoPE).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum QueryScale {
-    /// Ministral 3 (Llama 4's long-context trick): `1 + beta·ln(1 + ⌊pos / original⌋)`.
+    /// Ministral 3 (Llama 4's long-context trick): `1 + beta·ln(1 + ⌊pos / original⌋)` of the
+    /// position ids, on every layer.
     LogPosition {
         /// β (`llama_4_scaling_beta`).
         beta: f64,
         /// The positions per step (`original_max_position_embeddings`).
         original: f64,
+    },
+    /// Llama 4's attention temperature on RoPE-free layers:
+    /// `1 + attn_scale·ln(1 + ⌊(i + 1) / floor_scale⌋)` of the cache index `i` (not the
+    /// position id: a left-padded row counts its pads, as transformers does).
+    Temperature {
+        /// Slope (`attn_scale`).
+        attn_scale: f64,
+        /// Positions per step (`floor_scale`).
+        floor_scale: f64,
     },
 }
 
@@ -338,7 +375,20 @@ impl QueryScale {
             QueryScale::LogPosition { beta, original } => {
                 1.0 + beta as f32 * (1.0 + (pos as f32 / original as f32).floor()).ln()
             }
+            QueryScale::Temperature { attn_scale, floor_scale } => {
+                (((pos as f32 + 1.0) / floor_scale as f32).floor()).ln_1p() * attn_scale as f32 + 1.0
+            }
         }
+    }
+
+    /// Whether the scale is read from the cache index rather than the position ids.
+    pub fn uses_cache_index(&self) -> bool {
+        matches!(self, QueryScale::Temperature { .. })
+    }
+
+    /// Whether layers with RoPE get it (Ministral 3) or only RoPE-free ones (Llama 4).
+    pub fn on_rope_layers(&self) -> bool {
+        matches!(self, QueryScale::LogPosition { .. })
     }
 }
 
@@ -403,6 +453,9 @@ pub struct DecoderConfig {
     pub moe: Option<MoeConfig>,
     /// Sliding window per layer (`None` = global attention).
     pub sliding_window: Vec<Option<usize>>,
+    /// Attention chunk per layer (Llama 4's `chunked_attention` layers: a token attends to the
+    /// earlier tokens of its own chunk, counted from the row's first real token).
+    pub attention_chunk: Vec<Option<usize>>,
     /// Per layer: whether RoPE rotates q and k (SmolLM3 has RoPE-free layers).
     pub rope_layers: Vec<bool>,
     /// Per-position query multiplier (Ministral 3).
@@ -434,7 +487,12 @@ impl DecoderConfig {
             source,
         };
         let value: Value = serde_json::from_str(&text).map_err(json)?;
-        Self::from_value(value, path)
+        if value.get("text_config").is_some_and(Value::is_object) {
+            return Self::from_value(value, path);
+        }
+        // Parsed from the text again, so that errors carry line and column.
+        let hf: HfConfig = serde_json::from_str(&text).map_err(json)?;
+        Self::from_hf(&hf, path)
     }
 
     /// Normalises a parsed `config.json`: a text decoder's, or a multimodal wrapper's whose
@@ -555,6 +613,7 @@ impl DecoderConfig {
         let layer_types = layer_types(hf, spec).map_err(|(key, msg)| invalid(&key, msg))?;
         let sliding_window =
             layer_windows(hf, spec, layer_types.as_deref()).map_err(|(key, msg)| invalid(&key, msg))?;
+        let attention_chunk = layer_chunks(hf, layer_types.as_deref()).map_err(|(key, msg)| invalid(&key, msg))?;
 
         let (mut rope, mut local_rope) = match spec.rope {
             RopeRule::Shared => (
@@ -574,7 +633,12 @@ impl DecoderConfig {
             local.interleaved = spec.interleaved_rope;
         }
         let rope_layers = rope_layers(hf, spec).map_err(|(key, msg)| invalid(&key, msg))?;
-        let query_scale = if spec.position_query_scale {
+        let query_scale = if spec.temperature_tuning {
+            (hf.attn_temperature_tuning.unwrap_or(true)).then(|| QueryScale::Temperature {
+                attn_scale: hf.attn_scale.unwrap_or(0.1),
+                floor_scale: hf.floor_scale.unwrap_or(8192.0),
+            })
+        } else if spec.position_query_scale {
             let (params, key) = rope_parameters(hf, None);
             let get = |name: &str| params.as_ref().and_then(|p| p.get(name)).and_then(Value::as_f64);
             match (get("llama_4_scaling_beta"), get("original_max_position_embeddings")) {
@@ -622,7 +686,11 @@ impl DecoderConfig {
             wrapper: None,
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
-            intermediate_size: hf.intermediate_size,
+            // Llama 4's dense layers have their own width (`intermediate_size` is the experts').
+            intermediate_size: match spec.moe {
+                Some(MoeLayout::Llama4) => hf.intermediate_size_mlp.unwrap_or(16384),
+                _ => hf.intermediate_size,
+            },
             num_layers: hf.num_hidden_layers,
             num_heads,
             num_kv_heads,
@@ -631,7 +699,10 @@ impl DecoderConfig {
             qkv_bias: bias(spec.qkv_bias),
             o_bias: bias(spec.o_bias),
             mlp_bias: hf.mlp_bias.unwrap_or(false),
-            qk_norm: spec.qk_norm,
+            qk_norm: match spec.qk_norm {
+                QkNorm::L2AfterRope if !hf.use_qk_norm.unwrap_or(true) => QkNorm::None,
+                other => other,
+            },
             act,
             rope,
             local_rope,
@@ -646,6 +717,7 @@ impl DecoderConfig {
             fused_gate_up: spec.fused_gate_up,
             moe,
             sliding_window,
+            attention_chunk,
             rope_layers,
             query_scale,
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(spec.tied_by_default),
@@ -838,6 +910,16 @@ fn layer_types(hf: &HfConfig, spec: &FamilySpec) -> std::result::Result<Option<V
         return Ok(Some(types.clone()));
     }
     let pattern = match spec.layer_pattern {
+        LayerPattern::ChunkedRopeLayers => {
+            // Llama 4: RoPE layers attend in chunks when a chunk size is set.
+            let rope = rope_layers(hf, spec)?;
+            let chunked = hf.attention_chunk_size.is_some();
+            return Ok(Some(
+                rope.iter()
+                    .map(|&r| if r && chunked { "chunked_attention" } else { "full_attention" }.to_string())
+                    .collect(),
+            ));
+        }
         LayerPattern::EveryNthGlobal(n) => n,
         LayerPattern::SlidingWindowPatternKey(default) => hf
             .sliding_window_pattern
@@ -914,6 +996,19 @@ fn moe_config(
                 sparse,
             )
         }
+        MoeLayout::Llama4 => {
+            let sparse = match &hf.moe_layers {
+                Some(list) => (0..n).map(|i| list.contains(&i)).collect(),
+                None => {
+                    let step = hf.interleave_moe_layer_step.unwrap_or(1);
+                    if step == 0 {
+                        return Err(("interleave_moe_layer_step".into(), "must be positive".into()));
+                    }
+                    (0..n).map(|i| (i + 1) % step == 0).collect()
+                }
+            };
+            (Routing::TopKSigmoid, ExpertActivation::Gated(act), hf.intermediate_size, sparse)
+        }
         MoeLayout::GptOss => (
             Routing::TopKSoftmax,
             ExpertActivation::ClampedSwiGlu {
@@ -932,6 +1027,7 @@ fn moe_config(
         activation,
         layout,
         sparse_layers,
+        shared_expert_size: (layout == MoeLayout::Llama4).then_some(hf.intermediate_size),
     }))
 }
 
@@ -948,7 +1044,7 @@ fn layer_windows(
         return types
             .iter()
             .map(|t| match t.as_str() {
-                "full_attention" => Ok(None),
+                "full_attention" | "chunked_attention" => Ok(None),
                 "sliding_attention" => hf.sliding_window.map(Some).ok_or_else(|| {
                     (
                         "sliding_window".to_string(),
@@ -980,6 +1076,27 @@ fn layer_windows(
             }
         })
         .collect())
+}
+
+/// The attention chunk of each layer (`chunked_attention` layers). Errors are `(key, message)`.
+fn layer_chunks(hf: &HfConfig, layer_types: Option<&[String]>) -> std::result::Result<Vec<Option<usize>>, (String, String)> {
+    let n = hf.num_hidden_layers;
+    let Some(types) = layer_types else {
+        return Ok(vec![None; n]);
+    };
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "chunked_attention" => match hf.attention_chunk_size {
+                Some(c) if c > 0 => Ok(Some(c)),
+                _ => Err((
+                    "attention_chunk_size".to_string(),
+                    "a positive size is needed by chunked_attention layers".to_string(),
+                )),
+            },
+            _ => Ok(None),
+        })
+        .collect()
 }
 
 /// Per layer, whether RoPE applies: SmolLM3's `no_rope_layers` (1 = RoPE), or without it

@@ -37,6 +37,9 @@ pub enum Family {
     SmolLm3,
     /// GLM 4.
     Glm4,
+    /// Llama 4 (text decoder): chunked attention, RoPE-free layers with temperature tuning,
+    /// L2 q/k norm, MoE with a shared expert interleaved with dense layers.
+    Llama4,
     /// Mixtral.
     Mixtral,
     /// Qwen 3 MoE.
@@ -78,6 +81,9 @@ pub enum LayerPattern {
     EveryNthGlobal(usize),
     /// Gemma 3: every `sliding_window_pattern`-th layer is global (default given).
     SlidingWindowPatternKey(usize),
+    /// Llama 4: RoPE layers are `chunked_attention` when `attention_chunk_size` is set, the
+    /// RoPE-free ones global.
+    ChunkedRopeLayers,
 }
 
 /// Which RoPE a layer uses.
@@ -139,6 +145,11 @@ pub struct FamilySpec {
     /// Ministral 3: queries scaled by `1 + β·ln(1 + ⌊pos / original⌋)`
     /// (`rope_parameters.llama_4_scaling_beta`).
     pub position_query_scale: bool,
+    /// Llama 4: queries of RoPE-free layers scaled by a temperature (`attn_temperature_tuning`,
+    /// `floor_scale`, `attn_scale`).
+    pub temperature_tuning: bool,
+    /// The feed-forward block's module name: `mlp`, or Llama 4's `feed_forward`.
+    pub mlp_module: &'static str,
 }
 
 /// A plain pre-norm dense Llama-style decoder; the rows below override what differs.
@@ -165,6 +176,8 @@ const LLAMA: FamilySpec = FamilySpec {
     moe: None,
     nope_layers: false,
     position_query_scale: false,
+    temperature_tuning: false,
+    mlp_module: "mlp",
 };
 
 /// Every supported family, one row each.
@@ -296,6 +309,21 @@ pub const FAMILIES: &[FamilySpec] = &[
         ..LLAMA
     },
     FamilySpec {
+        family: Family::Llama4,
+        model_type: "llama4_text",
+        causal_lm_class: "Llama4ForCausalLM",
+        summary: "chunked attention on RoPE layers, RoPE-free layers with temperature tuning, L2 q/k norm, \
+                  interleaved RoPE, top-1 sigmoid MoE scaling the expert input + shared expert, dense/MoE interleaved",
+        qk_norm: QkNorm::L2AfterRope,
+        interleaved_rope: true,
+        layer_pattern: LayerPattern::ChunkedRopeLayers,
+        moe: Some(MoeLayout::Llama4),
+        nope_layers: true,
+        temperature_tuning: true,
+        mlp_module: "feed_forward",
+        ..LLAMA
+    },
+    FamilySpec {
         family: Family::Mixtral,
         model_type: "mixtral",
         causal_lm_class: "MixtralForCausalLM",
@@ -369,6 +397,12 @@ pub const WRAPPERS: &[WrapperSpec] = &[
         class: "Mistral3ForConditionalGeneration",
         default_text_model_type: "mistral",
         tied_by_default: true,
+    },
+    WrapperSpec {
+        model_type: "llama4",
+        class: "Llama4ForConditionalGeneration",
+        default_text_model_type: "llama4_text",
+        tied_by_default: false,
     },
     WrapperSpec {
         model_type: "gemma3",

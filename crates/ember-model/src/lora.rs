@@ -39,10 +39,12 @@ impl std::fmt::Display for LoraReport {
 impl<B: EmberBackend> CausalLm<B> {
     /// Every adaptable linear layer with its HF module path, in model order: the attention
     /// projections (`qkv_proj` where fused), the dense MLP projections (`gate_up_proj` where
-    /// fused) and an untied `lm_head`. MoE routers and experts are frozen and not listed.
+    /// fused; a MoE block's shared expert) and an untied `lm_head`. MoE routers and experts are
+    /// frozen and not listed.
     pub fn linear_layers(&self) -> Vec<(String, &LoraLinear<B>)> {
         let mut out = Vec::new();
         let decoder = &self.names.decoder;
+        let mlp = self.config.spec().mlp_module;
         for (i, layer) in self.model.layers.iter().enumerate() {
             let p = format!("{decoder}.layers.{i}");
             let SelfAttention::Grouped(a) = &layer.self_attn;
@@ -55,15 +57,19 @@ impl<B: EmberBackend> CausalLm<B> {
                 QkvProjection::Fused(l) => out.push((format!("{p}.self_attn.qkv_proj"), l)),
             }
             out.push((format!("{p}.self_attn.o_proj"), &a.o_proj));
-            if let FeedForward::Dense(m) = &layer.mlp {
+            let (m, path) = match &layer.mlp {
+                FeedForward::Dense(m) => (Some(m), format!("{p}.{mlp}")),
+                FeedForward::Sparse(moe) => (moe.shared_expert.as_ref(), format!("{p}.{mlp}.shared_expert")),
+            };
+            if let Some(m) = m {
                 match &m.gate_up {
                     GateUpProjection::Split(s) => {
-                        out.push((format!("{p}.mlp.gate_proj"), &s.gate_proj));
-                        out.push((format!("{p}.mlp.up_proj"), &s.up_proj));
+                        out.push((format!("{path}.gate_proj"), &s.gate_proj));
+                        out.push((format!("{path}.up_proj"), &s.up_proj));
                     }
-                    GateUpProjection::Fused(l) => out.push((format!("{p}.mlp.gate_up_proj"), l)),
+                    GateUpProjection::Fused(l) => out.push((format!("{path}.gate_up_proj"), l)),
                 }
-                out.push((format!("{p}.mlp.down_proj"), &m.down_proj));
+                out.push((format!("{path}.down_proj"), &m.down_proj));
             }
         }
         if let Some(head) = &self.lm_head {
@@ -76,6 +82,7 @@ impl<B: EmberBackend> CausalLm<B> {
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
         let mut out = Vec::new();
         let decoder = self.names.decoder.clone();
+        let mlp = self.config.spec().mlp_module;
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
             let p = format!("{decoder}.layers.{i}");
             let SelfAttention::Grouped(a) = &mut layer.self_attn;
@@ -88,15 +95,19 @@ impl<B: EmberBackend> CausalLm<B> {
                 QkvProjection::Fused(l) => out.push((format!("{p}.self_attn.qkv_proj"), l)),
             }
             out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            if let FeedForward::Dense(m) = &mut layer.mlp {
+            let (m, path) = match &mut layer.mlp {
+                FeedForward::Dense(m) => (Some(m), format!("{p}.{mlp}")),
+                FeedForward::Sparse(moe) => (moe.shared_expert.as_mut(), format!("{p}.{mlp}.shared_expert")),
+            };
+            if let Some(m) = m {
                 match &mut m.gate_up {
                     GateUpProjection::Split(s) => {
-                        out.push((format!("{p}.mlp.gate_proj"), &mut s.gate_proj));
-                        out.push((format!("{p}.mlp.up_proj"), &mut s.up_proj));
+                        out.push((format!("{path}.gate_proj"), &mut s.gate_proj));
+                        out.push((format!("{path}.up_proj"), &mut s.up_proj));
                     }
-                    GateUpProjection::Fused(l) => out.push((format!("{p}.mlp.gate_up_proj"), l)),
+                    GateUpProjection::Fused(l) => out.push((format!("{path}.gate_up_proj"), l)),
                 }
-                out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+                out.push((format!("{path}.down_proj"), &mut m.down_proj));
             }
         }
         if let Some(head) = &mut self.lm_head {

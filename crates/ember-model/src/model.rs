@@ -114,6 +114,9 @@ pub struct Attention<B: Backend> {
     /// Soft-cap of the scores (Gemma 2).
     #[module(skip)]
     pub softcap: Option<f64>,
+    /// ε of the weightless L2 q/k norm (Llama 4).
+    #[module(skip)]
+    pub norm_eps: f64,
 }
 
 /// What a layer's attention needs besides its input: positions as RoPE tables and query
@@ -245,6 +248,10 @@ impl<B: EmberBackend> Attention<B> {
             q = rope.apply(q);
             k = rope.apply(k);
         }
+        if self.qk_norm == QkNorm::L2AfterRope {
+            q = l2_norm(q, self.norm_eps);
+            k = l2_norm(k, self.norm_eps);
+        }
         if let Some(scale) = inputs.query_scale {
             q = q * scale.clone();
         }
@@ -274,6 +281,16 @@ impl<B: EmberBackend> Attention<B> {
         let out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, q_width]);
         (self.o_proj.forward(out), new_cache)
     }
+}
+
+/// RMS norm without a weight, `x / √(mean(x²) + ε)` over the last dimension (Llama 4's L2 norm).
+///
+/// # Shapes
+/// - `x`: `[..., dim]`
+/// - output: same as `x`
+fn l2_norm<B: EmberBackend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
+    let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
+    x * variance.add_scalar(eps).sqrt().recip()
 }
 
 /// Repeats each key/value head `groups` times, as transformers' `repeat_kv`.
@@ -397,6 +414,8 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp_out_norm: Option<RmsNorm<B>>,
     /// Sliding window of this layer (`None` = global).
     pub sliding_window: Option<usize>,
+    /// Attention chunk of this layer (Llama 4's chunked layers).
+    pub attention_chunk: Option<usize>,
     /// Which RoPE tables the layer uses.
     #[module(skip)]
     pub rope: LayerRope,
@@ -564,6 +583,7 @@ impl<B: EmberBackend> CausalLm<B> {
         let base_dtype = dtype.float_dtype();
         let names = ModuleNames::for_checkpoint(c, weights.keys().map(String::as_str));
         let decoder = names.checkpoint_decoder.as_str();
+        let mlp = c.spec().mlp_module;
         let frozen = |key: &str, out: usize, inp: usize, quantize: bool| -> Result<FrozenWeight<B>> {
             if let Some(blocks) = weights.take_quantized(key, [out, inp])? {
                 return Ok(FrozenWeight::from_quantized(blocks));
@@ -625,12 +645,12 @@ impl<B: EmberBackend> CausalLm<B> {
                 })
             };
             let (q_norm_dim, k_norm_dim) = match c.qk_norm {
-                QkNorm::None => (0, 0),
+                QkNorm::None | QkNorm::L2AfterRope => (0, 0),
                 QkNorm::PerHead => (c.head_dim, c.head_dim),
                 QkNorm::Full => (q_dim, kv_dim),
             };
             let qk_norm = |name: &str, dim: usize| {
-                (c.qk_norm != QkNorm::None)
+                matches!(c.qk_norm, QkNorm::PerHead | QkNorm::Full)
                     .then(|| norm(&format!("{p}.self_attn.{name}"), dim))
                     .transpose()
             };
@@ -649,26 +669,45 @@ impl<B: EmberBackend> CausalLm<B> {
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,
-                qk_norm: c.qk_norm,
+                // The L2 norm applies on RoPE layers only.
+                qk_norm: match c.qk_norm {
+                    QkNorm::L2AfterRope if !c.rope_layers[i] => QkNorm::None,
+                    other => other,
+                },
                 scale: c.attn_scale,
                 softcap: c.attn_softcap,
+                norm_eps: c.rms_norm_eps,
             });
             let sparse = c.moe.as_ref().filter(|m| m.sparse_layers[i]);
             let mlp = match sparse {
-                Some(moe) => FeedForward::Sparse(crate::moe::load(moe, c, weights, &p, device, base_dtype)?),
+                Some(moe) => {
+                    let mut block = crate::moe::load(moe, c, weights, &p, device, base_dtype)?;
+                    if let Some(width) = moe.shared_expert_size {
+                        let shared = format!("{p}.{mlp}.shared_expert");
+                        block.shared_expert = Some(Mlp {
+                            gate_up: GateUpProjection::Split(SplitGateUp {
+                                gate_proj: linear(&format!("{shared}.gate_proj"), width, h, false)?,
+                                up_proj: linear(&format!("{shared}.up_proj"), width, h, false)?,
+                            }),
+                            down_proj: linear(&format!("{shared}.down_proj"), h, width, false)?,
+                            act: c.act,
+                        });
+                    }
+                    FeedForward::Sparse(block)
+                }
                 None => {
                     let i_dim = c.intermediate_size;
                     let gate_up = if c.fused_gate_up {
-                        GateUpProjection::Fused(linear(&format!("{p}.mlp.gate_up_proj"), 2 * i_dim, h, c.mlp_bias)?)
+                        GateUpProjection::Fused(linear(&format!("{p}.{mlp}.gate_up_proj"), 2 * i_dim, h, c.mlp_bias)?)
                     } else {
                         GateUpProjection::Split(SplitGateUp {
-                            gate_proj: linear(&format!("{p}.mlp.gate_proj"), i_dim, h, c.mlp_bias)?,
-                            up_proj: linear(&format!("{p}.mlp.up_proj"), i_dim, h, c.mlp_bias)?,
+                            gate_proj: linear(&format!("{p}.{mlp}.gate_proj"), i_dim, h, c.mlp_bias)?,
+                            up_proj: linear(&format!("{p}.{mlp}.up_proj"), i_dim, h, c.mlp_bias)?,
                         })
                     };
                     FeedForward::Dense(Mlp {
                         gate_up,
-                        down_proj: linear(&format!("{p}.mlp.down_proj"), h, i_dim, c.mlp_bias)?,
+                        down_proj: linear(&format!("{p}.{mlp}.down_proj"), h, i_dim, c.mlp_bias)?,
                         act: c.act,
                     })
                 }
@@ -682,6 +721,7 @@ impl<B: EmberBackend> CausalLm<B> {
                 mlp,
                 mlp_out_norm: layer_norm(c.norms.post_mlp)?,
                 sliding_window: c.sliding_window[i],
+                attention_chunk: c.attention_chunk[i],
                 rope: match (c.rope_layers[i], c.local_rope.is_some() && c.sliding_window[i].is_some()) {
                     (false, _) => LayerRope::None,
                     (true, true) => LayerRope::Local,
@@ -774,8 +814,8 @@ impl<B: EmberBackend> CausalLm<B> {
         });
         let padding = input.attention_mask;
         let segments = input.segment_ids;
-        let mask = |window: Option<usize>| {
-            let mask = attention_mask::<B>(padding.clone(), batch, seq, 0, window, &device);
+        let mask = |span: AttentionSpan| {
+            let mask = attention_mask::<B>(padding.clone(), batch, seq, 0, span, &device);
             match &segments {
                 Some(segments) => segment_mask(mask, segments.clone()),
                 None => mask,
@@ -791,14 +831,26 @@ impl<B: EmberBackend> CausalLm<B> {
         &self,
         input_ids: Tensor<B, 2, Int>,
         position_ids: Tensor<B, 2, Int>,
-        mask: impl Fn(Option<usize>) -> Tensor<B, 4>,
+        mask: impl Fn(AttentionSpan) -> Tensor<B, 4>,
         mut cache: Option<&mut KvCache<B>>,
         capture: bool,
     ) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
         let rope = self.rope.tables(position_ids.clone());
         let local_rope = self.local_rope.as_ref().map(|r| r.tables(position_ids.clone()));
-        let query_scale = self.config.query_scale.map(|scale| query_scales(scale, position_ids));
-        let mut masks: BTreeMap<Option<usize>, Tensor<B, 4>> = BTreeMap::new();
+        let past = cache.as_deref().map_or(0, |c| c.len);
+        let query_scale = self.config.query_scale.map(|scale| {
+            if scale.uses_cache_index() {
+                let [batch, seq] = position_ids.dims();
+                let device = position_ids.device();
+                let index = Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, &device)
+                    .reshape([1, seq])
+                    .expand([batch, seq]);
+                query_scales(scale, index)
+            } else {
+                query_scales(scale, position_ids)
+            }
+        });
+        let mut masks: BTreeMap<AttentionSpan, Tensor<B, 4>> = BTreeMap::new();
         let mut x = self.model.embed_tokens.forward(input_ids);
         if let Some(scale) = self.config.embed_scale {
             x = x.mul_scalar(scale);
@@ -816,16 +868,23 @@ impl<B: EmberBackend> CausalLm<B> {
         }
         let last = self.model.layers.len().saturating_sub(1);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let window = layer.sliding_window;
-            let layer_mask = masks.entry(window).or_insert_with(|| mask(window)).clone();
+            let span = AttentionSpan {
+                window: layer.sliding_window,
+                chunk: layer.attention_chunk,
+            };
+            let layer_mask = masks.entry(span).or_insert_with(|| mask(span)).clone();
             let tables = match (&local_rope, layer.rope) {
                 (_, LayerRope::None) => None,
                 (Some(local), LayerRope::Local) => Some(local),
                 _ => Some(&rope),
             };
+            let scaled = self
+                .config
+                .query_scale
+                .is_some_and(|s| s.on_rope_layers() || layer.rope == LayerRope::None);
             let inputs = AttentionInputs {
                 rope: tables,
-                query_scale: query_scale.as_ref(),
+                query_scale: query_scale.as_ref().filter(|_| scaled),
                 mask: layer_mask,
             };
             let mut slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -924,8 +983,7 @@ impl<B: EmberBackend> CausalLm<B> {
         let device = input_ids.device();
         let past = cache.len;
         let padding = attention_mask;
-        let mask =
-            |window: Option<usize>| self::attention_mask::<B>(Some(padding.clone()), batch, seq, past, window, &device);
+        let mask = |span: AttentionSpan| self::attention_mask::<B>(Some(padding.clone()), batch, seq, past, span, &device);
         self.walk(input_ids, position_ids, mask, Some(cache), false).0
     }
 
@@ -967,10 +1025,21 @@ impl<B: EmberBackend> Default for KvCache<B> {
     }
 }
 
+/// Which keys a layer's queries may reach besides causality and padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct AttentionSpan {
+    /// Sliding window: the `w` latest keys.
+    pub window: Option<usize>,
+    /// Chunked attention: keys of the query's own chunk of `c` tokens, counted from the row's
+    /// first real token (transformers' rule for left-padded rows).
+    pub chunk: Option<usize>,
+}
+
 /// The additive attention mask: 0 where query `i` may see key `j`, the dtype minimum elsewhere.
 ///
-/// Key `j` is visible to query `i` when `j ≤ i + past`, key `j` is not padding, and, with a
-/// sliding window `w`, `i + past − j < w` (transformers' rule).
+/// Key `j` is visible to query `i` when `j ≤ i + past`, key `j` is not padding, with a
+/// sliding window `w` when `i + past − j < w`, and with chunks of `c` when
+/// `⌊(j − l)/c⌋ = ⌊(i + past − l)/c⌋` for the row's `l` leading pads (transformers' rules).
 ///
 /// # Shapes
 /// - `padding`: `[batch, past + seq]` (1 real, 0 pad)
@@ -980,7 +1049,7 @@ pub fn attention_mask<B: EmberBackend>(
     batch: usize,
     seq: usize,
     past: usize,
-    window: Option<usize>,
+    span: AttentionSpan,
     device: &B::Device,
 ) -> Tensor<B, 4> {
     let keys = past + seq;
@@ -991,11 +1060,26 @@ pub fn attention_mask<B: EmberBackend>(
         .reshape([1, keys])
         .expand([seq, keys]);
     let mut hidden: Tensor<B, 2, Bool> = k.clone().greater(q.clone());
-    if let Some(w) = window {
+    if let Some(w) = span.window {
         // Hidden when i - j >= w, i.e. j <= i - w.
-        hidden = hidden.bool_or(k.lower_equal(q.sub_scalar(w as i64)));
+        hidden = hidden.bool_or(k.clone().lower_equal(q.clone().sub_scalar(w as i64)));
     }
-    let hidden = hidden.reshape([1, 1, seq, keys]).expand([batch, 1, seq, keys]);
+    let mut hidden = hidden.reshape([1, 1, seq, keys]).expand([batch, 1, seq, keys]);
+    if let Some(c) = span.chunk {
+        // Leading pads per row shift the chunk boundaries; pads themselves are hidden below,
+        // so their (negative) offsets are clamped to chunk 0.
+        let lead = match &padding {
+            Some(pad) => pad.clone().cumsum(1).equal_elem(0).int().sum_dim(1).reshape([batch, 1, 1]),
+            None => Tensor::<B, 3, Int>::zeros([batch, 1, 1], device),
+        };
+        let chunk_of = |idx: Tensor<B, 2, Int>| {
+            (idx.unsqueeze_dim::<3>(0).expand([batch, seq, keys]) - lead.clone())
+                .clamp_min(0)
+                .div_scalar(c as i64)
+        };
+        let other_chunk = chunk_of(q).not_equal(chunk_of(k)).reshape([batch, 1, seq, keys]);
+        hidden = hidden.bool_or(other_chunk);
+    }
     let hidden = match padding {
         Some(pad) => {
             let pad = pad

@@ -14,7 +14,7 @@ use ember_lora::EmberBackend;
 
 use crate::config::{DecoderConfig, ExpertActivation, MoeConfig, MoeLayout, Routing};
 use crate::error::Result;
-use crate::model::activate;
+use crate::model::{activate, Mlp};
 use crate::weights::Weights;
 
 /// One expert's gated MLP, weights in `nn.Linear` layout (`y = x·Wᵀ + b`).
@@ -69,6 +69,12 @@ pub struct SparseMoe<B: Backend> {
     /// Expert activation.
     #[module(skip)]
     pub activation: ExpertActivation,
+    /// The routing weight scales the expert's input (Llama 4) instead of its output.
+    #[module(skip)]
+    pub scale_input: bool,
+    /// A dense MLP every token also goes through (Llama 4's `shared_expert`; its projections
+    /// are linear layers LoRA can adapt).
+    pub shared_expert: Option<Mlp<B>>,
 }
 
 impl<B: EmberBackend> SparseMoe<B> {
@@ -100,11 +106,20 @@ impl<B: EmberBackend> SparseMoe<B> {
             let n = token_ids.len();
             let token_ids = Tensor::<B, 1, Int>::from_data(TensorData::new(token_ids, [n]), &device);
             let slot_ids = Tensor::<B, 1, Int>::from_data(TensorData::new(slot_ids, [n]), &device);
-            let y = expert.forward(x.clone().select(0, token_ids.clone()), self.activation);
             let w = weights.clone().select(0, slot_ids).reshape([n, 1]);
-            out = out.select_assign(0, token_ids, y * w, IndexingUpdateOp::Add);
+            let routed = x.clone().select(0, token_ids.clone());
+            let y = if self.scale_input {
+                expert.forward(routed * w, self.activation)
+            } else {
+                expert.forward(routed, self.activation) * w
+            };
+            out = out.select_assign(0, token_ids, y, IndexingUpdateOp::Add);
         }
-        out.reshape([batch, seq, hidden])
+        let out = out.reshape([batch, seq, hidden]);
+        match &self.shared_expert {
+            Some(shared) => shared.forward(x.reshape([batch, seq, hidden])) + out,
+            None => out,
+        }
     }
 
     /// Routing weights and expert indices of every token. The indices are chosen without
@@ -130,6 +145,10 @@ impl<B: EmberBackend> SparseMoe<B> {
                 let (_, experts) = logits.clone().detach().topk_with_indices(self.top_k, 1);
                 (softmax(logits.gather(1, experts.clone()), 1), experts)
             }
+            Routing::TopKSigmoid => {
+                let (_, experts) = logits.clone().detach().topk_with_indices(self.top_k, 1);
+                (sigmoid(logits.gather(1, experts.clone())), experts)
+            }
         }
     }
 }
@@ -154,6 +173,7 @@ pub(crate) fn load<B: EmberBackend>(
         MoeLayout::Mixtral => ("block_sparse_moe", "gate"),
         MoeLayout::Qwen => ("mlp", "gate"),
         MoeLayout::GptOss => ("mlp", "router"),
+        MoeLayout::Llama4 => ("feed_forward", "router"),
     };
     let base = format!("{prefix}.{block}");
     let router = weights.tensor::<B, 2>(&format!("{base}.{router_name}.weight"), [n, h], device)?;
@@ -185,6 +205,19 @@ pub(crate) fn load<B: EmberBackend>(
                         down: frozen2(down.clone().narrow(0, e, 1).reshape([inter, h]).transpose()),
                         down_bias: Some(frozen1(down_bias.clone().narrow(0, e, 1).reshape([h]))),
                     }
+                })
+                .collect()
+        }
+        MoeLayout::Llama4 => {
+            // [experts, hidden, 2·inter] as [gate | up] and [experts, inter, hidden]; x·W layout.
+            let gate_up = weights.tensor_as::<B, 3>(&fused_gate_up, [n, h, 2 * inter], device, dtype)?;
+            let down = weights.tensor_as::<B, 3>(&format!("{base}.experts.down_proj"), [n, inter, h], device, dtype)?;
+            (0..n)
+                .map(|e| Expert {
+                    gate_up: frozen2(gate_up.clone().narrow(0, e, 1).reshape([h, 2 * inter]).transpose()),
+                    gate_up_bias: None,
+                    down: frozen2(down.clone().narrow(0, e, 1).reshape([inter, h]).transpose()),
+                    down_bias: None,
                 })
                 .collect()
         }
@@ -227,5 +260,8 @@ pub(crate) fn load<B: EmberBackend>(
         top_k: moe.top_k,
         routing: moe.routing,
         activation: moe.activation,
+        scale_input: moe.layout == MoeLayout::Llama4,
+        // Attached by the caller, which builds the model's linear layers.
+        shared_expert: None,
     })
 }

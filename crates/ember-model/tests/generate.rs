@@ -1,8 +1,10 @@
-//! Greedy generation against transformers' `generate` on the llama fixture, with and without
-//! the KV cache, alone and in a left-padded batch.
+//! Greedy generation against transformers' `generate`, with and without the KV cache, alone
+//! and in a left-padded batch.
 //!
-//! Reference: `tests/fixtures/llama/expected.json` → `generation` (greedy, 10 new tokens from
-//! [1, 36, 71, 67], base and `adapter_trained`), made by `../shared/fixtures/_generator/gen_fixtures.py`.
+//! References: `expected.json` → `generation` (greedy, 10 new tokens, base and
+//! `adapter_trained`) of the llama fixture (`../shared/fixtures/_generator/gen_fixtures.py`)
+//! and of every 2026 family (`tests/fixtures/gen_families_2026.py`, eos disabled, each checked
+//! there against a cache-free argmax loop).
 
 mod common;
 
@@ -11,8 +13,8 @@ use ember_lora::AdapterFiles;
 use ember_model::generate::{generate, GenerationConfig};
 use ember_model::CausalLm;
 
-fn expected() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("llama/expected.json")).unwrap()).unwrap()
+fn expected(arch: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("expected.json")).unwrap()).unwrap()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
@@ -25,47 +27,42 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 
 #[test]
 fn greedy_generation_matches_transformers_with_and_without_cache() {
-    let e = expected();
-    let g = &e["generation"];
-    let prompt = ids(&g["prompt_ids"]);
-    let device = Default::default();
-    let base = CausalLm::<TestBackend>::from_dir(&fixtures().join("llama"), &device).unwrap();
-    let mut adapted = CausalLm::<TestBackend>::from_dir(&fixtures().join("llama"), &device).unwrap();
-    adapted
-        .load_adapter(
-            &AdapterFiles::read(&fixtures().join("llama/adapter_trained")).unwrap(),
-            &device,
-        )
-        .unwrap();
-    for use_cache in [true, false] {
-        let config = GenerationConfig {
-            max_new_tokens: 10,
-            use_cache,
-            eos_token_ids: vec![2],
-            ..Default::default()
-        };
-        let out = generate(
-            &base,
-            std::slice::from_ref(&prompt),
-            &config,
-            0,
-            |_, _| {},
-            |_, _| false,
-        );
-        assert_eq!(out[0], ids(&g["base_new_tokens"]), "base, cache {use_cache}");
-        let out = generate(
-            &adapted,
-            std::slice::from_ref(&prompt),
-            &config,
-            0,
-            |_, _| {},
-            |_, _| false,
-        );
-        assert_eq!(
-            out[0],
-            ids(&g["trained_adapter_new_tokens"]),
-            "adapter, cache {use_cache}"
-        );
+    let with_reference: Vec<String> = families()
+        .into_iter()
+        .filter(|arch| expected(arch).get("generation").is_some())
+        .collect();
+    assert!(with_reference.len() >= 5, "{with_reference:?}");
+    for arch in &with_reference {
+        let e = expected(arch);
+        let g = &e["generation"];
+        let prompt = ids(&g["prompt_ids"]);
+        let device = Default::default();
+        let base = CausalLm::<TestBackend>::from_dir(&fixtures().join(arch), &device).unwrap();
+        let mut adapted = CausalLm::<TestBackend>::from_dir(&fixtures().join(arch), &device).unwrap();
+        adapted
+            .load_adapter(
+                &AdapterFiles::read(&fixtures().join(arch).join("adapter_trained")).unwrap(),
+                &device,
+            )
+            .unwrap();
+        for use_cache in [true, false] {
+            // eos is never generated in the llama reference and disabled in the others.
+            let config = GenerationConfig {
+                max_new_tokens: 10,
+                use_cache,
+                eos_token_ids: vec![],
+                ..Default::default()
+            };
+            let run = |model: &CausalLm<TestBackend>| {
+                generate(model, std::slice::from_ref(&prompt), &config, 0, |_, _| {}, |_, _| false).remove(0)
+            };
+            assert_eq!(run(&base), ids(&g["base_new_tokens"]), "{arch} base, cache {use_cache}");
+            assert_eq!(
+                run(&adapted),
+                ids(&g["trained_adapter_new_tokens"]),
+                "{arch} adapter, cache {use_cache}"
+            );
+        }
     }
 }
 

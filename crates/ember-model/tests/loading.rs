@@ -195,7 +195,11 @@ fn unsupported_model_type_lists_supported_ones() {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let err = load(&dir).unwrap_err().to_string();
     assert!(
-        err.contains("unsupported model_type `mamba`") && err.contains("llama, mistral, qwen2, qwen3, gemma"),
+        err.contains("unsupported model_type `mamba`")
+            && ember_model::family::FAMILIES
+                .iter()
+                .all(|f| err.contains(f.model_type))
+            && err.contains("mistral3"),
         "{err}"
     );
 }

@@ -95,6 +95,7 @@ parity! {
     smollm3: "smollm3",
     ministral3: "ministral3",
     ministral3_wrapped: "ministral3_wrapped",
+    llama4: "llama4",
 }
 
 /// Under `--features wgpu` the golden tests really run on burn-wgpu (and on burn-ndarray

@@ -125,7 +125,8 @@ fn smollm2_gguf_blocks_kept_give_the_dequantized_logits() {
                 .layers
                 .iter()
                 .map(|l| {
-                    let mut total = l.self_attn.o_proj.weight.bytes();
+                    let ember_model::model::SelfAttention::Grouped(attention) = &l.self_attn;
+                    let mut total = attention.o_proj.weight.bytes();
                     if let ember_model::model::FeedForward::Dense(mlp) = &l.mlp {
                         total += mlp.down_proj.weight.bytes();
                     }

@@ -123,4 +123,5 @@ training_parity! {
     smollm3_training_matches_peft: "smollm3",
     ministral3_training_matches_peft: "ministral3",
     ministral3_wrapped_training_matches_peft: "ministral3_wrapped",
+    llama4_training_matches_peft: "llama4",
 }
