@@ -400,7 +400,12 @@ fn inspect(path: &Path) -> Result<()> {
     let windows: Vec<String> = config
         .sliding_window
         .iter()
-        .map(|w| w.map_or("global".to_string(), |w| format!("window {w}")))
+        .zip(&config.attention_chunk)
+        .map(|(w, c)| match (w, c) {
+            (Some(w), _) => format!("window {w}"),
+            (None, Some(c)) => format!("chunk {c}"),
+            (None, None) => "global".to_string(),
+        })
         .collect();
     out!("model:          {}", path.display());
     out!("architecture:   {} ({})", config.model_type, config.spec().summary);

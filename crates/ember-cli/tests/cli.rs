@@ -348,3 +348,154 @@ fn quantized_bases_forward_train_and_merge() {
     assert!(worst <= 1e-4, "merged vs adapter logits: {worst:.3e}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// `ember inspect` describes each 2026 family by its row of the family table, and a multimodal
+/// wrapper by what it loads and what it leaves out.
+#[test]
+fn inspect_describes_new_families_and_wrappers() {
+    let inspect = |arch: &str| {
+        let o = ember(&["inspect", fixtures().join(arch).to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    for (arch, needles) in [
+        (
+            "olmo3",
+            &["architecture:   olmo3 (OLMo 2", "1× window 8, 1× global"][..],
+        ),
+        ("smollm3", &["architecture:   smollm3", "no rope:        layers 1"][..]),
+        (
+            "ministral3",
+            &["architecture:   ministral3", "query scale:    LogPosition"][..],
+        ),
+        (
+            "llama4",
+            &[
+                "architecture:   llama4_text",
+                "chunk 8",
+                "no rope:        layers 1",
+                "Temperature",
+                "experts:",
+            ][..],
+        ),
+        (
+            "ministral3_wrapped",
+            &[
+                "architecture:   ministral3",
+                "wrapper:        mistral3 (multimodal); text decoder under `language_model.model`",
+                "ignored:      vision_tower (",
+                "ignored:      multi_modal_projector (",
+            ][..],
+        ),
+        (
+            "gemma3_wrapped",
+            &[
+                "architecture:   gemma3_text",
+                "wrapper:        gemma3",
+                "ignored:      vision_tower (",
+            ][..],
+        ),
+    ] {
+        let text = inspect(arch);
+        for needle in needles {
+            assert!(text.contains(needle), "{arch}: missing {needle:?} in\n{text}");
+        }
+    }
+}
+
+/// A wrapper checkpoint (older `language_model.model.*` layout) merges a PEFT adapter (named
+/// `model.language_model.*`) into the same layout, and the merged folder gives PEFT's merged
+/// logits (left-padded inputs with explicit positions); LoRA on the vision tower is refused.
+#[test]
+fn wrapper_merge_and_vision_lora_refusal() {
+    let arch = "ministral3_wrapped";
+    let dir = fixtures().join(arch);
+    let tmp = std::env::temp_dir().join(format!("ember-cli-wrapper-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let merged = tmp.join("merged");
+    let o = ember(&[
+        "merge",
+        "--base",
+        dir.to_str().unwrap(),
+        "--adapter",
+        dir.join("adapter_trained").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.join("logits.safetensors");
+    let o = ember(&[
+        "forward",
+        "--model",
+        merged.to_str().unwrap(),
+        "--inputs",
+        dir.join("inputs.json").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (logits, shape) = read_f32(&out, "logits");
+    let (expected, _) = read_f32(&dir.join("merged_logits.safetensors"), "logits");
+    let worst = masked_max_diff(arch, &logits, &expected, &shape);
+    assert!(worst <= 1e-4, "merged wrapper: {worst:.3e}");
+
+    // The same adapter with one module moved onto the vision tower.
+    let vision = tmp.join("vision_adapter");
+    std::fs::create_dir_all(&vision).unwrap();
+    std::fs::copy(
+        dir.join("adapter_trained/adapter_config.json"),
+        vision.join("adapter_config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(dir.join("adapter_trained/adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k.replace(
+                "model.language_model.layers.0.self_attn.q_proj",
+                "model.vision_tower.transformer.layers.0.attention.q_proj",
+            );
+            (k, v)
+        })
+        .collect();
+    safetensors::serialize_to_file(renamed, None, &vision.join("adapter_model.safetensors")).unwrap();
+    for args in [
+        vec![
+            "merge",
+            "--base",
+            dir.to_str().unwrap(),
+            "--adapter",
+            vision.to_str().unwrap(),
+            "--out",
+        ],
+        vec![
+            "forward",
+            "--model",
+            dir.to_str().unwrap(),
+            "--adapter",
+            vision.to_str().unwrap(),
+            "--inputs",
+        ],
+    ] {
+        let mut args = args;
+        let target = tmp.join("refused");
+        let inputs = dir.join("inputs.json");
+        if args[0] == "forward" {
+            args.extend([inputs.to_str().unwrap(), "--out", target.to_str().unwrap()]);
+        } else {
+            args.push(target.to_str().unwrap());
+        }
+        let o = ember(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} accepted a vision-tower adapter");
+        assert!(
+            err.contains("model.vision_tower.transformer.layers.0.attention.q_proj") && err.contains("text decoder"),
+            "{err}"
+        );
+        assert!(!target.exists(), "nothing is written");
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -375,9 +375,10 @@ impl QueryScale {
             QueryScale::LogPosition { beta, original } => {
                 1.0 + beta as f32 * (1.0 + (pos as f32 / original as f32).floor()).ln()
             }
-            QueryScale::Temperature { attn_scale, floor_scale } => {
-                (((pos as f32 + 1.0) / floor_scale as f32).floor()).ln_1p() * attn_scale as f32 + 1.0
-            }
+            QueryScale::Temperature {
+                attn_scale,
+                floor_scale,
+            } => (((pos as f32 + 1.0) / floor_scale as f32).floor()).ln_1p() * attn_scale as f32 + 1.0,
         }
     }
 
@@ -754,7 +755,9 @@ fn parse_activation(name: &str) -> std::result::Result<Activation, String> {
 fn rope_parameters(hf: &HfConfig, layer_type: Option<&str>) -> (Option<Value>, String) {
     let per_type = layer_type.and_then(|t| hf.rope_parameters.as_ref().and_then(|p| p.get(t)));
     match (per_type, &hf.rope_parameters, &hf.rope_scaling) {
-        (Some(p @ Value::Object(_)), _, _) => (Some(p.clone()), format!("rope_parameters.{}", layer_type.unwrap_or(""))),
+        (Some(p @ Value::Object(_)), _, _) => {
+            (Some(p.clone()), format!("rope_parameters.{}", layer_type.unwrap_or("")))
+        }
         (None, Some(p @ Value::Object(_)), _) => (Some(p.clone()), "rope_parameters".to_string()),
         (None, _, Some(s @ Value::Object(_))) => (Some(s.clone()), "rope_scaling".to_string()),
         _ => (None, "rope_scaling".to_string()),
@@ -916,7 +919,14 @@ fn layer_types(hf: &HfConfig, spec: &FamilySpec) -> std::result::Result<Option<V
             let chunked = hf.attention_chunk_size.is_some();
             return Ok(Some(
                 rope.iter()
-                    .map(|&r| if r && chunked { "chunked_attention" } else { "full_attention" }.to_string())
+                    .map(|&r| {
+                        if r && chunked {
+                            "chunked_attention"
+                        } else {
+                            "full_attention"
+                        }
+                        .to_string()
+                    })
                     .collect(),
             ));
         }
@@ -1007,7 +1017,12 @@ fn moe_config(
                     (0..n).map(|i| (i + 1) % step == 0).collect()
                 }
             };
-            (Routing::TopKSigmoid, ExpertActivation::Gated(act), hf.intermediate_size, sparse)
+            (
+                Routing::TopKSigmoid,
+                ExpertActivation::Gated(act),
+                hf.intermediate_size,
+                sparse,
+            )
         }
         MoeLayout::GptOss => (
             Routing::TopKSoftmax,
@@ -1079,7 +1094,10 @@ fn layer_windows(
 }
 
 /// The attention chunk of each layer (`chunked_attention` layers). Errors are `(key, message)`.
-fn layer_chunks(hf: &HfConfig, layer_types: Option<&[String]>) -> std::result::Result<Vec<Option<usize>>, (String, String)> {
+fn layer_chunks(
+    hf: &HfConfig,
+    layer_types: Option<&[String]>,
+) -> std::result::Result<Vec<Option<usize>>, (String, String)> {
     let n = hf.num_hidden_layers;
     let Some(types) = layer_types else {
         return Ok(vec![None; n]);

@@ -195,7 +195,8 @@ pub const FAMILIES: &[FamilySpec] = &[
         family: Family::Ministral3,
         model_type: "ministral3",
         causal_lm_class: "Ministral3ForCausalLM",
-        summary: "Mistral blocks, YaRN, position-dependent query scale (llama_4_scaling_beta); inside `mistral3` wrappers",
+        summary:
+            "Mistral blocks, YaRN, position-dependent query scale (llama_4_scaling_beta); inside `mistral3` wrappers",
         window: WindowRule::EveryLayer,
         position_query_scale: true,
         ..LLAMA
@@ -452,7 +453,12 @@ impl ModuleNames {
         let legacy = keys.any(|k| k.starts_with("language_model."));
         Self {
             decoder: "model.language_model".into(),
-            checkpoint_decoder: if legacy { "language_model.model" } else { "model.language_model" }.into(),
+            checkpoint_decoder: if legacy {
+                "language_model.model"
+            } else {
+                "model.language_model"
+            }
+            .into(),
             checkpoint_lm_head: if legacy { "language_model.lm_head" } else { "lm_head" }.into(),
             wrapped: true,
         }
@@ -462,10 +468,16 @@ impl ModuleNames {
     /// → `language_model.model.layers.0.self_attn.q_proj` in the older wrapper layout); other
     /// wrapper components (`model.vision_tower.…`) lose the `model.` of the older layout.
     pub fn checkpoint_key(&self, module: &str) -> String {
-        if let Some(rest) = module.strip_prefix(&self.decoder).filter(|r| r.is_empty() || r.starts_with('.')) {
+        if let Some(rest) = module
+            .strip_prefix(&self.decoder)
+            .filter(|r| r.is_empty() || r.starts_with('.'))
+        {
             return format!("{}{rest}", self.checkpoint_decoder);
         }
-        if let Some(rest) = module.strip_prefix("lm_head").filter(|r| r.is_empty() || r.starts_with('.')) {
+        if let Some(rest) = module
+            .strip_prefix("lm_head")
+            .filter(|r| r.is_empty() || r.starts_with('.'))
+        {
             return format!("{}{rest}", self.checkpoint_lm_head);
         }
         if self.wrapped && self.checkpoint_decoder.starts_with("language_model") {
@@ -546,6 +558,9 @@ mod tests {
         assert!(!v5.is_text_module("model.vision_tower.transformer.layers.0.attention.q_proj"));
         assert!(!v5.is_text_module("model.language_model_x"));
         let text = ModuleNames::text_only();
-        assert_eq!(text.checkpoint_key("model.layers.0.mlp.up_proj"), "model.layers.0.mlp.up_proj");
+        assert_eq!(
+            text.checkpoint_key("model.layers.0.mlp.up_proj"),
+            "model.layers.0.mlp.up_proj"
+        );
     }
 }

@@ -15,8 +15,8 @@
 pub mod allocator;
 pub mod config;
 pub mod dtype;
-pub mod family;
 mod error;
+pub mod family;
 pub mod generate;
 pub mod gguf;
 pub mod lora;

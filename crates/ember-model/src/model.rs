@@ -722,7 +722,10 @@ impl<B: EmberBackend> CausalLm<B> {
                 mlp_out_norm: layer_norm(c.norms.post_mlp)?,
                 sliding_window: c.sliding_window[i],
                 attention_chunk: c.attention_chunk[i],
-                rope: match (c.rope_layers[i], c.local_rope.is_some() && c.sliding_window[i].is_some()) {
+                rope: match (
+                    c.rope_layers[i],
+                    c.local_rope.is_some() && c.sliding_window[i].is_some(),
+                ) {
                     (false, _) => LayerRope::None,
                     (true, true) => LayerRope::Local,
                     (true, false) => LayerRope::Global,
@@ -983,7 +986,8 @@ impl<B: EmberBackend> CausalLm<B> {
         let device = input_ids.device();
         let past = cache.len;
         let padding = attention_mask;
-        let mask = |span: AttentionSpan| self::attention_mask::<B>(Some(padding.clone()), batch, seq, past, span, &device);
+        let mask =
+            |span: AttentionSpan| self::attention_mask::<B>(Some(padding.clone()), batch, seq, past, span, &device);
         self.walk(input_ids, position_ids, mask, Some(cache), false).0
     }
 
@@ -1001,7 +1005,11 @@ impl<B: EmberBackend> CausalLm<B> {
 fn query_scales<B: EmberBackend>(scale: QueryScale, position_ids: Tensor<B, 2, Int>) -> Tensor<B, 4> {
     let [batch, seq] = position_ids.dims();
     let device = position_ids.device();
-    let positions = position_ids.into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default();
+    let positions = position_ids
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap_or_default();
     let values: Vec<f32> = positions.iter().map(|&p| scale.at(p)).collect();
     Tensor::<B, 1>::from_data(TensorData::new(values, [batch * seq]), &device).reshape([batch, 1, seq, 1])
 }
@@ -1069,7 +1077,13 @@ pub fn attention_mask<B: EmberBackend>(
         // Leading pads per row shift the chunk boundaries; pads themselves are hidden below,
         // so their (negative) offsets are clamped to chunk 0.
         let lead = match &padding {
-            Some(pad) => pad.clone().cumsum(1).equal_elem(0).int().sum_dim(1).reshape([batch, 1, 1]),
+            Some(pad) => pad
+                .clone()
+                .cumsum(1)
+                .equal_elem(0)
+                .int()
+                .sum_dim(1)
+                .reshape([batch, 1, 1]),
             None => Tensor::<B, 3, Int>::zeros([batch, 1, 1], device),
         };
         let chunk_of = |idx: Tensor<B, 2, Int>| {

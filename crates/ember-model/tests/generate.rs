@@ -54,7 +54,15 @@ fn greedy_generation_matches_transformers_with_and_without_cache() {
                 ..Default::default()
             };
             let run = |model: &CausalLm<TestBackend>| {
-                generate(model, std::slice::from_ref(&prompt), &config, 0, |_, _| {}, |_, _| false).remove(0)
+                generate(
+                    model,
+                    std::slice::from_ref(&prompt),
+                    &config,
+                    0,
+                    |_, _| {},
+                    |_, _| false,
+                )
+                .remove(0)
             };
             assert_eq!(run(&base), ids(&g["base_new_tokens"]), "{arch} base, cache {use_cache}");
             assert_eq!(

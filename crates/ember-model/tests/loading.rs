@@ -196,9 +196,7 @@ fn unsupported_model_type_lists_supported_ones() {
     let err = load(&dir).unwrap_err().to_string();
     assert!(
         err.contains("unsupported model_type `mamba`")
-            && ember_model::family::FAMILIES
-                .iter()
-                .all(|f| err.contains(f.model_type))
+            && ember_model::family::FAMILIES.iter().all(|f| err.contains(f.model_type))
             && err.contains("mistral3"),
         "{err}"
     );

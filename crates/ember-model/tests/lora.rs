@@ -9,8 +9,8 @@ mod common;
 
 use common::*;
 use ember_lora::merge::MergeDtype;
-use ember_model::lora::merge_checkpoint;
 use ember_lora::{AdapterFiles, LoraConfig, TargetModules};
+use ember_model::lora::merge_checkpoint;
 use ember_model::{CausalLm, Weights};
 
 fn model(arch: &str) -> CausalLm<TestBackend> {

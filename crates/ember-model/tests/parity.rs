@@ -96,6 +96,7 @@ parity! {
     ministral3: "ministral3",
     ministral3_wrapped: "ministral3_wrapped",
     llama4: "llama4",
+    gemma3_wrapped: "gemma3_wrapped",
 }
 
 /// Under `--features wgpu` the golden tests really run on burn-wgpu (and on burn-ndarray

@@ -124,4 +124,5 @@ training_parity! {
     ministral3_training_matches_peft: "ministral3",
     ministral3_wrapped_training_matches_peft: "ministral3_wrapped",
     llama4_training_matches_peft: "llama4",
+    gemma3_wrapped_training_matches_peft: "gemma3_wrapped",
 }

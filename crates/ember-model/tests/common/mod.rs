@@ -136,7 +136,9 @@ pub fn assert_close(what: &str, (max, at): (f32, usize), tol: f32) {
 pub fn positions_or_note<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Vec<i64>>>, D::Error> {
     use serde::Deserialize;
     Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Array(rows) => Some(serde_json::from_value(serde_json::Value::Array(rows)).map_err(serde::de::Error::custom)?),
+        serde_json::Value::Array(rows) => {
+            Some(serde_json::from_value(serde_json::Value::Array(rows)).map_err(serde::de::Error::custom)?)
+        }
         _ => None,
     })
 }
