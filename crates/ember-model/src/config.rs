@@ -781,11 +781,16 @@ fn rope_config(
         (Some("sliding_attention"), None) if spec.gemma_conventions => {
             (None, Some(hf.rope_local_base_freq.unwrap_or(10_000.0)))
         }
-        (Some("sliding_attention"), None) => (None, hf.rope_theta),
+        // transformers' Olmo3Config pops `rope_theta` for the global layers and gives the
+        // sliding ones its class default.
+        (Some("sliding_attention"), None) => (None, Some(spec.default_rope_theta)),
         _ => (params, None),
     };
     let get = |name: &str| params.as_ref().and_then(|p| p.get(name)).and_then(Value::as_f64);
-    let theta = local_theta.or(get("rope_theta")).or(hf.rope_theta).unwrap_or(10_000.0);
+    let theta = local_theta
+        .or(get("rope_theta"))
+        .or(hf.rope_theta)
+        .unwrap_or(spec.default_rope_theta);
     let partial = get("partial_rotary_factor").or(hf.partial_rotary_factor).unwrap_or(1.0);
     let rotary_dim = ((head_dim as f64) * partial) as usize;
     if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {

@@ -150,6 +150,10 @@ pub struct FamilySpec {
     pub temperature_tuning: bool,
     /// The feed-forward block's module name: `mlp`, or Llama 4's `feed_forward`.
     pub mlp_module: &'static str,
+    /// transformers' `default_theta` of the config class: RoPE's θ when the config gives none
+    /// (of the global layers; also what OLMo 3's sliding layers get from a transformers-4 style
+    /// config, whatever its `rope_theta`).
+    pub default_rope_theta: f64,
 }
 
 /// A plain pre-norm dense Llama-style decoder; the rows below override what differs.
@@ -178,6 +182,7 @@ const LLAMA: FamilySpec = FamilySpec {
     position_query_scale: false,
     temperature_tuning: false,
     mlp_module: "mlp",
+    default_rope_theta: 10_000.0,
 };
 
 /// Every supported family, one row each.
@@ -254,6 +259,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         tied_by_default: true,
         layer_pattern: LayerPattern::SlidingWindowPatternKey(6),
         rope: RopeRule::PerLayerType,
+        default_rope_theta: 1_000_000.0,
         ..LLAMA
     },
     FamilySpec {
@@ -286,6 +292,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         qk_norm: QkNorm::Full,
         layer_pattern: LayerPattern::EveryNthGlobal(4),
         rope: RopeRule::PerLayerType,
+        default_rope_theta: 500_000.0,
         ..LLAMA
     },
     FamilySpec {
@@ -296,6 +303,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         tied_by_default: true,
         window: WindowRule::WhenEnabled,
         nope_layers: true,
+        default_rope_theta: 2_000_000.0,
         ..LLAMA
     },
     FamilySpec {
@@ -322,6 +330,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         nope_layers: true,
         temperature_tuning: true,
         mlp_module: "feed_forward",
+        default_rope_theta: 500_000.0,
         ..LLAMA
     },
     FamilySpec {
@@ -331,6 +340,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         summary: "sparse MoE, softmax-top-k renormalised",
         window: WindowRule::EveryLayer,
         moe: Some(MoeLayout::Mixtral),
+        default_rope_theta: 1_000_000.0,
         ..LLAMA
     },
     FamilySpec {
@@ -351,6 +361,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         layer_pattern: LayerPattern::EveryNthGlobal(2),
         attn_sinks: true,
         moe: Some(MoeLayout::GptOss),
+        default_rope_theta: 150_000.0,
         ..LLAMA
     },
 ];

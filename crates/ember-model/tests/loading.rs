@@ -391,3 +391,72 @@ fn every_family_has_a_fixture() {
         assert!(covered.contains(&spec.family), "no fixture for {}", spec.model_type);
     }
 }
+
+/// Keys transformers derives in `__post_init__` and writes into config.json are derived the same
+/// way when a hub config leaves them out: SmolLM3's `no_rope_layers` and `layer_types` from
+/// `no_rope_layer_interval`; Llama 4's `no_rope_layers`, `layer_types` (chunked RoPE layers) and
+/// `moe_layers` from their intervals. The fixtures' config.json (written by transformers 5.24)
+/// hold the derived values.
+#[test]
+fn derived_layer_keys_follow_transformers() {
+    for (arch, drop, add) in [
+        (
+            "smollm3",
+            &["no_rope_layers", "layer_types"][..],
+            serde_json::json!({"no_rope_layer_interval": 2}),
+        ),
+        (
+            "llama4",
+            &["no_rope_layers", "layer_types", "moe_layers"][..],
+            serde_json::json!({"no_rope_layer_interval": 2, "interleave_moe_layer_step": 2}),
+        ),
+    ] {
+        let written = fixture_config(arch);
+        let mut minimal = written.clone();
+        for key in drop {
+            assert!(minimal.as_object_mut().unwrap().remove(*key).is_some(), "{arch}: {key}");
+        }
+        for (k, v) in add.as_object().unwrap() {
+            minimal[k] = v.clone();
+        }
+        let (a, b) = (normalise(&written).unwrap(), normalise(&minimal).unwrap());
+        assert_eq!(a, b, "{arch}: derived keys differ");
+        assert!(a.rope_layers.contains(&false), "{arch}: a RoPE-free layer");
+    }
+    // Llama 4 without a chunk size has no chunked layers; with `use_qk_norm: false`, no L2 norm.
+    let mut config = fixture_config("llama4");
+    for key in ["layer_types", "attention_chunk_size"] {
+        config.as_object_mut().unwrap().remove(key);
+    }
+    config["use_qk_norm"] = false.into();
+    let c = normalise(&config).unwrap();
+    assert_eq!(c.attention_chunk, vec![None, None]);
+    assert_eq!(c.qk_norm, ember_model::config::QkNorm::None);
+    // Chunked layers need a positive chunk size.
+    let mut config = fixture_config("llama4");
+    config["attention_chunk_size"] = 0.into();
+    let err = normalise(&config).unwrap_err().to_string();
+    assert!(err.contains("attention_chunk_size"), "{err}");
+}
+
+/// OLMo 3 in transformers-4 style (`rope_theta` + `rope_scaling`): theta and scaling are the
+/// global layers'; the sliding layers get Olmo3Config's default θ 5e5 unscaled, whatever
+/// `rope_theta` says (its conversion pops `rope_theta` for the global layers first; checked in
+/// transformers 5.24: `Olmo3Config(rope_theta=1e4, rope_scaling=yarn)` gives sliding θ 5e5).
+#[test]
+fn olmo3_v4_style_rope_applies_to_global_layers() {
+    let mut config = fixture_config("olmo3");
+    let full = config["rope_parameters"]["full_attention"].clone();
+    config.as_object_mut().unwrap().remove("rope_parameters");
+    config["rope_theta"] = 10000.0.into();
+    let mut scaling = full.clone();
+    scaling.as_object_mut().unwrap().remove("rope_theta");
+    config["rope_scaling"] = scaling;
+    let c = normalise(&config).unwrap();
+    let plain = normalise(&fixture_config("olmo3")).unwrap();
+    assert_eq!(c.rope.theta, 10000.0);
+    assert_eq!(c.rope.scaling, plain.rope.scaling, "global layers keep the scaling");
+    let local = c.local_rope.unwrap();
+    assert_eq!(local.theta, 500000.0, "Olmo3Config's default theta");
+    assert_eq!(local.scaling, ember_model::config::RopeScaling::Default);
+}
