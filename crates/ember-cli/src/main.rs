@@ -381,7 +381,7 @@ fn inspect(path: &Path) -> Result<()> {
     };
     let names = ember_model::family::ModuleNames::for_checkpoint(&config, weights.keys().map(String::as_str));
     let mut params = 0usize;
-    for key in weights.keys().filter(|k| names.is_text_key(k)) {
+    for key in weights.keys().filter(|k| !names.is_ignored_key(k)) {
         let (shape, _) = weights.info(key).expect("key from the checkpoint");
         params += shape.iter().product::<usize>();
     }
@@ -414,9 +414,9 @@ fn inspect(path: &Path) -> Result<()> {
             "wrapper:        {wrapper} (multimodal); text decoder under `{}`, loaded alone",
             names.checkpoint_decoder
         );
-        for (component, tensors) in &ignored {
-            out!("  ignored:      {component} ({tensors} tensors)");
-        }
+    }
+    for (component, tensors) in &ignored {
+        out!("  ignored:      {component} ({tensors} tensors, not loaded)");
     }
     out!("parameters:     {params} ({:.1} M)", params as f64 / 1e6);
     out!("dtype:          {dtype}");

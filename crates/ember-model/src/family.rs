@@ -515,17 +515,27 @@ impl ModuleNames {
         }
     }
 
-    /// The checkpoint's components outside the text decoder (`vision_tower`,
-    /// `model.multi_modal_projector`, ...) with their tensor counts: what a wrapper holds that
-    /// Ember does not load.
+    /// The checkpoint's components Ember does not load, with their tensor counts: a wrapper's
+    /// vision/audio towers and projectors (`vision_tower`, `model.multi_modal_projector`, ...)
+    /// and, in any checkpoint, multi-token-prediction layers (`mtp.*`, used for speculative
+    /// decoding, not by the causal LM).
     pub fn ignored_components<'a>(&self, keys: impl Iterator<Item = &'a str>) -> Vec<(String, usize)> {
         let mut out: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
-        for key in keys.filter(|k| !self.is_text_key(k)) {
+        for key in keys.filter(|k| self.is_ignored_key(k)) {
             let parts: Vec<&str> = key.split('.').collect();
             let take = if parts[0] == "model" && parts.len() > 2 { 2 } else { 1 };
             *out.entry(parts[..take].join(".")).or_default() += 1;
         }
         out.into_iter().collect()
+    }
+
+    /// Whether the loader skips a checkpoint key: outside a wrapper's text decoder, or part of
+    /// multi-token-prediction layers (`mtp.`, `model.mtp.`, `model.language_model.mtp.`).
+    pub fn is_ignored_key(&self, key: &str) -> bool {
+        let mtp = key.starts_with("mtp.")
+            || key.starts_with(&format!("{}.mtp.", self.checkpoint_decoder))
+            || key.starts_with("model.mtp.");
+        mtp || (self.wrapped && !self.is_text_key(key))
     }
 
     /// Whether a checkpoint key belongs to the text decoder or its head.
@@ -568,6 +578,16 @@ mod tests {
         assert!(v5.is_text_module("model.language_model.layers.1.mlp.up_proj"));
         assert!(!v5.is_text_module("model.vision_tower.transformer.layers.0.attention.q_proj"));
         assert!(!v5.is_text_module("model.language_model_x"));
+        let text = ModuleNames::text_only();
+        assert!(text.is_ignored_key("mtp.layers.0.eh_proj.weight"));
+        assert!(text.is_ignored_key("model.mtp.norm.weight"));
+        assert!(!text.is_ignored_key("model.layers.0.mlp.up_proj.weight"));
+        assert!(v5.is_ignored_key("model.language_model.mtp.fc.weight"));
+        assert!(v5.is_ignored_key("model.vision_tower.x.weight"));
+        assert_eq!(
+            text.ignored_components(["mtp.a", "mtp.b", "model.norm.weight"].into_iter()),
+            vec![("mtp".to_string(), 2)]
+        );
         let text = ModuleNames::text_only();
         assert_eq!(
             text.checkpoint_key("model.layers.0.mlp.up_proj"),

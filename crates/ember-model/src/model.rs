@@ -758,12 +758,11 @@ impl<B: EmberBackend> CausalLm<B> {
         } else {
             Some(linear_of(&names.checkpoint_lm_head, c.vocab_size, h, false, false)?)
         };
-        // A wrapper's vision/audio towers and projectors are not loaded (and said so).
+        // A wrapper's vision/audio towers and projectors, and multi-token-prediction layers,
+        // are not loaded (and said so).
         let ignored_components = names.ignored_components(weights.keys().map(String::as_str));
-        if names.wrapped {
-            for key in weights.keys().filter(|k| !names.is_text_key(k)) {
-                weights.skip(key);
-            }
+        for key in weights.keys().filter(|k| names.is_ignored_key(k)) {
+            weights.skip(key);
         }
         weights.ensure_all_used()?;
         let rope = RopeFrequencies::new(&c.rope);

@@ -460,3 +460,21 @@ fn olmo3_v4_style_rope_applies_to_global_layers() {
     assert_eq!(local.theta, 500000.0, "Olmo3Config's default theta");
     assert_eq!(local.scaling, ember_model::config::RopeScaling::Default);
 }
+
+/// Multi-token-prediction layers (`mtp.*`, speculative-decoding heads some 2025–26 checkpoints
+/// carry) are skipped, not refused, and reported; any other unknown tensor is still refused.
+#[test]
+fn mtp_layers_are_ignored() {
+    let dir = llama_copy("mtp", |t| {
+        t.push(("mtp.layers.0.eh_proj.weight".into(), vec![0.5; 64 * 128], vec![64, 128]));
+        t.push(("mtp.norm.weight".into(), vec![1.0; 64], vec![64]));
+    });
+    let model = load(&dir).unwrap();
+    assert_eq!(model.ignored_components, vec![("mtp".to_string(), 2)]);
+    assert!(llama_logits_diff(&dir) <= 1e-4);
+    let dir = llama_copy("not_mtp", |t| {
+        t.push(("model.extra.weight".into(), vec![0.5; 64], vec![64]));
+    });
+    let err = load(&dir).unwrap_err().to_string();
+    assert!(err.contains("model.extra.weight"), "{err}");
+}
