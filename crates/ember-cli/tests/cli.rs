@@ -9,6 +9,45 @@ fn ember(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ember")).args(args).output().unwrap()
 }
 
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `ember merge --base BASE --adapter ADAPTER --out OUT`.
+fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path) -> std::process::Output {
+    ember(&[
+        "merge",
+        "--base",
+        path(base),
+        "--adapter",
+        path(adapter),
+        "--out",
+        path(out),
+    ])
+}
+
+/// `ember forward --model MODEL --inputs INPUTS --out OUT [--adapter ADAPTER]`.
+fn forward(
+    model: &std::path::Path,
+    inputs: &std::path::Path,
+    out: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+) -> std::process::Output {
+    let mut args = vec![
+        "forward",
+        "--model",
+        path(model),
+        "--inputs",
+        path(inputs),
+        "--out",
+        path(out),
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", path(a)]);
+    }
+    ember(&args)
+}
+
 /// `ember forward` reproduces transformers' logits (≤ 1e-4 where attention_mask is 1).
 #[test]
 fn forward_writes_reference_logits() {
@@ -96,31 +135,11 @@ fn merge_and_forward_with_adapter() {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
     let merged = tmp.join("merged");
-    let o = ember(&[
-        "merge",
-        "--base",
-        dir.to_str().unwrap(),
-        "--adapter",
-        dir.join("adapter_trained").to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
+    let o = merge(&dir, &dir.join("adapter_trained"), &merged);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let inputs = dir.join("inputs.json");
     let run = |model: &std::path::Path, adapter: Option<&std::path::Path>, out: &std::path::Path| {
-        let mut args = vec![
-            "forward",
-            "--model",
-            model.to_str().unwrap(),
-            "--inputs",
-            inputs.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        if let Some(a) = adapter {
-            args.extend(["--adapter", a.to_str().unwrap()]);
-        }
-        let o = ember(&args);
+        let o = forward(model, &inputs, out, adapter);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         read_f32(out, "logits").0
     };
@@ -139,15 +158,7 @@ fn merge_and_forward_with_adapter() {
     );
 
     // A second merge into the same folder is refused and leaves it intact.
-    let o = ember(&[
-        "merge",
-        "--base",
-        dir.to_str().unwrap(),
-        "--adapter",
-        dir.join("adapter_trained").to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
+    let o = merge(&dir, &dir.join("adapter_trained"), &merged);
     assert!(!o.status.success());
     assert!(merged.join("model.safetensors").exists());
 
@@ -410,30 +421,15 @@ fn inspect_describes_new_families_and_wrappers() {
 fn wrapper_merge_and_vision_lora_refusal() {
     let arch = "ministral3_wrapped";
     let dir = fixtures().join(arch);
+    let inputs = dir.join("inputs.json");
     let tmp = std::env::temp_dir().join(format!("ember-cli-wrapper-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
     let merged = tmp.join("merged");
-    let o = ember(&[
-        "merge",
-        "--base",
-        dir.to_str().unwrap(),
-        "--adapter",
-        dir.join("adapter_trained").to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
+    let o = merge(&dir, &dir.join("adapter_trained"), &merged);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = tmp.join("logits.safetensors");
-    let o = ember(&[
-        "forward",
-        "--model",
-        merged.to_str().unwrap(),
-        "--inputs",
-        dir.join("inputs.json").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = forward(&merged, &inputs, &out, None);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (logits, shape) = read_f32(&out, "logits");
     let (expected, _) = read_f32(&dir.join("merged_logits.safetensors"), "logits");
@@ -462,35 +458,13 @@ fn wrapper_merge_and_vision_lora_refusal() {
         })
         .collect();
     safetensors::serialize_to_file(renamed, None, &vision.join("adapter_model.safetensors")).unwrap();
-    for args in [
-        vec![
-            "merge",
-            "--base",
-            dir.to_str().unwrap(),
-            "--adapter",
-            vision.to_str().unwrap(),
-            "--out",
-        ],
-        vec![
-            "forward",
-            "--model",
-            dir.to_str().unwrap(),
-            "--adapter",
-            vision.to_str().unwrap(),
-            "--inputs",
-        ],
+    let target = tmp.join("refused");
+    for o in [
+        merge(&dir, &vision, &target),
+        forward(&dir, &inputs, &target, Some(&vision)),
     ] {
-        let mut args = args;
-        let target = tmp.join("refused");
-        let inputs = dir.join("inputs.json");
-        if args[0] == "forward" {
-            args.extend([inputs.to_str().unwrap(), "--out", target.to_str().unwrap()]);
-        } else {
-            args.push(target.to_str().unwrap());
-        }
-        let o = ember(&args);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{args:?} accepted a vision-tower adapter");
+        assert!(!o.status.success(), "a vision-tower adapter was accepted");
         assert!(
             err.contains("model.vision_tower.transformer.layers.0.attention.q_proj") && err.contains("text decoder"),
             "{err}"

@@ -635,9 +635,16 @@ impl DecoderConfig {
         }
         let rope_layers = rope_layers(hf, spec).map_err(|(key, msg)| invalid(&key, msg))?;
         let query_scale = if spec.temperature_tuning {
+            let floor_scale = hf.floor_scale.unwrap_or(8192.0);
+            if floor_scale <= 0.0 || !floor_scale.is_finite() {
+                return Err(invalid(
+                    "floor_scale",
+                    format!("{floor_scale} must be a positive number"),
+                ));
+            }
             (hf.attn_temperature_tuning.unwrap_or(true)).then(|| QueryScale::Temperature {
                 attn_scale: hf.attn_scale.unwrap_or(0.1),
-                floor_scale: hf.floor_scale.unwrap_or(8192.0),
+                floor_scale,
             })
         } else if spec.position_query_scale {
             let (params, key) = rope_parameters(hf, None);
@@ -1111,10 +1118,10 @@ fn layer_chunks(
         .iter()
         .map(|t| match t.as_str() {
             "chunked_attention" => match hf.attention_chunk_size {
-                Some(c) if c > 0 => Ok(Some(c)),
+                Some(c) if c > 0 && c <= 1 << 32 => Ok(Some(c)),
                 _ => Err((
                     "attention_chunk_size".to_string(),
-                    "a positive size is needed by chunked_attention layers".to_string(),
+                    "a size between 1 and 2^32 is needed by chunked_attention layers".to_string(),
                 )),
             },
             _ => Ok(None),

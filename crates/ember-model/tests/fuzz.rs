@@ -104,10 +104,13 @@ proptest! {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Any key of config.json set to any small JSON value: an error naming the file or a
-    /// config the model can be built from.
+    /// Any key of config.json (of a Llama, a Llama 4, a SmolLM3, or a Mistral 3 wrapper, at
+    /// its top level or in its `text_config`) set to any small JSON value: an error naming the
+    /// file or a config the model can be built from.
     #[test]
     fn config_json_survives_odd_values(
+        arch in prop_oneof![Just("llama"), Just("llama4"), Just("smollm3"), Just("ministral3_wrapped")],
+        nested in any::<bool>(),
         changes in prop::collection::vec((0usize..64, prop_oneof![
             Just(serde_json::json!(0)),
             Just(serde_json::json!(-1)),
@@ -123,11 +126,18 @@ proptest! {
             Just(serde_json::json!({"rope_type": "yarn", "factor": 0})),
         ]), 1..4),
     ) {
-        let text = std::fs::read_to_string(common::fixtures().join("llama/config.json")).unwrap();
+        let text = std::fs::read_to_string(common::fixtures().join(arch).join("config.json")).unwrap();
         let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let keys: Vec<String> = config.as_object().unwrap().keys().cloned().collect();
-        for (k, value) in changes {
-            config[&keys[k % keys.len()]] = value;
+        {
+            let target = if nested && config.get("text_config").is_some() {
+                &mut config["text_config"]
+            } else {
+                &mut config
+            };
+            let keys: Vec<String> = target.as_object().unwrap().keys().cloned().collect();
+            for (k, value) in changes {
+                target[&keys[k % keys.len()]] = value;
+            }
         }
         let dir = scratch("config");
         let path = dir.join("config.json");
@@ -136,9 +146,8 @@ proptest! {
             Err(e) => prop_assert!(e.to_string().contains("config.json"), "{e}"),
             Ok(_) => {
                 // Building the model from it checks every weight against the config.
-                for f in ["model.safetensors", "tokenizer.json"] {
-                    let _ = std::fs::copy(common::fixtures().join("llama").join(f), dir.join(f));
-                }
+                let _ = std::fs::copy(common::fixtures().join(arch).join("model.safetensors"), dir.join("model.safetensors"));
+                let _ = std::fs::copy(common::fixtures().join("llama/tokenizer.json"), dir.join("tokenizer.json"));
                 let _ = CausalLm::<common::TestBackend>::from_path(&dir, &Default::default());
             }
         }
