@@ -16,9 +16,9 @@ import sys
 import tempfile
 
 import torch
+import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -32,8 +32,12 @@ def sh(*args):
 
 
 def inputs(arch):
+    """Model inputs of the fixture: ids, mask and (2026 fixtures, left-padded) position ids."""
     d = json.load(open(os.path.join(FIX, arch, "inputs.json")))
-    return torch.tensor(d["input_ids"]), torch.tensor(d["attention_mask"])
+    kw = {"input_ids": torch.tensor(d["input_ids"]), "attention_mask": torch.tensor(d["attention_mask"])}
+    if isinstance(d.get("position_ids"), list):
+        kw["position_ids"] = torch.tensor(d["position_ids"])
+    return kw
 
 
 def max_diff(a, b, mask):
@@ -50,8 +54,14 @@ def ember_logits(arch, adapter, tmp):
     return load_file(out)["logits"]
 
 
+def load(path):
+    """The folder's own class (`architectures`): a causal LM or a multimodal wrapper."""
+    cls = getattr(transformers, json.load(open(os.path.join(path, "config.json")))["architectures"][0])
+    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
 def base(arch):
-    return AutoModelForCausalLM.from_pretrained(os.path.join(FIX, arch), dtype=torch.float32, attn_implementation="eager").eval()
+    return load(os.path.join(FIX, arch))
 
 
 def main():
@@ -69,14 +79,23 @@ def main():
         "gpt_oss": "q_proj,v_proj,o_proj",
     }
     archs = ["llama", "llama_rope3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
-             "glm4", "mixtral", "qwen3_moe", "gpt_oss"]
+             "glm4", "mixtral", "qwen3_moe", "gpt_oss", "olmo3", "smollm3", "ministral3", "llama4",
+             "ministral3_wrapped", "gemma3_wrapped"]
     for arch in sys.argv[1:] or archs:
-        ids, mask = inputs(arch)
+        kw = inputs(arch)
+        mask = kw["attention_mask"]
         subset = subsets.get(arch, "q_proj,v_proj,down_proj")
         # PEFT's all-linear on a MoE model also targets the expert parameters (target_parameters),
-        # which Ember refuses by name; name the attention projections there instead.
-        moe = arch in ("mixtral", "qwen3_moe", "gpt_oss")
-        wide = "q_proj,k_proj,v_proj,o_proj" if moe else "all-linear"
+        # which Ember refuses by name; name the attention projections there instead. On a
+        # multimodal wrapper it also targets the vision tower, which Ember refuses: PEFT gets a
+        # regex over the language model there (Ember's list targets match text modules only).
+        # (On Llama 4, PEFT 0.21.2's all-linear also wraps the router, a Linear returning a tuple,
+        # and its forward crashes.)
+        moe = arch in ("mixtral", "qwen3_moe", "gpt_oss", "llama4")
+        wrapped = arch.endswith("_wrapped")
+        wide = "q_proj,k_proj,v_proj,o_proj" if moe or wrapped else "all-linear"
+        if arch == "llama4":  # the dense MLP and the shared expert are linear layers too
+            wide = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
         for r, alpha, targets, rslora in [(8, 16, wide, False), (3, 7, subset, True)]:
             with tempfile.TemporaryDirectory() as tmp:
                 # 1. Ember -> PEFT
@@ -84,31 +103,34 @@ def main():
                 sh(EXAMPLE, os.path.join(FIX, arch), ad, str(r), str(alpha), targets, "rslora" if rslora else "plain")
                 peft_model = PeftModel.from_pretrained(base(arch), ad).eval()
                 with torch.no_grad():
-                    ref = peft_model(input_ids=ids, attention_mask=mask).logits
+                    ref = peft_model(**kw).logits
                 d1 = max_diff(ember_logits(arch, ad, tmp), ref, mask)
                 results.append((arch, f"Ember adapter -> PEFT (r={r}, alpha={alpha}, {targets}, rslora={rslora})", d1))
 
                 # 2. PEFT -> Ember
                 tm = targets if targets == "all-linear" else targets.split(",")
+                if wrapped:
+                    tm = r".*language_model.*\.(" + "|".join(targets.split(",")) + ")"
                 patterns = targets == wide
                 cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=tm, use_rslora=rslora, init_lora_weights=False,
                                  rank_pattern={"o_proj": 2} if patterns else {},
+                                 # (patterns are matched against module paths with the wrapper's names)
                                  alpha_pattern={"up_proj": 5, "v_proj": 3} if patterns else {})
                 pm = get_peft_model(base(arch), cfg).eval()
                 pdir = os.path.join(tmp, "peft_adapter")
                 pm.save_pretrained(pdir)
                 with torch.no_grad():
-                    ref = pm(input_ids=ids, attention_mask=mask).logits
+                    ref = pm(**kw).logits
                 d2 = max_diff(ember_logits(arch, pdir, tmp), ref, mask)
                 results.append((arch, f"PEFT adapter -> Ember (r={r}, alpha={alpha}, {targets}, rslora={rslora}, patterns)", d2))
 
                 # 3. ember merge -> transformers
                 merged = os.path.join(tmp, "merged")
                 sh(EMBER, "merge", "--base", os.path.join(FIX, arch), "--adapter", pdir, "--out", merged)
-                m = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, attn_implementation="eager").eval()
+                m = load(merged)
                 with torch.no_grad():
-                    got = m(input_ids=ids, attention_mask=mask).logits
-                    ref = pm.merge_and_unload()(input_ids=ids, attention_mask=mask).logits
+                    got = m(**kw).logits
+                    ref = pm.merge_and_unload()(**kw).logits
                 d3 = max_diff(got, ref, mask)
                 results.append((arch, "ember merge -> transformers vs PEFT merge_and_unload", d3))
     bad = 0
