@@ -182,6 +182,15 @@ pub enum RopeScaling {
         /// Round the ramp's bounds outwards to whole dimensions.
         truncate: bool,
     },
+    /// Proportional RoPE (Gemma 4's global layers): the first `rope_angles` frequencies
+    /// `θ^(-2i/head_dim)`, the other pairs of the head unrotated (frequency 0), all divided by
+    /// `factor`; rotate-half over the whole head (unlike partial rotary, which rotates a prefix).
+    Proportional {
+        /// Divisor of every frequency (default 1).
+        factor: f64,
+        /// Number of rotated pairs, `⌊partial_rotary_factor · head_dim / 2⌋`.
+        rope_angles: usize,
+    },
     /// LongRoPE (Phi-3.5, Phi-4-mini): per-frequency divisors, the short set while every
     /// position is inside the pre-training context, the long set beyond it (chosen per
     /// forward from the largest position id, as transformers does); cos/sin multiplied by an
@@ -799,18 +808,23 @@ fn rope_config(
         .or(hf.rope_theta)
         .unwrap_or(spec.default_rope_theta);
     let partial = get("partial_rotary_factor").or(hf.partial_rotary_factor).unwrap_or(1.0);
-    let rotary_dim = ((head_dim as f64) * partial) as usize;
-    if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 {
-        return Err((
-            "partial_rotary_factor".into(),
-            format!("rotary dimension {rotary_dim} must be even and positive"),
-        ));
-    }
     let rope_type = params
         .as_ref()
         .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
         .and_then(Value::as_str)
         .unwrap_or("default");
+    // Proportional RoPE rotates over the whole head, with zero frequencies past its angles.
+    let rotary_dim = if rope_type == "proportional" {
+        head_dim
+    } else {
+        ((head_dim as f64) * partial) as usize
+    };
+    if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 || !(0.0..=1.0).contains(&partial) {
+        return Err((
+            "partial_rotary_factor".into(),
+            format!("rotary dimension {rotary_dim} must be even and positive"),
+        ));
+    }
     let need = |name: &str| {
         get(name).ok_or_else(|| (format!("{key}.{name}"), format!("required for rope_type `{rope_type}`")))
     };
@@ -818,6 +832,11 @@ fn rope_config(
         "default" => RopeScaling::Default,
         "linear" => RopeScaling::Linear {
             factor: need("factor")?,
+        },
+        "proportional" => RopeScaling::Proportional {
+            factor: get("factor").filter(|f| *f > 0.0).unwrap_or(1.0),
+            // transformers: int(partial_rotary_factor * head_dim // 2)
+            rope_angles: ((partial * head_dim as f64) / 2.0).floor() as usize,
         },
         "llama3" => RopeScaling::Llama3 {
             factor: need("factor")?,
@@ -895,12 +914,12 @@ fn rope_config(
                     .unwrap_or(true),
             }
         }
-        other => {
-            return Err((
-                format!("{key}.rope_type"),
-                format!("unsupported rope_type `{other}` (supported: default, linear, llama3, yarn, longrope)"),
-            ))
-        }
+        other => return Err((
+            format!("{key}.rope_type"),
+            format!(
+                "unsupported rope_type `{other}` (supported: default, linear, llama3, yarn, longrope, proportional)"
+            ),
+        )),
     };
     Ok(RopeConfig {
         theta,

@@ -73,6 +73,11 @@ pub fn inverse_frequencies(rope: &RopeConfig) -> Vec<f32> {
         RopeScaling::Default => plain,
         RopeScaling::LongRope { short_factor, .. } => divided_frequencies(rope, short_factor),
         RopeScaling::Linear { factor } => plain.iter().map(|f| f / *factor as f32).collect(),
+        RopeScaling::Proportional { factor, rope_angles } => plain
+            .iter()
+            .enumerate()
+            .map(|(i, f)| if i < *rope_angles { f / *factor as f32 } else { 0.0 })
+            .collect(),
         RopeScaling::Llama3 {
             factor,
             high_freq_factor,

@@ -196,11 +196,15 @@ fn padded_rows_match_unpadded_rows() {
 /// RoPE variants outside the shared fixtures, against transformers 5.24 on the same weights
 /// (`tests/fixtures/rope_variants/gen_rope_variants.py`): Phi-3.5-style longrope with partial
 /// rotary (short factors on a 6-token input, long factors once positions pass the original 8),
-/// and Qwen2.5-style YaRN.
+/// Qwen2.5-style YaRN, and Gemma 4's proportional RoPE.
 #[test]
 fn rope_variants_match_transformers() {
     let device = Default::default();
-    for (variant, arch) in [("phi3_longrope", "phi3"), ("qwen2_yarn", "qwen2")] {
+    for (variant, arch) in [
+        ("phi3_longrope", "phi3"),
+        ("qwen2_yarn", "qwen2"),
+        ("llama_proportional", "llama"),
+    ] {
         let dir = fixtures().join("rope_variants").join(variant);
         let config = DecoderConfig::from_file(dir.join("config.json")).unwrap();
         let weights = Weights::open_dir(&fixtures().join(arch)).unwrap();
