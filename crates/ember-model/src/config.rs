@@ -378,19 +378,6 @@ pub enum QueryScale {
 }
 
 impl QueryScale {
-    /// The multiplier at position `pos`, in f32 as transformers computes it.
-    pub fn at(&self, pos: i64) -> f32 {
-        match *self {
-            QueryScale::LogPosition { beta, original } => {
-                1.0 + beta as f32 * (1.0 + (pos as f32 / original as f32).floor()).ln()
-            }
-            QueryScale::Temperature {
-                attn_scale,
-                floor_scale,
-            } => (((pos as f32 + 1.0) / floor_scale as f32).floor()).ln_1p() * attn_scale as f32 + 1.0,
-        }
-    }
-
     /// Whether the scale is read from the cache index rather than the position ids.
     pub fn uses_cache_index(&self) -> bool {
         matches!(self, QueryScale::Temperature { .. })
@@ -766,6 +753,9 @@ fn parse_activation(name: &str) -> std::result::Result<Activation, String> {
     }
 }
 
+/// The `rope_type`s Ember implements.
+const SUPPORTED_ROPE_TYPES: &str = "default, linear, llama3, yarn, longrope, proportional";
+
 /// The RoPE parameter object that applies (`rope_parameters`, per layer type when given, or
 /// transformers 4's `rope_scaling`) and the key it came from.
 fn rope_parameters(hf: &HfConfig, layer_type: Option<&str>) -> (Option<Value>, String) {
@@ -914,12 +904,12 @@ fn rope_config(
                     .unwrap_or(true),
             }
         }
-        other => return Err((
-            format!("{key}.rope_type"),
-            format!(
-                "unsupported rope_type `{other}` (supported: default, linear, llama3, yarn, longrope, proportional)"
-            ),
-        )),
+        other => {
+            return Err((
+                format!("{key}.rope_type"),
+                format!("unsupported rope_type `{other}` (supported: {SUPPORTED_ROPE_TYPES})"),
+            ))
+        }
     };
     Ok(RopeConfig {
         theta,
