@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use ember_lora::EmberBackend;
 use ember_lora::{FrozenWeight, LoraLinear};
 
@@ -1002,29 +1002,15 @@ impl<B: EmberBackend> CausalLm<B> {
 /// - `position_ids`: `[batch, seq]`
 /// - output: `[batch, 1, seq, 1]`
 fn query_scales<B: EmberBackend>(scale: QueryScale, position_ids: Tensor<B, 2, Int>) -> Tensor<B, 4> {
-    // On the device, in f32 as transformers computes it (no host round trip per forward).
     let [batch, seq] = position_ids.dims();
-    let pos = position_ids.float();
-    let values = match scale {
-        QueryScale::LogPosition { beta, original } => pos
-            .div_scalar(original as f32)
-            .floor()
-            .add_scalar(1.0)
-            .log()
-            .mul_scalar(beta as f32)
-            .add_scalar(1.0),
-        QueryScale::Temperature {
-            attn_scale,
-            floor_scale,
-        } => pos
-            .add_scalar(1.0)
-            .div_scalar(floor_scale as f32)
-            .floor()
-            .log1p()
-            .mul_scalar(attn_scale as f32)
-            .add_scalar(1.0),
-    };
-    values.reshape([batch, 1, seq, 1])
+    let device = position_ids.device();
+    let positions = position_ids
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap_or_default();
+    let values: Vec<f32> = positions.iter().map(|&p| scale.at(p)).collect();
+    Tensor::<B, 1>::from_data(TensorData::new(values, [batch * seq]), &device).reshape([batch, 1, seq, 1])
 }
 
 /// What every layer keeps for the positions processed so far (keys and values for softmax
