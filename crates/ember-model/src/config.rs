@@ -143,6 +143,31 @@ pub struct HfConfig {
     pub interleave_moe_layer_step: Option<usize>,
     /// Llama 4: width of the dense layers' MLP (`intermediate_size` is the experts').
     pub intermediate_size_mlp: Option<usize>,
+    /// Gemma 4: head size of the full-attention layers (default 512) when `per_layer_config`
+    /// is absent (hub configs).
+    pub global_head_dim: Option<usize>,
+    /// Gemma 4: key/value heads of the full-attention layers, with `attention_k_eq_v`.
+    pub num_global_key_value_heads: Option<usize>,
+    /// transformers 5's per-layer overrides: layer index → `head_dim`, `num_key_value_heads`,
+    /// `intermediate_size` (what Gemma 4's config writes for its full-attention layers).
+    pub per_layer_config: Option<Value>,
+    /// Gemma 4: full-attention layers have no `v_proj`; the values are the keys' projection.
+    pub attention_k_eq_v: Option<bool>,
+    /// Gemma 4: the last n layers reuse the keys/values of the last earlier layer of their type.
+    pub num_kv_shared_layers: Option<usize>,
+    /// Gemma 4: the KV-shared layers' MLPs are twice as wide.
+    pub use_double_wide_mlp: Option<bool>,
+    /// Gemma 4: width of each layer's slice of the per-layer input embeddings (0 = none).
+    pub hidden_size_per_layer_input: Option<usize>,
+    /// Gemma 4: rows of the per-layer input embedding table.
+    pub vocab_size_per_layer_input: Option<usize>,
+    /// Gemma 4 (26B-A4B): a MoE block beside the dense MLP in every layer.
+    pub enable_moe_block: Option<bool>,
+    /// Gemma 4: experts per token.
+    pub top_k_experts: Option<usize>,
+    /// Gemma 4: `"all"` makes every token attend both ways (not a causal LM), `"vision"` only
+    /// image tokens (text stays causal).
+    pub use_bidirectional_attention: Option<String>,
 }
 
 /// How RoPE frequencies are rescaled for long context.
@@ -321,6 +346,12 @@ pub enum MoeLayout {
     /// dense `feed_forward.shared_expert` added to every token; the routing weight scales the
     /// expert's input (Llama 4).
     Llama4,
+    /// `router.proj` after a weightless RMS norm and a learned `router.scale` (× hidden^-½),
+    /// softmax top-k renormalised then times `router.per_expert_scale`; experts
+    /// `experts.gate_up_proj` `[experts, 2·inter, hidden]`, `experts.down_proj`
+    /// `[experts, hidden, inter]`; the block runs beside the dense MLP on the un-normed
+    /// residual, with its own norms (Gemma 4 26B-A4B).
+    Gemma4,
 }
 
 /// A sparse mixture-of-experts feed-forward block.
@@ -342,6 +373,33 @@ pub struct MoeConfig {
     pub sparse_layers: Vec<bool>,
     /// Width of the always-on shared expert (Llama 4), `None` without one.
     pub shared_expert_size: Option<usize>,
+}
+
+/// What one layer's attention and MLP look like; layers differ in Gemma 4 (full-attention
+/// layers are wider with fewer key/value heads, KV-shared layers have double-wide MLPs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerShape {
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Number of key/value heads.
+    pub num_kv_heads: usize,
+    /// Width of the dense MLP.
+    pub intermediate_size: usize,
+    /// No `v_proj`: the values are the key projection's output (Gemma 4's `attention_k_eq_v`).
+    pub values_from_keys: bool,
+    /// No key/value projections: the layer attends over the keys and values of this earlier
+    /// layer (Gemma 4's KV sharing).
+    pub kv_shared_from: Option<usize>,
+}
+
+/// Gemma 4's per-layer input embeddings: a second token embedding, `[vocab, layers·width]`,
+/// mixed with a projection of the input embedding and fed to every layer, `width` each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerLayerInputs {
+    /// Width of one layer's slice (`hidden_size_per_layer_input`).
+    pub width: usize,
+    /// Rows of the table (`vocab_size_per_layer_input`).
+    pub vocab_size: usize,
 }
 
 /// MLP activation functions.
@@ -470,6 +528,17 @@ pub struct DecoderConfig {
     pub rope_layers: Vec<bool>,
     /// Per-position query multiplier (Ministral 3).
     pub query_scale: Option<QueryScale>,
+    /// Per layer: head size, key/value heads, MLP width, where keys/values come from.
+    pub layer_shapes: Vec<LayerShape>,
+    /// Gemma 4: weightless RMS norm of each value head.
+    pub value_norm: bool,
+    /// Gemma 4: per-layer input embeddings.
+    pub per_layer_inputs: Option<PerLayerInputs>,
+    /// Gemma 4: each layer's output is multiplied by its `layer_scalar`.
+    pub layer_scalars: bool,
+    /// Multimodal placeholder tokens read as the padding token (Gemma 4 wrappers, as
+    /// transformers does when no image, video or audio fills them).
+    pub placeholder_token_ids: Vec<u32>,
     /// Whether `lm_head` shares the embedding matrix.
     pub tie_word_embeddings: bool,
     /// Longest trained context.
@@ -544,6 +613,15 @@ impl DecoderConfig {
         let hf: HfConfig = serde_json::from_value(text).map_err(json)?;
         let mut config = Self::from_hf(&hf, path)?;
         config.wrapper = Some(wrapper.model_type.to_string());
+        if config.pad_token_id.is_some() {
+            config.placeholder_token_ids = wrapper
+                .placeholder_token_keys
+                .iter()
+                .filter_map(|key| value.get(*key).and_then(Value::as_u64))
+                .filter(|&id| id < config.vocab_size as u64)
+                .map(|id| id as u32)
+                .collect();
+        }
         Ok(config)
     }
 
@@ -568,6 +646,24 @@ impl DecoderConfig {
                 supported: crate::family::supported_model_types(),
             });
         };
+        // Gemma 4 configs without `rope_parameters` get transformers' per-layer-type defaults.
+        let with_default_rope;
+        let hf = match (spec.default_rope_parameters, &hf.rope_parameters) {
+            (Some(default), None) => {
+                with_default_rope = HfConfig {
+                    rope_parameters: Some(serde_json::from_str(default).expect("valid default rope_parameters")),
+                    ..hf.clone()
+                };
+                &with_default_rope
+            }
+            _ => hf,
+        };
+        if hf.use_bidirectional_attention.as_deref() == Some("all") {
+            return Err(invalid(
+                "use_bidirectional_attention",
+                "`all` lets every token attend both ways (an encoder, not a causal LM); Ember trains causal LMs".into(),
+            ));
+        }
         if hf.num_attention_heads == 0 || hf.hidden_size == 0 || hf.num_hidden_layers == 0 {
             return Err(invalid(
                 "num_attention_heads",
@@ -624,6 +720,25 @@ impl DecoderConfig {
         let sliding_window =
             layer_windows(hf, spec, layer_types.as_deref()).map_err(|(key, msg)| invalid(&key, msg))?;
         let attention_chunk = layer_chunks(hf, layer_types.as_deref()).map_err(|(key, msg)| invalid(&key, msg))?;
+        let intermediate_size = match spec.moe {
+            // Llama 4's dense layers have their own width (`intermediate_size` is the experts').
+            Some(MoeLayout::Llama4) => hf.intermediate_size_mlp.unwrap_or(16384),
+            _ => hf.intermediate_size,
+        };
+        let base_shape = LayerShape {
+            head_dim,
+            num_kv_heads,
+            intermediate_size,
+            values_from_keys: false,
+            kv_shared_from: None,
+        };
+        let layer_shapes = layer_shapes(hf, spec, layer_types.as_deref(), base_shape, num_heads)
+            .map_err(|(key, msg)| invalid(&key, msg))?;
+        // The full-attention layers' head size (Gemma 4's `global_head_dim`) sizes their RoPE.
+        let full_head_dim = layer_types
+            .as_deref()
+            .and_then(|types| types.iter().position(|t| t == "full_attention"))
+            .map_or(head_dim, |i| layer_shapes[i].head_dim);
 
         let (mut rope, mut local_rope) = match spec.rope {
             RopeRule::Shared => (
@@ -631,7 +746,8 @@ impl DecoderConfig {
                 None,
             ),
             RopeRule::PerLayerType => (
-                rope_config(hf, spec, head_dim, Some("full_attention")).map_err(|(key, msg)| invalid(&key, msg))?,
+                rope_config(hf, spec, full_head_dim, Some("full_attention"))
+                    .map_err(|(key, msg)| invalid(&key, msg))?,
                 Some(
                     rope_config(hf, spec, head_dim, Some("sliding_attention"))
                         .map_err(|(key, msg)| invalid(&key, msg))?,
@@ -673,6 +789,8 @@ impl DecoderConfig {
         };
 
         let attn_scale = match (spec.query_pre_attn_scalar, hf.query_pre_attn_scalar) {
+            // Gemma 4 normalises q and k instead of scaling the scores.
+            _ if spec.unit_attention_scale => 1.0,
             (true, Some(s)) => s.powf(-0.5),
             (true, None) => 256f64.powf(-0.5),
             (false, _) => (head_dim as f64).powf(-0.5),
@@ -688,6 +806,15 @@ impl DecoderConfig {
             ),
         };
         let moe = moe_config(hf, spec, act).map_err(|(key, msg)| invalid(&key, msg))?;
+        let per_layer_inputs = match hf.hidden_size_per_layer_input {
+            _ if !spec.heterogeneous_layers => None,
+            Some(0) => None,
+            None if spec.default_per_layer_input == 0 => None,
+            width => Some(PerLayerInputs {
+                width: width.unwrap_or(spec.default_per_layer_input),
+                vocab_size: hf.vocab_size_per_layer_input.unwrap_or(262_144),
+            }),
+        };
 
         let token = |v: &Option<Value>| -> Vec<u32> {
             match v {
@@ -703,11 +830,7 @@ impl DecoderConfig {
             wrapper: None,
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
-            // Llama 4's dense layers have their own width (`intermediate_size` is the experts').
-            intermediate_size: match spec.moe {
-                Some(MoeLayout::Llama4) => hf.intermediate_size_mlp.unwrap_or(16384),
-                _ => hf.intermediate_size,
-            },
+            intermediate_size,
             num_layers: hf.num_hidden_layers,
             num_heads,
             num_kv_heads,
@@ -724,7 +847,7 @@ impl DecoderConfig {
             rope,
             local_rope,
             norms: spec.norms.clone(),
-            norm_unit_offset: gemma,
+            norm_unit_offset: spec.norm_weight_offset,
             embed_scale: gemma.then(|| (hf.hidden_size as f64).sqrt() as f32),
             attn_scale,
             attn_softcap,
@@ -737,6 +860,11 @@ impl DecoderConfig {
             attention_chunk,
             rope_layers,
             query_scale,
+            layer_shapes,
+            value_norm: spec.value_norm,
+            per_layer_inputs,
+            layer_scalars: spec.heterogeneous_layers,
+            placeholder_token_ids: Vec::new(),
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(spec.tied_by_default),
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
             bos_token_id: token(&hf.bos_token_id).first().copied(),
@@ -944,7 +1072,12 @@ fn layer_types(hf: &HfConfig, spec: &FamilySpec) -> std::result::Result<Option<V
                 format!("has {} entries for {n} layers", types.len()),
             ));
         }
-        return Ok(Some(types.clone()));
+        let mut types = types.clone();
+        if spec.heterogeneous_layers {
+            // transformers forces Gemma 4's last layer to full attention (with a warning).
+            types[n - 1] = "full_attention".into();
+        }
+        return Ok(Some(types));
     }
     let pattern = match spec.layer_pattern {
         LayerPattern::ChunkedRopeLayers => {
@@ -977,7 +1110,7 @@ fn layer_types(hf: &HfConfig, spec: &FamilySpec) -> std::result::Result<Option<V
     Ok(Some(
         (0..n)
             .map(|i| {
-                if (i + 1) % pattern == 0 {
+                if (i + 1) % pattern == 0 || (spec.heterogeneous_layers && i + 1 == n) {
                     "full_attention".to_string()
                 } else {
                     "sliding_attention".to_string()
@@ -996,19 +1129,21 @@ fn moe_config(
     let Some(layout) = spec.moe else {
         return Ok(None);
     };
+    if layout == MoeLayout::Gemma4 && !hf.enable_moe_block.unwrap_or(false) {
+        return Ok(None);
+    }
+    let (experts_key, top_k_key, top_k) = match layout {
+        MoeLayout::Gemma4 => ("num_experts", "top_k_experts", hf.top_k_experts),
+        _ => ("num_local_experts", "num_experts_per_tok", hf.num_experts_per_tok),
+    };
     let num_experts = hf
         .num_local_experts
         .or(hf.num_experts)
-        .ok_or_else(|| ("num_local_experts".to_string(), "required for a MoE model".to_string()))?;
-    let top_k = hf.num_experts_per_tok.ok_or_else(|| {
-        (
-            "num_experts_per_tok".to_string(),
-            "required for a MoE model".to_string(),
-        )
-    })?;
+        .ok_or_else(|| (experts_key.to_string(), "required for a MoE model".to_string()))?;
+    let top_k = top_k.ok_or_else(|| (top_k_key.to_string(), "required for a MoE model".to_string()))?;
     if top_k == 0 || top_k > num_experts {
         return Err((
-            "num_experts_per_tok".into(),
+            top_k_key.into(),
             format!("{top_k} must be between 1 and the {num_experts} experts"),
         ));
     }
@@ -1058,6 +1193,17 @@ fn moe_config(
                 sparse,
             )
         }
+        MoeLayout::Gemma4 => (
+            Routing::SoftmaxTopK { renormalize: true },
+            ExpertActivation::Gated(act),
+            hf.moe_intermediate_size.ok_or_else(|| {
+                (
+                    "moe_intermediate_size".to_string(),
+                    "required with enable_moe_block".to_string(),
+                )
+            })?,
+            vec![true; n],
+        ),
         MoeLayout::GptOss => (
             Routing::TopKSoftmax,
             ExpertActivation::ClampedSwiGlu {
@@ -1153,6 +1299,141 @@ fn layer_chunks(
 
 /// Per layer, whether RoPE applies: SmolLM3's `no_rope_layers` (1 = RoPE), or without it
 /// every `no_rope_layer_interval`-th layer (default 4) RoPE-free; every layer elsewhere.
+/// Each layer's head size, key/value heads, MLP width and key/value source: `base` for every
+/// layer, except in Gemma 4 (`per_layer_config` overrides, or `global_head_dim` and
+/// `num_global_key_value_heads` on full-attention layers; keys as values off the sliding
+/// layers with `attention_k_eq_v`; the last `num_kv_shared_layers` reuse the keys/values of
+/// the last earlier layer of their type, with double-wide MLPs under `use_double_wide_mlp`).
+/// Errors are `(key, message)`.
+fn layer_shapes(
+    hf: &HfConfig,
+    spec: &FamilySpec,
+    layer_types: Option<&[String]>,
+    base: LayerShape,
+    num_heads: usize,
+) -> std::result::Result<Vec<LayerShape>, (String, String)> {
+    let n = hf.num_hidden_layers;
+    let mut shapes = vec![base; n];
+    if !spec.heterogeneous_layers {
+        return Ok(shapes);
+    }
+    let type_of = |i: usize| layer_types.map_or("full_attention", |t| t[i].as_str());
+    let k_eq_v = hf.attention_k_eq_v.unwrap_or(false);
+    match &hf.per_layer_config {
+        None | Some(Value::Null) => {
+            for (i, shape) in shapes.iter_mut().enumerate() {
+                if type_of(i) == "full_attention" {
+                    shape.head_dim = hf.global_head_dim.unwrap_or(512);
+                    if let Some(heads) = hf.num_global_key_value_heads.filter(|_| k_eq_v) {
+                        shape.num_kv_heads = heads;
+                    }
+                }
+            }
+        }
+        Some(Value::Object(overrides)) => {
+            for (key, settings) in overrides {
+                let layers: Vec<usize> = match key.parse::<usize>() {
+                    Ok(i) if i < n => vec![i],
+                    _ => (0..n).filter(|&i| type_of(i) == key).collect(),
+                };
+                if layers.is_empty() {
+                    return Err((
+                        format!("per_layer_config.{key}"),
+                        format!("is neither a layer index below {n} nor a layer type of layer_types"),
+                    ));
+                }
+                let Some(settings) = settings.as_object() else {
+                    return Err((format!("per_layer_config.{key}"), "must be an object".into()));
+                };
+                for (name, value) in settings {
+                    let at = format!("per_layer_config.{key}.{name}");
+                    let v = value
+                        .as_u64()
+                        .filter(|&v| v > 0 && v <= 1 << 20)
+                        .ok_or_else(|| (at.clone(), format!("{value} must be a positive integer")))?
+                        as usize;
+                    for &i in &layers {
+                        match name.as_str() {
+                            "head_dim" => shapes[i].head_dim = v,
+                            "num_key_value_heads" => shapes[i].num_kv_heads = v,
+                            "intermediate_size" => shapes[i].intermediate_size = v,
+                            _ => {
+                                return Err((
+                                    at,
+                                    "is not a per-layer setting Ember implements \
+                                     (head_dim, num_key_value_heads, intermediate_size)"
+                                        .into(),
+                                ))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Some(_) => return Err(("per_layer_config".into(), "must be an object".into())),
+    }
+    for (i, shape) in shapes.iter_mut().enumerate() {
+        shape.values_from_keys = k_eq_v && type_of(i) != "sliding_attention";
+        if !num_heads.is_multiple_of(shape.num_kv_heads) {
+            return Err((
+                "per_layer_config".into(),
+                format!(
+                    "layer {i}: {} key/value heads do not divide the {num_heads} query heads",
+                    shape.num_kv_heads
+                ),
+            ));
+        }
+    }
+    // One RoPE per layer type: its head size must be the same on every layer of the type.
+    for i in 0..n {
+        if let Some(j) = (0..i).find(|&j| type_of(j) == type_of(i)) {
+            if shapes[j].head_dim != shapes[i].head_dim {
+                return Err((
+                    "per_layer_config".into(),
+                    format!(
+                        "layers {j} and {i} are both {} with head sizes {} and {}",
+                        type_of(i),
+                        shapes[j].head_dim,
+                        shapes[i].head_dim
+                    ),
+                ));
+            }
+        }
+    }
+    let shared = hf.num_kv_shared_layers.unwrap_or(0);
+    if shared >= n && shared > 0 {
+        return Err((
+            "num_kv_shared_layers".into(),
+            format!("{shared} leaves no layer of the {n} to compute keys and values"),
+        ));
+    }
+    let first_shared = n - shared;
+    for i in first_shared..n {
+        let Some(source) = (0..first_shared).rev().find(|&j| type_of(j) == type_of(i)) else {
+            return Err((
+                "num_kv_shared_layers".into(),
+                format!(
+                    "layer {i} ({}) would reuse keys/values, but no earlier layer of that type computes them",
+                    type_of(i)
+                ),
+            ));
+        };
+        let from = shapes[source];
+        if (from.head_dim, from.num_kv_heads) != (shapes[i].head_dim, shapes[i].num_kv_heads) {
+            return Err((
+                "num_kv_shared_layers".into(),
+                format!("layer {i} reuses layer {source}'s keys/values, whose head size or count differs"),
+            ));
+        }
+        shapes[i].kv_shared_from = Some(source);
+        shapes[i].values_from_keys = false;
+        if hf.use_double_wide_mlp.unwrap_or(false) {
+            shapes[i].intermediate_size *= 2;
+        }
+    }
+    Ok(shapes)
+}
+
 fn rope_layers(hf: &HfConfig, spec: &FamilySpec) -> std::result::Result<Vec<bool>, (String, String)> {
     let n = hf.num_hidden_layers;
     if !spec.nope_layers {

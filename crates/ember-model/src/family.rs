@@ -27,6 +27,11 @@ pub enum Family {
     Gemma2,
     /// Gemma 3 (text decoder).
     Gemma3,
+    /// Gemma 4 (text decoder): per-layer head sizes, keys as values, KV sharing, per-layer
+    /// inputs, MoE beside the dense MLP.
+    Gemma4,
+    /// Gemma 4 unified (text decoder): Gemma 4 without per-layer inputs and MoE.
+    Gemma4Unified,
     /// Phi-3 / 3.5 / Phi-4-mini.
     Phi3,
     /// OLMo 2.
@@ -110,9 +115,25 @@ pub struct FamilySpec {
     pub norms: NormPlacement,
     /// q/k RMS norm before RoPE.
     pub qk_norm: QkNorm,
-    /// Gemma conventions: `(1 + w)` norms, `√hidden` embedding scale, `hidden_activation`
-    /// (default GeLU-tanh), `rope_local_base_freq`.
+    /// Gemma conventions: `√hidden` embedding scale, `hidden_activation` (default GeLU-tanh),
+    /// `rope_local_base_freq`.
     pub gemma_conventions: bool,
+    /// Norms scale by `1 + w` (Gemma 1–3; Gemma 4 scales by `w`).
+    pub norm_weight_offset: bool,
+    /// Scores are not scaled (`q·kᵀ · 1`): Gemma 4 normalises q and k instead.
+    pub unit_attention_scale: bool,
+    /// Gemma 4: a weightless RMS norm of each value head.
+    pub value_norm: bool,
+    /// Gemma 4's layer mechanisms: per-layer head sizes (`per_layer_config`, or
+    /// `global_head_dim`/`num_global_key_value_heads` on full layers), keys as values
+    /// (`attention_k_eq_v`), KV sharing (`num_kv_shared_layers`) with double-wide MLPs,
+    /// per-layer inputs (`hidden_size_per_layer_input`), `layer_scalar`, last layer global,
+    /// `use_bidirectional_attention`.
+    pub heterogeneous_layers: bool,
+    /// transformers' default of `hidden_size_per_layer_input` (Gemma 4: 256; 0 = none).
+    pub default_per_layer_input: usize,
+    /// transformers' `rope_parameters` when the config has none (JSON), if not plain RoPE.
+    pub default_rope_parameters: Option<&'static str>,
     /// Gemma 2/3: scores scaled by `query_pre_attn_scalar^-0.5` (default 256) instead of
     /// `head_dim^-0.5`.
     pub query_pre_attn_scalar: bool,
@@ -165,6 +186,12 @@ const LLAMA: FamilySpec = FamilySpec {
     norms: NormPlacement::PRE,
     qk_norm: QkNorm::None,
     gemma_conventions: false,
+    norm_weight_offset: false,
+    unit_attention_scale: false,
+    value_norm: false,
+    heterogeneous_layers: false,
+    default_per_layer_input: 0,
+    default_rope_parameters: None,
     query_pre_attn_scalar: false,
     tied_by_default: false,
     qkv_bias: BiasRule::FromConfig,
@@ -183,6 +210,33 @@ const LLAMA: FamilySpec = FamilySpec {
     temperature_tuning: false,
     mlp_module: "mlp",
     default_rope_theta: 10_000.0,
+};
+
+/// Gemma 4's text decoder (its unified variant overrides what it lacks).
+const GEMMA4: FamilySpec = FamilySpec {
+    family: Family::Gemma4,
+    model_type: "gemma4_text",
+    causal_lm_class: "Gemma4ForCausalLM",
+    summary: "Gemma 3 blocks with w norms, unscaled scores, value norm, full layers with their own head size \
+              and proportional RoPE, keys as values, KV shared by the last layers (double-wide MLPs there), \
+              per-layer inputs, layer scalars, MoE beside the dense MLP (26B-A4B); inside `gemma4` wrappers",
+    norms: NormPlacement::GEMMA_SANDWICH,
+    qk_norm: QkNorm::PerHead,
+    gemma_conventions: true,
+    unit_attention_scale: true,
+    value_norm: true,
+    heterogeneous_layers: true,
+    default_per_layer_input: 256,
+    default_rope_parameters: Some(
+        r#"{"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0}}"#,
+    ),
+    tied_by_default: true,
+    layer_pattern: LayerPattern::EveryNthGlobal(6),
+    rope: RopeRule::PerLayerType,
+    moe: Some(MoeLayout::Gemma4),
+    default_rope_theta: 1_000_000.0,
+    ..LLAMA
 };
 
 /// Every supported family, one row each.
@@ -231,6 +285,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         causal_lm_class: "GemmaForCausalLM",
         summary: "(1 + w) norms, √hidden embedding scale, GeLU-tanh, MQA",
         gemma_conventions: true,
+        norm_weight_offset: true,
         tied_by_default: true,
         ..LLAMA
     },
@@ -241,6 +296,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         summary: "Gemma + soft-caps, sandwich norms, query_pre_attn_scalar, alternating sliding/global layers",
         norms: NormPlacement::GEMMA_SANDWICH,
         gemma_conventions: true,
+        norm_weight_offset: true,
         query_pre_attn_scalar: true,
         tied_by_default: true,
         layer_pattern: LayerPattern::EveryNthGlobal(2),
@@ -255,12 +311,23 @@ pub const FAMILIES: &[FamilySpec] = &[
         norms: NormPlacement::GEMMA_SANDWICH,
         qk_norm: QkNorm::PerHead,
         gemma_conventions: true,
+        norm_weight_offset: true,
         query_pre_attn_scalar: true,
         tied_by_default: true,
         layer_pattern: LayerPattern::SlidingWindowPatternKey(6),
         rope: RopeRule::PerLayerType,
         default_rope_theta: 1_000_000.0,
         ..LLAMA
+    },
+    GEMMA4,
+    FamilySpec {
+        family: Family::Gemma4Unified,
+        model_type: "gemma4_unified_text",
+        causal_lm_class: "Gemma4UnifiedForCausalLM",
+        summary: "Gemma 4 without per-layer inputs and MoE; inside `gemma4_unified` wrappers",
+        moe: None,
+        default_per_layer_input: 0,
+        ..GEMMA4
     },
     FamilySpec {
         family: Family::Phi3,
@@ -400,6 +467,9 @@ pub struct WrapperSpec {
     pub default_text_model_type: &'static str,
     /// transformers' default of the wrapper's `tie_word_embeddings` (the wrapper's key decides).
     pub tied_by_default: bool,
+    /// Keys naming multimodal placeholder tokens whose positions read the padding token
+    /// instead when no image or audio fills them (Gemma 4 wrappers).
+    pub placeholder_token_keys: &'static [&'static str],
 }
 
 /// The multimodal wrappers whose text decoder Ember loads.
@@ -409,18 +479,35 @@ pub const WRAPPERS: &[WrapperSpec] = &[
         class: "Mistral3ForConditionalGeneration",
         default_text_model_type: "mistral",
         tied_by_default: true,
+        placeholder_token_keys: &[],
     },
     WrapperSpec {
         model_type: "llama4",
         class: "Llama4ForConditionalGeneration",
         default_text_model_type: "llama4_text",
         tied_by_default: false,
+        placeholder_token_keys: &[],
     },
     WrapperSpec {
         model_type: "gemma3",
         class: "Gemma3ForConditionalGeneration",
         default_text_model_type: "gemma3_text",
         tied_by_default: true,
+        placeholder_token_keys: &[],
+    },
+    WrapperSpec {
+        model_type: "gemma4",
+        class: "Gemma4ForConditionalGeneration",
+        default_text_model_type: "gemma4_text",
+        tied_by_default: true,
+        placeholder_token_keys: &["image_token_id", "video_token_id", "audio_token_id"],
+    },
+    WrapperSpec {
+        model_type: "gemma4_unified",
+        class: "Gemma4UnifiedForConditionalGeneration",
+        default_text_model_type: "gemma4_unified_text",
+        tied_by_default: true,
+        placeholder_token_keys: &["image_token_id", "video_token_id", "audio_token_id"],
     },
 ];
 

@@ -36,84 +36,74 @@ impl std::fmt::Display for LoraReport {
     }
 }
 
-impl<B: EmberBackend> CausalLm<B> {
-    /// Every adaptable linear layer with its HF module path, in model order: the attention
-    /// projections (`qkv_proj` where fused), the dense MLP projections (`gate_up_proj` where
-    /// fused; a MoE block's shared expert) and an untied `lm_head`. MoE routers and experts are
-    /// frozen and not listed.
-    pub fn linear_layers(&self) -> Vec<(String, &LoraLinear<B>)> {
+/// The walk behind [`CausalLm::linear_layers`] and [`CausalLm::linear_layers_mut`], written
+/// once: `$($m)?` is `mut` for the mutable walk, `$iter` and `$as_option` the matching
+/// `iter`/`iter_mut` and `as_ref`/`as_mut`.
+macro_rules! walk_linear_layers {
+    ($model:expr, $iter:ident, $as_option:ident $(, $m:tt)?) => {{
+        let model = $model;
         let mut out = Vec::new();
-        let decoder = &self.names.decoder;
-        let mlp = self.config.spec().mlp_module;
-        for (i, layer) in self.model.layers.iter().enumerate() {
+        let decoder = model.names.decoder.clone();
+        let mlp = model.config.spec().mlp_module;
+        for (i, layer) in model.model.layers.$iter().enumerate() {
             let p = format!("{decoder}.layers.{i}");
-            let SelfAttention::Grouped(a) = &layer.self_attn;
-            match &a.qkv {
+            let SelfAttention::Grouped(a) = &$($m)? layer.self_attn;
+            match &$($m)? a.qkv {
                 QkvProjection::Split(s) => {
-                    out.push((format!("{p}.self_attn.q_proj"), &s.q_proj));
-                    out.push((format!("{p}.self_attn.k_proj"), &s.k_proj));
-                    out.push((format!("{p}.self_attn.v_proj"), &s.v_proj));
+                    out.push((format!("{p}.self_attn.q_proj"), &$($m)? s.q_proj));
+                    out.push((format!("{p}.self_attn.k_proj"), &$($m)? s.k_proj));
+                    out.push((format!("{p}.self_attn.v_proj"), &$($m)? s.v_proj));
                 }
                 QkvProjection::Fused(l) => out.push((format!("{p}.self_attn.qkv_proj"), l)),
+                QkvProjection::KeysAsValues(s) => {
+                    out.push((format!("{p}.self_attn.q_proj"), &$($m)? s.q_proj));
+                    out.push((format!("{p}.self_attn.k_proj"), &$($m)? s.k_proj));
+                }
+                QkvProjection::QueryOnly(l) => out.push((format!("{p}.self_attn.q_proj"), l)),
             }
-            out.push((format!("{p}.self_attn.o_proj"), &a.o_proj));
-            let (m, path) = match &layer.mlp {
+            out.push((format!("{p}.self_attn.o_proj"), &$($m)? a.o_proj));
+            let (dense, path) = match &$($m)? layer.mlp {
                 FeedForward::Dense(m) => (Some(m), format!("{p}.{mlp}")),
-                FeedForward::Sparse(moe) => (moe.shared_expert.as_ref(), format!("{p}.{mlp}.shared_expert")),
+                FeedForward::Sparse(moe) => (moe.shared_expert.$as_option(), format!("{p}.{mlp}.shared_expert")),
+                FeedForward::DenseAndSparse(both) => (Some(&$($m)? both.mlp), format!("{p}.{mlp}")),
             };
-            if let Some(m) = m {
-                match &m.gate_up {
+            if let Some(m) = dense {
+                match &$($m)? m.gate_up {
                     GateUpProjection::Split(s) => {
-                        out.push((format!("{path}.gate_proj"), &s.gate_proj));
-                        out.push((format!("{path}.up_proj"), &s.up_proj));
+                        out.push((format!("{path}.gate_proj"), &$($m)? s.gate_proj));
+                        out.push((format!("{path}.up_proj"), &$($m)? s.up_proj));
                     }
                     GateUpProjection::Fused(l) => out.push((format!("{path}.gate_up_proj"), l)),
                 }
-                out.push((format!("{path}.down_proj"), &m.down_proj));
+                out.push((format!("{path}.down_proj"), &$($m)? m.down_proj));
+            }
+            if let Some(block) = &$($m)? layer.per_layer_input {
+                out.push((format!("{p}.per_layer_input_gate"), &$($m)? block.gate));
+                out.push((format!("{p}.per_layer_projection"), &$($m)? block.projection));
             }
         }
-        if let Some(head) = &self.lm_head {
+        if let Some(inputs) = &$($m)? model.model.per_layer_inputs {
+            out.push((format!("{decoder}.per_layer_model_projection"), &$($m)? inputs.projection));
+        }
+        if let Some(head) = &$($m)? model.lm_head {
             out.push(("lm_head".to_string(), head));
         }
         out
+    }};
+}
+
+impl<B: EmberBackend> CausalLm<B> {
+    /// Every adaptable linear layer with its HF module path, in model order: the attention
+    /// projections (`qkv_proj` where fused), the dense MLP projections (`gate_up_proj` where
+    /// fused; a MoE block's shared expert), Gemma 4's per-layer input projections and an
+    /// untied `lm_head`. MoE routers and experts are frozen and not listed.
+    pub fn linear_layers(&self) -> Vec<(String, &LoraLinear<B>)> {
+        walk_linear_layers!(self, iter, as_ref)
     }
 
     /// [`CausalLm::linear_layers`], mutable.
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
-        let mut out = Vec::new();
-        let decoder = self.names.decoder.clone();
-        let mlp = self.config.spec().mlp_module;
-        for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let p = format!("{decoder}.layers.{i}");
-            let SelfAttention::Grouped(a) = &mut layer.self_attn;
-            match &mut a.qkv {
-                QkvProjection::Split(s) => {
-                    out.push((format!("{p}.self_attn.q_proj"), &mut s.q_proj));
-                    out.push((format!("{p}.self_attn.k_proj"), &mut s.k_proj));
-                    out.push((format!("{p}.self_attn.v_proj"), &mut s.v_proj));
-                }
-                QkvProjection::Fused(l) => out.push((format!("{p}.self_attn.qkv_proj"), l)),
-            }
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let (m, path) = match &mut layer.mlp {
-                FeedForward::Dense(m) => (Some(m), format!("{p}.{mlp}")),
-                FeedForward::Sparse(moe) => (moe.shared_expert.as_mut(), format!("{p}.{mlp}.shared_expert")),
-            };
-            if let Some(m) = m {
-                match &mut m.gate_up {
-                    GateUpProjection::Split(s) => {
-                        out.push((format!("{path}.gate_proj"), &mut s.gate_proj));
-                        out.push((format!("{path}.up_proj"), &mut s.up_proj));
-                    }
-                    GateUpProjection::Fused(l) => out.push((format!("{path}.gate_up_proj"), l)),
-                }
-                out.push((format!("{path}.down_proj"), &mut m.down_proj));
-            }
-        }
-        if let Some(head) = &mut self.lm_head {
-            out.push(("lm_head".to_string(), head));
-        }
-        out
+        walk_linear_layers!(self, iter_mut, as_mut, mut)
     }
 
     /// Number of parameters of the base model (adapters excluded; quantized weights, which are

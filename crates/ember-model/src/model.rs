@@ -12,7 +12,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use ember_lora::EmberBackend;
 use ember_lora::{FrozenWeight, LoraLinear};
 
-use crate::config::{Activation, DecoderConfig, QkNorm, QueryScale};
+use crate::config::{Activation, DecoderConfig, MoeLayout, QkNorm, QueryScale};
 use crate::dtype::BaseDtype;
 use crate::error::{ModelError, Result};
 use crate::family::ModuleNames;
@@ -75,6 +75,16 @@ pub struct SplitQkv<B: Backend> {
     pub v_proj: LoraLinear<B>,
 }
 
+/// Query and key projections whose key output is also the values (Gemma 4's
+/// `attention_k_eq_v` on full-attention layers).
+#[derive(Module, Debug)]
+pub struct KeysAsValues<B: Backend> {
+    /// `[heads·head_dim, hidden]`.
+    pub q_proj: LoraLinear<B>,
+    /// `[kv_heads·head_dim, hidden]`.
+    pub k_proj: LoraLinear<B>,
+}
+
 /// How queries, keys and values are projected.
 // One per layer; boxing would buy nothing and burn modules do not derive through Box.
 #[allow(clippy::large_enum_variant)]
@@ -84,6 +94,10 @@ pub enum QkvProjection<B: Backend> {
     Split(SplitQkv<B>),
     /// One `qkv_proj`, rows `[q; k; v]` (Phi-3); LoRA adapts it as one matrix, as PEFT does.
     Fused(LoraLinear<B>),
+    /// `q_proj` and `k_proj`; the values are the key projection before its norm and RoPE.
+    KeysAsValues(KeysAsValues<B>),
+    /// `q_proj` only: keys and values come from an earlier layer (Gemma 4's KV sharing).
+    QueryOnly(LoraLinear<B>),
 }
 
 /// Multi-head attention with grouped key/value heads (`self_attn`).
@@ -114,9 +128,12 @@ pub struct Attention<B: Backend> {
     /// Soft-cap of the scores (Gemma 2).
     #[module(skip)]
     pub softcap: Option<f64>,
-    /// ε of the weightless L2 q/k norm (Llama 4).
+    /// ε of the weightless L2 q/k norm (Llama 4) and of the value norm (Gemma 4).
     #[module(skip)]
     pub norm_eps: f64,
+    /// Weightless RMS norm of each value head (Gemma 4).
+    #[module(skip)]
+    pub value_norm: bool,
 }
 
 /// What a layer's attention needs besides its input: positions as RoPE tables and query
@@ -129,6 +146,9 @@ pub struct AttentionInputs<'a, B: Backend> {
     pub query_scale: Option<&'a Tensor<B, 4>>,
     /// Additive mask, `[batch, 1, seq, past + seq]`.
     pub mask: Tensor<B, 4>,
+    /// Keys and values of the layer this one shares them with (Gemma 4's KV-shared layers),
+    /// cache included, `[batch, kv_heads, past + seq, head_dim]` each.
+    pub shared_kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
 }
 
 /// What one layer keeps between decoding steps; one variant per attention kind.
@@ -141,6 +161,9 @@ pub enum LayerCache<B: Backend> {
         /// Values.
         values: Tensor<B, 4>,
     },
+    /// Nothing of its own: the layer attends over another layer's keys and values (Gemma 4's
+    /// KV-shared layers).
+    Shared,
 }
 
 impl<B: Backend> LayerCache<B> {
@@ -151,6 +174,7 @@ impl<B: Backend> LayerCache<B> {
                 keys: keys.narrow(2, 0, len),
                 values: values.narrow(2, 0, len),
             },
+            LayerCache::Shared => LayerCache::Shared,
         }
     }
 }
@@ -179,11 +203,16 @@ impl<B: EmberBackend> SelfAttention<B> {
     ) -> (Tensor<B, 3>, LayerCache<B>) {
         match self {
             SelfAttention::Grouped(attention) => {
-                let past = cache.map(|c| match c {
-                    LayerCache::KeyValue { keys, values } => (keys, values),
+                let past = cache.and_then(|c| match c {
+                    LayerCache::KeyValue { keys, values } => Some((keys, values)),
+                    LayerCache::Shared => None,
                 });
                 let (out, (keys, values)) = attention.forward_cached(x, inputs, past);
-                (out, LayerCache::KeyValue { keys, values })
+                if matches!(attention.qkv, QkvProjection::QueryOnly(_)) {
+                    (out, LayerCache::Shared)
+                } else {
+                    (out, LayerCache::KeyValue { keys, values })
+                }
             }
         }
     }
@@ -217,49 +246,72 @@ impl<B: EmberBackend> Attention<B> {
         let [batch, seq, _] = x.dims();
         let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
-        let (mut q, mut k, v) = match &self.qkv {
+        let (q, kv) = match &self.qkv {
             QkvProjection::Split(p) => (
                 p.q_proj.forward(x.clone()),
-                p.k_proj.forward(x.clone()),
-                p.v_proj.forward(x),
+                Some((p.k_proj.forward(x.clone()), p.v_proj.forward(x))),
             ),
             QkvProjection::Fused(qkv_proj) => {
                 let qkv = qkv_proj.forward(x);
                 (
                     qkv.clone().narrow(2, 0, q_width),
-                    qkv.clone().narrow(2, q_width, kv_width),
-                    qkv.narrow(2, q_width + kv_width, kv_width),
+                    Some((
+                        qkv.clone().narrow(2, q_width, kv_width),
+                        qkv.narrow(2, q_width + kv_width, kv_width),
+                    )),
                 )
             }
+            QkvProjection::KeysAsValues(p) => {
+                let k = p.k_proj.forward(x.clone());
+                (p.q_proj.forward(x), Some((k.clone(), k)))
+            }
+            QkvProjection::QueryOnly(q_proj) => (q_proj.forward(x), None),
         };
-        if let (QkNorm::Full, Some(q_norm), Some(k_norm)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
-            q = q_norm.forward(q);
-            k = k_norm.forward(k);
-        }
-        let mut q = q.reshape([batch, seq, heads, head_dim]);
-        let mut k = k.reshape([batch, seq, kv_heads, head_dim]);
-        let v = v.reshape([batch, seq, kv_heads, head_dim]);
-        if let (QkNorm::PerHead, Some(q_norm), Some(k_norm)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
-            q = q_norm.forward(q);
-            k = k_norm.forward(k);
-        }
-        let (mut q, mut k) = (q.swap_dims(1, 2), k.swap_dims(1, 2));
+        let norm = |t: Tensor<B, 3>, norm: &Option<RmsNorm<B>>, kind: QkNorm| match (norm, kind) {
+            (Some(n), QkNorm::Full) => n.forward(t),
+            _ => t,
+        };
+        let norm_heads = |t: Tensor<B, 4>, norm: &Option<RmsNorm<B>>| match (norm, self.qk_norm) {
+            (Some(n), QkNorm::PerHead) => n.forward(t),
+            _ => t,
+        };
+        let q = norm(q, &self.q_norm, self.qk_norm).reshape([batch, seq, heads, head_dim]);
+        let mut q = norm_heads(q, &self.q_norm).swap_dims(1, 2);
         if let Some(rope) = inputs.rope {
             q = rope.apply(q);
-            k = rope.apply(k);
         }
         if self.qk_norm == QkNorm::L2AfterRope {
             q = l2_norm(q, self.norm_eps);
-            k = l2_norm(k, self.norm_eps);
         }
         if let Some(scale) = inputs.query_scale {
             q = q * scale.clone();
         }
-        let mut v = v.swap_dims(1, 2);
-        if let Some((past_k, past_v)) = cache {
-            k = Tensor::cat(vec![past_k, k], 2);
-            v = Tensor::cat(vec![past_v, v], 2);
-        }
+        let (k, v) = match kv {
+            Some((k, v)) => {
+                let k = norm(k, &self.k_norm, self.qk_norm).reshape([batch, seq, kv_heads, head_dim]);
+                let mut k = norm_heads(k, &self.k_norm).swap_dims(1, 2);
+                if let Some(rope) = inputs.rope {
+                    k = rope.apply(k);
+                }
+                if self.qk_norm == QkNorm::L2AfterRope {
+                    k = l2_norm(k, self.norm_eps);
+                }
+                let mut v = v.reshape([batch, seq, kv_heads, head_dim]);
+                if self.value_norm {
+                    v = l2_norm(v, self.norm_eps);
+                }
+                let mut v = v.swap_dims(1, 2);
+                if let Some((past_k, past_v)) = cache {
+                    k = Tensor::cat(vec![past_k, k], 2);
+                    v = Tensor::cat(vec![past_v, v], 2);
+                }
+                (k, v)
+            }
+            None => inputs
+                .shared_kv
+                .clone()
+                .expect("a KV-shared layer runs after the layer whose keys and values it reuses"),
+        };
         let new_cache = (k.clone(), v.clone());
         let k = repeat_kv(k, heads / kv_heads);
         let v = repeat_kv(v, heads / kv_heads);
@@ -373,6 +425,23 @@ fn gelu_tanh<B: EmberBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
 }
 
+/// A dense MLP and a sparse block side by side (Gemma 4 26B-A4B): the MLP reads the normed
+/// input, the router the block's un-normed input, the experts their own normed copy of it;
+/// each output has its norm before the two are added.
+#[derive(Module, Debug)]
+pub struct DenseAndSparse<B: Backend> {
+    /// The dense MLP (`mlp`).
+    pub mlp: Mlp<B>,
+    /// Norm of the MLP's output (`post_feedforward_layernorm_1`).
+    pub mlp_out_norm: RmsNorm<B>,
+    /// Router and experts (`router`, `experts`).
+    pub moe: SparseMoe<B>,
+    /// Norm of the experts' input (`pre_feedforward_layernorm_2`).
+    pub experts_in_norm: RmsNorm<B>,
+    /// Norm of the experts' output (`post_feedforward_layernorm_2`).
+    pub experts_out_norm: RmsNorm<B>,
+}
+
 /// The feed-forward part of a block.
 // One per layer; boxing would buy nothing and burn modules do not derive through Box.
 #[allow(clippy::large_enum_variant)]
@@ -382,17 +451,94 @@ pub enum FeedForward<B: Backend> {
     Dense(Mlp<B>),
     /// A router and experts.
     Sparse(SparseMoe<B>),
+    /// Both, side by side (Gemma 4).
+    DenseAndSparse(DenseAndSparse<B>),
 }
 
 impl<B: EmberBackend> FeedForward<B> {
+    /// Runs the block on `x`, the normed input; `residual` is the block's un-normed input
+    /// (read by Gemma 4's router and experts only).
+    ///
     /// # Shapes
-    /// - `x`: `[batch, seq, hidden]`
+    /// - `x`, `residual`: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             FeedForward::Dense(mlp) => mlp.forward(x),
             FeedForward::Sparse(moe) => moe.forward(x),
+            FeedForward::DenseAndSparse(both) => {
+                let dense = both.mlp_out_norm.forward(both.mlp.forward(x));
+                let experts_in = both.experts_in_norm.forward(residual.clone());
+                let sparse = both.moe.forward_routed(residual, experts_in);
+                dense + both.experts_out_norm.forward(sparse)
+            }
         }
+    }
+}
+
+/// Gemma 4's per-layer input, added after the feed-forward block:
+/// `x + norm(proj(gelu(gate(x)) · input))`.
+#[derive(Module, Debug)]
+pub struct PerLayerInputBlock<B: Backend> {
+    /// `per_layer_input_gate`, `[width, hidden]`.
+    pub gate: LoraLinear<B>,
+    /// `per_layer_projection`, `[hidden, width]`.
+    pub projection: LoraLinear<B>,
+    /// `post_per_layer_input_norm`.
+    pub norm: RmsNorm<B>,
+    /// The gate's activation.
+    #[module(skip)]
+    pub act: Activation,
+}
+
+impl<B: EmberBackend> PerLayerInputBlock<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    /// - `input`: this layer's slice, `[batch, seq, width]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, input: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = activate(self.gate.forward(x.clone()), self.act) * input;
+        x + self.norm.forward(self.projection.forward(h))
+    }
+}
+
+/// Gemma 4's per-layer input embeddings (`embed_tokens_per_layer` and
+/// `per_layer_model_projection`): every layer's slice of the input.
+#[derive(Module, Debug)]
+pub struct PerLayerInputEmbedding<B: Backend> {
+    /// `embed_tokens_per_layer`, `[vocab, layers·width]`.
+    pub embed: Embedding<B>,
+    /// `per_layer_model_projection`, `[layers·width, hidden]`.
+    pub projection: LoraLinear<B>,
+    /// `per_layer_projection_norm`, over `width`.
+    pub norm: RmsNorm<B>,
+    /// Number of decoder layers.
+    pub num_layers: usize,
+    /// Width of one layer's slice.
+    pub width: usize,
+}
+
+impl<B: EmberBackend> PerLayerInputEmbedding<B> {
+    /// `(norm(proj(embeds) / √hidden) + embed(ids)·√width) / √2`, per layer.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, seq]`
+    /// - `embeds`: the scaled token embeddings, `[batch, seq, hidden]`
+    /// - output: `[batch, seq, layers, width]`
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, embeds: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [batch, seq, hidden] = embeds.dims();
+        let (layers, width) = (self.num_layers, self.width);
+        let token = self
+            .embed
+            .forward(ids)
+            .mul_scalar((width as f64).sqrt() as f32)
+            .reshape([batch, seq, layers, width]);
+        let context = self
+            .projection
+            .forward(embeds)
+            .mul_scalar((hidden as f64).powf(-0.5) as f32)
+            .reshape([batch, seq, layers, width]);
+        (self.norm.forward(context) + token).mul_scalar(0.5f64.sqrt() as f32)
     }
 }
 
@@ -416,6 +562,13 @@ pub struct DecoderLayer<B: Backend> {
     pub sliding_window: Option<usize>,
     /// Attention chunk of this layer (Llama 4's chunked layers).
     pub attention_chunk: Option<usize>,
+    /// The earlier layer whose keys and values this one attends over (Gemma 4's KV sharing).
+    pub kv_shared_from: Option<usize>,
+    /// Gemma 4's per-layer input block.
+    pub per_layer_input: Option<PerLayerInputBlock<B>>,
+    /// Gemma 4's output multiplier (the `layer_scalar` buffer: read at load, not a parameter).
+    #[module(skip)]
+    pub layer_scalar: Option<f32>,
     /// Which RoPE tables the layer uses.
     #[module(skip)]
     pub rope: LayerRope,
@@ -445,21 +598,33 @@ impl<B: EmberBackend> DecoderLayer<B> {
     /// - `inputs.mask`: additive, `[batch, 1, seq, seq]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, inputs: &AttentionInputs<'_, B>) -> Tensor<B, 3> {
-        self.forward_cached(x, inputs, None).0
+        self.forward_cached(x, inputs, None, None).0
     }
 
-    /// [`DecoderLayer::forward`] with the layer's cache (see [`SelfAttention::forward_cached`]).
+    /// [`DecoderLayer::forward`] with the layer's cache (see [`SelfAttention::forward_cached`])
+    /// and, in Gemma 4, its slice of the per-layer inputs.
+    ///
+    /// # Shapes
+    /// - `per_layer_input`: `[batch, seq, width]`
     pub fn forward_cached(
         &self,
         x: Tensor<B, 3>,
         inputs: &AttentionInputs<'_, B>,
         cache: Option<LayerCache<B>>,
+        per_layer_input: Option<Tensor<B, 3>>,
     ) -> (Tensor<B, 3>, LayerCache<B>) {
         let h = norm_opt(&self.attn_norm, x.clone());
         let (h, cache) = self.self_attn.forward_cached(h, inputs, cache);
         let x = x + norm_opt(&self.attn_out_norm, h);
-        let h = self.mlp.forward(norm_opt(&self.mlp_norm, x.clone()));
-        (x + norm_opt(&self.mlp_out_norm, h), cache)
+        let h = self.mlp.forward(norm_opt(&self.mlp_norm, x.clone()), x.clone());
+        let mut x = x + norm_opt(&self.mlp_out_norm, h);
+        if let (Some(block), Some(input)) = (&self.per_layer_input, per_layer_input) {
+            x = block.forward(x, input);
+        }
+        if let Some(scalar) = self.layer_scalar {
+            x = x.mul_scalar(scalar);
+        }
+        (x, cache)
     }
 }
 
@@ -468,6 +633,8 @@ impl<B: EmberBackend> DecoderLayer<B> {
 pub struct DecoderModel<B: Backend> {
     /// Token embeddings.
     pub embed_tokens: Embedding<B>,
+    /// Gemma 4's per-layer input embeddings.
+    pub per_layer_inputs: Option<PerLayerInputEmbedding<B>>,
     /// Decoder blocks.
     pub layers: Vec<DecoderLayer<B>>,
     /// Final norm.
@@ -626,49 +793,63 @@ impl<B: EmberBackend> CausalLm<B> {
                 eps: c.rms_norm_eps,
             })
         };
-        let (h, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let h = c.hidden_size;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("{decoder}.layers.{i}");
-            let qkv = if c.fused_qkv {
-                QkvProjection::Fused(linear(
-                    &format!("{p}.self_attn.qkv_proj"),
-                    q_dim + 2 * kv_dim,
-                    h,
-                    c.qkv_bias,
-                )?)
+            let shape = c.layer_shapes[i];
+            let (head_dim, kv_heads) = (shape.head_dim, shape.num_kv_heads);
+            let (q_dim, kv_dim) = (c.num_heads * head_dim, kv_heads * head_dim);
+            let attn = |name: &str| format!("{p}.self_attn.{name}");
+            let qkv = if shape.kv_shared_from.is_some() {
+                // transformers ignores key/value weights a KV-shared layer's checkpoint may hold.
+                for name in ["k_proj", "v_proj", "k_norm", "v_norm"] {
+                    for part in ["weight", "bias"] {
+                        weights.skip(&format!("{p}.self_attn.{name}.{part}"));
+                    }
+                }
+                QkvProjection::QueryOnly(linear(&attn("q_proj"), q_dim, h, c.qkv_bias)?)
+            } else if shape.values_from_keys {
+                QkvProjection::KeysAsValues(KeysAsValues {
+                    q_proj: linear(&attn("q_proj"), q_dim, h, c.qkv_bias)?,
+                    k_proj: linear(&attn("k_proj"), kv_dim, h, c.qkv_bias)?,
+                })
+            } else if c.fused_qkv {
+                QkvProjection::Fused(linear(&attn("qkv_proj"), q_dim + 2 * kv_dim, h, c.qkv_bias)?)
             } else {
                 QkvProjection::Split(SplitQkv {
-                    q_proj: linear(&format!("{p}.self_attn.q_proj"), q_dim, h, c.qkv_bias)?,
-                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_dim, h, c.qkv_bias)?,
-                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_dim, h, c.qkv_bias)?,
+                    q_proj: linear(&attn("q_proj"), q_dim, h, c.qkv_bias)?,
+                    k_proj: linear(&attn("k_proj"), kv_dim, h, c.qkv_bias)?,
+                    v_proj: linear(&attn("v_proj"), kv_dim, h, c.qkv_bias)?,
                 })
             };
             let (q_norm_dim, k_norm_dim) = match c.qk_norm {
                 QkNorm::None | QkNorm::L2AfterRope => (0, 0),
-                QkNorm::PerHead => (c.head_dim, c.head_dim),
+                QkNorm::PerHead => (head_dim, head_dim),
                 QkNorm::Full => (q_dim, kv_dim),
             };
-            let qk_norm = |name: &str, dim: usize| {
-                matches!(c.qk_norm, QkNorm::PerHead | QkNorm::Full)
-                    .then(|| norm(&format!("{p}.self_attn.{name}"), dim))
-                    .transpose()
-            };
+            let weighted_qk_norm = matches!(c.qk_norm, QkNorm::PerHead | QkNorm::Full);
+            let q_norm = weighted_qk_norm
+                .then(|| norm(&attn("q_norm"), q_norm_dim))
+                .transpose()?;
+            let k_norm = (weighted_qk_norm && shape.kv_shared_from.is_none())
+                .then(|| norm(&attn("k_norm"), k_norm_dim))
+                .transpose()?;
             let sinks = if c.attn_sinks {
-                let s = weights.tensor::<B, 1>(&format!("{p}.self_attn.sinks"), [c.num_heads], device)?;
+                let s = weights.tensor::<B, 1>(&attn("sinks"), [c.num_heads], device)?;
                 Some(Param::from_tensor(s).set_require_grad(false))
             } else {
                 None
             };
             let self_attn = SelfAttention::Grouped(Attention {
                 qkv,
-                o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q_dim, c.o_bias)?,
-                q_norm: qk_norm("q_norm", q_norm_dim)?,
-                k_norm: qk_norm("k_norm", k_norm_dim)?,
+                o_proj: linear(&attn("o_proj"), h, q_dim, c.o_bias)?,
+                q_norm,
+                k_norm,
                 sinks,
                 num_heads: c.num_heads,
-                num_kv_heads: c.num_kv_heads,
-                head_dim: c.head_dim,
+                num_kv_heads: kv_heads,
+                head_dim,
                 // The L2 norm applies on RoPE layers only.
                 qk_norm: match c.qk_norm {
                     QkNorm::L2AfterRope if !c.rope_layers[i] => QkNorm::None,
@@ -677,40 +858,64 @@ impl<B: EmberBackend> CausalLm<B> {
                 scale: c.attn_scale,
                 softcap: c.attn_softcap,
                 norm_eps: c.rms_norm_eps,
+                value_norm: c.value_norm,
             });
+            let dense_mlp = |path: &str, width: usize, bias: bool, fused: bool| -> Result<Mlp<B>> {
+                let gate_up = if fused {
+                    GateUpProjection::Fused(linear(&format!("{path}.gate_up_proj"), 2 * width, h, bias)?)
+                } else {
+                    GateUpProjection::Split(SplitGateUp {
+                        gate_proj: linear(&format!("{path}.gate_proj"), width, h, bias)?,
+                        up_proj: linear(&format!("{path}.up_proj"), width, h, bias)?,
+                    })
+                };
+                Ok(Mlp {
+                    gate_up,
+                    down_proj: linear(&format!("{path}.down_proj"), h, width, bias)?,
+                    act: c.act,
+                })
+            };
             let sparse = c.moe.as_ref().filter(|m| m.sparse_layers[i]);
+            let dense = || {
+                dense_mlp(
+                    &format!("{p}.{mlp}"),
+                    shape.intermediate_size,
+                    c.mlp_bias,
+                    c.fused_gate_up,
+                )
+            };
             let mlp = match sparse {
+                Some(moe) if moe.layout == MoeLayout::Gemma4 => FeedForward::DenseAndSparse(DenseAndSparse {
+                    mlp: dense()?,
+                    mlp_out_norm: norm(&format!("{p}.post_feedforward_layernorm_1"), h)?,
+                    moe: crate::moe::load(moe, c, weights, &p, device, base_dtype)?,
+                    experts_in_norm: norm(&format!("{p}.pre_feedforward_layernorm_2"), h)?,
+                    experts_out_norm: norm(&format!("{p}.post_feedforward_layernorm_2"), h)?,
+                }),
                 Some(moe) => {
                     let mut block = crate::moe::load(moe, c, weights, &p, device, base_dtype)?;
                     if let Some(width) = moe.shared_expert_size {
-                        let shared = format!("{p}.{mlp}.shared_expert");
-                        block.shared_expert = Some(Mlp {
-                            gate_up: GateUpProjection::Split(SplitGateUp {
-                                gate_proj: linear(&format!("{shared}.gate_proj"), width, h, false)?,
-                                up_proj: linear(&format!("{shared}.up_proj"), width, h, false)?,
-                            }),
-                            down_proj: linear(&format!("{shared}.down_proj"), h, width, false)?,
-                            act: c.act,
-                        });
+                        block.shared_expert =
+                            Some(dense_mlp(&format!("{p}.{mlp}.shared_expert"), width, false, false)?);
                     }
                     FeedForward::Sparse(block)
                 }
-                None => {
-                    let i_dim = c.intermediate_size;
-                    let gate_up = if c.fused_gate_up {
-                        GateUpProjection::Fused(linear(&format!("{p}.{mlp}.gate_up_proj"), 2 * i_dim, h, c.mlp_bias)?)
-                    } else {
-                        GateUpProjection::Split(SplitGateUp {
-                            gate_proj: linear(&format!("{p}.{mlp}.gate_proj"), i_dim, h, c.mlp_bias)?,
-                            up_proj: linear(&format!("{p}.{mlp}.up_proj"), i_dim, h, c.mlp_bias)?,
-                        })
-                    };
-                    FeedForward::Dense(Mlp {
-                        gate_up,
-                        down_proj: linear(&format!("{p}.{mlp}.down_proj"), h, i_dim, c.mlp_bias)?,
-                        act: c.act,
-                    })
-                }
+                None => FeedForward::Dense(dense()?),
+            };
+            let per_layer_input = match c.per_layer_inputs {
+                Some(ple) => Some(PerLayerInputBlock {
+                    gate: linear(&format!("{p}.per_layer_input_gate"), ple.width, h, false)?,
+                    projection: linear(&format!("{p}.per_layer_projection"), h, ple.width, false)?,
+                    norm: norm(&format!("{p}.post_per_layer_input_norm"), h)?,
+                    act: c.act,
+                }),
+                None => None,
+            };
+            let layer_scalar = if c.layer_scalars {
+                let key = format!("{p}.layer_scalar");
+                Some(weights.read_f32(&key, &[1])?[0])
+            } else {
+                None
             };
             let layer_norm = |name: Option<&str>| name.map(|n| norm(&format!("{p}.{n}"), h)).transpose();
             layers.push(DecoderLayer {
@@ -722,6 +927,9 @@ impl<B: EmberBackend> CausalLm<B> {
                 mlp_out_norm: layer_norm(c.norms.post_mlp)?,
                 sliding_window: c.sliding_window[i],
                 attention_chunk: c.attention_chunk[i],
+                kv_shared_from: shape.kv_shared_from,
+                per_layer_input,
+                layer_scalar,
                 rope: match (
                     c.rope_layers[i],
                     c.local_rope.is_some() && c.sliding_window[i].is_some(),
@@ -746,8 +954,26 @@ impl<B: EmberBackend> CausalLm<B> {
                 })
             }
         };
+        let per_layer_inputs = match c.per_layer_inputs {
+            Some(ple) => {
+                let total = c.num_layers * ple.width;
+                let key = format!("{decoder}.embed_tokens_per_layer.weight");
+                let table = weights.tensor_as::<B, 2>(&key, [ple.vocab_size, total], device, base_dtype)?;
+                Some(PerLayerInputEmbedding {
+                    embed: Embedding {
+                        weight: FrozenWeight::from_tensor(table),
+                    },
+                    projection: linear(&format!("{decoder}.per_layer_model_projection"), total, h, false)?,
+                    norm: norm(&format!("{decoder}.per_layer_projection_norm"), ple.width)?,
+                    num_layers: c.num_layers,
+                    width: ple.width,
+                })
+            }
+            None => None,
+        };
         let model = DecoderModel {
             embed_tokens: Embedding { weight: embed },
+            per_layer_inputs,
             layers,
             norm: norm(&format!("{decoder}.norm"), h)?,
         };
@@ -853,10 +1079,22 @@ impl<B: EmberBackend> CausalLm<B> {
             }
         });
         let mut masks: BTreeMap<AttentionSpan, Tensor<B, 4>> = BTreeMap::new();
-        let mut x = self.model.embed_tokens.forward(input_ids);
+        let mut input_ids = input_ids;
+        if let Some(pad) = self.config.pad_token_id {
+            for &placeholder in &self.config.placeholder_token_ids {
+                let at = input_ids.clone().equal_elem(placeholder as i64);
+                input_ids = input_ids.mask_fill(at, pad as i64);
+            }
+        }
+        let mut x = self.model.embed_tokens.forward(input_ids.clone());
         if let Some(scale) = self.config.embed_scale {
             x = x.mul_scalar(scale);
         }
+        let per_layer_inputs = self
+            .model
+            .per_layer_inputs
+            .as_ref()
+            .map(|p| p.forward(input_ids, x.clone()));
         let mut hidden_states = Vec::new();
         if capture {
             // transformers 5 reports the embedding after Gemma's √hidden scaling.
@@ -869,6 +1107,11 @@ impl<B: EmberBackend> CausalLm<B> {
             }
         }
         let last = self.model.layers.len().saturating_sub(1);
+        // Keys and values (cache included) of the layers later layers share them with.
+        let mut shared: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>> = vec![None; self.model.layers.len()];
+        let is_source: Vec<bool> = (0..self.model.layers.len())
+            .map(|i| self.model.layers.iter().any(|l| l.kv_shared_from == Some(i)))
+            .collect();
         for (i, layer) in self.model.layers.iter().enumerate() {
             let span = AttentionSpan {
                 window: layer.sliding_window,
@@ -888,10 +1131,18 @@ impl<B: EmberBackend> CausalLm<B> {
                 rope: tables,
                 query_scale: query_scale.as_ref().filter(|_| scaled),
                 mask: layer_mask,
+                shared_kv: layer.kv_shared_from.and_then(|j| shared[j].clone()),
             };
             let mut slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let past = slot.as_mut().and_then(|s| s.take());
-            let (out, kv) = layer.forward_cached(x, &inputs, past);
+            let own_input = per_layer_inputs.as_ref().map(|p| {
+                let [batch, seq, _, width] = p.dims();
+                p.clone().narrow(2, i, 1).reshape([batch, seq, width])
+            });
+            let (out, kv) = layer.forward_cached(x, &inputs, past, own_input);
+            if let (true, LayerCache::KeyValue { keys, values }) = (is_source[i], &kv) {
+                shared[i] = Some((keys.clone(), values.clone()));
+            }
             if let Some(slot) = slot {
                 *slot = Some(kv);
             }

@@ -75,6 +75,12 @@ pub struct SparseMoe<B: Backend> {
     /// A dense MLP every token also goes through (Llama 4's `shared_expert`; its projections
     /// are linear layers LoRA can adapt).
     pub shared_expert: Option<Mlp<B>>,
+    /// Gemma 4: the router reads `rms_norm(x) · scale · hidden^-½`, `scale` `[hidden]`.
+    pub router_input_scale: Option<Param<Tensor<B, 1>>>,
+    /// Gemma 4: routing weights times a per-expert factor, `[experts]`.
+    pub per_expert_scale: Option<Param<Tensor<B, 1>>>,
+    /// ε of the router's input norm.
+    pub router_norm_eps: f64,
 }
 
 impl<B: EmberBackend> SparseMoe<B> {
@@ -82,10 +88,20 @@ impl<B: EmberBackend> SparseMoe<B> {
     /// - `x`: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_routed(x.clone(), x)
+    }
+
+    /// Routes on `route_input` and runs the experts (and shared expert) on `x` (Gemma 4 routes
+    /// on the block's un-normed input).
+    ///
+    /// # Shapes
+    /// - `route_input`, `x`: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward_routed(&self, route_input: Tensor<B, 3>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, hidden] = x.dims();
         let tokens = batch * seq;
         let x = x.reshape([tokens, hidden]);
-        let (weights, experts) = self.route(x.clone());
+        let (weights, experts) = self.route(route_input.reshape([tokens, hidden]));
         let device = x.device();
         let k = self.top_k;
 
@@ -129,7 +145,36 @@ impl<B: EmberBackend> SparseMoe<B> {
     /// - `x`: `[tokens, hidden]`
     /// - output: weights `[tokens, top_k]`, experts `[tokens, top_k]`
     fn route(&self, x: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+        let x = match &self.router_input_scale {
+            Some(scale) => {
+                let hidden = x.dims()[1];
+                let variance = x.clone().powi_scalar(2).mean_dim(1);
+                let normed = x * variance.add_scalar(self.router_norm_eps).sqrt().recip();
+                (normed * scale.val().unsqueeze::<2>()).mul_scalar((hidden as f64).powf(-0.5) as f32)
+            }
+            None => x,
+        };
         let logits = ember_lora::linear(x, self.router.val(), self.router_bias.as_ref().map(|b| b.val()));
+        let (weights, experts) = self.route_logits(logits);
+        match &self.per_expert_scale {
+            Some(scale) => {
+                let [tokens, k] = experts.dims();
+                let factors = scale
+                    .val()
+                    .select(0, experts.clone().reshape([tokens * k]))
+                    .reshape([tokens, k]);
+                (weights * factors, experts)
+            }
+            None => (weights, experts),
+        }
+    }
+
+    /// [`SparseMoe::route`] from the router logits.
+    ///
+    /// # Shapes
+    /// - `logits`: `[tokens, experts]`
+    /// - output: weights `[tokens, top_k]`, experts `[tokens, top_k]`
+    fn route_logits(&self, logits: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
         match self.routing {
             Routing::SoftmaxTopK { renormalize } => {
                 let probs = softmax(logits, 1);
@@ -174,8 +219,14 @@ pub(crate) fn load<B: EmberBackend>(
         MoeLayout::Qwen => ("mlp", "gate"),
         MoeLayout::GptOss => ("mlp", "router"),
         MoeLayout::Llama4 => ("feed_forward", "router"),
+        // Gemma 4's router and experts sit on the layer itself, beside its `mlp`.
+        MoeLayout::Gemma4 => ("", "router.proj"),
     };
-    let base = format!("{prefix}.{block}");
+    let base = if block.is_empty() {
+        prefix.to_string()
+    } else {
+        format!("{prefix}.{block}")
+    };
     let router = weights.tensor::<B, 2>(&format!("{base}.{router_name}.weight"), [n, h], device)?;
     let router_bias = match moe.layout {
         MoeLayout::GptOss => Some(frozen1(weights.tensor::<B, 1>(
@@ -184,6 +235,21 @@ pub(crate) fn load<B: EmberBackend>(
             device,
         )?)),
         _ => None,
+    };
+    let (router_input_scale, per_expert_scale) = match moe.layout {
+        MoeLayout::Gemma4 => (
+            Some(frozen1(weights.tensor::<B, 1>(
+                &format!("{base}.router.scale"),
+                [h],
+                device,
+            )?)),
+            Some(frozen1(weights.tensor::<B, 1>(
+                &format!("{base}.router.per_expert_scale"),
+                [n],
+                device,
+            )?)),
+        ),
+        _ => (None, None),
     };
     let fused_gate_up = format!("{base}.experts.gate_up_proj");
     let experts = match moe.layout {
@@ -263,5 +329,8 @@ pub(crate) fn load<B: EmberBackend>(
         scale_input: moe.layout == MoeLayout::Llama4,
         // Attached by the caller, which builds the model's linear layers.
         shared_expert: None,
+        router_input_scale,
+        per_expert_scale,
+        router_norm_eps: config.rms_norm_eps,
     })
 }

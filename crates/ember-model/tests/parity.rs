@@ -97,6 +97,11 @@ parity! {
     ministral3_wrapped: "ministral3_wrapped",
     llama4: "llama4",
     gemma3_wrapped: "gemma3_wrapped",
+    gemma4: "gemma4",
+    gemma4_wrapped: "gemma4_wrapped",
+    gemma4_moe: "gemma4_moe",
+    gemma4_unified: "gemma4_unified",
+    gemma4_unified_wrapped: "gemma4_unified_wrapped",
 }
 
 /// Under `--features wgpu` the golden tests really run on burn-wgpu (and on burn-ndarray
