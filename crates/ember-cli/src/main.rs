@@ -458,15 +458,59 @@ fn inspect(path: &Path) -> Result<()> {
     if let Some(scale) = &config.query_scale {
         out!("query scale:    {scale:?} (per position)");
     }
+    let base_shape = (config.head_dim, config.num_kv_heads, config.intermediate_size);
+    let shapes: Vec<String> = config
+        .layer_shapes
+        .iter()
+        .map(|s| {
+            let mut parts = Vec::new();
+            if (s.head_dim, s.num_kv_heads) != (base_shape.0, base_shape.1) {
+                parts.push(format!("head_dim {}, {} key/value", s.head_dim, s.num_kv_heads));
+            }
+            if s.values_from_keys {
+                parts.push("keys as values".to_string());
+            }
+            if let Some(j) = s.kv_shared_from {
+                parts.push(format!("keys/values of layer {j}"));
+            }
+            if s.intermediate_size != base_shape.2 {
+                parts.push(format!("intermediate {}", s.intermediate_size));
+            }
+            if parts.is_empty() {
+                "as above".to_string()
+            } else {
+                parts.join(", ")
+            }
+        })
+        .collect();
+    if shapes.iter().any(|s| s != "as above") {
+        out!("per layer:      {}", compress(&shapes));
+    }
+    if config.value_norm {
+        out!("value norm:     weightless RMS norm of each value head");
+    }
+    if let Some(ple) = &config.per_layer_inputs {
+        out!(
+            "per-layer inputs: {} per layer from a {}-row table ({} wide)",
+            ple.width,
+            ple.vocab_size,
+            ple.width * config.num_layers
+        );
+    }
     if let Some(moe) = &config.moe {
         let sparse = moe.sparse_layers.iter().filter(|s| **s).count();
         out!(
-            "experts:        {} per MoE layer, top {}, {:?}, expert width {} ({sparse} of {} layers sparse; frozen)",
+            "experts:        {} per MoE layer, top {}, {:?}, expert width {} ({sparse} of {} layers sparse{}; frozen)",
             moe.num_experts,
             moe.top_k,
             moe.routing,
             moe.intermediate_size,
-            config.num_layers
+            config.num_layers,
+            if moe.layout == ember_model::config::MoeLayout::Gemma4 {
+                ", beside the dense MLP"
+            } else {
+                ""
+            }
         );
     }
     out!("max positions:  {}", config.max_position_embeddings);

@@ -406,6 +406,32 @@ fn inspect_describes_new_families_and_wrappers() {
                 "ignored:      vision_tower (",
             ][..],
         ),
+        (
+            "gemma4_wrapped",
+            &[
+                "architecture:   gemma4_text",
+                "wrapper:        gemma4 (multimodal); text decoder under `model.language_model`",
+                "ignored:      model.vision_tower (",
+                "ignored:      model.embed_vision (",
+                "per layer:      1× as above, 1× head_dim 32, 1 key/value, keys as values, \
+                 1× keys/values of layer 0, intermediate 256, 1× head_dim 32, 1 key/value, keys/values of layer 1, \
+                 intermediate 256",
+                "value norm:",
+                "per-layer inputs: 8 per layer",
+            ][..],
+        ),
+        (
+            "gemma4_moe",
+            &["architecture:   gemma4_text", "top 2", "beside the dense MLP"][..],
+        ),
+        (
+            "gemma4_unified_wrapped",
+            &[
+                "architecture:   gemma4_unified_text",
+                "wrapper:        gemma4_unified",
+                "ignored:      model.vision_embedder (",
+            ][..],
+        ),
     ] {
         let text = inspect(arch);
         for needle in needles {

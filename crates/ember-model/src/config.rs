@@ -166,8 +166,8 @@ pub struct HfConfig {
     /// Gemma 4: experts per token.
     pub top_k_experts: Option<usize>,
     /// Gemma 4: `"all"` makes every token attend both ways (not a causal LM), `"vision"` only
-    /// image tokens (text stays causal).
-    pub use_bidirectional_attention: Option<String>,
+    /// image tokens (text stays causal); Gemma 3 writes a boolean.
+    pub use_bidirectional_attention: Option<Value>,
 }
 
 /// How RoPE frequencies are rescaled for long context.
@@ -658,10 +658,13 @@ impl DecoderConfig {
             }
             _ => hf,
         };
-        if hf.use_bidirectional_attention.as_deref() == Some("all") {
+        // Gemma 3 writes `true` (EmbeddingGemma), Gemma 4 `"all"`, for attention both ways.
+        let bidirectional = hf.use_bidirectional_attention.as_ref();
+        if bidirectional.and_then(Value::as_str) == Some("all") || bidirectional.and_then(Value::as_bool) == Some(true)
+        {
             return Err(invalid(
                 "use_bidirectional_attention",
-                "`all` lets every token attend both ways (an encoder, not a causal LM); Ember trains causal LMs".into(),
+                "every token attends both ways (an encoder, not a causal LM); Ember trains causal LMs".into(),
             ));
         }
         if hf.num_attention_heads == 0 || hf.hidden_size == 0 || hf.num_hidden_layers == 0 {

@@ -125,4 +125,9 @@ training_parity! {
     ministral3_wrapped_training_matches_peft: "ministral3_wrapped",
     llama4_training_matches_peft: "llama4",
     gemma3_wrapped_training_matches_peft: "gemma3_wrapped",
+    gemma4_training_matches_peft: "gemma4",
+    gemma4_wrapped_training_matches_peft: "gemma4_wrapped",
+    gemma4_moe_training_matches_peft: "gemma4_moe",
+    gemma4_unified_training_matches_peft: "gemma4_unified",
+    gemma4_unified_wrapped_training_matches_peft: "gemma4_unified_wrapped",
 }
