@@ -675,8 +675,13 @@ impl DecoderConfig {
         }
         // Sizes far beyond any released model are a broken or hostile file: refused before
         // anything is allocated from them.
-        let limits: [(&str, Option<usize>, usize); 8] = [
+        let limits: [(&str, Option<usize>, usize); 13] = [
             ("vocab_size", Some(hf.vocab_size), 1 << 24),
+            ("vocab_size_per_layer_input", hf.vocab_size_per_layer_input, 1 << 24),
+            ("hidden_size_per_layer_input", hf.hidden_size_per_layer_input, 1 << 17),
+            ("global_head_dim", hf.global_head_dim, 1 << 14),
+            ("num_global_key_value_heads", hf.num_global_key_value_heads, 1 << 12),
+            ("num_kv_shared_layers", hf.num_kv_shared_layers, 1 << 12),
             ("hidden_size", Some(hf.hidden_size), 1 << 17),
             ("intermediate_size", Some(hf.intermediate_size), 1 << 20),
             ("num_hidden_layers", Some(hf.num_hidden_layers), 1 << 12),

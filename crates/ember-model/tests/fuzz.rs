@@ -104,12 +104,19 @@ proptest! {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Any key of config.json (of a Llama, a Llama 4, a SmolLM3, or a Mistral 3 wrapper, at
-    /// its top level or in its `text_config`) set to any small JSON value: an error naming the
-    /// file or a config the model can be built from.
+    /// Any key of config.json (of a Llama, a Llama 4, a SmolLM3, a Gemma 4 MoE, or a Mistral 3
+    /// or Gemma 4 wrapper, at its top level or in its `text_config`) set to any small JSON value:
+    /// an error naming the file or a config the model can be built from.
     #[test]
     fn config_json_survives_odd_values(
-        arch in prop_oneof![Just("llama"), Just("llama4"), Just("smollm3"), Just("ministral3_wrapped")],
+        arch in prop_oneof![
+            Just("llama"),
+            Just("llama4"),
+            Just("smollm3"),
+            Just("ministral3_wrapped"),
+            Just("gemma4_moe"),
+            Just("gemma4_wrapped"),
+        ],
         nested in any::<bool>(),
         changes in prop::collection::vec((0usize..64, prop_oneof![
             Just(serde_json::json!(0)),

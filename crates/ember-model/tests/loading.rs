@@ -478,3 +478,88 @@ fn mtp_layers_are_ignored() {
     let err = load(&dir).unwrap_err().to_string();
     assert!(err.contains("model.extra.weight"), "{err}");
 }
+
+/// Gemma 4 configs as the hub ships them leave out what transformers 5.24's `Gemma4TextConfig`
+/// derives: layer types (every 6th layer full, the last one forced full), per-layer-type RoPE
+/// (sliding θ 1e4; full proportional, a quarter of `global_head_dim` 512 rotated, θ 1e6) and
+/// per-layer inputs 256 wide. Errors name the key.
+#[test]
+fn gemma4_defaults_and_errors_follow_transformers() {
+    use ember_model::config::RopeScaling;
+    let mut config = fixture_config("gemma4");
+    for key in [
+        "layer_types",
+        "rope_parameters",
+        "per_layer_config",
+        "hidden_size_per_layer_input",
+        "num_kv_shared_layers",
+        "attention_k_eq_v",
+    ] {
+        config.as_object_mut().unwrap().remove(key);
+    }
+    config["num_hidden_layers"] = 7.into();
+    let c = normalise(&config).unwrap();
+    let full: Vec<usize> = (0..7).filter(|&i| c.sliding_window[i].is_none()).collect();
+    assert_eq!(full, vec![5, 6], "every 6th layer full, and the last");
+    assert_eq!(c.layer_shapes[5].head_dim, 512, "global_head_dim's default");
+    assert_eq!(c.layer_shapes[0].head_dim, 16);
+    assert_eq!(
+        c.layer_shapes[5].num_kv_heads, 2,
+        "global KV heads only with attention_k_eq_v"
+    );
+    assert!(c
+        .layer_shapes
+        .iter()
+        .all(|s| !s.values_from_keys && s.kv_shared_from.is_none()));
+    assert_eq!(c.rope.rotary_dim, 512);
+    assert_eq!(
+        c.rope.scaling,
+        RopeScaling::Proportional {
+            factor: 1.0,
+            rope_angles: 64
+        }
+    );
+    assert_eq!(c.rope.theta, 1e6);
+    let local = c.local_rope.as_ref().unwrap();
+    assert_eq!((local.theta, local.rotary_dim), (1e4, 16));
+    assert_eq!(c.per_layer_inputs.unwrap().width, 256);
+    assert_eq!(c.attn_scale, 1.0);
+    assert!(!c.norm_unit_offset, "Gemma 4 norms scale by w");
+
+    // The unified decoder has no per-layer inputs unless its config asks.
+    let mut unified = fixture_config("gemma4_unified");
+    unified.as_object_mut().unwrap().remove("rope_parameters");
+    assert!(normalise(&unified).unwrap().per_layer_inputs.is_none());
+
+    for (edit, key) in [
+        (
+            serde_json::json!({"per_layer_config": {"1": {"sliding_window": 4}}}),
+            "per_layer_config.1.sliding_window",
+        ),
+        (
+            serde_json::json!({"per_layer_config": {"9": {"head_dim": 32}}}),
+            "per_layer_config.9",
+        ),
+        (
+            serde_json::json!({"layer_types": ["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+                               "num_kv_shared_layers": 3, "per_layer_config": null}),
+            "num_kv_shared_layers",
+        ),
+        (serde_json::json!({"num_kv_shared_layers": 4}), "num_kv_shared_layers"),
+        (
+            serde_json::json!({"use_bidirectional_attention": "all"}),
+            "use_bidirectional_attention",
+        ),
+        (
+            serde_json::json!({"enable_moe_block": true, "num_experts": 4, "moe_intermediate_size": 8}),
+            "top_k_experts",
+        ),
+    ] {
+        let mut config = fixture_config("gemma4");
+        for (k, v) in edit.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        let err = normalise(&config).unwrap_err().to_string();
+        assert!(err.contains(key), "{edit}: {err}");
+    }
+}

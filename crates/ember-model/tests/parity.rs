@@ -67,9 +67,12 @@ macro_rules! parity {
             #[test]
             fn $name() {
                 check_arch($arch, "config.json");
-                // The hub/transformers-4 style copy, where the generator wrote one.
-                if fixtures().join($arch).join("config.v4.json").exists() {
-                    check_arch($arch, "config.v4.json");
+                // The hub/transformers-4 style copies, where the generator wrote them
+                // (`config.hub.json`: Gemma 4's `global_head_dim` instead of `per_layer_config`).
+                for variant in ["config.v4.json", "config.hub.json"] {
+                    if fixtures().join($arch).join(variant).exists() {
+                        check_arch($arch, variant);
+                    }
                 }
             }
         )*
