@@ -80,7 +80,8 @@ def main():
     }
     archs = ["llama", "llama_rope3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
              "glm4", "mixtral", "qwen3_moe", "gpt_oss", "olmo3", "smollm3", "ministral3", "llama4",
-             "ministral3_wrapped", "gemma3_wrapped"]
+             "ministral3_wrapped", "gemma3_wrapped", "gemma4", "gemma4_moe", "gemma4_unified", "gemma4_wrapped",
+             "gemma4_unified_wrapped"]
     for arch in sys.argv[1:] or archs:
         kw = inputs(arch)
         mask = kw["attention_mask"]
@@ -91,10 +92,10 @@ def main():
         # regex over the language model there (Ember's list targets match text modules only).
         # (On Llama 4, PEFT 0.21.2's all-linear also wraps the router, a Linear returning a tuple,
         # and its forward crashes.)
-        moe = arch in ("mixtral", "qwen3_moe", "gpt_oss", "llama4")
+        moe = arch in ("mixtral", "qwen3_moe", "gpt_oss", "llama4", "gemma4_moe")
         wrapped = arch.endswith("_wrapped")
         wide = "q_proj,k_proj,v_proj,o_proj" if moe or wrapped else "all-linear"
-        if arch == "llama4":  # the dense MLP and the shared expert are linear layers too
+        if arch in ("llama4", "gemma4_moe"):  # the dense MLP (and shared expert) are linear layers too
             wide = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
         for r, alpha, targets, rslora in [(8, 16, wide, False), (3, 7, subset, True)]:
             with tempfile.TemporaryDirectory() as tmp:

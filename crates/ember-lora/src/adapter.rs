@@ -89,6 +89,10 @@ pub struct AdapterFiles {
     pub base_model_name_or_path: Option<String>,
     /// A and B of every adapted module.
     pub tensors: BTreeMap<String, AdapterTensors>,
+    /// Write `target_modules` as the adapted modules' full paths whatever the config says:
+    /// for a multimodal wrapper, whose vision tower PEFT would otherwise also match by the
+    /// short names (and crash on, for Gemma 4's clippable linears).
+    pub exact_targets: bool,
 }
 
 /// Converts a stored floating-point tensor to f32; `None` for other dtypes.
@@ -249,6 +253,7 @@ impl AdapterFiles {
             config,
             base_model_name_or_path,
             tensors,
+            exact_targets: false,
         })
     }
 
@@ -256,9 +261,12 @@ impl AdapterFiles {
     /// both go to a temporary folder beside `dir` that is renamed over it at the end.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let targets: Vec<String> = self.tensors.keys().cloned().collect();
-        let config = self
+        let mut config = self
             .config
             .to_peft_json(self.base_model_name_or_path.as_deref(), &targets);
+        if self.exact_targets {
+            config["target_modules"] = Value::from(targets.clone());
+        }
         let staging = Staging::new(dir)?;
         let config_path = staging.path().join(CONFIG_FILE);
         let text = serde_json::to_string_pretty(&config).map_err(|source| LoraError::Json {

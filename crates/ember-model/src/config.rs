@@ -436,19 +436,6 @@ pub enum QueryScale {
 }
 
 impl QueryScale {
-    /// The multiplier at position `pos`, in f32 as transformers computes it.
-    pub fn at(&self, pos: i64) -> f32 {
-        match *self {
-            QueryScale::LogPosition { beta, original } => {
-                1.0 + beta as f32 * (1.0 + (pos as f32 / original as f32).floor()).ln()
-            }
-            QueryScale::Temperature {
-                attn_scale,
-                floor_scale,
-            } => (((pos as f32 + 1.0) / floor_scale as f32).floor()).ln_1p() * attn_scale as f32 + 1.0,
-        }
-    }
-
     /// Whether the scale is read from the cache index rather than the position ids.
     pub fn uses_cache_index(&self) -> bool {
         matches!(self, QueryScale::Temperature { .. })

@@ -220,7 +220,8 @@ impl<B: EmberBackend> CausalLm<B> {
         Ok(self.report())
     }
 
-    /// The attached adapters as PEFT files (host f32 copies), ready to write.
+    /// The attached adapters as PEFT files (host f32 copies), ready to write; a multimodal
+    /// wrapper's name its adapted modules by full path (see [`AdapterFiles::exact_targets`]).
     pub fn adapter_files(&self, config: &LoraConfig, base_model_name_or_path: Option<String>) -> AdapterFiles {
         let mut tensors = BTreeMap::new();
         for (path, layer) in self.linear_layers() {
@@ -243,6 +244,7 @@ impl<B: EmberBackend> CausalLm<B> {
             config: config.clone(),
             base_model_name_or_path,
             tensors,
+            exact_targets: self.names.wrapped,
         }
     }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor};
 use ember_lora::EmberBackend;
 use ember_lora::{FrozenWeight, LoraLinear};
 
@@ -1247,21 +1247,37 @@ impl<B: EmberBackend> CausalLm<B> {
     }
 }
 
-/// Per-position query multipliers.
+/// Per-position query multipliers, computed on the device in f32 as transformers computes them
+/// (no host round trip per forward).
 ///
 /// # Shapes
 /// - `position_ids`: `[batch, seq]`
 /// - output: `[batch, 1, seq, 1]`
 fn query_scales<B: EmberBackend>(scale: QueryScale, position_ids: Tensor<B, 2, Int>) -> Tensor<B, 4> {
     let [batch, seq] = position_ids.dims();
-    let device = position_ids.device();
-    let positions = position_ids
-        .into_data()
-        .convert::<i64>()
-        .to_vec::<i64>()
-        .unwrap_or_default();
-    let values: Vec<f32> = positions.iter().map(|&p| scale.at(p)).collect();
-    Tensor::<B, 1>::from_data(TensorData::new(values, [batch * seq]), &device).reshape([batch, 1, seq, 1])
+    let positions = position_ids.float();
+    let values = match scale {
+        // 1 + β·ln(1 + ⌊pos / original⌋)
+        QueryScale::LogPosition { beta, original } => positions
+            .div_scalar(original as f32)
+            .floor()
+            .add_scalar(1.0)
+            .log()
+            .mul_scalar(beta as f32)
+            .add_scalar(1.0),
+        // ln(1 + ⌊(index + 1) / floor_scale⌋)·attn_scale + 1
+        QueryScale::Temperature {
+            attn_scale,
+            floor_scale,
+        } => positions
+            .add_scalar(1.0)
+            .div_scalar(floor_scale as f32)
+            .floor()
+            .log1p()
+            .mul_scalar(attn_scale as f32)
+            .add_scalar(1.0),
+    };
+    values.reshape([batch, 1, seq, 1])
 }
 
 /// What every layer keeps for the positions processed so far (keys and values for softmax

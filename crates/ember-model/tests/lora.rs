@@ -493,3 +493,32 @@ fn removed_adapters_leave_the_base() {
         &inputs,
     );
 }
+
+/// An adapter of a multimodal wrapper names its modules by full path in adapter_config.json,
+/// so that PEFT adapts the language model only (by short names it would also wrap Gemma 4's
+/// vision tower, whose clippable linears it cannot adapt); Ember reads it back to the same
+/// modules.
+#[test]
+fn wrapper_adapters_name_full_paths() {
+    let device = Default::default();
+    let mut m = model("gemma4_wrapped");
+    let config = LoraConfig {
+        target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+        ..LoraConfig::default()
+    };
+    let report = m.attach_lora(&config, &device).unwrap();
+    let dir = tempdir("wrapper-targets");
+    m.adapter_files(&config, None).write(&dir).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let mut expected = report.targets.clone();
+    expected.sort();
+    assert_eq!(written["target_modules"], serde_json::json!(expected));
+    assert!(expected.iter().all(|t| t.starts_with("model.language_model.layers.")));
+    // Full-attention layers have no v_proj (keys are the values) and KV-shared layers neither.
+    assert_eq!(expected.len(), 4 + 1);
+    let mut again = model("gemma4_wrapped");
+    let back = again.load_adapter(&AdapterFiles::read(&dir).unwrap(), &device).unwrap();
+    assert_eq!(back.targets, report.targets);
+    let _ = std::fs::remove_dir_all(&dir);
+}
