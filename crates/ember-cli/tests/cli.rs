@@ -421,6 +421,14 @@ fn inspect_describes_new_families_and_wrappers() {
             ][..],
         ),
         (
+            "glm4_moe",
+            &[
+                "architecture:   glm4_moe",
+                "GroupLimitedSigmoid { groups: 4, top_groups: 2",
+                "(1 of 2 layers sparse",
+            ][..],
+        ),
+        (
             "gemma4_moe",
             &["architecture:   gemma4_text", "top 2", "beside the dense MLP"][..],
         ),

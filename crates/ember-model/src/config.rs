@@ -165,6 +165,22 @@ pub struct HfConfig {
     pub enable_moe_block: Option<bool>,
     /// Gemma 4: experts per token.
     pub top_k_experts: Option<usize>,
+    /// DeepSeek-V3, GLM-4.5: number of routed experts.
+    pub n_routed_experts: Option<usize>,
+    /// DeepSeek-V3, GLM-4.5: expert groups.
+    pub n_group: Option<usize>,
+    /// DeepSeek-V3, GLM-4.5: groups a token picks experts from.
+    pub topk_group: Option<usize>,
+    /// DeepSeek-V3, GLM-4.5: multiplier of the routing weights.
+    pub routed_scaling_factor: Option<f64>,
+    /// DeepSeek-V3, GLM-4.5: the first layers are dense.
+    pub first_k_dense_replace: Option<usize>,
+    /// DeepSeek-V3, GLM-4.5: the shared expert is this many experts wide.
+    pub n_shared_experts: Option<usize>,
+    /// GLM-4.5: multi-token-prediction layers stored after the decoder's layers.
+    pub num_nextn_predict_layers: Option<usize>,
+    /// The same, as transformers 5 names it.
+    pub num_mtp_layers: Option<usize>,
     /// Gemma 4: `"all"` makes every token attend both ways (not a causal LM), `"vision"` only
     /// image tokens (text stays causal); Gemma 3 writes a boolean.
     pub use_bidirectional_attention: Option<Value>,
@@ -315,6 +331,20 @@ pub enum Routing {
     TopKSoftmax,
     /// Keep the top-k logits, sigmoid of each (Llama 4).
     TopKSigmoid,
+    /// DeepSeek-V3 / GLM-4.5: sigmoid scores; experts chosen on the scores plus a correction
+    /// bias (`e_score_correction_bias`) within the `topk_group` best of `n_group` groups (a
+    /// group's score: its two best experts); the chosen experts' plain scores, optionally
+    /// renormalised, times `routed_scaling_factor`.
+    GroupLimitedSigmoid {
+        /// Groups the experts are split into (`n_group`).
+        groups: usize,
+        /// Groups a token may pick from (`topk_group`).
+        top_groups: usize,
+        /// Divide the kept scores by their sum (`norm_topk_prob`).
+        renormalize: bool,
+        /// Multiplier of the routing weights (`routed_scaling_factor`).
+        scaling: f64,
+    },
 }
 
 /// The activation inside each expert.
@@ -352,6 +382,21 @@ pub enum MoeLayout {
     /// `[experts, hidden, inter]`; the block runs beside the dense MLP on the un-normed
     /// residual, with its own norms (Gemma 4 26B-A4B).
     Gemma4,
+    /// `mlp.gate` (weight and `e_score_correction_bias`), `mlp.experts.gate_up_proj`
+    /// `[experts, 2·inter, hidden]`, `mlp.experts.down_proj` `[experts, hidden, inter]`,
+    /// `mlp.shared_experts` (a dense MLP `n_shared_experts` experts wide); the first
+    /// `first_k_dense_replace` layers dense (DeepSeek-V3, GLM-4.5).
+    DeepSeek,
+}
+
+impl MoeLayout {
+    /// The module name of the always-on dense expert(s) beside the routed ones.
+    pub fn shared_expert_module(self) -> &'static str {
+        match self {
+            MoeLayout::DeepSeek => "shared_experts",
+            _ => "shared_expert",
+        }
+    }
 }
 
 /// A sparse mixture-of-experts feed-forward block.
@@ -523,6 +568,8 @@ pub struct DecoderConfig {
     pub per_layer_inputs: Option<PerLayerInputs>,
     /// Gemma 4: each layer's output is multiplied by its `layer_scalar`.
     pub layer_scalars: bool,
+    /// Multi-token-prediction layers stored after the decoder's layers (GLM-4.5), skipped.
+    pub trailing_mtp_layers: usize,
     /// Multimodal placeholder tokens read as the padding token (Gemma 4 wrappers, as
     /// transformers does when no image, video or audio fills them).
     pub placeholder_token_ids: Vec<u32>,
@@ -834,9 +881,9 @@ impl DecoderConfig {
             qkv_bias: bias(spec.qkv_bias),
             o_bias: bias(spec.o_bias),
             mlp_bias: hf.mlp_bias.unwrap_or(false),
-            qk_norm: match spec.qk_norm {
-                QkNorm::L2AfterRope if !hf.use_qk_norm.unwrap_or(true) => QkNorm::None,
-                other => other,
+            qk_norm: match spec.qk_norm_switch {
+                Some(default) if !hf.use_qk_norm.unwrap_or(default) => QkNorm::None,
+                _ => spec.qk_norm,
             },
             act,
             rope,
@@ -860,6 +907,14 @@ impl DecoderConfig {
             per_layer_inputs,
             layer_scalars: spec.heterogeneous_layers,
             placeholder_token_ids: Vec::new(),
+            trailing_mtp_layers: if spec.trailing_mtp_layers {
+                hf.num_nextn_predict_layers
+                    .or(hf.num_mtp_layers)
+                    .unwrap_or(0)
+                    .min(1 << 8)
+            } else {
+                0
+            },
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(spec.tied_by_default),
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
             bos_token_id: token(&hf.bos_token_id).first().copied(),
@@ -933,7 +988,9 @@ fn rope_config(
         .or(get("rope_theta"))
         .or(hf.rope_theta)
         .unwrap_or(spec.default_rope_theta);
-    let partial = get("partial_rotary_factor").or(hf.partial_rotary_factor).unwrap_or(1.0);
+    let partial = get("partial_rotary_factor")
+        .or(hf.partial_rotary_factor)
+        .unwrap_or(spec.default_partial_rotary);
     let rope_type = params
         .as_ref()
         .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
@@ -1129,12 +1186,20 @@ fn moe_config(
     }
     let (experts_key, top_k_key, top_k) = match layout {
         MoeLayout::Gemma4 => ("num_experts", "top_k_experts", hf.top_k_experts),
+        MoeLayout::DeepSeek => ("n_routed_experts", "num_experts_per_tok", hf.num_experts_per_tok),
         _ => ("num_local_experts", "num_experts_per_tok", hf.num_experts_per_tok),
     };
     let num_experts = hf
         .num_local_experts
         .or(hf.num_experts)
-        .ok_or_else(|| (experts_key.to_string(), "required for a MoE model".to_string()))?;
+        .or(hf.n_routed_experts)
+        .filter(|&n| n <= 1 << 16)
+        .ok_or_else(|| {
+            (
+                experts_key.to_string(),
+                "required for a MoE model (at most 65536)".to_string(),
+            )
+        })?;
     let top_k = top_k.ok_or_else(|| (top_k_key.to_string(), "required for a MoE model".to_string()))?;
     if top_k == 0 || top_k > num_experts {
         return Err((
@@ -1199,6 +1264,43 @@ fn moe_config(
             })?,
             vec![true; n],
         ),
+        MoeLayout::DeepSeek => {
+            let groups = hf.n_group.unwrap_or(1);
+            let top_groups = hf.topk_group.unwrap_or(1);
+            // A group scores by its two best experts.
+            if groups == 0 || !num_experts.is_multiple_of(groups) || num_experts / groups < 2 {
+                return Err((
+                    "n_group".into(),
+                    format!("{groups} groups must split the {num_experts} experts into groups of 2 or more"),
+                ));
+            }
+            if top_groups == 0 || top_groups > groups || top_k > top_groups * (num_experts / groups) {
+                return Err((
+                    "topk_group".into(),
+                    format!(
+                        "{top_groups} of {groups} groups must be at least 1, at most the groups, and hold the \
+                         {top_k} experts per token"
+                    ),
+                ));
+            }
+            let dense = hf.first_k_dense_replace.unwrap_or(1);
+            (
+                Routing::GroupLimitedSigmoid {
+                    groups,
+                    top_groups,
+                    renormalize: hf.norm_topk_prob.unwrap_or(true),
+                    scaling: hf.routed_scaling_factor.unwrap_or(1.0),
+                },
+                ExpertActivation::Gated(act),
+                hf.moe_intermediate_size.ok_or_else(|| {
+                    (
+                        "moe_intermediate_size".to_string(),
+                        "required for a DeepSeek-style MoE".to_string(),
+                    )
+                })?,
+                (0..n).map(|i| i >= dense).collect(),
+            )
+        }
         MoeLayout::GptOss => (
             Routing::TopKSoftmax,
             ExpertActivation::ClampedSwiGlu {
@@ -1217,7 +1319,11 @@ fn moe_config(
         activation,
         layout,
         sparse_layers,
-        shared_expert_size: (layout == MoeLayout::Llama4).then_some(hf.intermediate_size),
+        shared_expert_size: match layout {
+            MoeLayout::Llama4 => Some(hf.intermediate_size),
+            MoeLayout::DeepSeek => Some(intermediate_size * hf.n_shared_experts.unwrap_or(1)).filter(|&w| w > 0),
+            _ => None,
+        },
     }))
 }
 

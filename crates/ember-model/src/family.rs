@@ -49,6 +49,9 @@ pub enum Family {
     Mixtral,
     /// Qwen 3 MoE.
     Qwen3Moe,
+    /// GLM-4.5–4.7 (MoE): DeepSeek-style group-limited sigmoid routing, shared experts,
+    /// dense first layers, partial rotary.
+    Glm4Moe,
     /// gpt-oss.
     GptOss,
 }
@@ -134,6 +137,14 @@ pub struct FamilySpec {
     pub default_per_layer_input: usize,
     /// transformers' `rope_parameters` when the config has none (JSON), if not plain RoPE.
     pub default_rope_parameters: Option<&'static str>,
+    /// The q/k norm is switched by `use_qk_norm`, with this default (Llama 4: on, GLM-4.5:
+    /// off); `None`: always as `qk_norm` says.
+    pub qk_norm_switch: Option<bool>,
+    /// transformers' `partial_rotary_factor` when the config gives none (GLM-4.5: 0.5).
+    pub default_partial_rotary: f64,
+    /// Multi-token-prediction layers are stored as extra decoder layers after the last one
+    /// (`model.layers.{n}…`, `num_nextn_predict_layers` of them; GLM-4.5): skipped.
+    pub trailing_mtp_layers: bool,
     /// Gemma 2/3: scores scaled by `query_pre_attn_scalar^-0.5` (default 256) instead of
     /// `head_dim^-0.5`.
     pub query_pre_attn_scalar: bool,
@@ -192,6 +203,9 @@ const LLAMA: FamilySpec = FamilySpec {
     heterogeneous_layers: false,
     default_per_layer_input: 0,
     default_rope_parameters: None,
+    qk_norm_switch: None,
+    default_partial_rotary: 1.0,
+    trailing_mtp_layers: false,
     query_pre_attn_scalar: false,
     tied_by_default: false,
     qkv_bias: BiasRule::FromConfig,
@@ -391,6 +405,7 @@ pub const FAMILIES: &[FamilySpec] = &[
         summary: "chunked attention on RoPE layers, RoPE-free layers with temperature tuning, L2 q/k norm, \
                   interleaved RoPE, top-1 sigmoid MoE scaling the expert input + shared expert, dense/MoE interleaved",
         qk_norm: QkNorm::L2AfterRope,
+        qk_norm_switch: Some(true),
         interleaved_rope: true,
         layer_pattern: LayerPattern::ChunkedRopeLayers,
         moe: Some(MoeLayout::Llama4),
@@ -418,6 +433,20 @@ pub const FAMILIES: &[FamilySpec] = &[
         qk_norm: QkNorm::PerHead,
         window: WindowRule::Qwen,
         moe: Some(MoeLayout::Qwen),
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Glm4Moe,
+        model_type: "glm4_moe",
+        causal_lm_class: "Glm4MoeForCausalLM",
+        summary: "sparse MoE with group-limited sigmoid routing (correction bias, routed scaling) and shared \
+                  experts, dense first layers, q/k/v bias, optional per-head q/k norm, partial rotary",
+        qk_norm: QkNorm::PerHead,
+        qk_norm_switch: Some(false),
+        o_bias: BiasRule::Never,
+        moe: Some(MoeLayout::DeepSeek),
+        default_partial_rotary: 0.5,
+        trailing_mtp_layers: true,
         ..LLAMA
     },
     FamilySpec {

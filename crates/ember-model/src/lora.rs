@@ -45,6 +45,7 @@ macro_rules! walk_linear_layers {
         let mut out = Vec::new();
         let decoder = model.names.decoder.clone();
         let mlp = model.config.spec().mlp_module;
+        let shared = model.config.moe.as_ref().map_or("shared_expert", |m| m.layout.shared_expert_module());
         for (i, layer) in model.model.layers.$iter().enumerate() {
             let p = format!("{decoder}.layers.{i}");
             let SelfAttention::Grouped(a) = &$($m)? layer.self_attn;
@@ -64,7 +65,7 @@ macro_rules! walk_linear_layers {
             out.push((format!("{p}.self_attn.o_proj"), &$($m)? a.o_proj));
             let (dense, path) = match &$($m)? layer.mlp {
                 FeedForward::Dense(m) => (Some(m), format!("{p}.{mlp}")),
-                FeedForward::Sparse(moe) => (moe.shared_expert.$as_option(), format!("{p}.{mlp}.shared_expert")),
+                FeedForward::Sparse(moe) => (moe.shared_expert.$as_option(), format!("{p}.{mlp}.{shared}")),
                 FeedForward::DenseAndSparse(both) => (Some(&$($m)? both.mlp), format!("{p}.{mlp}")),
             };
             if let Some(m) = dense {

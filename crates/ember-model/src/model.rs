@@ -895,8 +895,8 @@ impl<B: EmberBackend> CausalLm<B> {
                 Some(moe) => {
                     let mut block = crate::moe::load(moe, c, weights, &p, device, base_dtype)?;
                     if let Some(width) = moe.shared_expert_size {
-                        block.shared_expert =
-                            Some(dense_mlp(&format!("{p}.{mlp}.shared_expert"), width, false, false)?);
+                        let shared = format!("{p}.{mlp}.{}", moe.layout.shared_expert_module());
+                        block.shared_expert = Some(dense_mlp(&shared, width, false, false)?);
                     }
                     FeedForward::Sparse(block)
                 }
@@ -986,9 +986,20 @@ impl<B: EmberBackend> CausalLm<B> {
         };
         // A wrapper's vision/audio towers and projectors, and multi-token-prediction layers,
         // are not loaded (and said so).
-        let ignored_components = names.ignored_components(weights.keys().map(String::as_str));
+        let mut ignored_components = names.ignored_components(weights.keys().map(String::as_str));
         for key in weights.keys().filter(|k| names.is_ignored_key(k)) {
             weights.skip(key);
+        }
+        // GLM-4.5 stores its multi-token-prediction layers as decoder layers after the last.
+        for i in c.num_layers..c.num_layers + c.trailing_mtp_layers {
+            let prefix = format!("{decoder}.layers.{i}.");
+            let keys: Vec<&String> = weights.keys().filter(|k| k.starts_with(&prefix)).collect();
+            if !keys.is_empty() {
+                ignored_components.push((format!("{decoder}.layers.{i} (multi-token prediction)"), keys.len()));
+            }
+            for key in keys {
+                weights.skip(key);
+            }
         }
         weights.ensure_all_used()?;
         let rope = RopeFrequencies::new(&c.rope);

@@ -1,4 +1,5 @@
-//! Sparse mixture-of-experts feed-forward blocks (Mixtral, Qwen3-MoE, gpt-oss).
+//! Sparse mixture-of-experts feed-forward blocks (Mixtral, Qwen3-MoE, gpt-oss, Llama 4,
+//! Gemma 4, GLM-4.5).
 //!
 //! Routing picks `top_k` experts per token; each expert runs only on the tokens routed to it
 //! (gathered with `select`, scattered back with an additive `select_assign`), so compute is
@@ -81,6 +82,9 @@ pub struct SparseMoe<B: Backend> {
     pub per_expert_scale: Option<Param<Tensor<B, 1>>>,
     /// ε of the router's input norm.
     pub router_norm_eps: f64,
+    /// DeepSeek-style routing: a per-expert bias added to the scores when choosing experts
+    /// (not when weighting them), `[experts]` (`e_score_correction_bias`).
+    pub score_correction_bias: Option<Param<Tensor<B, 1>>>,
 }
 
 impl<B: EmberBackend> SparseMoe<B> {
@@ -194,6 +198,49 @@ impl<B: EmberBackend> SparseMoe<B> {
                 let (_, experts) = logits.clone().detach().topk_with_indices(self.top_k, 1);
                 (sigmoid(logits.gather(1, experts.clone())), experts)
             }
+            Routing::GroupLimitedSigmoid {
+                groups,
+                top_groups,
+                renormalize,
+                scaling,
+            } => {
+                let [tokens, experts] = logits.dims();
+                let device = logits.device();
+                let scores = sigmoid(logits);
+                let mut choice = scores.clone().detach();
+                if let Some(bias) = &self.score_correction_bias {
+                    choice = choice + bias.val().unsqueeze::<2>();
+                }
+                // A group scores by its two best experts; only the best `top_groups` stay open.
+                let per_group = experts / groups;
+                let group_scores = choice
+                    .clone()
+                    .reshape([tokens, groups, per_group])
+                    .topk(2, 2)
+                    .sum_dim(2)
+                    .reshape([tokens, groups]);
+                let (_, open) = group_scores.topk_with_indices(top_groups, 1);
+                let open = Tensor::<B, 2>::zeros([tokens, groups], &device).scatter(
+                    1,
+                    open,
+                    Tensor::ones([tokens, top_groups], &device),
+                    IndexingUpdateOp::Add,
+                );
+                let closed = open
+                    .reshape([tokens, groups, 1])
+                    .expand([tokens, groups, per_group])
+                    .reshape([tokens, experts])
+                    .equal_elem(0.0);
+                let (_, chosen) = choice
+                    .mask_fill(closed, f32::NEG_INFINITY)
+                    .topk_with_indices(self.top_k, 1);
+                let mut weights = scores.gather(1, chosen.clone());
+                if renormalize {
+                    let total = weights.clone().sum_dim(1).add_scalar(1e-20);
+                    weights = weights / total;
+                }
+                (weights.mul_scalar(scaling), chosen)
+            }
         }
     }
 }
@@ -221,6 +268,7 @@ pub(crate) fn load<B: EmberBackend>(
         MoeLayout::Llama4 => ("feed_forward", "router"),
         // Gemma 4's router and experts sit on the layer itself, beside its `mlp`.
         MoeLayout::Gemma4 => ("", "router.proj"),
+        MoeLayout::DeepSeek => ("mlp", "gate"),
     };
     let base = if block.is_empty() {
         prefix.to_string()
@@ -332,5 +380,13 @@ pub(crate) fn load<B: EmberBackend>(
         router_input_scale,
         per_expert_scale,
         router_norm_eps: config.rms_norm_eps,
+        score_correction_bias: match moe.layout {
+            MoeLayout::DeepSeek => Some(frozen1(weights.tensor::<B, 1>(
+                &format!("{base}.{router_name}.e_score_correction_bias"),
+                [n],
+                device,
+            )?)),
+            _ => None,
+        },
     })
 }

@@ -563,3 +563,63 @@ fn gemma4_defaults_and_errors_follow_transformers() {
         assert!(err.contains(key), "{edit}: {err}");
     }
 }
+
+/// GLM-4.5 checkpoints store their multi-token-prediction layer as one more decoder layer
+/// (`model.layers.{n}.…`, which transformers ignores): skipped and reported, while any other
+/// extra layer is still refused. DeepSeek routing settings that cannot route are named.
+#[test]
+fn glm4_moe_skips_trailing_mtp_layers_and_checks_routing() {
+    let src = fixtures().join("glm4_moe");
+    let dir = tempdir("glm4-mtp");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, Dtype)> = Vec::new();
+    let weights = Weights::open_dir(&src).unwrap();
+    for key in weights.keys() {
+        let (shape, _) = weights.info(key).unwrap();
+        let values = weights.read_f32(key, &shape).unwrap();
+        tensors.push((key.clone(), f32_bytes(&values), shape.clone(), Dtype::F32));
+        if let Some(rest) = key.strip_prefix("model.layers.1.") {
+            // The MTP layer is a copy of the last layer's shapes at index 2.
+            tensors.push((format!("model.layers.2.{rest}"), f32_bytes(&values), shape, Dtype::F32));
+        }
+    }
+    write_safetensors(&dir.join("model.safetensors"), &tensors);
+    let model = load(&dir).unwrap();
+    assert_eq!(model.ignored_components.len(), 1);
+    assert!(model.ignored_components[0]
+        .0
+        .contains("model.layers.2 (multi-token prediction)"));
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["num_nextn_predict_layers"] = 0.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let err = load(&dir).unwrap_err().to_string();
+    assert!(err.contains("model.layers.2."), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    for (edit, key) in [
+        (serde_json::json!({"n_group": 3}), "n_group"),
+        (serde_json::json!({"n_group": 8}), "n_group"),
+        (serde_json::json!({"topk_group": 5}), "topk_group"),
+        (
+            serde_json::json!({"topk_group": 1, "num_experts_per_tok": 3}),
+            "topk_group",
+        ),
+    ] {
+        let mut config = fixture_config("glm4_moe");
+        for (k, v) in edit.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        let err = normalise(&config).unwrap_err().to_string();
+        assert!(err.contains(key), "{edit}: {err}");
+    }
+    // Without `use_qk_norm` (GLM-4.5's default) there is no q/k norm, and the partial rotary
+    // factor defaults to 0.5.
+    let mut config = fixture_config("glm4_moe");
+    config.as_object_mut().unwrap().remove("use_qk_norm");
+    config.as_object_mut().unwrap().remove("rope_parameters");
+    let c = normalise(&config).unwrap();
+    assert_eq!(c.qk_norm, ember_model::config::QkNorm::None);
+    assert_eq!(c.rope.rotary_dim, 8);
+}

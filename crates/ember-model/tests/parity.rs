@@ -105,6 +105,7 @@ parity! {
     gemma4_moe: "gemma4_moe",
     gemma4_unified: "gemma4_unified",
     gemma4_unified_wrapped: "gemma4_unified_wrapped",
+    glm4_moe: "glm4_moe",
 }
 
 /// Under `--features wgpu` the golden tests really run on burn-wgpu (and on burn-ndarray
