@@ -319,7 +319,7 @@ pub enum QkNorm {
 }
 
 /// How the router turns logits into expert weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Routing {
     /// Softmax over all experts, keep the top k, optionally renormalise them to sum 1
     /// (Mixtral always; Qwen3-MoE with `norm_topk_prob`).

@@ -83,8 +83,9 @@ pub struct SparseMoe<B: Backend> {
     /// ε of the router's input norm.
     pub router_norm_eps: f64,
     /// DeepSeek-style routing: a per-expert bias added to the scores when choosing experts
-    /// (not when weighting them), `[experts]` (`e_score_correction_bias`).
-    pub score_correction_bias: Option<Param<Tensor<B, 1>>>,
+    /// (not when weighting them), `[experts]` (`e_score_correction_bias`, a buffer in
+    /// transformers: a constant here, not a parameter).
+    pub score_correction_bias: Option<Tensor<B, 1>>,
 }
 
 impl<B: EmberBackend> SparseMoe<B> {
@@ -182,7 +183,7 @@ impl<B: EmberBackend> SparseMoe<B> {
         match self.routing {
             Routing::SoftmaxTopK { renormalize } => {
                 let probs = softmax(logits, 1);
-                let (_, experts) = probs.clone().detach().topk_with_indices(self.top_k, 1);
+                let (_, experts) = top_k(probs.clone().detach(), self.top_k);
                 let mut weights = probs.gather(1, experts.clone());
                 if renormalize {
                     let total = weights.clone().sum_dim(1);
@@ -191,11 +192,11 @@ impl<B: EmberBackend> SparseMoe<B> {
                 (weights, experts)
             }
             Routing::TopKSoftmax => {
-                let (_, experts) = logits.clone().detach().topk_with_indices(self.top_k, 1);
+                let (_, experts) = top_k(logits.clone().detach(), self.top_k);
                 (softmax(logits.gather(1, experts.clone()), 1), experts)
             }
             Routing::TopKSigmoid => {
-                let (_, experts) = logits.clone().detach().topk_with_indices(self.top_k, 1);
+                let (_, experts) = top_k(logits.clone().detach(), self.top_k);
                 (sigmoid(logits.gather(1, experts.clone())), experts)
             }
             Routing::GroupLimitedSigmoid {
@@ -209,31 +210,30 @@ impl<B: EmberBackend> SparseMoe<B> {
                 let scores = sigmoid(logits);
                 let mut choice = scores.clone().detach();
                 if let Some(bias) = &self.score_correction_bias {
-                    choice = choice + bias.val().unsqueeze::<2>();
+                    choice = choice + bias.clone().unsqueeze::<2>();
                 }
                 // A group scores by its two best experts; only the best `top_groups` stay open.
                 let per_group = experts / groups;
-                let group_scores = choice
-                    .clone()
-                    .reshape([tokens, groups, per_group])
-                    .topk(2, 2)
-                    .sum_dim(2)
-                    .reshape([tokens, groups]);
-                let (_, open) = group_scores.topk_with_indices(top_groups, 1);
-                let open = Tensor::<B, 2>::zeros([tokens, groups], &device).scatter(
-                    1,
-                    open,
-                    Tensor::ones([tokens, top_groups], &device),
-                    IndexingUpdateOp::Add,
-                );
-                let closed = open
-                    .reshape([tokens, groups, 1])
-                    .expand([tokens, groups, per_group])
-                    .reshape([tokens, experts])
-                    .equal_elem(0.0);
-                let (_, chosen) = choice
-                    .mask_fill(closed, f32::NEG_INFINITY)
-                    .topk_with_indices(self.top_k, 1);
+                let grouped = choice.clone().reshape([tokens, groups, per_group]);
+                // (burn's topk needs more values than it keeps: a pair's two best are the pair.)
+                let best_two = if per_group > 2 { grouped.topk(2, 2) } else { grouped };
+                let group_scores = best_two.sum_dim(2).reshape([tokens, groups]);
+                if top_groups < groups {
+                    let (_, open) = group_scores.topk_with_indices(top_groups, 1);
+                    let open = Tensor::<B, 2>::zeros([tokens, groups], &device).scatter(
+                        1,
+                        open,
+                        Tensor::ones([tokens, top_groups], &device),
+                        IndexingUpdateOp::Add,
+                    );
+                    let closed = open
+                        .reshape([tokens, groups, 1])
+                        .expand([tokens, groups, per_group])
+                        .reshape([tokens, experts])
+                        .equal_elem(0.0);
+                    choice = choice.mask_fill(closed, f32::NEG_INFINITY);
+                }
+                let (_, chosen) = top_k(choice, self.top_k);
                 let mut weights = scores.gather(1, chosen.clone());
                 if renormalize {
                     let total = weights.clone().sum_dim(1).add_scalar(1e-20);
@@ -242,6 +242,20 @@ impl<B: EmberBackend> SparseMoe<B> {
                 (weights.mul_scalar(scaling), chosen)
             }
         }
+    }
+}
+
+/// The `k` largest values of each row and their indices (any order of ties), also when `k` is
+/// the row's length (which burn's `topk` refuses).
+///
+/// # Shapes
+/// - `x`: `[rows, n]`
+/// - output: values and indices `[rows, k]`
+fn top_k<B: EmberBackend>(x: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+    if k < x.dims()[1] {
+        x.topk_with_indices(k, 1)
+    } else {
+        x.sort_descending_with_indices(1)
     }
 }
 
@@ -381,11 +395,9 @@ pub(crate) fn load<B: EmberBackend>(
         per_expert_scale,
         router_norm_eps: config.rms_norm_eps,
         score_correction_bias: match moe.layout {
-            MoeLayout::DeepSeek => Some(frozen1(weights.tensor::<B, 1>(
-                &format!("{base}.{router_name}.e_score_correction_bias"),
-                [n],
-                device,
-            )?)),
+            MoeLayout::DeepSeek => {
+                Some(weights.tensor::<B, 1>(&format!("{base}.{router_name}.e_score_correction_bias"), [n], device)?)
+            }
             _ => None,
         },
     })
