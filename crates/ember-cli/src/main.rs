@@ -486,6 +486,16 @@ fn inspect(path: &Path) -> Result<()> {
     if shapes.iter().any(|s| s != "as above") {
         out!("per layer:      {}", compress(&shapes));
     }
+    if let Some(mla) = &config.latent_attention {
+        out!(
+            "latent attention: query rank {}, key/value latent {} (cached), per head {} + {} RoPE (shared key), values {}",
+            mla.q_lora_rank.map_or("none (q_proj)".to_string(), |r| r.to_string()),
+            mla.kv_lora_rank,
+            mla.nope_dim,
+            mla.rope_dim,
+            mla.v_dim
+        );
+    }
     if config.value_norm {
         out!("value norm:     weightless RMS norm of each value head");
     }

@@ -421,6 +421,14 @@ fn inspect_describes_new_families_and_wrappers() {
             ][..],
         ),
         (
+            "deepseek_v3",
+            &[
+                "architecture:   deepseek_v3",
+                "latent attention: query rank 32, key/value latent 16 (cached), per head 16 + 8 RoPE",
+                "GroupLimitedSigmoid",
+            ][..],
+        ),
+        (
             "glm4_moe",
             &[
                 "architecture:   glm4_moe",

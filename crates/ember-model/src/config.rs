@@ -165,6 +165,18 @@ pub struct HfConfig {
     pub enable_moe_block: Option<bool>,
     /// Gemma 4: experts per token.
     pub top_k_experts: Option<usize>,
+    /// MLA (DeepSeek-V3): rank of the query bottleneck; `null` = a plain `q_proj` (default 1536).
+    pub q_lora_rank: Option<Value>,
+    /// MLA: rank of the key/value latent (default 512).
+    pub kv_lora_rank: Option<usize>,
+    /// MLA: per-head query/key width without RoPE (default 128).
+    pub qk_nope_head_dim: Option<usize>,
+    /// MLA: width of the RoPE part of queries and of the one shared RoPE key (default 64).
+    pub qk_rope_head_dim: Option<usize>,
+    /// MLA: per-head value width (default 128).
+    pub v_head_dim: Option<usize>,
+    /// MLA: RoPE on interleaved pairs (default true).
+    pub rope_interleave: Option<bool>,
     /// DeepSeek-V3, GLM-4.5: number of routed experts.
     pub n_routed_experts: Option<usize>,
     /// DeepSeek-V3, GLM-4.5: expert groups.
@@ -437,6 +449,22 @@ pub struct LayerShape {
     pub kv_shared_from: Option<usize>,
 }
 
+/// Multi-head latent attention (DeepSeek-V3): queries through an optional low-rank bottleneck,
+/// keys and values expanded per head from a shared latent, plus one RoPE key shared by all heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatentAttentionConfig {
+    /// Rank of the query bottleneck (`q_a_proj` → norm → `q_b_proj`); `None`: one `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// Rank of the key/value latent (what the cache keeps).
+    pub kv_lora_rank: usize,
+    /// Per-head query/key width without RoPE.
+    pub nope_dim: usize,
+    /// Width of the RoPE part (queries per head; one key for all heads).
+    pub rope_dim: usize,
+    /// Per-head value width.
+    pub v_dim: usize,
+}
+
 /// Gemma 4's per-layer input embeddings: a second token embedding, `[vocab, layers·width]`,
 /// mixed with a projection of the input embedding and fed to every layer, `width` each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -570,6 +598,8 @@ pub struct DecoderConfig {
     pub layer_scalars: bool,
     /// Multi-token-prediction layers stored after the decoder's layers (GLM-4.5), skipped.
     pub trailing_mtp_layers: usize,
+    /// Multi-head latent attention in every layer (DeepSeek-V3).
+    pub latent_attention: Option<LatentAttentionConfig>,
     /// Multimodal placeholder tokens read as the padding token (Gemma 4 wrappers, as
     /// transformers does when no image, video or audio fills them).
     pub placeholder_token_ids: Vec<u32>,
@@ -740,7 +770,37 @@ impl DecoderConfig {
                 format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
             ));
         }
-        let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / num_heads);
+        let latent_attention = if spec.latent_attention {
+            let dim = |v: Option<usize>, default: usize, key: &str| match v.unwrap_or(default) {
+                0 => Err(invalid(key, "must be positive".into())),
+                d if d > 1 << 16 => Err(invalid(key, format!("{d} is beyond any supported model"))),
+                d => Ok(d),
+            };
+            let q_lora_rank = match &hf.q_lora_rank {
+                None => Some(1536),
+                Some(Value::Null) => None,
+                Some(v) => Some(
+                    v.as_u64()
+                        .filter(|&r| r > 0 && r <= 1 << 16)
+                        .ok_or_else(|| invalid("q_lora_rank", format!("{v} must be a positive integer or null")))?
+                        as usize,
+                ),
+            };
+            Some(LatentAttentionConfig {
+                q_lora_rank,
+                kv_lora_rank: dim(hf.kv_lora_rank, 512, "kv_lora_rank")?,
+                nope_dim: dim(hf.qk_nope_head_dim, 128, "qk_nope_head_dim")?,
+                rope_dim: dim(hf.qk_rope_head_dim, 64, "qk_rope_head_dim")?,
+                v_dim: dim(hf.v_head_dim, 128, "v_head_dim")?,
+            })
+        } else {
+            None
+        };
+        // MLA's RoPE runs over the rope part only (transformers sets head_dim to it).
+        let head_dim = match latent_attention {
+            Some(mla) => mla.rope_dim,
+            None => hf.head_dim.unwrap_or(hf.hidden_size / num_heads),
+        };
         let gemma = spec.gemma_conventions;
         let (act_key, act_name) = if gemma {
             // transformers' Gemma reads `hidden_activation` only (default gelu_pytorch_tanh).
@@ -796,7 +856,7 @@ impl DecoderConfig {
                 ),
             ),
         };
-        rope.interleaved = spec.interleaved_rope;
+        rope.interleaved = spec.interleaved_rope || (spec.latent_attention && hf.rope_interleave.unwrap_or(true));
         if let Some(local) = local_rope.as_mut() {
             local.interleaved = spec.interleaved_rope;
         }
@@ -833,6 +893,25 @@ impl DecoderConfig {
         let attn_scale = match (spec.query_pre_attn_scalar, hf.query_pre_attn_scalar) {
             // Gemma 4 normalises q and k instead of scaling the scores.
             _ if spec.unit_attention_scale => 1.0,
+            // MLA: over the whole query/key width, times YaRN's mscale² (`mscale_all_dim`).
+            _ if latent_attention.is_some() => {
+                let mla = latent_attention.expect("checked");
+                let plain = ((mla.nope_dim + mla.rope_dim) as f64).powf(-0.5);
+                let (params, _) = rope_parameters(hf, None);
+                let get = |name: &str| params.as_ref().and_then(|p| p.get(name)).and_then(Value::as_f64);
+                let scaled = params
+                    .as_ref()
+                    .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t != "default");
+                match (scaled, get("mscale_all_dim").filter(|m| *m != 0.0), get("factor")) {
+                    (true, Some(all_dim), Some(factor)) if factor > 1.0 => {
+                        let mscale = 0.1 * all_dim * factor.ln() + 1.0;
+                        plain * mscale * mscale
+                    }
+                    _ => plain,
+                }
+            }
             (true, Some(s)) => s.powf(-0.5),
             (true, None) => 256f64.powf(-0.5),
             (false, _) => (head_dim as f64).powf(-0.5),
@@ -907,6 +986,7 @@ impl DecoderConfig {
             per_layer_inputs,
             layer_scalars: spec.heterogeneous_layers,
             placeholder_token_ids: Vec::new(),
+            latent_attention,
             trailing_mtp_layers: if spec.trailing_mtp_layers {
                 hf.num_nextn_predict_layers
                     .or(hf.num_mtp_layers)

@@ -52,6 +52,8 @@ pub enum Family {
     /// GLM-4.5–4.7 (MoE): DeepSeek-style group-limited sigmoid routing, shared experts,
     /// dense first layers, partial rotary.
     Glm4Moe,
+    /// DeepSeek-V3: multi-head latent attention and DeepSeek MoE.
+    DeepseekV3,
     /// gpt-oss.
     GptOss,
 }
@@ -145,6 +147,8 @@ pub struct FamilySpec {
     /// Multi-token-prediction layers are stored as extra decoder layers after the last one
     /// (`model.layers.{n}…`, `num_nextn_predict_layers` of them; GLM-4.5): skipped.
     pub trailing_mtp_layers: bool,
+    /// Multi-head latent attention (`q_lora_rank`, `kv_lora_rank`, ...; DeepSeek-V3).
+    pub latent_attention: bool,
     /// Gemma 2/3: scores scaled by `query_pre_attn_scalar^-0.5` (default 256) instead of
     /// `head_dim^-0.5`.
     pub query_pre_attn_scalar: bool,
@@ -206,6 +210,7 @@ const LLAMA: FamilySpec = FamilySpec {
     qk_norm_switch: None,
     default_partial_rotary: 1.0,
     trailing_mtp_layers: false,
+    latent_attention: false,
     query_pre_attn_scalar: false,
     tied_by_default: false,
     qkv_bias: BiasRule::FromConfig,
@@ -446,6 +451,17 @@ pub const FAMILIES: &[FamilySpec] = &[
         o_bias: BiasRule::Never,
         moe: Some(MoeLayout::DeepSeek),
         default_partial_rotary: 0.5,
+        trailing_mtp_layers: true,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::DeepseekV3,
+        model_type: "deepseek_v3",
+        causal_lm_class: "DeepseekV3ForCausalLM",
+        summary: "multi-head latent attention (low-rank q, key/value latent cached, one shared RoPE key, \
+                  interleaved pairs, YaRN mscale² on the scores) and DeepSeek MoE as glm4_moe's",
+        moe: Some(MoeLayout::DeepSeek),
+        latent_attention: true,
         trailing_mtp_layers: true,
         ..LLAMA
     },

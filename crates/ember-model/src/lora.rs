@@ -10,7 +10,7 @@ use ember_lora::EmberBackend;
 use ember_lora::{AdapterFiles, AdapterTensors, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules};
 
 use crate::error::Result;
-use crate::model::{CausalLm, FeedForward, GateUpProjection, QkvProjection, SelfAttention};
+use crate::model::{CausalLm, FeedForward, GateUpProjection, LatentQuery, QkvProjection, SelfAttention};
 
 /// What attaching or loading an adapter did.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,21 +48,36 @@ macro_rules! walk_linear_layers {
         let shared = model.config.moe.as_ref().map_or("shared_expert", |m| m.layout.shared_expert_module());
         for (i, layer) in model.model.layers.$iter().enumerate() {
             let p = format!("{decoder}.layers.{i}");
-            let SelfAttention::Grouped(a) = &$($m)? layer.self_attn;
-            match &$($m)? a.qkv {
-                QkvProjection::Split(s) => {
-                    out.push((format!("{p}.self_attn.q_proj"), &$($m)? s.q_proj));
-                    out.push((format!("{p}.self_attn.k_proj"), &$($m)? s.k_proj));
-                    out.push((format!("{p}.self_attn.v_proj"), &$($m)? s.v_proj));
+            match &$($m)? layer.self_attn {
+                SelfAttention::Grouped(a) => {
+                    match &$($m)? a.qkv {
+                        QkvProjection::Split(s) => {
+                            out.push((format!("{p}.self_attn.q_proj"), &$($m)? s.q_proj));
+                            out.push((format!("{p}.self_attn.k_proj"), &$($m)? s.k_proj));
+                            out.push((format!("{p}.self_attn.v_proj"), &$($m)? s.v_proj));
+                        }
+                        QkvProjection::Fused(l) => out.push((format!("{p}.self_attn.qkv_proj"), l)),
+                        QkvProjection::KeysAsValues(s) => {
+                            out.push((format!("{p}.self_attn.q_proj"), &$($m)? s.q_proj));
+                            out.push((format!("{p}.self_attn.k_proj"), &$($m)? s.k_proj));
+                        }
+                        QkvProjection::QueryOnly(l) => out.push((format!("{p}.self_attn.q_proj"), l)),
+                    }
+                    out.push((format!("{p}.self_attn.o_proj"), &$($m)? a.o_proj));
                 }
-                QkvProjection::Fused(l) => out.push((format!("{p}.self_attn.qkv_proj"), l)),
-                QkvProjection::KeysAsValues(s) => {
-                    out.push((format!("{p}.self_attn.q_proj"), &$($m)? s.q_proj));
-                    out.push((format!("{p}.self_attn.k_proj"), &$($m)? s.k_proj));
+                SelfAttention::Latent(a) => {
+                    match &$($m)? a.query {
+                        LatentQuery::Direct(l) => out.push((format!("{p}.self_attn.q_proj"), l)),
+                        LatentQuery::LowRank(q) => {
+                            out.push((format!("{p}.self_attn.q_a_proj"), &$($m)? q.q_a_proj));
+                            out.push((format!("{p}.self_attn.q_b_proj"), &$($m)? q.q_b_proj));
+                        }
+                    }
+                    out.push((format!("{p}.self_attn.kv_a_proj_with_mqa"), &$($m)? a.kv_a_proj_with_mqa));
+                    out.push((format!("{p}.self_attn.kv_b_proj"), &$($m)? a.kv_b_proj));
+                    out.push((format!("{p}.self_attn.o_proj"), &$($m)? a.o_proj));
                 }
-                QkvProjection::QueryOnly(l) => out.push((format!("{p}.self_attn.q_proj"), l)),
             }
-            out.push((format!("{p}.self_attn.o_proj"), &$($m)? a.o_proj));
             let (dense, path) = match &$($m)? layer.mlp {
                 FeedForward::Dense(m) => (Some(m), format!("{p}.{mlp}")),
                 FeedForward::Sparse(moe) => (moe.shared_expert.$as_option(), format!("{p}.{mlp}.{shared}")),

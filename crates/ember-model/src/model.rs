@@ -164,6 +164,15 @@ pub enum LayerCache<B: Backend> {
     /// Nothing of its own: the layer attends over another layer's keys and values (Gemma 4's
     /// KV-shared layers).
     Shared,
+    /// Multi-head latent attention: the normed key/value latent `[batch, len, kv_lora_rank]`
+    /// and the shared RoPE key after RoPE `[batch, 1, len, rope_dim]` (keys and values are
+    /// expanded from them at each step).
+    Latent {
+        /// The latent.
+        latent: Tensor<B, 3>,
+        /// The RoPE key.
+        rope_keys: Tensor<B, 4>,
+    },
 }
 
 impl<B: Backend> LayerCache<B> {
@@ -175,6 +184,10 @@ impl<B: Backend> LayerCache<B> {
                 values: values.narrow(2, 0, len),
             },
             LayerCache::Shared => LayerCache::Shared,
+            LayerCache::Latent { latent, rope_keys } => LayerCache::Latent {
+                latent: latent.narrow(1, 0, len),
+                rope_keys: rope_keys.narrow(2, 0, len),
+            },
         }
     }
 }
@@ -187,6 +200,126 @@ impl<B: Backend> LayerCache<B> {
 pub enum SelfAttention<B: Backend> {
     /// Softmax attention with grouped key/value heads and a key/value cache.
     Grouped(Attention<B>),
+    /// Multi-head latent attention (DeepSeek-V3) with a latent cache.
+    Latent(LatentAttention<B>),
+}
+
+/// MLA's query projection.
+// One per layer; boxing would buy nothing and burn modules do not derive through Box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum LatentQuery<B: Backend> {
+    /// One `q_proj`, `[heads·(nope + rope), hidden]`.
+    Direct(LoraLinear<B>),
+    /// `q_b_proj(norm(q_a_proj(x)))`.
+    LowRank(LowRankQuery<B>),
+}
+
+/// A query bottleneck: `q_a_proj` `[rank, hidden]`, `q_a_layernorm`, `q_b_proj`
+/// `[heads·(nope + rope), rank]`.
+#[derive(Module, Debug)]
+pub struct LowRankQuery<B: Backend> {
+    /// Down-projection.
+    pub q_a_proj: LoraLinear<B>,
+    /// Norm of the bottleneck.
+    pub q_a_layernorm: RmsNorm<B>,
+    /// Up-projection.
+    pub q_b_proj: LoraLinear<B>,
+}
+
+/// Multi-head latent attention (`self_attn` of DeepSeek-V3): keys and values are expanded per
+/// head from a normed latent (`kv_b_proj`), plus one RoPE key all heads share; the cache keeps
+/// the latent and the RoPE key only.
+#[derive(Module, Debug)]
+pub struct LatentAttention<B: Backend> {
+    /// Query projection.
+    pub query: LatentQuery<B>,
+    /// `[kv_lora_rank + rope, hidden]`: the latent and the RoPE key.
+    pub kv_a_proj_with_mqa: LoraLinear<B>,
+    /// Norm of the latent.
+    pub kv_a_layernorm: RmsNorm<B>,
+    /// `[heads·(nope + v), kv_lora_rank]`: per-head keys (without RoPE) and values.
+    pub kv_b_proj: LoraLinear<B>,
+    /// `[hidden, heads·v]`.
+    pub o_proj: LoraLinear<B>,
+    /// Number of heads.
+    pub num_heads: usize,
+    /// Rank of the latent.
+    pub kv_lora_rank: usize,
+    /// Per-head key/query width without RoPE.
+    pub nope_dim: usize,
+    /// Width of the RoPE part.
+    pub rope_dim: usize,
+    /// Per-head value width.
+    pub v_dim: usize,
+    /// Multiplier of `q·kᵀ`.
+    #[module(skip)]
+    pub scale: f64,
+}
+
+impl<B: EmberBackend> LatentAttention<B> {
+    /// Attends over the cached latent plus the new positions; returns the output and the
+    /// extended latent and RoPE key.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    /// - `inputs.mask`: additive, `[batch, 1, seq, past + seq]`
+    /// - `cache`: latent `[batch, past, kv_lora_rank]`, RoPE key `[batch, 1, past, rope_dim]`
+    /// - output: `[batch, seq, hidden]`, and the cache with `past + seq` positions
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        inputs: &AttentionInputs<'_, B>,
+        cache: Option<(Tensor<B, 3>, Tensor<B, 4>)>,
+    ) -> (Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 4>)) {
+        let [batch, seq, _] = x.dims();
+        let (heads, nope, rope, v_dim, rank) = (
+            self.num_heads,
+            self.nope_dim,
+            self.rope_dim,
+            self.v_dim,
+            self.kv_lora_rank,
+        );
+        let q = match &self.query {
+            LatentQuery::Direct(q_proj) => q_proj.forward(x.clone()),
+            LatentQuery::LowRank(p) => p
+                .q_b_proj
+                .forward(p.q_a_layernorm.forward(p.q_a_proj.forward(x.clone()))),
+        };
+        let q = q.reshape([batch, seq, heads, nope + rope]).swap_dims(1, 2);
+        let q_nope = q.clone().narrow(3, 0, nope);
+        let mut q_rope = q.narrow(3, nope, rope);
+        let compressed = self.kv_a_proj_with_mqa.forward(x);
+        let mut latent = self.kv_a_layernorm.forward(compressed.clone().narrow(2, 0, rank));
+        let mut rope_keys = compressed.narrow(2, rank, rope).reshape([batch, 1, seq, rope]);
+        if let Some(tables) = inputs.rope {
+            q_rope = tables.apply(q_rope);
+            rope_keys = tables.apply(rope_keys);
+        }
+        if let Some((past_latent, past_rope)) = cache {
+            latent = Tensor::cat(vec![past_latent, latent], 1);
+            rope_keys = Tensor::cat(vec![past_rope, rope_keys], 2);
+        }
+        let keys_len = latent.dims()[1];
+        let kv = self
+            .kv_b_proj
+            .forward(latent.clone())
+            .reshape([batch, keys_len, heads, nope + v_dim])
+            .swap_dims(1, 2);
+        let k_nope = kv.clone().narrow(3, 0, nope);
+        let values = kv.narrow(3, nope, v_dim);
+        let keys = Tensor::cat(
+            vec![k_nope, rope_keys.clone().expand([batch, heads, keys_len, rope])],
+            3,
+        );
+        let q = Tensor::cat(vec![q_nope, q_rope], 3);
+        let scores = q.matmul(keys.swap_dims(2, 3)).mul_scalar(self.scale) + inputs.mask.clone();
+        let out = softmax(scores, 3)
+            .matmul(values)
+            .swap_dims(1, 2)
+            .reshape([batch, seq, heads * v_dim]);
+        (self.o_proj.forward(out), (latent, rope_keys))
+    }
 }
 
 impl<B: EmberBackend> SelfAttention<B> {
@@ -205,7 +338,7 @@ impl<B: EmberBackend> SelfAttention<B> {
             SelfAttention::Grouped(attention) => {
                 let past = cache.and_then(|c| match c {
                     LayerCache::KeyValue { keys, values } => Some((keys, values)),
-                    LayerCache::Shared => None,
+                    _ => None,
                 });
                 let (out, (keys, values)) = attention.forward_cached(x, inputs, past);
                 if matches!(attention.qkv, QkvProjection::QueryOnly(_)) {
@@ -213,6 +346,14 @@ impl<B: EmberBackend> SelfAttention<B> {
                 } else {
                     (out, LayerCache::KeyValue { keys, values })
                 }
+            }
+            SelfAttention::Latent(attention) => {
+                let past = cache.and_then(|c| match c {
+                    LayerCache::Latent { latent, rope_keys } => Some((latent, rope_keys)),
+                    _ => None,
+                });
+                let (out, (latent, rope_keys)) = attention.forward_cached(x, inputs, past);
+                (out, LayerCache::Latent { latent, rope_keys })
             }
         }
     }
@@ -801,65 +942,114 @@ impl<B: EmberBackend> CausalLm<B> {
             let (head_dim, kv_heads) = (shape.head_dim, shape.num_kv_heads);
             let (q_dim, kv_dim) = (c.num_heads * head_dim, kv_heads * head_dim);
             let attn = |name: &str| format!("{p}.self_attn.{name}");
-            let qkv = if shape.kv_shared_from.is_some() {
-                // transformers ignores key/value weights a KV-shared layer's checkpoint may hold.
-                for name in ["k_proj", "v_proj", "k_norm", "v_norm"] {
-                    for part in ["weight", "bias"] {
-                        weights.skip(&format!("{p}.self_attn.{name}.{part}"));
-                    }
+            let latent_attention = c
+                .latent_attention
+                .map(|mla| -> Result<SelfAttention<B>> {
+                    let width = mla.nope_dim + mla.rope_dim;
+                    // DeepSeek's bottleneck norms keep their class default ε (1e-6).
+                    let bottleneck_norm = |name: &str, dim: usize| -> Result<RmsNorm<B>> {
+                        Ok(RmsNorm {
+                            eps: 1e-6,
+                            ..norm(&attn(name), dim)?
+                        })
+                    };
+                    let query = match mla.q_lora_rank {
+                        None => LatentQuery::Direct(linear(&attn("q_proj"), c.num_heads * width, h, false)?),
+                        Some(rank) => LatentQuery::LowRank(LowRankQuery {
+                            q_a_proj: linear(&attn("q_a_proj"), rank, h, c.qkv_bias)?,
+                            q_a_layernorm: bottleneck_norm("q_a_layernorm", rank)?,
+                            q_b_proj: linear(&attn("q_b_proj"), c.num_heads * width, rank, false)?,
+                        }),
+                    };
+                    Ok(SelfAttention::Latent(LatentAttention {
+                        query,
+                        kv_a_proj_with_mqa: linear(
+                            &attn("kv_a_proj_with_mqa"),
+                            mla.kv_lora_rank + mla.rope_dim,
+                            h,
+                            c.qkv_bias,
+                        )?,
+                        kv_a_layernorm: bottleneck_norm("kv_a_layernorm", mla.kv_lora_rank)?,
+                        kv_b_proj: linear(
+                            &attn("kv_b_proj"),
+                            c.num_heads * (mla.nope_dim + mla.v_dim),
+                            mla.kv_lora_rank,
+                            false,
+                        )?,
+                        o_proj: linear(&attn("o_proj"), h, c.num_heads * mla.v_dim, c.qkv_bias)?,
+                        num_heads: c.num_heads,
+                        kv_lora_rank: mla.kv_lora_rank,
+                        nope_dim: mla.nope_dim,
+                        rope_dim: mla.rope_dim,
+                        v_dim: mla.v_dim,
+                        scale: c.attn_scale,
+                    }))
+                })
+                .transpose()?;
+            let self_attn = match latent_attention {
+                Some(latent) => latent,
+                None => {
+                    let qkv = if shape.kv_shared_from.is_some() {
+                        // transformers ignores key/value weights a KV-shared layer's checkpoint may hold.
+                        for name in ["k_proj", "v_proj", "k_norm", "v_norm"] {
+                            for part in ["weight", "bias"] {
+                                weights.skip(&format!("{p}.self_attn.{name}.{part}"));
+                            }
+                        }
+                        QkvProjection::QueryOnly(linear(&attn("q_proj"), q_dim, h, c.qkv_bias)?)
+                    } else if shape.values_from_keys {
+                        QkvProjection::KeysAsValues(KeysAsValues {
+                            q_proj: linear(&attn("q_proj"), q_dim, h, c.qkv_bias)?,
+                            k_proj: linear(&attn("k_proj"), kv_dim, h, c.qkv_bias)?,
+                        })
+                    } else if c.fused_qkv {
+                        QkvProjection::Fused(linear(&attn("qkv_proj"), q_dim + 2 * kv_dim, h, c.qkv_bias)?)
+                    } else {
+                        QkvProjection::Split(SplitQkv {
+                            q_proj: linear(&attn("q_proj"), q_dim, h, c.qkv_bias)?,
+                            k_proj: linear(&attn("k_proj"), kv_dim, h, c.qkv_bias)?,
+                            v_proj: linear(&attn("v_proj"), kv_dim, h, c.qkv_bias)?,
+                        })
+                    };
+                    let (q_norm_dim, k_norm_dim) = match c.qk_norm {
+                        QkNorm::None | QkNorm::L2AfterRope => (0, 0),
+                        QkNorm::PerHead => (head_dim, head_dim),
+                        QkNorm::Full => (q_dim, kv_dim),
+                    };
+                    let weighted_qk_norm = matches!(c.qk_norm, QkNorm::PerHead | QkNorm::Full);
+                    let q_norm = weighted_qk_norm
+                        .then(|| norm(&attn("q_norm"), q_norm_dim))
+                        .transpose()?;
+                    let k_norm = (weighted_qk_norm && shape.kv_shared_from.is_none())
+                        .then(|| norm(&attn("k_norm"), k_norm_dim))
+                        .transpose()?;
+                    let sinks = if c.attn_sinks {
+                        let s = weights.tensor::<B, 1>(&attn("sinks"), [c.num_heads], device)?;
+                        Some(Param::from_tensor(s).set_require_grad(false))
+                    } else {
+                        None
+                    };
+                    SelfAttention::Grouped(Attention {
+                        qkv,
+                        o_proj: linear(&attn("o_proj"), h, q_dim, c.o_bias)?,
+                        q_norm,
+                        k_norm,
+                        sinks,
+                        num_heads: c.num_heads,
+                        num_kv_heads: kv_heads,
+                        head_dim,
+                        // The L2 norm applies on RoPE layers only.
+                        qk_norm: match c.qk_norm {
+                            QkNorm::L2AfterRope if !c.rope_layers[i] => QkNorm::None,
+                            other => other,
+                        },
+                        scale: c.attn_scale,
+                        softcap: c.attn_softcap,
+                        norm_eps: c.rms_norm_eps,
+                        value_norm: c.value_norm,
+                    })
                 }
-                QkvProjection::QueryOnly(linear(&attn("q_proj"), q_dim, h, c.qkv_bias)?)
-            } else if shape.values_from_keys {
-                QkvProjection::KeysAsValues(KeysAsValues {
-                    q_proj: linear(&attn("q_proj"), q_dim, h, c.qkv_bias)?,
-                    k_proj: linear(&attn("k_proj"), kv_dim, h, c.qkv_bias)?,
-                })
-            } else if c.fused_qkv {
-                QkvProjection::Fused(linear(&attn("qkv_proj"), q_dim + 2 * kv_dim, h, c.qkv_bias)?)
-            } else {
-                QkvProjection::Split(SplitQkv {
-                    q_proj: linear(&attn("q_proj"), q_dim, h, c.qkv_bias)?,
-                    k_proj: linear(&attn("k_proj"), kv_dim, h, c.qkv_bias)?,
-                    v_proj: linear(&attn("v_proj"), kv_dim, h, c.qkv_bias)?,
-                })
             };
-            let (q_norm_dim, k_norm_dim) = match c.qk_norm {
-                QkNorm::None | QkNorm::L2AfterRope => (0, 0),
-                QkNorm::PerHead => (head_dim, head_dim),
-                QkNorm::Full => (q_dim, kv_dim),
-            };
-            let weighted_qk_norm = matches!(c.qk_norm, QkNorm::PerHead | QkNorm::Full);
-            let q_norm = weighted_qk_norm
-                .then(|| norm(&attn("q_norm"), q_norm_dim))
-                .transpose()?;
-            let k_norm = (weighted_qk_norm && shape.kv_shared_from.is_none())
-                .then(|| norm(&attn("k_norm"), k_norm_dim))
-                .transpose()?;
-            let sinks = if c.attn_sinks {
-                let s = weights.tensor::<B, 1>(&attn("sinks"), [c.num_heads], device)?;
-                Some(Param::from_tensor(s).set_require_grad(false))
-            } else {
-                None
-            };
-            let self_attn = SelfAttention::Grouped(Attention {
-                qkv,
-                o_proj: linear(&attn("o_proj"), h, q_dim, c.o_bias)?,
-                q_norm,
-                k_norm,
-                sinks,
-                num_heads: c.num_heads,
-                num_kv_heads: kv_heads,
-                head_dim,
-                // The L2 norm applies on RoPE layers only.
-                qk_norm: match c.qk_norm {
-                    QkNorm::L2AfterRope if !c.rope_layers[i] => QkNorm::None,
-                    other => other,
-                },
-                scale: c.attn_scale,
-                softcap: c.attn_softcap,
-                norm_eps: c.rms_norm_eps,
-                value_norm: c.value_norm,
-            });
             let dense_mlp = |path: &str, width: usize, bias: bool, fused: bool| -> Result<Mlp<B>> {
                 let gate_up = if fused {
                     GateUpProjection::Fused(linear(&format!("{path}.gate_up_proj"), 2 * width, h, bias)?)

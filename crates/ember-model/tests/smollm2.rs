@@ -125,8 +125,10 @@ fn smollm2_gguf_blocks_kept_give_the_dequantized_logits() {
                 .layers
                 .iter()
                 .map(|l| {
-                    let ember_model::model::SelfAttention::Grouped(attention) = &l.self_attn;
-                    let mut total = attention.o_proj.weight.bytes();
+                    let mut total = match &l.self_attn {
+                        ember_model::model::SelfAttention::Grouped(attention) => attention.o_proj.weight.bytes(),
+                        ember_model::model::SelfAttention::Latent(attention) => attention.o_proj.weight.bytes(),
+                    };
                     if let ember_model::model::FeedForward::Dense(mlp) = &l.mlp {
                         total += mlp.down_proj.weight.bytes();
                     }
