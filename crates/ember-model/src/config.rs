@@ -187,6 +187,8 @@ pub struct HfConfig {
     pub routed_scaling_factor: Option<f64>,
     /// DeepSeek-V3, GLM-4.5: the first layers are dense.
     pub first_k_dense_replace: Option<usize>,
+    /// GLM-4.7-Flash: per layer, `dense` or `sparse` (default: the first dense).
+    pub mlp_layer_types: Option<Vec<String>>,
     /// DeepSeek-V3, GLM-4.5: the shared expert is this many experts wide.
     pub n_shared_experts: Option<usize>,
     /// GLM-4.5: multi-token-prediction layers stored after the decoder's layers.
@@ -988,9 +990,10 @@ impl DecoderConfig {
             placeholder_token_ids: Vec::new(),
             latent_attention,
             trailing_mtp_layers: if spec.trailing_mtp_layers {
+                // (transformers ignores `model.layers.{n}` whatever the config says)
                 hf.num_nextn_predict_layers
                     .or(hf.num_mtp_layers)
-                    .unwrap_or(0)
+                    .unwrap_or(1)
                     .min(1 << 8)
             } else {
                 0
@@ -1363,7 +1366,29 @@ fn moe_config(
                     ),
                 ));
             }
-            let dense = hf.first_k_dense_replace.unwrap_or(1);
+            let sparse = match &hf.mlp_layer_types {
+                Some(types) if types.len() != n => {
+                    return Err((
+                        "mlp_layer_types".into(),
+                        format!("has {} entries for {n} layers", types.len()),
+                    ))
+                }
+                Some(types) => types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "sparse" => Ok(true),
+                        "dense" => Ok(false),
+                        other => Err((
+                            "mlp_layer_types".to_string(),
+                            format!("`{other}` is neither `dense` nor `sparse`"),
+                        )),
+                    })
+                    .collect::<std::result::Result<Vec<bool>, _>>()?,
+                None => {
+                    let dense = hf.first_k_dense_replace.unwrap_or(1);
+                    (0..n).map(|i| i >= dense).collect()
+                }
+            };
             (
                 Routing::GroupLimitedSigmoid {
                     groups,
@@ -1378,7 +1403,7 @@ fn moe_config(
                         "required for a DeepSeek-style MoE".to_string(),
                     )
                 })?,
-                (0..n).map(|i| i >= dense).collect(),
+                sparse,
             )
         }
         MoeLayout::GptOss => (

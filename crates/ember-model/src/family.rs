@@ -54,6 +54,8 @@ pub enum Family {
     Glm4Moe,
     /// DeepSeek-V3: multi-head latent attention and DeepSeek MoE.
     DeepseekV3,
+    /// GLM-4.7-Flash: DeepSeek-V3's latent attention with GLM-4.5's MoE.
+    Glm4MoeLite,
     /// gpt-oss.
     GptOss,
 }
@@ -460,6 +462,16 @@ pub const FAMILIES: &[FamilySpec] = &[
         causal_lm_class: "DeepseekV3ForCausalLM",
         summary: "multi-head latent attention (low-rank q, key/value latent cached, one shared RoPE key, \
                   interleaved pairs, YaRN mscale² on the scores) and DeepSeek MoE as glm4_moe's",
+        moe: Some(MoeLayout::DeepSeek),
+        latent_attention: true,
+        trailing_mtp_layers: true,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Glm4MoeLite,
+        model_type: "glm4_moe_lite",
+        causal_lm_class: "Glm4MoeLiteForCausalLM",
+        summary: "GLM-4.7-Flash: deepseek_v3's latent attention and MoE, sparse layers by `mlp_layer_types`",
         moe: Some(MoeLayout::DeepSeek),
         latent_attention: true,
         trailing_mtp_layers: true,

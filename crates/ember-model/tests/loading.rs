@@ -606,6 +606,11 @@ fn glm4_moe_skips_trailing_mtp_layers_and_checks_routing() {
             serde_json::json!({"topk_group": 1, "num_experts_per_tok": 3}),
             "topk_group",
         ),
+        (serde_json::json!({"mlp_layer_types": ["dense"]}), "mlp_layer_types"),
+        (
+            serde_json::json!({"mlp_layer_types": ["dense", "moe"]}),
+            "mlp_layer_types",
+        ),
     ] {
         let mut config = fixture_config("glm4_moe");
         for (k, v) in edit.as_object().unwrap() {

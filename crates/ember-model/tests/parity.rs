@@ -107,6 +107,7 @@ parity! {
     gemma4_unified_wrapped: "gemma4_unified_wrapped",
     glm4_moe: "glm4_moe",
     deepseek_v3: "deepseek_v3",
+    glm4_moe_lite: "glm4_moe_lite",
 }
 
 /// Under `--features wgpu` the golden tests really run on burn-wgpu (and on burn-ndarray

@@ -132,4 +132,5 @@ training_parity! {
     gemma4_unified_wrapped_training_matches_peft: "gemma4_unified_wrapped",
     glm4_moe_training_matches_peft: "glm4_moe",
     deepseek_v3_training_matches_peft: "deepseek_v3",
+    glm4_moe_lite_training_matches_peft: "glm4_moe_lite",
 }
