@@ -165,7 +165,9 @@ pub struct HfConfig {
     pub enable_moe_block: Option<bool>,
     /// Gemma 4: experts per token.
     pub top_k_experts: Option<usize>,
-    /// MLA (DeepSeek-V3): rank of the query bottleneck; `null` = a plain `q_proj` (default 1536).
+    /// MLA (DeepSeek-V3): rank of the query bottleneck; `null` = a plain `q_proj` (default 1536
+    /// when absent: `Some(Value::Null)` and `None` differ here).
+    #[serde(default, deserialize_with = "present_value")]
     pub q_lora_rank: Option<Value>,
     /// MLA: rank of the key/value latent (default 512).
     pub kv_lora_rank: Option<usize>,
@@ -260,6 +262,11 @@ pub enum RopeScaling {
         /// Multiplier of cos/sin (`√(1 + ln(factor) / ln(original))` unless given).
         attention_factor: f64,
     },
+}
+
+/// A key that is present, `null` included (`Some(Value::Null)`); absent keys stay `None`.
+fn present_value<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// Rotary position embedding settings.
