@@ -215,8 +215,13 @@ impl<B: EmberBackend> SparseMoe<B> {
                 // A group scores by its two best experts; only the best `top_groups` stay open.
                 let per_group = experts / groups;
                 let grouped = choice.clone().reshape([tokens, groups, per_group]);
-                // (burn's topk needs more values than it keeps: a pair's two best are the pair.)
-                let best_two = if per_group > 2 { grouped.topk(2, 2) } else { grouped };
+                // (burn's topk needs more values than it keeps: a pair's two best are the pair;
+                // and its value-only `topk` has no autodiff version.)
+                let best_two = if per_group > 2 {
+                    grouped.topk_with_indices(2, 2).0
+                } else {
+                    grouped
+                };
                 let group_scores = best_two.sum_dim(2).reshape([tokens, groups]);
                 if top_groups < groups {
                     let (_, open) = group_scores.topk_with_indices(top_groups, 1);
