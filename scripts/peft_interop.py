@@ -79,11 +79,12 @@ def main():
         "gpt_oss": "q_proj,v_proj,o_proj",
         "glm4_moe": "q_proj,v_proj,o_proj",
         "deepseek_v3": "q_b_proj,kv_b_proj,o_proj",
+        "glm4_moe_lite": "kv_b_proj,o_proj",
     }
     archs = ["llama", "llama_rope3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
              "glm4", "mixtral", "qwen3_moe", "gpt_oss", "olmo3", "smollm3", "ministral3", "llama4",
              "ministral3_wrapped", "gemma3_wrapped", "gemma4", "gemma4_moe", "gemma4_unified", "gemma4_wrapped",
-             "gemma4_unified_wrapped", "glm4_moe", "deepseek_v3"]
+             "gemma4_unified_wrapped", "glm4_moe", "deepseek_v3", "glm4_moe_lite"]
     for arch in sys.argv[1:] or archs:
         kw = inputs(arch)
         mask = kw["attention_mask"]
@@ -94,11 +95,14 @@ def main():
         # regex over the language model there (Ember's list targets match text modules only).
         # (On Llama 4, PEFT 0.21.2's all-linear also wraps the router, a Linear returning a tuple,
         # and its forward crashes.)
-        moe = arch in ("mixtral", "qwen3_moe", "gpt_oss", "llama4", "gemma4_moe", "glm4_moe", "deepseek_v3")
+        moe = arch in ("mixtral", "qwen3_moe", "gpt_oss", "llama4", "gemma4_moe", "glm4_moe", "deepseek_v3",
+                       "glm4_moe_lite")
         wrapped = arch.endswith("_wrapped")
         wide = "q_proj,k_proj,v_proj,o_proj" if moe or wrapped else "all-linear"
         if arch == "deepseek_v3":  # latent attention's projections
             wide = "q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"
+        if arch == "glm4_moe_lite":  # latent attention with a plain q_proj
+            wide = "q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"
         if arch in ("llama4", "gemma4_moe"):  # the dense MLP (and shared expert) are linear layers too
             wide = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
         for r, alpha, targets, rslora in [(8, 16, wide, False), (3, 7, subset, True)]:
