@@ -206,6 +206,18 @@ fn fixture_config(arch: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join(arch).join("config.json")).unwrap()).unwrap()
 }
 
+/// Each edit of `arch`'s config.json is refused with an error naming its key.
+fn assert_config_errors(arch: &str, cases: &[(serde_json::Value, &str)]) {
+    for (edit, key) in cases {
+        let mut config = fixture_config(arch);
+        for (k, v) in edit.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        let err = normalise(&config).unwrap_err().to_string();
+        assert!(err.contains(key), "{arch} {edit}: {err}");
+    }
+}
+
 fn normalise(config: &serde_json::Value) -> ember_model::Result<DecoderConfig> {
     let hf: ember_model::HfConfig = serde_json::from_value(config.clone()).unwrap();
     DecoderConfig::from_hf(&hf, Path::new("config.json"))
@@ -531,37 +543,33 @@ fn gemma4_defaults_and_errors_follow_transformers() {
     unified.as_object_mut().unwrap().remove("rope_parameters");
     assert!(normalise(&unified).unwrap().per_layer_inputs.is_none());
 
-    for (edit, key) in [
-        (
-            serde_json::json!({"per_layer_config": {"1": {"sliding_window": 4}}}),
-            "per_layer_config.1.sliding_window",
-        ),
-        (
-            serde_json::json!({"per_layer_config": {"9": {"head_dim": 32}}}),
-            "per_layer_config.9",
-        ),
-        (
-            serde_json::json!({"layer_types": ["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
-                               "num_kv_shared_layers": 3, "per_layer_config": null}),
-            "num_kv_shared_layers",
-        ),
-        (serde_json::json!({"num_kv_shared_layers": 4}), "num_kv_shared_layers"),
-        (
-            serde_json::json!({"use_bidirectional_attention": "all"}),
-            "use_bidirectional_attention",
-        ),
-        (
-            serde_json::json!({"enable_moe_block": true, "num_experts": 4, "moe_intermediate_size": 8}),
-            "top_k_experts",
-        ),
-    ] {
-        let mut config = fixture_config("gemma4");
-        for (k, v) in edit.as_object().unwrap() {
-            config[k] = v.clone();
-        }
-        let err = normalise(&config).unwrap_err().to_string();
-        assert!(err.contains(key), "{edit}: {err}");
-    }
+    assert_config_errors(
+        "gemma4",
+        &[
+            (
+                serde_json::json!({"per_layer_config": {"1": {"sliding_window": 4}}}),
+                "per_layer_config.1.sliding_window",
+            ),
+            (
+                serde_json::json!({"per_layer_config": {"9": {"head_dim": 32}}}),
+                "per_layer_config.9",
+            ),
+            (
+                serde_json::json!({"layer_types": ["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+                                   "num_kv_shared_layers": 3, "per_layer_config": null}),
+                "num_kv_shared_layers",
+            ),
+            (serde_json::json!({"num_kv_shared_layers": 4}), "num_kv_shared_layers"),
+            (
+                serde_json::json!({"use_bidirectional_attention": "all"}),
+                "use_bidirectional_attention",
+            ),
+            (
+                serde_json::json!({"enable_moe_block": true, "num_experts": 4, "moe_intermediate_size": 8}),
+                "top_k_experts",
+            ),
+        ],
+    );
 }
 
 /// GLM-4.5 checkpoints store their multi-token-prediction layer as one more decoder layer
@@ -598,27 +606,23 @@ fn glm4_moe_skips_trailing_mtp_layers_and_checks_routing() {
     assert!(err.contains("model.layers.2."), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 
-    for (edit, key) in [
-        (serde_json::json!({"n_group": 3}), "n_group"),
-        (serde_json::json!({"n_group": 8}), "n_group"),
-        (serde_json::json!({"topk_group": 5}), "topk_group"),
-        (
-            serde_json::json!({"topk_group": 1, "num_experts_per_tok": 3}),
-            "topk_group",
-        ),
-        (serde_json::json!({"mlp_layer_types": ["dense"]}), "mlp_layer_types"),
-        (
-            serde_json::json!({"mlp_layer_types": ["dense", "moe"]}),
-            "mlp_layer_types",
-        ),
-    ] {
-        let mut config = fixture_config("glm4_moe");
-        for (k, v) in edit.as_object().unwrap() {
-            config[k] = v.clone();
-        }
-        let err = normalise(&config).unwrap_err().to_string();
-        assert!(err.contains(key), "{edit}: {err}");
-    }
+    assert_config_errors(
+        "glm4_moe",
+        &[
+            (serde_json::json!({"n_group": 3}), "n_group"),
+            (serde_json::json!({"n_group": 8}), "n_group"),
+            (serde_json::json!({"topk_group": 5}), "topk_group"),
+            (
+                serde_json::json!({"topk_group": 1, "num_experts_per_tok": 3}),
+                "topk_group",
+            ),
+            (serde_json::json!({"mlp_layer_types": ["dense"]}), "mlp_layer_types"),
+            (
+                serde_json::json!({"mlp_layer_types": ["dense", "moe"]}),
+                "mlp_layer_types",
+            ),
+        ],
+    );
     // Without `use_qk_norm` (GLM-4.5's default) there is no q/k norm, and the partial rotary
     // factor defaults to 0.5.
     let mut config = fixture_config("glm4_moe");
