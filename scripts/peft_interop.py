@@ -80,11 +80,15 @@ def main():
         "glm4_moe": "q_proj,v_proj,o_proj",
         "deepseek_v3": "q_b_proj,kv_b_proj,o_proj",
         "glm4_moe_lite": "kv_b_proj,o_proj",
+        "glm_moe_dsa": "q_b_proj,kv_b_proj,o_proj",
+        "mistral4": "q_b_proj,kv_b_proj,o_proj",
+        "mistral4_wrapped": "q_b_proj,kv_b_proj,o_proj",
     }
     archs = ["llama", "llama_rope3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
              "glm4", "mixtral", "qwen3_moe", "gpt_oss", "olmo3", "smollm3", "ministral3", "llama4",
              "ministral3_wrapped", "gemma3_wrapped", "gemma4", "gemma4_moe", "gemma4_unified", "gemma4_wrapped",
-             "gemma4_unified_wrapped", "glm4_moe", "deepseek_v3", "glm4_moe_lite"]
+             "gemma4_unified_wrapped", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "glm_moe_dsa", "mistral4",
+             "mistral4_wrapped"]
     for arch in sys.argv[1:] or archs:
         kw = inputs(arch)
         mask = kw["attention_mask"]
@@ -96,10 +100,10 @@ def main():
         # (On Llama 4, PEFT 0.21.2's all-linear also wraps the router, a Linear returning a tuple,
         # and its forward crashes.)
         moe = arch in ("mixtral", "qwen3_moe", "gpt_oss", "llama4", "gemma4_moe", "glm4_moe", "deepseek_v3",
-                       "glm4_moe_lite")
+                       "glm4_moe_lite", "glm_moe_dsa", "mistral4", "mistral4_wrapped")
         wrapped = arch.endswith("_wrapped")
         wide = "q_proj,k_proj,v_proj,o_proj" if moe or wrapped else "all-linear"
-        if arch == "deepseek_v3":  # latent attention's projections
+        if arch in ("deepseek_v3", "glm_moe_dsa", "mistral4", "mistral4_wrapped"):  # latent attention's projections
             wide = "q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"
         if arch == "glm4_moe_lite":  # latent attention with a plain q_proj
             wide = "q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"

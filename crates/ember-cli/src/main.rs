@@ -1043,6 +1043,9 @@ fn generate_text<B: EmberBackend>(job: GenerateJob, device: &B::Device) -> Resul
             model_path.display()
         );
     }
+    model_config
+        .check_sequence_length(ids.len() + config.max_new_tokens)
+        .context("--max-new-tokens with this prompt")?;
     config.eos_token_ids = model_config.eos_token_ids.clone();
     if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
         if !config.eos_token_ids.contains(&id) {

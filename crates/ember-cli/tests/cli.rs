@@ -425,14 +425,28 @@ fn inspect_describes_new_families_and_wrappers() {
             &[
                 "architecture:   deepseek_v3",
                 "latent attention: query rank 32, key/value latent 16 (cached), per head 16 + 8 RoPE",
-                "GroupLimitedSigmoid",
+                "GroupLimited { scores: Sigmoid",
+            ][..],
+        ),
+        (
+            "mistral4",
+            &[
+                "architecture:   mistral4",
+                "GroupLimited { scores: Softmax, groups: 4, top_groups: 2",
+            ][..],
+        ),
+        (
+            "glm_moe_dsa",
+            &[
+                "architecture:   glm_moe_dsa",
+                "ignored:      sparse-attention indexers (every key kept up to 32 positions) (5 tensors",
             ][..],
         ),
         (
             "glm4_moe",
             &[
                 "architecture:   glm4_moe",
-                "GroupLimitedSigmoid { groups: 4, top_groups: 2",
+                "GroupLimited { scores: Sigmoid, groups: 4, top_groups: 2",
                 "(1 of 2 layers sparse",
             ][..],
         ),

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
+pub use crate::family::GroupScores;
 use crate::family::{BiasRule, Family, FamilySpec, LayerPattern, RopeRule, WindowRule, WrapperSpec};
 
 /// Deserialises a key that may be absent (outer `None`) or `null` (inner `None`): Gemma 2's
@@ -165,20 +166,22 @@ pub struct HfConfig {
     pub enable_moe_block: Option<bool>,
     /// Gemma 4: experts per token.
     pub top_k_experts: Option<usize>,
-    /// MLA (DeepSeek-V3): rank of the query bottleneck; `null` = a plain `q_proj` (default 1536
-    /// when absent: `Some(Value::Null)` and `None` differ here).
+    /// MLA (DeepSeek-V3): rank of the query bottleneck; `null` = a plain `q_proj` (the family's
+    /// default when absent: `Some(Value::Null)` and `None` differ here).
     #[serde(default, deserialize_with = "present_value")]
     pub q_lora_rank: Option<Value>,
-    /// MLA: rank of the key/value latent (default 512).
+    /// MLA: rank of the key/value latent.
     pub kv_lora_rank: Option<usize>,
-    /// MLA: per-head query/key width without RoPE (default 128).
+    /// MLA: per-head query/key width without RoPE.
     pub qk_nope_head_dim: Option<usize>,
-    /// MLA: width of the RoPE part of queries and of the one shared RoPE key (default 64).
+    /// MLA: width of the RoPE part of queries and of the one shared RoPE key.
     pub qk_rope_head_dim: Option<usize>,
-    /// MLA: per-head value width (default 128).
+    /// MLA: per-head value width.
     pub v_head_dim: Option<usize>,
     /// MLA: RoPE on interleaved pairs (default true).
     pub rope_interleave: Option<bool>,
+    /// GLM-5 (DeepSeek sparse attention): keys each query's indexer keeps (default 2048).
+    pub index_topk: Option<usize>,
     /// DeepSeek-V3, GLM-4.5: number of routed experts.
     pub n_routed_experts: Option<usize>,
     /// DeepSeek-V3, GLM-4.5: expert groups.
@@ -352,11 +355,14 @@ pub enum Routing {
     TopKSoftmax,
     /// Keep the top-k logits, sigmoid of each (Llama 4).
     TopKSigmoid,
-    /// DeepSeek-V3 / GLM-4.5: sigmoid scores; experts chosen on the scores plus a correction
-    /// bias (`e_score_correction_bias`) within the `topk_group` best of `n_group` groups (a
-    /// group's score: its two best experts); the chosen experts' plain scores, optionally
-    /// renormalised, times `routed_scaling_factor`.
-    GroupLimitedSigmoid {
+    /// DeepSeek-style: scores (sigmoid, or softmax in DeepSeek-V2 / Mistral 4); experts chosen
+    /// on the scores plus a correction bias (`e_score_correction_bias`, where the router has
+    /// one) within the `topk_group` best of `n_group` groups (a group's score: its two best
+    /// experts); the chosen experts' plain scores, optionally renormalised, times
+    /// `routed_scaling_factor`.
+    GroupLimited {
+        /// How logits become scores.
+        scores: GroupScores,
         /// Groups the experts are split into (`n_group`).
         groups: usize,
         /// Groups a token may pick from (`topk_group`).
@@ -472,6 +478,10 @@ pub struct LatentAttentionConfig {
     pub rope_dim: usize,
     /// Per-head value width.
     pub v_dim: usize,
+    /// DeepSeek sparse attention (GLM-5): the indexer keeps this many keys per query. Up to
+    /// that many positions it keeps them all and attention is exactly MLA; Ember refuses
+    /// longer sequences ([`DecoderConfig::check_sequence_length`]).
+    pub index_topk: Option<usize>,
 }
 
 /// Gemma 4's per-layer input embeddings: a second token embedding, `[vocab, layers·width]`,
@@ -627,6 +637,30 @@ pub struct DecoderConfig {
 }
 
 impl DecoderConfig {
+    /// The most positions (cache included) a forward pass computes exactly, if limited: GLM-5's
+    /// sparse-attention indexer keeps every key up to `index_topk` positions; beyond that it
+    /// would drop keys, which Ember does not implement.
+    pub fn max_exact_positions(&self) -> Option<usize> {
+        self.latent_attention.and_then(|mla| mla.index_topk)
+    }
+
+    /// Refuses `len` positions (a training row, a prompt plus its new tokens) beyond
+    /// [`DecoderConfig::max_exact_positions`].
+    pub fn check_sequence_length(&self, len: usize) -> Result<()> {
+        match self.max_exact_positions() {
+            Some(limit) if len > limit => Err(ModelError::SequenceTooLong {
+                len,
+                limit,
+                reason: format!(
+                    "{}'s sparse attention keeps only `index_topk` = {limit} keys per query past that, \
+                     and Ember implements it only where it keeps them all; use at most {limit} positions",
+                    self.model_type
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Reads and normalises `config.json` (or any file of that form).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
@@ -779,31 +813,44 @@ impl DecoderConfig {
                 format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
             ));
         }
-        let latent_attention = if spec.latent_attention {
-            let dim = |v: Option<usize>, default: usize, key: &str| match v.unwrap_or(default) {
-                0 => Err(invalid(key, "must be positive".into())),
-                d if d > 1 << 16 => Err(invalid(key, format!("{d} is beyond any supported model"))),
-                d => Ok(d),
-            };
-            let q_lora_rank = match &hf.q_lora_rank {
-                None => Some(1536),
-                Some(Value::Null) => None,
-                Some(v) => Some(
-                    v.as_u64()
-                        .filter(|&r| r > 0 && r <= 1 << 16)
-                        .ok_or_else(|| invalid("q_lora_rank", format!("{v} must be a positive integer or null")))?
-                        as usize,
-                ),
-            };
-            Some(LatentAttentionConfig {
-                q_lora_rank,
-                kv_lora_rank: dim(hf.kv_lora_rank, 512, "kv_lora_rank")?,
-                nope_dim: dim(hf.qk_nope_head_dim, 128, "qk_nope_head_dim")?,
-                rope_dim: dim(hf.qk_rope_head_dim, 64, "qk_rope_head_dim")?,
-                v_dim: dim(hf.v_head_dim, 128, "v_head_dim")?,
-            })
-        } else {
-            None
+        let latent_attention = match spec.latent_attention {
+            Some(defaults) => {
+                let dim = |v: Option<usize>, default: usize, key: &str| match v.unwrap_or(default) {
+                    0 => Err(invalid(key, "must be positive".into())),
+                    d if d > 1 << 16 => Err(invalid(key, format!("{d} is beyond any supported model"))),
+                    d => Ok(d),
+                };
+                let q_lora_rank = match &hf.q_lora_rank {
+                    None => defaults.q_lora_rank,
+                    Some(Value::Null) if spec.sparse_attention_indexer => {
+                        return Err(invalid(
+                            "q_lora_rank",
+                            "is required: the sparse-attention indexer reads the query bottleneck".into(),
+                        ))
+                    }
+                    Some(Value::Null) => None,
+                    Some(v) => Some(
+                        v.as_u64()
+                            .filter(|&r| r > 0 && r <= 1 << 16)
+                            .ok_or_else(|| invalid("q_lora_rank", format!("{v} must be a positive integer or null")))?
+                            as usize,
+                    ),
+                };
+                let index_topk = match hf.index_topk {
+                    _ if !spec.sparse_attention_indexer => None,
+                    Some(0) => return Err(invalid("index_topk", "must be positive".into())),
+                    k => Some(k.unwrap_or(2048)),
+                };
+                Some(LatentAttentionConfig {
+                    q_lora_rank,
+                    kv_lora_rank: dim(hf.kv_lora_rank, defaults.kv_lora_rank, "kv_lora_rank")?,
+                    nope_dim: dim(hf.qk_nope_head_dim, defaults.nope_dim, "qk_nope_head_dim")?,
+                    rope_dim: dim(hf.qk_rope_head_dim, defaults.rope_dim, "qk_rope_head_dim")?,
+                    v_dim: dim(hf.v_head_dim, defaults.v_dim, "v_head_dim")?,
+                    index_topk,
+                })
+            }
+            None => None,
         };
         // MLA's RoPE runs over the rope part only (transformers sets head_dim to it).
         let head_dim = match latent_attention {
@@ -865,7 +912,8 @@ impl DecoderConfig {
                 ),
             ),
         };
-        rope.interleaved = spec.interleaved_rope || (spec.latent_attention && hf.rope_interleave.unwrap_or(true));
+        rope.interleaved =
+            spec.interleaved_rope || (spec.latent_attention.is_some() && hf.rope_interleave.unwrap_or(true));
         if let Some(local) = local_rope.as_mut() {
             local.interleaved = spec.interleaved_rope;
         }
@@ -1078,9 +1126,14 @@ fn rope_config(
         .or(get("rope_theta"))
         .or(hf.rope_theta)
         .unwrap_or(spec.default_rope_theta);
-    let partial = get("partial_rotary_factor")
-        .or(hf.partial_rotary_factor)
-        .unwrap_or(spec.default_partial_rotary);
+    // MLA rotates its whole RoPE part (`head_dim` here); Mistral 4's config states that as
+    // `partial_rotary_factor` = rope / (nope + rope) of a wider head, which is not applied twice.
+    let partial = match spec.latent_attention {
+        Some(_) => 1.0,
+        None => get("partial_rotary_factor")
+            .or(hf.partial_rotary_factor)
+            .unwrap_or(spec.default_partial_rotary),
+    };
     let rope_type = params
         .as_ref()
         .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
@@ -1355,8 +1408,11 @@ fn moe_config(
             vec![true; n],
         ),
         MoeLayout::DeepSeek => {
-            let groups = hf.n_group.unwrap_or(1);
-            let top_groups = hf.topk_group.unwrap_or(1);
+            let defaults = spec
+                .group_routing
+                .expect("a DeepSeek-layout family names its routing defaults");
+            let groups = hf.n_group.unwrap_or(defaults.groups);
+            let top_groups = hf.topk_group.unwrap_or(defaults.top_groups);
             // A group scores by its two best experts.
             if groups == 0 || !num_experts.is_multiple_of(groups) || num_experts / groups < 2 {
                 return Err((
@@ -1392,16 +1448,17 @@ fn moe_config(
                     })
                     .collect::<std::result::Result<Vec<bool>, _>>()?,
                 None => {
-                    let dense = hf.first_k_dense_replace.unwrap_or(1);
+                    let dense = hf.first_k_dense_replace.unwrap_or(defaults.first_dense);
                     (0..n).map(|i| i >= dense).collect()
                 }
             };
             (
-                Routing::GroupLimitedSigmoid {
+                Routing::GroupLimited {
+                    scores: defaults.scores,
                     groups,
                     top_groups,
                     renormalize: hf.norm_topk_prob.unwrap_or(true),
-                    scaling: hf.routed_scaling_factor.unwrap_or(1.0),
+                    scaling: hf.routed_scaling_factor.unwrap_or(defaults.scaling),
                 },
                 ExpertActivation::Gated(act),
                 hf.moe_intermediate_size.ok_or_else(|| {
@@ -1453,6 +1510,8 @@ fn layer_windows(
             .iter()
             .map(|t| match t.as_str() {
                 "full_attention" | "chunked_attention" => Ok(None),
+                // GLM-5's sparse attention sees every key within the lengths Ember runs.
+                "indexed_attention" if spec.sparse_attention_indexer => Ok(None),
                 "sliding_attention" => hf.sliding_window.map(Some).ok_or_else(|| {
                     (
                         "sliding_window".to_string(),

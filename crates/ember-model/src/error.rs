@@ -107,6 +107,16 @@ pub enum ModelError {
     /// Attaching, loading or saving an adapter failed.
     #[error(transparent)]
     Lora(#[from] ember_lora::LoraError),
+    /// More positions than the model computes exactly (GLM-5's sparse attention).
+    #[error("{len} positions are more than this model computes exactly ({limit}): {reason}")]
+    SequenceTooLong {
+        /// Positions asked for (cache included).
+        len: usize,
+        /// The most this model handles.
+        limit: usize,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// Inputs given to the model are inconsistent.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -56,6 +56,10 @@ pub enum Family {
     DeepseekV3,
     /// GLM-4.7-Flash: DeepSeek-V3's latent attention with GLM-4.5's MoE.
     Glm4MoeLite,
+    /// GLM-5 / 5.1: GLM-4.7-Flash's blocks with DeepSeek sparse attention (a top-k key indexer).
+    GlmMoeDsa,
+    /// Mistral Small 4: latent attention, softmax group-limited routing, shared experts.
+    Mistral4,
     /// gpt-oss.
     GptOss,
 }
@@ -107,6 +111,45 @@ pub enum RopeRule {
     PerLayerType,
 }
 
+/// transformers' defaults of multi-head latent attention's sizes (they differ per config class).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatentDefaults {
+    /// `q_lora_rank` (`None`: a plain `q_proj`).
+    pub q_lora_rank: Option<usize>,
+    /// `kv_lora_rank`.
+    pub kv_lora_rank: usize,
+    /// `qk_nope_head_dim`.
+    pub nope_dim: usize,
+    /// `qk_rope_head_dim`.
+    pub rope_dim: usize,
+    /// `v_head_dim`.
+    pub v_dim: usize,
+}
+
+/// How a DeepSeek-style router turns logits into scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScores {
+    /// `σ(logit)`, chosen with `e_score_correction_bias` added (DeepSeek-V3, GLM).
+    Sigmoid,
+    /// Softmax over the experts (DeepSeek-V2, Mistral 4).
+    Softmax,
+}
+
+/// transformers' defaults of a DeepSeek-style MoE (they differ per config class).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupRoutingDefaults {
+    /// How logits become scores.
+    pub scores: GroupScores,
+    /// `n_group`.
+    pub groups: usize,
+    /// `topk_group`.
+    pub top_groups: usize,
+    /// `routed_scaling_factor`.
+    pub scaling: f64,
+    /// `first_k_dense_replace` (also the dense prefix of a default `mlp_layer_types`).
+    pub first_dense: usize,
+}
+
 /// Everything one family changes, as data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FamilySpec {
@@ -149,8 +192,14 @@ pub struct FamilySpec {
     /// Multi-token-prediction layers are stored as extra decoder layers after the last one
     /// (`model.layers.{n}…`, `num_nextn_predict_layers` of them; GLM-4.5): skipped.
     pub trailing_mtp_layers: bool,
-    /// Multi-head latent attention (`q_lora_rank`, `kv_lora_rank`, ...; DeepSeek-V3).
-    pub latent_attention: bool,
+    /// Multi-head latent attention (`q_lora_rank`, `kv_lora_rank`, ...; DeepSeek-V3), with the
+    /// config class's defaults.
+    pub latent_attention: Option<LatentDefaults>,
+    /// DeepSeek sparse attention (GLM-5): a per-layer indexer picks `index_topk` keys per query.
+    /// Exact while every key is picked (at most `index_topk` positions); longer is refused.
+    pub sparse_attention_indexer: bool,
+    /// Group-limited routing of a [`MoeLayout::DeepSeek`] block, with the config class's defaults.
+    pub group_routing: Option<GroupRoutingDefaults>,
     /// Gemma 2/3: scores scaled by `query_pre_attn_scalar^-0.5` (default 256) instead of
     /// `head_dim^-0.5`.
     pub query_pre_attn_scalar: bool,
@@ -212,7 +261,9 @@ const LLAMA: FamilySpec = FamilySpec {
     qk_norm_switch: None,
     default_partial_rotary: 1.0,
     trailing_mtp_layers: false,
-    latent_attention: false,
+    latent_attention: None,
+    sparse_attention_indexer: false,
+    group_routing: None,
     query_pre_attn_scalar: false,
     tied_by_default: false,
     qkv_bias: BiasRule::FromConfig,
@@ -231,6 +282,24 @@ const LLAMA: FamilySpec = FamilySpec {
     temperature_tuning: false,
     mlp_module: "mlp",
     default_rope_theta: 10_000.0,
+};
+
+/// DeepSeek-style sigmoid routing with transformers' GLM defaults; rows override what differs.
+const SIGMOID_GROUPS: GroupRoutingDefaults = GroupRoutingDefaults {
+    scores: GroupScores::Sigmoid,
+    groups: 1,
+    top_groups: 1,
+    scaling: 1.0,
+    first_dense: 1,
+};
+
+/// GLM-4.7-Flash's latent attention sizes (GLM-5 differs in `q_lora_rank`).
+const GLM_LATENT: LatentDefaults = LatentDefaults {
+    q_lora_rank: Some(768),
+    kv_lora_rank: 512,
+    nope_dim: 192,
+    rope_dim: 64,
+    v_dim: 256,
 };
 
 /// Gemma 4's text decoder (its unified variant overrides what it lacks).
@@ -452,6 +521,11 @@ pub const FAMILIES: &[FamilySpec] = &[
         qk_norm_switch: Some(false),
         o_bias: BiasRule::Never,
         moe: Some(MoeLayout::DeepSeek),
+        group_routing: Some(GroupRoutingDefaults {
+            scaling: 1.0,
+            first_dense: 1,
+            ..SIGMOID_GROUPS
+        }),
         default_partial_rotary: 0.5,
         trailing_mtp_layers: true,
         ..LLAMA
@@ -463,7 +537,20 @@ pub const FAMILIES: &[FamilySpec] = &[
         summary: "multi-head latent attention (low-rank q, key/value latent cached, one shared RoPE key, \
                   interleaved pairs, YaRN mscale² on the scores) and DeepSeek MoE as glm4_moe's",
         moe: Some(MoeLayout::DeepSeek),
-        latent_attention: true,
+        group_routing: Some(GroupRoutingDefaults {
+            groups: 8,
+            top_groups: 4,
+            scaling: 2.5,
+            first_dense: 3,
+            ..SIGMOID_GROUPS
+        }),
+        latent_attention: Some(LatentDefaults {
+            q_lora_rank: Some(1536),
+            kv_lora_rank: 512,
+            nope_dim: 128,
+            rope_dim: 64,
+            v_dim: 128,
+        }),
         trailing_mtp_layers: true,
         ..LLAMA
     },
@@ -473,8 +560,62 @@ pub const FAMILIES: &[FamilySpec] = &[
         causal_lm_class: "Glm4MoeLiteForCausalLM",
         summary: "GLM-4.7-Flash: deepseek_v3's latent attention and MoE, sparse layers by `mlp_layer_types`",
         moe: Some(MoeLayout::DeepSeek),
-        latent_attention: true,
+        group_routing: Some(GroupRoutingDefaults {
+            scaling: 1.8,
+            first_dense: 1,
+            ..SIGMOID_GROUPS
+        }),
+        latent_attention: Some(GLM_LATENT),
         trailing_mtp_layers: true,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::GlmMoeDsa,
+        model_type: "glm_moe_dsa",
+        causal_lm_class: "GlmMoeDsaForCausalLM",
+        summary: "GLM-5: glm4_moe_lite's blocks with DeepSeek sparse attention; its indexer keeps every key up \
+                  to `index_topk` positions (exact there, longer refused; indexer weights not loaded)",
+        moe: Some(MoeLayout::DeepSeek),
+        group_routing: Some(GroupRoutingDefaults {
+            scaling: 2.5,
+            first_dense: 3,
+            ..SIGMOID_GROUPS
+        }),
+        latent_attention: Some(LatentDefaults {
+            q_lora_rank: Some(2048),
+            ..GLM_LATENT
+        }),
+        sparse_attention_indexer: true,
+        interleaved_rope: true,
+        trailing_mtp_layers: true,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Mistral4,
+        model_type: "mistral4",
+        causal_lm_class: "Mistral4ForCausalLM",
+        summary: "Mistral Small 4: latent attention, YaRN and a position-dependent query scale \
+                  (llama_4_scaling_beta), softmax group-limited routing without correction bias, shared experts",
+        moe: Some(MoeLayout::DeepSeek),
+        group_routing: Some(GroupRoutingDefaults {
+            scores: GroupScores::Softmax,
+            scaling: 1.0,
+            first_dense: 0,
+            ..SIGMOID_GROUPS
+        }),
+        latent_attention: Some(LatentDefaults {
+            q_lora_rank: Some(1024),
+            kv_lora_rank: 256,
+            nope_dim: 64,
+            rope_dim: 64,
+            v_dim: 128,
+        }),
+        position_query_scale: true,
+        default_rope_parameters: Some(
+            r#"{"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0,
+                "original_max_position_embeddings": 8192, "beta_fast": 32.0, "beta_slow": 1.0,
+                "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}"#,
+        ),
         ..LLAMA
     },
     FamilySpec {
@@ -701,6 +842,14 @@ mod tests {
                 assert_ne!(a.family, b.family);
             }
             assert_eq!(FamilySpec::get(a.family).model_type, a.model_type);
+            // Group-limited routing is the DeepSeek layout's, and only its.
+            assert_eq!(
+                a.group_routing.is_some(),
+                a.moe == Some(MoeLayout::DeepSeek),
+                "{}",
+                a.model_type
+            );
+            assert!(!a.sparse_attention_indexer || a.latent_attention.is_some());
         }
     }
 

@@ -255,6 +255,10 @@ pub struct LatentAttention<B: Backend> {
     /// Multiplier of `q·kᵀ`.
     #[module(skip)]
     pub scale: f64,
+    /// GLM-5's sparse attention keeps every key up to this many (`index_topk`); more are
+    /// refused ([`DecoderConfig::check_sequence_length`] says so before a run starts).
+    #[module(skip)]
+    pub max_keys: Option<usize>,
 }
 
 impl<B: EmberBackend> LatentAttention<B> {
@@ -301,6 +305,13 @@ impl<B: EmberBackend> LatentAttention<B> {
             rope_keys = Tensor::cat(vec![past_rope, rope_keys], 2);
         }
         let keys_len = latent.dims()[1];
+        if let Some(limit) = self.max_keys {
+            assert!(
+                keys_len <= limit,
+                "{keys_len} positions: the sparse-attention indexer keeps only {limit} keys per query \
+                 beyond which Ember is not exact (DecoderConfig::check_sequence_length refuses this earlier)"
+            );
+        }
         let kv = self
             .kv_b_proj
             .forward(latent.clone())
@@ -312,7 +323,10 @@ impl<B: EmberBackend> LatentAttention<B> {
             vec![k_nope, rope_keys.clone().expand([batch, heads, keys_len, rope])],
             3,
         );
-        let q = Tensor::cat(vec![q_nope, q_rope], 3);
+        let mut q = Tensor::cat(vec![q_nope, q_rope], 3);
+        if let Some(scale) = inputs.query_scale {
+            q = q * scale.clone();
+        }
         let scores = q.matmul(keys.swap_dims(2, 3)).mul_scalar(self.scale) + inputs.mask.clone();
         let out = softmax(scores, 3)
             .matmul(values)
@@ -983,6 +997,7 @@ impl<B: EmberBackend> CausalLm<B> {
                         rope_dim: mla.rope_dim,
                         v_dim: mla.v_dim,
                         scale: c.attn_scale,
+                        max_keys: mla.index_topk,
                     }))
                 })
                 .transpose()?;
@@ -1178,6 +1193,21 @@ impl<B: EmberBackend> CausalLm<B> {
         // are not loaded (and said so).
         let mut ignored_components = names.ignored_components(weights.keys().map(String::as_str));
         for key in weights.keys().filter(|k| names.is_ignored_key(k)) {
+            weights.skip(key);
+        }
+        // GLM-5's sparse-attention indexers only pick keys, and pick them all up to
+        // `index_topk` positions (the most Ember runs): not needed, not loaded.
+        let indexer_keys: Vec<&String> = weights
+            .keys()
+            .filter(|k| c.max_exact_positions().is_some() && k.contains(".self_attn.indexer."))
+            .collect();
+        if let (false, Some(limit)) = (indexer_keys.is_empty(), c.max_exact_positions()) {
+            ignored_components.push((
+                format!("sparse-attention indexers (every key kept up to {limit} positions)"),
+                indexer_keys.len(),
+            ));
+        }
+        for key in indexer_keys {
             weights.skip(key);
         }
         // GLM-4.5 stores its multi-token-prediction layers as decoder layers after the last.

@@ -13,7 +13,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 use ember_lora::EmberBackend;
 
-use crate::config::{DecoderConfig, ExpertActivation, MoeConfig, MoeLayout, Routing};
+use crate::config::{DecoderConfig, ExpertActivation, GroupScores, MoeConfig, MoeLayout, Routing};
 use crate::error::Result;
 use crate::model::{activate, Mlp};
 use crate::weights::Weights;
@@ -199,7 +199,8 @@ impl<B: EmberBackend> SparseMoe<B> {
                 let (_, experts) = top_k(logits.clone().detach(), self.top_k);
                 (sigmoid(logits.gather(1, experts.clone())), experts)
             }
-            Routing::GroupLimitedSigmoid {
+            Routing::GroupLimited {
+                scores,
                 groups,
                 top_groups,
                 renormalize,
@@ -207,7 +208,10 @@ impl<B: EmberBackend> SparseMoe<B> {
             } => {
                 let [tokens, experts] = logits.dims();
                 let device = logits.device();
-                let scores = sigmoid(logits);
+                let scores = match scores {
+                    GroupScores::Sigmoid => sigmoid(logits),
+                    GroupScores::Softmax => softmax(logits, 1),
+                };
                 let mut choice = scores.clone().detach();
                 if let Some(bias) = &self.score_correction_bias {
                     choice = choice + bias.clone().unsqueeze::<2>();
@@ -400,7 +404,16 @@ pub(crate) fn load<B: EmberBackend>(
         per_expert_scale,
         router_norm_eps: config.rms_norm_eps,
         score_correction_bias: match moe.layout {
-            MoeLayout::DeepSeek => {
+            // Sigmoid scores come with a correction bias; softmax ones (Mistral 4) without.
+            MoeLayout::DeepSeek
+                if matches!(
+                    moe.routing,
+                    Routing::GroupLimited {
+                        scores: GroupScores::Sigmoid,
+                        ..
+                    }
+                ) =>
+            {
                 Some(weights.tensor::<B, 1>(&format!("{base}.{router_name}.e_score_correction_bias"), [n], device)?)
             }
             _ => None,

@@ -632,3 +632,112 @@ fn glm4_moe_skips_trailing_mtp_layers_and_checks_routing() {
     assert_eq!(c.qk_norm, ember_model::config::QkNorm::None);
     assert_eq!(c.rope.rotary_dim, 8);
 }
+
+/// GLM-5's sparse-attention indexers are skipped and reported; the sequence length up to which
+/// they keep every key (`index_topk`) bounds what Ember runs, with an error naming it beyond.
+#[test]
+fn glm_moe_dsa_skips_indexers_and_refuses_longer_sequences() {
+    let model = load(&fixtures().join("glm_moe_dsa")).unwrap();
+    // Layer 0 runs an indexer (wq_b, wk, k_norm weight and bias, weights_proj); layer 1 shares it.
+    assert_eq!(
+        model.ignored_components,
+        vec![(
+            "sparse-attention indexers (every key kept up to 32 positions)".to_string(),
+            5
+        )]
+    );
+    let config = model.config();
+    assert_eq!(config.max_exact_positions(), Some(32));
+    config.check_sequence_length(32).unwrap();
+    let err = config.check_sequence_length(33).unwrap_err().to_string();
+    assert!(err.contains("33 positions") && err.contains("index_topk"), "{err}");
+    assert_config_errors(
+        "glm_moe_dsa",
+        &[
+            (serde_json::json!({"q_lora_rank": null}), "q_lora_rank"),
+            (serde_json::json!({"index_topk": 0}), "index_topk"),
+        ],
+    );
+    // transformers' default: 2048 keys.
+    let mut config = fixture_config("glm_moe_dsa");
+    config.as_object_mut().unwrap().remove("index_topk");
+    assert_eq!(normalise(&config).unwrap().max_exact_positions(), Some(2048));
+    // Other families run any length.
+    assert_eq!(normalise(&fixture_config("deepseek_v3")).unwrap().max_exact_positions(), None);
+}
+
+/// Absent DeepSeek-style keys take each config class's own defaults (they differ between
+/// DeepSeek-V3, GLM and Mistral 4), as do the latent attention sizes.
+#[test]
+fn deepseek_style_defaults_follow_each_config_class() {
+    use ember_model::config::{GroupScores, QueryScale, Routing};
+    let strip = |arch: &str, keys: &[&str]| {
+        let mut config = fixture_config(arch);
+        let object = config.as_object_mut().unwrap();
+        for key in keys {
+            object.remove(*key);
+        }
+        // Enough experts for DeepSeek-V3's 8 groups.
+        object.insert("n_routed_experts".into(), 16.into());
+        config
+    };
+    let routing_keys = [
+        "n_group",
+        "topk_group",
+        "routed_scaling_factor",
+        "first_k_dense_replace",
+        "mlp_layer_types",
+    ];
+    let cases = [
+        ("deepseek_v3", GroupScores::Sigmoid, 8, 4, 2.5, vec![false, false]),
+        ("glm4_moe", GroupScores::Sigmoid, 1, 1, 1.0, vec![false, true]),
+        ("glm4_moe_lite", GroupScores::Sigmoid, 1, 1, 1.8, vec![false, true]),
+        ("glm_moe_dsa", GroupScores::Sigmoid, 1, 1, 2.5, vec![false, false]),
+        ("mistral4", GroupScores::Softmax, 1, 1, 1.0, vec![true, true]),
+    ];
+    for (arch, scores, groups, top_groups, scaling, sparse) in cases {
+        let moe = normalise(&strip(arch, &routing_keys)).unwrap().moe.unwrap();
+        assert_eq!(
+            moe.routing,
+            Routing::GroupLimited {
+                scores,
+                groups,
+                top_groups,
+                renormalize: true,
+                scaling
+            },
+            "{arch}"
+        );
+        assert_eq!(moe.sparse_layers, sparse, "{arch}");
+    }
+    let latent_keys = [
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+    ];
+    for (arch, q, kv, nope, rope, v) in [
+        ("deepseek_v3", 1536, 512, 128, 64, 128),
+        ("glm4_moe_lite", 768, 512, 192, 64, 256),
+        ("glm_moe_dsa", 2048, 512, 192, 64, 256),
+        ("mistral4", 1024, 256, 64, 64, 128),
+    ] {
+        let mla = normalise(&strip(arch, &latent_keys)).unwrap().latent_attention.unwrap();
+        assert_eq!(
+            (mla.q_lora_rank, mla.kv_lora_rank, mla.nope_dim, mla.rope_dim, mla.v_dim),
+            (Some(q), kv, nope, rope, v),
+            "{arch}"
+        );
+    }
+    // Mistral 4 without rope_parameters: transformers' YaRN ×128 over 8192 positions with
+    // the query scale β 0.1.
+    let c = normalise(&strip("mistral4", &["rope_parameters"])).unwrap();
+    assert_eq!(
+        c.query_scale,
+        Some(QueryScale::LogPosition {
+            beta: 0.1,
+            original: 8192.0
+        })
+    );
+}

@@ -548,6 +548,9 @@ pub fn evaluate_models<B: EmberBackend>(
     mut log: impl FnMut(&str),
 ) -> Result<EvalReport> {
     let config = ember_model::source::read_config(&spec.model)?;
+    config
+        .check_sequence_length(spec.data.max_seq_len)
+        .map_err(|e| crate::error::TrainError::Config(format!("data.max_seq_len: {e}")))?;
     let tokenizer = ember_model::source::read_tokenizer(&spec.model)?;
     let pad_id = config
         .pad_token_id

@@ -358,6 +358,9 @@ fn run_locked<B: EmberAutodiffBackend>(
 ) -> Result<RunSummary> {
     check_output_dir(&config.output_dir, options)?;
     let model_config = ember_model::source::read_config(&config.base_model)?;
+    model_config
+        .check_sequence_length(config.data.max_seq_len)
+        .map_err(|e| TrainError::Config(format!("data.max_seq_len: {e}")))?;
     let tokenizer = ember_model::source::read_tokenizer(&config.base_model)?;
     let data = prepare_data(config, &tokenizer, &model_config)?;
     let init_from = config

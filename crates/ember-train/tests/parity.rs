@@ -133,4 +133,7 @@ training_parity! {
     glm4_moe_training_matches_peft: "glm4_moe",
     deepseek_v3_training_matches_peft: "deepseek_v3",
     glm4_moe_lite_training_matches_peft: "glm4_moe_lite",
+    glm_moe_dsa_training_matches_peft: "glm_moe_dsa",
+    mistral4_training_matches_peft: "mistral4",
+    mistral4_wrapped_training_matches_peft: "mistral4_wrapped",
 }
