@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
-pub use crate::family::GroupScores;
 use crate::family::{BiasRule, Family, FamilySpec, LayerPattern, RopeRule, WindowRule, WrapperSpec};
+pub use crate::family::{GroupScores, LinearDefaults};
 
 /// Deserialises a key that may be absent (outer `None`) or `null` (inner `None`): Gemma 2's
 /// soft-caps default to 50/30 when absent but are off when `null`.
@@ -182,6 +182,18 @@ pub struct HfConfig {
     pub rope_interleave: Option<bool>,
     /// GLM-5 (DeepSeek sparse attention): keys each query's indexer keeps (default 2048).
     pub index_topk: Option<usize>,
+    /// Qwen 3.5: Gated DeltaNet query/key heads.
+    pub linear_num_key_heads: Option<usize>,
+    /// Qwen 3.5: Gated DeltaNet value heads.
+    pub linear_num_value_heads: Option<usize>,
+    /// Qwen 3.5: Gated DeltaNet query/key width per head.
+    pub linear_key_head_dim: Option<usize>,
+    /// Qwen 3.5: Gated DeltaNet value width per head.
+    pub linear_value_head_dim: Option<usize>,
+    /// Qwen 3.5: taps of the causal convolution.
+    pub linear_conv_kernel_dim: Option<usize>,
+    /// Qwen 3.5: every n-th layer is full attention when `layer_types` is absent (default 4).
+    pub full_attention_interval: Option<usize>,
     /// DeepSeek-V3, GLM-4.5: number of routed experts.
     pub n_routed_experts: Option<usize>,
     /// DeepSeek-V3, GLM-4.5: expert groups.
@@ -462,6 +474,24 @@ pub struct LayerShape {
     /// No key/value projections: the layer attends over the keys and values of this earlier
     /// layer (Gemma 4's KV sharing).
     pub kv_shared_from: Option<usize>,
+    /// The layer mixes tokens with gated delta-rule linear attention instead (Qwen 3.5's
+    /// `linear_attention` layers; see [`DecoderConfig::linear_attention`]).
+    pub linear_attention: bool,
+}
+
+/// Gated DeltaNet (Qwen 3.5 / 3.6, Qwen3-Next): the sizes of the `linear_attention` layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearAttentionConfig {
+    /// Query/key heads (`linear_num_key_heads`).
+    pub num_k_heads: usize,
+    /// Value heads (`linear_num_value_heads`), a multiple of the key heads.
+    pub num_v_heads: usize,
+    /// Query/key width per head (`linear_key_head_dim`).
+    pub k_dim: usize,
+    /// Value width per head (`linear_value_head_dim`).
+    pub v_dim: usize,
+    /// Taps of the causal convolution (`linear_conv_kernel_dim`).
+    pub conv_kernel: usize,
 }
 
 /// Multi-head latent attention (DeepSeek-V3): queries through an optional low-rank bottleneck,
@@ -619,6 +649,10 @@ pub struct DecoderConfig {
     pub trailing_mtp_layers: usize,
     /// Multi-head latent attention in every layer (DeepSeek-V3).
     pub latent_attention: Option<LatentAttentionConfig>,
+    /// Gated DeltaNet's sizes, for the layers whose [`LayerShape::linear_attention`] is set.
+    pub linear_attention: Option<LinearAttentionConfig>,
+    /// Full-attention `q_proj`s also yield a sigmoid output gate per head (Qwen 3.5).
+    pub attention_output_gate: bool,
     /// Multimodal placeholder tokens read as the padding token (Gemma 4 wrappers, as
     /// transformers does when no image, video or audio fills them).
     pub placeholder_token_ids: Vec<u32>,
@@ -813,42 +847,68 @@ impl DecoderConfig {
                 format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
             ));
         }
-        let latent_attention = match spec.latent_attention {
-            Some(defaults) => {
+        let latent_attention =
+            match spec.latent_attention {
+                Some(defaults) => {
+                    let dim = |v: Option<usize>, default: usize, key: &str| match v.unwrap_or(default) {
+                        0 => Err(invalid(key, "must be positive".into())),
+                        d if d > 1 << 16 => Err(invalid(key, format!("{d} is beyond any supported model"))),
+                        d => Ok(d),
+                    };
+                    let q_lora_rank =
+                        match &hf.q_lora_rank {
+                            None => defaults.q_lora_rank,
+                            Some(Value::Null) if spec.sparse_attention_indexer => {
+                                return Err(invalid(
+                                    "q_lora_rank",
+                                    "is required: the sparse-attention indexer reads the query bottleneck".into(),
+                                ))
+                            }
+                            Some(Value::Null) => None,
+                            Some(v) => Some(v.as_u64().filter(|&r| r > 0 && r <= 1 << 16).ok_or_else(|| {
+                                invalid("q_lora_rank", format!("{v} must be a positive integer or null"))
+                            })? as usize),
+                        };
+                    let index_topk = match hf.index_topk {
+                        _ if !spec.sparse_attention_indexer => None,
+                        Some(0) => return Err(invalid("index_topk", "must be positive".into())),
+                        k => Some(k.unwrap_or(2048)),
+                    };
+                    Some(LatentAttentionConfig {
+                        q_lora_rank,
+                        kv_lora_rank: dim(hf.kv_lora_rank, defaults.kv_lora_rank, "kv_lora_rank")?,
+                        nope_dim: dim(hf.qk_nope_head_dim, defaults.nope_dim, "qk_nope_head_dim")?,
+                        rope_dim: dim(hf.qk_rope_head_dim, defaults.rope_dim, "qk_rope_head_dim")?,
+                        v_dim: dim(hf.v_head_dim, defaults.v_dim, "v_head_dim")?,
+                        index_topk,
+                    })
+                }
+                None => None,
+            };
+        let linear_attention = match spec.linear_attention {
+            Some(d) => {
                 let dim = |v: Option<usize>, default: usize, key: &str| match v.unwrap_or(default) {
                     0 => Err(invalid(key, "must be positive".into())),
-                    d if d > 1 << 16 => Err(invalid(key, format!("{d} is beyond any supported model"))),
-                    d => Ok(d),
+                    x if x > 1 << 14 => Err(invalid(key, format!("{x} is beyond any supported model"))),
+                    x => Ok(x),
                 };
-                let q_lora_rank = match &hf.q_lora_rank {
-                    None => defaults.q_lora_rank,
-                    Some(Value::Null) if spec.sparse_attention_indexer => {
-                        return Err(invalid(
-                            "q_lora_rank",
-                            "is required: the sparse-attention indexer reads the query bottleneck".into(),
-                        ))
-                    }
-                    Some(Value::Null) => None,
-                    Some(v) => Some(
-                        v.as_u64()
-                            .filter(|&r| r > 0 && r <= 1 << 16)
-                            .ok_or_else(|| invalid("q_lora_rank", format!("{v} must be a positive integer or null")))?
-                            as usize,
-                    ),
+                let config = LinearAttentionConfig {
+                    num_k_heads: dim(hf.linear_num_key_heads, d.num_k_heads, "linear_num_key_heads")?,
+                    num_v_heads: dim(hf.linear_num_value_heads, d.num_v_heads, "linear_num_value_heads")?,
+                    k_dim: dim(hf.linear_key_head_dim, d.k_dim, "linear_key_head_dim")?,
+                    v_dim: dim(hf.linear_value_head_dim, d.v_dim, "linear_value_head_dim")?,
+                    conv_kernel: dim(hf.linear_conv_kernel_dim, d.conv_kernel, "linear_conv_kernel_dim")?,
                 };
-                let index_topk = match hf.index_topk {
-                    _ if !spec.sparse_attention_indexer => None,
-                    Some(0) => return Err(invalid("index_topk", "must be positive".into())),
-                    k => Some(k.unwrap_or(2048)),
-                };
-                Some(LatentAttentionConfig {
-                    q_lora_rank,
-                    kv_lora_rank: dim(hf.kv_lora_rank, defaults.kv_lora_rank, "kv_lora_rank")?,
-                    nope_dim: dim(hf.qk_nope_head_dim, defaults.nope_dim, "qk_nope_head_dim")?,
-                    rope_dim: dim(hf.qk_rope_head_dim, defaults.rope_dim, "qk_rope_head_dim")?,
-                    v_dim: dim(hf.v_head_dim, defaults.v_dim, "v_head_dim")?,
-                    index_topk,
-                })
+                if !config.num_v_heads.is_multiple_of(config.num_k_heads) {
+                    return Err(invalid(
+                        "linear_num_value_heads",
+                        format!(
+                            "{} is not a multiple of linear_num_key_heads {}",
+                            config.num_v_heads, config.num_k_heads
+                        ),
+                    ));
+                }
+                Some(config)
             }
             None => None,
         };
@@ -889,6 +949,7 @@ impl DecoderConfig {
             intermediate_size,
             values_from_keys: false,
             kv_shared_from: None,
+            linear_attention: false,
         };
         let layer_shapes = layer_shapes(hf, spec, layer_types.as_deref(), base_shape, num_heads)
             .map_err(|(key, msg)| invalid(&key, msg))?;
@@ -1044,6 +1105,8 @@ impl DecoderConfig {
             layer_scalars: spec.heterogeneous_layers,
             placeholder_token_ids: Vec::new(),
             latent_attention,
+            linear_attention,
+            attention_output_gate: spec.attention_output_gate,
             trailing_mtp_layers: if spec.trailing_mtp_layers {
                 // (transformers ignores `model.layers.{n}` whatever the config says)
                 hf.num_nextn_predict_layers
@@ -1297,6 +1360,24 @@ fn layer_types(hf: &HfConfig, spec: &FamilySpec) -> std::result::Result<Option<V
             .sliding_window_pattern
             .or(hf.sliding_window_pattern_private)
             .unwrap_or(default),
+        LayerPattern::LinearWithEveryNthFull(default) => {
+            let every = hf.full_attention_interval.unwrap_or(default);
+            if every == 0 {
+                return Err(("full_attention_interval".into(), "must be positive".into()));
+            }
+            return Ok(Some(
+                (0..n)
+                    .map(|i| {
+                        if (i + 1) % every == 0 {
+                            "full_attention"
+                        } else {
+                            "linear_attention"
+                        }
+                        .to_string()
+                    })
+                    .collect(),
+            ));
+        }
         LayerPattern::None => return Ok(None),
     };
     if pattern == 0 {
@@ -1512,6 +1593,7 @@ fn layer_windows(
                 "full_attention" | "chunked_attention" => Ok(None),
                 // GLM-5's sparse attention sees every key within the lengths Ember runs.
                 "indexed_attention" if spec.sparse_attention_indexer => Ok(None),
+                "linear_attention" if spec.linear_attention.is_some() => Ok(None),
                 "sliding_attention" => hf.sliding_window.map(Some).ok_or_else(|| {
                     (
                         "sliding_window".to_string(),
@@ -1586,6 +1668,11 @@ fn layer_shapes(
 ) -> std::result::Result<Vec<LayerShape>, (String, String)> {
     let n = hf.num_hidden_layers;
     let mut shapes = vec![base; n];
+    if spec.linear_attention.is_some() {
+        for (shape, kind) in shapes.iter_mut().zip(layer_types.into_iter().flatten()) {
+            shape.linear_attention = kind == "linear_attention";
+        }
+    }
     if !spec.heterogeneous_layers {
         return Ok(shapes);
     }

@@ -21,6 +21,8 @@ pub enum Family {
     Qwen2,
     /// Qwen 3 dense.
     Qwen3,
+    /// Qwen 3.5 / 3.6 (text decoder): Gated DeltaNet layers with gated full attention.
+    Qwen3_5,
     /// Gemma 1.
     Gemma,
     /// Gemma 2.
@@ -100,6 +102,9 @@ pub enum LayerPattern {
     /// Llama 4: RoPE layers are `chunked_attention` when `attention_chunk_size` is set, the
     /// RoPE-free ones global.
     ChunkedRopeLayers,
+    /// Qwen 3.5: every n-th layer (`full_attention_interval`, default given) is
+    /// `full_attention`, the others `linear_attention`.
+    LinearWithEveryNthFull(usize),
 }
 
 /// Which RoPE a layer uses.
@@ -124,6 +129,21 @@ pub struct LatentDefaults {
     pub rope_dim: usize,
     /// `v_head_dim`.
     pub v_dim: usize,
+}
+
+/// transformers' defaults of Gated DeltaNet's sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearDefaults {
+    /// `linear_num_key_heads`.
+    pub num_k_heads: usize,
+    /// `linear_num_value_heads`.
+    pub num_v_heads: usize,
+    /// `linear_key_head_dim`.
+    pub k_dim: usize,
+    /// `linear_value_head_dim`.
+    pub v_dim: usize,
+    /// `linear_conv_kernel_dim`.
+    pub conv_kernel: usize,
 }
 
 /// How a DeepSeek-style router turns logits into scores.
@@ -195,6 +215,10 @@ pub struct FamilySpec {
     /// Multi-head latent attention (`q_lora_rank`, `kv_lora_rank`, ...; DeepSeek-V3), with the
     /// config class's defaults.
     pub latent_attention: Option<LatentDefaults>,
+    /// Gated DeltaNet on the `linear_attention` layers (Qwen 3.5), with the config class's sizes.
+    pub linear_attention: Option<LinearDefaults>,
+    /// Full-attention `q_proj`s also yield a sigmoid output gate per head (Qwen 3.5).
+    pub attention_output_gate: bool,
     /// DeepSeek sparse attention (GLM-5): a per-layer indexer picks `index_topk` keys per query.
     /// Exact while every key is picked (at most `index_topk` positions); longer is refused.
     pub sparse_attention_indexer: bool,
@@ -262,6 +286,8 @@ const LLAMA: FamilySpec = FamilySpec {
     default_partial_rotary: 1.0,
     trailing_mtp_layers: false,
     latent_attention: None,
+    linear_attention: None,
+    attention_output_gate: false,
     sparse_attention_indexer: false,
     group_routing: None,
     query_pre_attn_scalar: false,
@@ -367,6 +393,27 @@ pub const FAMILIES: &[FamilySpec] = &[
         summary: "per-head q/k norm",
         qk_norm: QkNorm::PerHead,
         window: WindowRule::Qwen,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Qwen3_5,
+        model_type: "qwen3_5_text",
+        causal_lm_class: "Qwen3_5ForCausalLM",
+        summary: "hybrid: Gated DeltaNet (gated delta rule, causal short convolution, recurrent state) on 3 \
+                  of 4 layers, full attention with a sigmoid output gate and per-head q/k norm on the rest, \
+                  (1 + w) norms, partial rotary 0.25",
+        qk_norm: QkNorm::PerHead,
+        norm_weight_offset: true,
+        linear_attention: Some(LinearDefaults {
+            num_k_heads: 16,
+            num_v_heads: 32,
+            k_dim: 128,
+            v_dim: 128,
+            conv_kernel: 4,
+        }),
+        attention_output_gate: true,
+        layer_pattern: LayerPattern::LinearWithEveryNthFull(4),
+        default_partial_rotary: 0.25,
         ..LLAMA
     },
     FamilySpec {

@@ -19,6 +19,7 @@ mod error;
 pub mod family;
 pub mod generate;
 pub mod gguf;
+pub mod linear_attention;
 pub mod lora;
 pub mod model;
 pub mod moe;

@@ -77,6 +77,13 @@ macro_rules! walk_linear_layers {
                     out.push((format!("{p}.self_attn.kv_b_proj"), &$($m)? a.kv_b_proj));
                     out.push((format!("{p}.self_attn.o_proj"), &$($m)? a.o_proj));
                 }
+                SelfAttention::Linear(a) => {
+                    out.push((format!("{p}.linear_attn.in_proj_qkv"), &$($m)? a.in_proj_qkv));
+                    out.push((format!("{p}.linear_attn.in_proj_z"), &$($m)? a.in_proj_z));
+                    out.push((format!("{p}.linear_attn.in_proj_b"), &$($m)? a.in_proj_b));
+                    out.push((format!("{p}.linear_attn.in_proj_a"), &$($m)? a.in_proj_a));
+                    out.push((format!("{p}.linear_attn.out_proj"), &$($m)? a.out_proj));
+                }
             }
             let (dense, path) = match &$($m)? layer.mlp {
                 FeedForward::Dense(m) => (Some(m), format!("{p}.{mlp}")),

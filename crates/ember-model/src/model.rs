@@ -16,6 +16,7 @@ use crate::config::{Activation, DecoderConfig, MoeLayout, QkNorm, QueryScale};
 use crate::dtype::BaseDtype;
 use crate::error::{ModelError, Result};
 use crate::family::ModuleNames;
+use crate::linear_attention::{GatedDeltaNet, RecurrentState};
 use crate::moe::SparseMoe;
 use crate::rope::{RopeFrequencies, RopeTables};
 use crate::weights::Weights;
@@ -134,6 +135,10 @@ pub struct Attention<B: Backend> {
     /// Weightless RMS norm of each value head (Gemma 4).
     #[module(skip)]
     pub value_norm: bool,
+    /// `q_proj` also yields a per-head output gate (`[query | gate]` per head); the output is
+    /// multiplied by its sigmoid (Qwen 3.5's full-attention layers).
+    #[module(skip)]
+    pub output_gate: bool,
 }
 
 /// What a layer's attention needs besides its input: positions as RoPE tables and query
@@ -149,6 +154,9 @@ pub struct AttentionInputs<'a, B: Backend> {
     /// Keys and values of the layer this one shares them with (Gemma 4's KV-shared layers),
     /// cache included, `[batch, kv_heads, past + seq, head_dim]` each.
     pub shared_kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    /// The new positions' padding, 1 real and 0 pad, `[batch, seq]` (linear attention zeroes
+    /// padded inputs; `None` without padding).
+    pub padding: Option<Tensor<B, 2>>,
 }
 
 /// What one layer keeps between decoding steps; one variant per attention kind.
@@ -173,21 +181,25 @@ pub enum LayerCache<B: Backend> {
         /// The RoPE key.
         rope_keys: Tensor<B, 4>,
     },
+    /// Linear attention: the convolution's last inputs and the delta-rule state (Qwen 3.5).
+    Recurrent(RecurrentState<B>),
 }
 
 impl<B: Backend> LayerCache<B> {
-    /// Keeps the first `len` positions (a scoring pass that continues from a shorter prefix).
-    pub fn truncate(self, len: usize) -> Self {
+    /// Keeps the first `len` positions (a scoring pass that continues from a shorter prefix);
+    /// `None` for a recurrent state, which cannot be rewound (run the prefix again).
+    pub fn truncate(self, len: usize) -> Option<Self> {
         match self {
-            LayerCache::KeyValue { keys, values } => LayerCache::KeyValue {
+            LayerCache::KeyValue { keys, values } => Some(LayerCache::KeyValue {
                 keys: keys.narrow(2, 0, len),
                 values: values.narrow(2, 0, len),
-            },
-            LayerCache::Shared => LayerCache::Shared,
-            LayerCache::Latent { latent, rope_keys } => LayerCache::Latent {
+            }),
+            LayerCache::Shared => Some(LayerCache::Shared),
+            LayerCache::Latent { latent, rope_keys } => Some(LayerCache::Latent {
                 latent: latent.narrow(1, 0, len),
                 rope_keys: rope_keys.narrow(2, 0, len),
-            },
+            }),
+            LayerCache::Recurrent(_) => None,
         }
     }
 }
@@ -202,6 +214,8 @@ pub enum SelfAttention<B: Backend> {
     Grouped(Attention<B>),
     /// Multi-head latent attention (DeepSeek-V3) with a latent cache.
     Latent(LatentAttention<B>),
+    /// Gated delta-rule linear attention (Qwen 3.5) with a recurrent state (`linear_attn`).
+    Linear(GatedDeltaNet<B>),
 }
 
 /// MLA's query projection.
@@ -369,6 +383,14 @@ impl<B: EmberBackend> SelfAttention<B> {
                 let (out, (latent, rope_keys)) = attention.forward_cached(x, inputs, past);
                 (out, LayerCache::Latent { latent, rope_keys })
             }
+            SelfAttention::Linear(mixer) => {
+                let past = cache.and_then(|c| match c {
+                    LayerCache::Recurrent(state) => Some(state),
+                    _ => None,
+                });
+                let (out, state) = mixer.forward_cached(x, inputs.padding.as_ref(), past);
+                (out, LayerCache::Recurrent(state))
+            }
         }
     }
 }
@@ -421,6 +443,15 @@ impl<B: EmberBackend> Attention<B> {
                 (p.q_proj.forward(x), Some((k.clone(), k)))
             }
             QkvProjection::QueryOnly(q_proj) => (q_proj.forward(x), None),
+        };
+        let (q, gate) = if self.output_gate {
+            let both = q.reshape([batch, seq, heads, 2 * head_dim]);
+            (
+                both.clone().narrow(3, 0, head_dim).reshape([batch, seq, q_width]),
+                Some(both.narrow(3, head_dim, head_dim).reshape([batch, seq, q_width])),
+            )
+        } else {
+            (q, None)
         };
         let norm = |t: Tensor<B, 3>, norm: &Option<RmsNorm<B>>, kind: QkNorm| match (norm, kind) {
             (Some(n), QkNorm::Full) => n.forward(t),
@@ -485,7 +516,10 @@ impl<B: EmberBackend> Attention<B> {
                 softmax(Tensor::cat(vec![scores, sinks], 3), 3).narrow(3, 0, keys)
             }
         };
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, q_width]);
+        let mut out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, q_width]);
+        if let Some(gate) = gate {
+            out = out * burn::tensor::activation::sigmoid(gate);
+        }
         (self.o_proj.forward(out), new_cache)
     }
 }
@@ -1001,8 +1035,41 @@ impl<B: EmberBackend> CausalLm<B> {
                     }))
                 })
                 .transpose()?;
+            let linear_mixer = || -> Result<SelfAttention<B>> {
+                let la = c
+                    .linear_attention
+                    .expect("linear-attention layers come with their sizes");
+                let lin = |name: &str| format!("{p}.linear_attn.{name}");
+                let (key_width, value_width) = (la.num_k_heads * la.k_dim, la.num_v_heads * la.v_dim);
+                let channels = 2 * key_width + value_width;
+                let conv = weights
+                    .tensor::<B, 3>(&lin("conv1d.weight"), [channels, 1, la.conv_kernel], device)?
+                    .reshape([channels, la.conv_kernel]);
+                let frozen = |t: Tensor<B, 1>| Param::from_tensor(t).set_require_grad(false);
+                let per_head = |name: &str| weights.tensor::<B, 1>(&lin(name), [la.num_v_heads], device);
+                Ok(SelfAttention::Linear(GatedDeltaNet {
+                    in_proj_qkv: linear(&lin("in_proj_qkv"), channels, h, false)?,
+                    in_proj_z: linear(&lin("in_proj_z"), value_width, h, false)?,
+                    in_proj_b: linear(&lin("in_proj_b"), la.num_v_heads, h, false)?,
+                    in_proj_a: linear(&lin("in_proj_a"), la.num_v_heads, h, false)?,
+                    out_proj: linear(&lin("out_proj"), h, value_width, false)?,
+                    conv1d: Param::from_tensor(conv).set_require_grad(false),
+                    dt_bias: frozen(per_head("dt_bias")?),
+                    a_log: frozen(per_head("A_log")?),
+                    // The gated norm scales by `w` (not `1 + w` as the block norms do).
+                    norm: RmsNorm {
+                        weight: frozen(weights.tensor::<B, 1>(&lin("norm.weight"), [la.v_dim], device)?),
+                        eps: c.rms_norm_eps,
+                    },
+                    num_k_heads: la.num_k_heads,
+                    num_v_heads: la.num_v_heads,
+                    k_dim: la.k_dim,
+                    v_dim: la.v_dim,
+                }))
+            };
             let self_attn = match latent_attention {
                 Some(latent) => latent,
+                None if shape.linear_attention => linear_mixer()?,
                 None => {
                     let qkv = if shape.kv_shared_from.is_some() {
                         // transformers ignores key/value weights a KV-shared layer's checkpoint may hold.
@@ -1020,8 +1087,10 @@ impl<B: EmberBackend> CausalLm<B> {
                     } else if c.fused_qkv {
                         QkvProjection::Fused(linear(&attn("qkv_proj"), q_dim + 2 * kv_dim, h, c.qkv_bias)?)
                     } else {
+                        // Qwen 3.5's q_proj also yields the output gate, per head after the query.
+                        let q_out = if c.attention_output_gate { 2 * q_dim } else { q_dim };
                         QkvProjection::Split(SplitQkv {
-                            q_proj: linear(&attn("q_proj"), q_dim, h, c.qkv_bias)?,
+                            q_proj: linear(&attn("q_proj"), q_out, h, c.qkv_bias)?,
                             k_proj: linear(&attn("k_proj"), kv_dim, h, c.qkv_bias)?,
                             v_proj: linear(&attn("v_proj"), kv_dim, h, c.qkv_bias)?,
                         })
@@ -1062,6 +1131,7 @@ impl<B: EmberBackend> CausalLm<B> {
                         softcap: c.attn_softcap,
                         norm_eps: c.rms_norm_eps,
                         value_norm: c.value_norm,
+                        output_gate: c.attention_output_gate,
                     })
                 }
             };
@@ -1280,7 +1350,7 @@ impl<B: EmberBackend> CausalLm<B> {
                 None => mask,
             }
         };
-        self.walk(input.input_ids, position_ids, mask, None, capture)
+        self.walk(input.input_ids, position_ids, mask, padding.clone(), None, capture)
     }
 
     /// Embeds `input_ids` and runs every layer and the final norm, with one mask per distinct
@@ -1291,6 +1361,7 @@ impl<B: EmberBackend> CausalLm<B> {
         input_ids: Tensor<B, 2, Int>,
         position_ids: Tensor<B, 2, Int>,
         mask: impl Fn(AttentionSpan) -> Tensor<B, 4>,
+        padding: Option<Tensor<B, 2, Int>>,
         mut cache: Option<&mut KvCache<B>>,
         capture: bool,
     ) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
@@ -1332,6 +1403,14 @@ impl<B: EmberBackend> CausalLm<B> {
             hidden_states.push(x.clone());
         }
         let seq = x.dims()[1];
+        // The new positions' padding, for linear attention (which must not write pads into its
+        // state); a single decoding step is never padding.
+        let new_padding = padding
+            .filter(|_| seq > 1 && self.config.layer_shapes.iter().any(|s| s.linear_attention))
+            .map(|p| {
+                let keys = p.dims()[1];
+                p.narrow(1, keys - seq, seq).float()
+            });
         if let Some(cache) = cache.as_deref_mut() {
             if cache.layers.len() != self.model.layers.len() {
                 cache.layers = vec![None; self.model.layers.len()];
@@ -1363,6 +1442,7 @@ impl<B: EmberBackend> CausalLm<B> {
                 query_scale: query_scale.as_ref().filter(|_| scaled),
                 mask: layer_mask,
                 shared_kv: layer.kv_shared_from.and_then(|j| shared[j].clone()),
+                padding: new_padding.clone(),
             };
             let mut slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let past = slot.as_mut().and_then(|s| s.take());
@@ -1469,7 +1549,8 @@ impl<B: EmberBackend> CausalLm<B> {
         let padding = attention_mask;
         let mask =
             |span: AttentionSpan| self::attention_mask::<B>(Some(padding.clone()), batch, seq, past, span, &device);
-        self.walk(input_ids, position_ids, mask, Some(cache), false).0
+        self.walk(input_ids, position_ids, mask, Some(padding.clone()), Some(cache), false)
+            .0
     }
 
     /// The normalised config the model was built from.

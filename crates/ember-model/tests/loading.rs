@@ -663,7 +663,10 @@ fn glm_moe_dsa_skips_indexers_and_refuses_longer_sequences() {
     config.as_object_mut().unwrap().remove("index_topk");
     assert_eq!(normalise(&config).unwrap().max_exact_positions(), Some(2048));
     // Other families run any length.
-    assert_eq!(normalise(&fixture_config("deepseek_v3")).unwrap().max_exact_positions(), None);
+    assert_eq!(
+        normalise(&fixture_config("deepseek_v3")).unwrap().max_exact_positions(),
+        None
+    );
 }
 
 /// Absent DeepSeek-style keys take each config class's own defaults (they differ between

@@ -118,6 +118,7 @@ parity! {
     glm_moe_dsa: "glm_moe_dsa",
     mistral4: "mistral4",
     mistral4_wrapped: "mistral4_wrapped",
+    qwen3_5: "qwen3_5",
 }
 
 /// Under `--features wgpu` the golden tests really run on burn-wgpu (and on burn-ndarray

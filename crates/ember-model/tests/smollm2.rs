@@ -128,6 +128,7 @@ fn smollm2_gguf_blocks_kept_give_the_dequantized_logits() {
                     let mut total = match &l.self_attn {
                         ember_model::model::SelfAttention::Grouped(attention) => attention.o_proj.weight.bytes(),
                         ember_model::model::SelfAttention::Latent(attention) => attention.o_proj.weight.bytes(),
+                        ember_model::model::SelfAttention::Linear(mixer) => mixer.out_proj.weight.bytes(),
                     };
                     if let ember_model::model::FeedForward::Dense(mlp) = &l.mlp {
                         total += mlp.down_proj.weight.bytes();

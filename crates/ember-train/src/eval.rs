@@ -279,11 +279,27 @@ fn cached_scores<B: EmberBackend>(
             let sum = target_loss_sum(model, hidden, &labels);
             let value: f32 = burn::tensor::ElementConversion::elem(sum.into_scalar());
             loss_sum += value as f64;
-            // Candidates continue from the prompt alone.
-            for layer in cache.layers.iter_mut() {
-                *layer = layer.take().map(|c| c.truncate(width));
+            // Candidates continue from the prompt alone: the cache cut back to it, or (a
+            // recurrent state, which cannot be rewound) the prompts run again.
+            let cut: Option<Vec<_>> = cache
+                .layers
+                .iter()
+                .map(|layer| match layer.clone() {
+                    None => Some(None),
+                    Some(c) => c.truncate(width).map(Some),
+                })
+                .collect();
+            match cut {
+                Some(layers) => {
+                    cache.layers = layers;
+                    cache.len = width;
+                }
+                None => {
+                    cache = KvCache::<B>::default();
+                    let prompt = |t: Tensor<B, 2, Int>| t.narrow(1, 0, width);
+                    model.forward_step_hidden(prompt(int(&ids)), prompt(int(&mask)), prompt(int(&pos)), &mut cache);
+                }
             }
-            cache.len = width;
         }
         let first = log_softmax(model.lm_head_logits(last.clone()), 2);
         let b = chunk.len();

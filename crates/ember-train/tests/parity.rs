@@ -136,4 +136,5 @@ training_parity! {
     glm_moe_dsa_training_matches_peft: "glm_moe_dsa",
     mistral4_training_matches_peft: "mistral4",
     mistral4_wrapped_training_matches_peft: "mistral4_wrapped",
+    qwen3_5_training_matches_peft: "qwen3_5",
 }
