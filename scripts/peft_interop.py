@@ -83,12 +83,13 @@ def main():
         "glm_moe_dsa": "q_b_proj,kv_b_proj,o_proj",
         "mistral4": "q_b_proj,kv_b_proj,o_proj",
         "mistral4_wrapped": "q_b_proj,kv_b_proj,o_proj",
+        "qwen3_5": "in_proj_qkv,in_proj_b,out_proj,q_proj",
     }
     archs = ["llama", "llama_rope3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
              "glm4", "mixtral", "qwen3_moe", "gpt_oss", "olmo3", "smollm3", "ministral3", "llama4",
              "ministral3_wrapped", "gemma3_wrapped", "gemma4", "gemma4_moe", "gemma4_unified", "gemma4_wrapped",
              "gemma4_unified_wrapped", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "glm_moe_dsa", "mistral4",
-             "mistral4_wrapped"]
+             "mistral4_wrapped", "qwen3_5"]
     for arch in sys.argv[1:] or archs:
         kw = inputs(arch)
         mask = kw["attention_mask"]

@@ -467,6 +467,9 @@ fn inspect(path: &Path) -> Result<()> {
             if (s.head_dim, s.num_kv_heads) != (base_shape.0, base_shape.1) {
                 parts.push(format!("head_dim {}, {} key/value", s.head_dim, s.num_kv_heads));
             }
+            if s.linear_attention {
+                parts.push("linear attention".to_string());
+            }
             if s.values_from_keys {
                 parts.push("keys as values".to_string());
             }
@@ -495,6 +498,26 @@ fn inspect(path: &Path) -> Result<()> {
             mla.rope_dim,
             mla.v_dim
         );
+    }
+    if let Some(la) = &config.linear_attention {
+        let layers = config.layer_shapes.iter().filter(|s| s.linear_attention).count();
+        out!(
+            "linear attention: Gated DeltaNet on {layers} of {} layers: {} query/key heads of {}, {} value heads of {}, \
+             {}-tap causal convolution; recurrent state {} per sequence instead of a key/value cache",
+            config.num_layers,
+            la.num_k_heads,
+            la.k_dim,
+            la.num_v_heads,
+            la.v_dim,
+            la.conv_kernel,
+            la.num_v_heads * la.k_dim * la.v_dim * layers
+        );
+    }
+    if config.attention_output_gate {
+        out!("output gate:    sigmoid gate per head from q_proj on full-attention layers");
+    }
+    if let Some(limit) = config.max_exact_positions() {
+        out!("max positions (exact): {limit} (sparse attention keeps every key up to here; longer is refused)");
     }
     if config.value_norm {
         out!("value norm:     weightless RMS norm of each value head");

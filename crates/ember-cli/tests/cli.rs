@@ -436,10 +436,21 @@ fn inspect_describes_new_families_and_wrappers() {
             ][..],
         ),
         (
+            "qwen3_5",
+            &[
+                "architecture:   qwen3_5_text",
+                "per layer:      3× linear attention, 1× as above",
+                "linear attention: Gated DeltaNet on 3 of 4 layers: 2 query/key heads of 8, 4 value heads of 12, \
+                 4-tap causal convolution",
+                "output gate:",
+            ][..],
+        ),
+        (
             "glm_moe_dsa",
             &[
                 "architecture:   glm_moe_dsa",
                 "ignored:      sparse-attention indexers (every key kept up to 32 positions) (5 tensors",
+                "max positions (exact): 32",
             ][..],
         ),
         (

@@ -37,7 +37,8 @@ pub struct HfConfig {
     pub vocab_size: usize,
     /// Model width.
     pub hidden_size: usize,
-    /// MLP width.
+    /// MLP width (absent in configs without dense MLPs, such as Qwen 3.5-MoE's).
+    #[serde(default)]
     pub intermediate_size: usize,
     /// Number of decoder layers.
     pub num_hidden_layers: usize,
@@ -110,6 +111,8 @@ pub struct HfConfig {
     pub num_experts_per_tok: Option<usize>,
     /// Qwen3-MoE: width of one expert's MLP.
     pub moe_intermediate_size: Option<usize>,
+    /// Qwen 3.5-MoE: width of the gated shared expert.
+    pub shared_expert_intermediate_size: Option<usize>,
     /// Qwen3-MoE: renormalise the top-k routing weights.
     pub norm_topk_prob: Option<bool>,
     /// Qwen3-MoE: every n-th layer is sparse.
@@ -426,6 +429,11 @@ pub enum MoeLayout {
     /// `mlp.shared_experts` (a dense MLP `n_shared_experts` experts wide); the first
     /// `first_k_dense_replace` layers dense (DeepSeek-V3, GLM-4.5).
     DeepSeek,
+    /// `mlp.gate`, `mlp.experts.gate_up_proj` `[experts, 2·inter, hidden]`,
+    /// `mlp.experts.down_proj` `[experts, hidden, inter]`, and `mlp.shared_expert` scaled by
+    /// `σ(mlp.shared_expert_gate(x))`; every layer sparse, softmax top-k renormalised
+    /// (Qwen 3.5-MoE).
+    GatedShared,
 }
 
 impl MoeLayout {
@@ -1045,6 +1053,14 @@ impl DecoderConfig {
             ),
         };
         let moe = moe_config(hf, spec, act).map_err(|(key, msg)| invalid(&key, msg))?;
+        let has_dense_mlp = moe.as_ref().is_none_or(|m| m.sparse_layers.iter().any(|s| !s))
+            || matches!(spec.moe, Some(MoeLayout::Gemma4));
+        if intermediate_size == 0 && has_dense_mlp {
+            return Err(invalid(
+                "intermediate_size",
+                "required: the width of the dense MLPs".into(),
+            ));
+        }
         let per_layer_inputs = match hf.hidden_size_per_layer_input {
             _ if !spec.heterogeneous_layers => None,
             Some(0) => None,
@@ -1551,6 +1567,17 @@ fn moe_config(
                 sparse,
             )
         }
+        MoeLayout::GatedShared => (
+            Routing::SoftmaxTopK { renormalize: true },
+            ExpertActivation::Gated(act),
+            hf.moe_intermediate_size.ok_or_else(|| {
+                (
+                    "moe_intermediate_size".to_string(),
+                    "required for a MoE model".to_string(),
+                )
+            })?,
+            vec![true; n],
+        ),
         MoeLayout::GptOss => (
             Routing::TopKSoftmax,
             ExpertActivation::ClampedSwiGlu {
@@ -1572,6 +1599,12 @@ fn moe_config(
         shared_expert_size: match layout {
             MoeLayout::Llama4 => Some(hf.intermediate_size),
             MoeLayout::DeepSeek => Some(intermediate_size * hf.n_shared_experts.unwrap_or(1)).filter(|&w| w > 0),
+            MoeLayout::GatedShared => Some(hf.shared_expert_intermediate_size.ok_or_else(|| {
+                (
+                    "shared_expert_intermediate_size".to_string(),
+                    "required for a MoE model with a shared expert".to_string(),
+                )
+            })?),
             _ => None,
         },
     }))

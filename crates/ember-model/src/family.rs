@@ -23,6 +23,8 @@ pub enum Family {
     Qwen3,
     /// Qwen 3.5 / 3.6 (text decoder): Gated DeltaNet layers with gated full attention.
     Qwen3_5,
+    /// Qwen 3.5 / 3.6 MoE (text decoder): Qwen 3.5's layers with a gated-shared-expert MoE.
+    Qwen3_5Moe,
     /// Gemma 1.
     Gemma,
     /// Gemma 2.
@@ -414,6 +416,29 @@ pub const FAMILIES: &[FamilySpec] = &[
         attention_output_gate: true,
         layer_pattern: LayerPattern::LinearWithEveryNthFull(4),
         default_partial_rotary: 0.25,
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Qwen3_5Moe,
+        model_type: "qwen3_5_moe_text",
+        causal_lm_class: "Qwen3_5MoeForCausalLM",
+        summary: "qwen3_5_text's layers with a sparse MoE in every layer (softmax top-k renormalised, a shared \
+                  expert behind a sigmoid gate); hybrid: Gated DeltaNet (gated delta rule, causal short convolution, recurrent state) on 3 \
+                  of 4 layers, full attention with a sigmoid output gate and per-head q/k norm on the rest, \
+                  (1 + w) norms, partial rotary 0.25",
+        qk_norm: QkNorm::PerHead,
+        norm_weight_offset: true,
+        linear_attention: Some(LinearDefaults {
+            num_k_heads: 16,
+            num_v_heads: 32,
+            k_dim: 128,
+            v_dim: 128,
+            conv_kernel: 4,
+        }),
+        attention_output_gate: true,
+        layer_pattern: LayerPattern::LinearWithEveryNthFull(4),
+        default_partial_rotary: 0.25,
+        moe: Some(MoeLayout::GatedShared),
         ..LLAMA
     },
     FamilySpec {

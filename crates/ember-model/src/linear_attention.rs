@@ -10,7 +10,7 @@
 //! (log₂ chunk batched matmuls, stable like a triangular solve), and only chunks are scanned.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{sigmoid, silu, softplus};
+use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor, TensorData};
 use ember_lora::EmberBackend;
@@ -87,7 +87,7 @@ impl<B: EmberBackend> GatedDeltaNet<B> {
         let z = self.in_proj_z.forward(x.clone());
         let beta = sigmoid(self.in_proj_b.forward(x.clone()));
         let a = self.in_proj_a.forward(x);
-        let decay_input = softplus(a + self.dt_bias.val().unsqueeze::<3>(), 1.0);
+        let decay_input = softplus(a + self.dt_bias.val().unsqueeze::<3>());
         // g ≤ 0: the state is multiplied by exp(g) at each step.
         let g = decay_input * self.a_log.val().exp().neg().unsqueeze::<3>();
 
@@ -136,6 +136,12 @@ impl<B: EmberBackend> GatedDeltaNet<B> {
             },
         )
     }
+}
+
+/// `ln(1 + eˣ)` computed as `max(x, 0) + ln(1 + e^-|x|)`: exact to f32 rounding for large
+/// negative `x` too, where burn's `ln(eˣ + 1)` loses the small result (torch's `softplus` keeps it).
+fn softplus<B: EmberBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone().clamp_min(0.0) + x.abs().neg().exp().log1p()
 }
 
 /// `x / √(Σx² + 10⁻⁶)` over the last dimension (FLA's and transformers' `l2norm`).

@@ -85,10 +85,14 @@ macro_rules! walk_linear_layers {
                     out.push((format!("{p}.linear_attn.out_proj"), &$($m)? a.out_proj));
                 }
             }
-            let (dense, path) = match &$($m)? layer.mlp {
-                FeedForward::Dense(m) => (Some(m), format!("{p}.{mlp}")),
-                FeedForward::Sparse(moe) => (moe.shared_expert.$as_option(), format!("{p}.{mlp}.{shared}")),
-                FeedForward::DenseAndSparse(both) => (Some(&$($m)? both.mlp), format!("{p}.{mlp}")),
+            let (dense, path, gate) = match &$($m)? layer.mlp {
+                FeedForward::Dense(m) => (Some(m), format!("{p}.{mlp}"), None),
+                FeedForward::Sparse(moe) => (
+                    moe.shared_expert.$as_option(),
+                    format!("{p}.{mlp}.{shared}"),
+                    moe.shared_expert_gate.$as_option(),
+                ),
+                FeedForward::DenseAndSparse(both) => (Some(&$($m)? both.mlp), format!("{p}.{mlp}"), None),
             };
             if let Some(m) = dense {
                 match &$($m)? m.gate_up {
@@ -99,6 +103,9 @@ macro_rules! walk_linear_layers {
                     GateUpProjection::Fused(l) => out.push((format!("{path}.gate_up_proj"), l)),
                 }
                 out.push((format!("{path}.down_proj"), &$($m)? m.down_proj));
+            }
+            if let Some(g) = gate {
+                out.push((format!("{p}.{mlp}.{shared}_gate"), g));
             }
             if let Some(block) = &$($m)? layer.per_layer_input {
                 out.push((format!("{p}.per_layer_input_gate"), &$($m)? block.gate));

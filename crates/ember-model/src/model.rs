@@ -1172,6 +1172,9 @@ impl<B: EmberBackend> CausalLm<B> {
                     if let Some(width) = moe.shared_expert_size {
                         let shared = format!("{p}.{mlp}.{}", moe.layout.shared_expert_module());
                         block.shared_expert = Some(dense_mlp(&shared, width, false, false)?);
+                        if moe.layout == MoeLayout::GatedShared {
+                            block.shared_expert_gate = Some(linear(&format!("{shared}_gate"), 1, h, false)?);
+                        }
                     }
                     FeedForward::Sparse(block)
                 }

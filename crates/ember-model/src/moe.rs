@@ -11,7 +11,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
-use ember_lora::EmberBackend;
+use ember_lora::{EmberBackend, LoraLinear};
 
 use crate::config::{DecoderConfig, ExpertActivation, GroupScores, MoeConfig, MoeLayout, Routing};
 use crate::error::Result;
@@ -76,6 +76,9 @@ pub struct SparseMoe<B: Backend> {
     /// A dense MLP every token also goes through (Llama 4's `shared_expert`; its projections
     /// are linear layers LoRA can adapt).
     pub shared_expert: Option<Mlp<B>>,
+    /// `[1, hidden]`: the shared expert's output is scaled by the sigmoid of this projection
+    /// (Qwen 3.5-MoE's `shared_expert_gate`).
+    pub shared_expert_gate: Option<LoraLinear<B>>,
     /// Gemma 4: the router reads `rms_norm(x) · scale · hidden^-½`, `scale` `[hidden]`.
     pub router_input_scale: Option<Param<Tensor<B, 1>>>,
     /// Gemma 4: routing weights times a per-expert factor, `[experts]`.
@@ -137,9 +140,11 @@ impl<B: EmberBackend> SparseMoe<B> {
             out = out.select_assign(0, token_ids, y, IndexingUpdateOp::Add);
         }
         let out = out.reshape([batch, seq, hidden]);
-        match &self.shared_expert {
-            Some(shared) => shared.forward(x.reshape([batch, seq, hidden])) + out,
-            None => out,
+        let x = x.reshape([batch, seq, hidden]);
+        match (&self.shared_expert, &self.shared_expert_gate) {
+            (Some(shared), Some(gate)) => shared.forward(x.clone()) * sigmoid(gate.forward(x)) + out,
+            (Some(shared), None) => shared.forward(x) + out,
+            _ => out,
         }
     }
 
@@ -291,7 +296,7 @@ pub(crate) fn load<B: EmberBackend>(
         MoeLayout::Llama4 => ("feed_forward", "router"),
         // Gemma 4's router and experts sit on the layer itself, beside its `mlp`.
         MoeLayout::Gemma4 => ("", "router.proj"),
-        MoeLayout::DeepSeek => ("mlp", "gate"),
+        MoeLayout::DeepSeek | MoeLayout::GatedShared => ("mlp", "gate"),
     };
     let base = if block.is_empty() {
         prefix.to_string()
@@ -400,6 +405,7 @@ pub(crate) fn load<B: EmberBackend>(
         scale_input: moe.layout == MoeLayout::Llama4,
         // Attached by the caller, which builds the model's linear layers.
         shared_expert: None,
+        shared_expert_gate: None,
         router_input_scale,
         per_expert_scale,
         router_norm_eps: config.rms_norm_eps,

@@ -119,6 +119,7 @@ parity! {
     mistral4: "mistral4",
     mistral4_wrapped: "mistral4_wrapped",
     qwen3_5: "qwen3_5",
+    qwen3_5_moe: "qwen3_5_moe",
 }
 
 /// Under `--features wgpu` the golden tests really run on burn-wgpu (and on burn-ndarray

@@ -137,4 +137,5 @@ training_parity! {
     mistral4_training_matches_peft: "mistral4",
     mistral4_wrapped_training_matches_peft: "mistral4_wrapped",
     qwen3_5_training_matches_peft: "qwen3_5",
+    qwen3_5_moe_training_matches_peft: "qwen3_5_moe",
 }
