@@ -84,12 +84,15 @@ def main():
         "mistral4": "q_b_proj,kv_b_proj,o_proj",
         "mistral4_wrapped": "q_b_proj,kv_b_proj,o_proj",
         "qwen3_5": "in_proj_qkv,in_proj_b,out_proj,q_proj",
+        "qwen3_5_wrapped": "in_proj_qkv,in_proj_b,out_proj,q_proj",
+        "qwen3_5_moe": "in_proj_qkv,out_proj,shared_expert_gate",
+        "qwen3_next": "in_proj_qkvz,in_proj_ba,out_proj",
     }
     archs = ["llama", "llama_rope3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
              "glm4", "mixtral", "qwen3_moe", "gpt_oss", "olmo3", "smollm3", "ministral3", "llama4",
              "ministral3_wrapped", "gemma3_wrapped", "gemma4", "gemma4_moe", "gemma4_unified", "gemma4_wrapped",
              "gemma4_unified_wrapped", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "glm_moe_dsa", "mistral4",
-             "mistral4_wrapped", "qwen3_5"]
+             "mistral4_wrapped", "qwen3_5", "qwen3_5_wrapped", "qwen3_5_moe", "qwen3_next"]
     for arch in sys.argv[1:] or archs:
         kw = inputs(arch)
         mask = kw["attention_mask"]
@@ -101,13 +104,16 @@ def main():
         # (On Llama 4, PEFT 0.21.2's all-linear also wraps the router, a Linear returning a tuple,
         # and its forward crashes.)
         moe = arch in ("mixtral", "qwen3_moe", "gpt_oss", "llama4", "gemma4_moe", "glm4_moe", "deepseek_v3",
-                       "glm4_moe_lite", "glm_moe_dsa", "mistral4", "mistral4_wrapped")
+                       "glm4_moe_lite", "glm_moe_dsa", "mistral4", "mistral4_wrapped", "qwen3_5_moe", "qwen3_next")
         wrapped = arch.endswith("_wrapped")
         wide = "q_proj,k_proj,v_proj,o_proj" if moe or wrapped else "all-linear"
         if arch in ("deepseek_v3", "glm_moe_dsa", "mistral4", "mistral4_wrapped"):  # latent attention's projections
             wide = "q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"
         if arch == "glm4_moe_lite":  # latent attention with a plain q_proj
             wide = "q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"
+        if arch in ("qwen3_5_moe", "qwen3_next"):  # linear attention and the shared expert's gate too
+            wide = ("q_proj,k_proj,v_proj,o_proj,out_proj,shared_expert_gate,"
+                    + ("in_proj_qkvz,in_proj_ba" if arch == "qwen3_next" else "in_proj_qkv,in_proj_z,in_proj_b,in_proj_a"))
         if arch in ("llama4", "gemma4_moe"):  # the dense MLP (and shared expert) are linear layers too
             wide = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
         for r, alpha, targets, rslora in [(8, 16, wide, False), (3, 7, subset, True)]:

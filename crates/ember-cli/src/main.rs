@@ -385,7 +385,10 @@ fn inspect(path: &Path) -> Result<()> {
         let (shape, _) = weights.info(key).expect("key from the checkpoint");
         params += shape.iter().product::<usize>();
     }
-    let ignored = names.ignored_components(weights.keys().map(String::as_str));
+    let mut ignored = names.ignored_components(weights.keys().map(String::as_str));
+    if let Some((label, keys)) = config.unloaded_indexers(weights.keys().map(String::as_str)) {
+        ignored.push((label, keys.len()));
+    }
     let dtype = if ember_model::source::is_gguf(path) {
         format!(
             "GGUF {} (dequantized to f32 on load)",

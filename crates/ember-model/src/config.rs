@@ -500,6 +500,9 @@ pub struct LinearAttentionConfig {
     pub v_dim: usize,
     /// Taps of the causal convolution (`linear_conv_kernel_dim`).
     pub conv_kernel: usize,
+    /// One `in_proj_qkvz` and one `in_proj_ba`, grouped per key head (Qwen3-Next), instead
+    /// of Qwen 3.5's four projections.
+    pub grouped_projections: bool,
 }
 
 /// Multi-head latent attention (DeepSeek-V3): queries through an optional low-rank bottleneck,
@@ -684,6 +687,19 @@ impl DecoderConfig {
     /// would drop keys, which Ember does not implement.
     pub fn max_exact_positions(&self) -> Option<usize> {
         self.latent_attention.and_then(|mla| mla.index_topk)
+    }
+
+    /// GLM-5's sparse-attention indexer tensors among `keys` (not loaded: at the lengths Ember
+    /// runs they keep every key), with the label `ember inspect` and the loader report.
+    pub fn unloaded_indexers<'a>(&self, keys: impl Iterator<Item = &'a str>) -> Option<(String, Vec<&'a str>)> {
+        let limit = self.max_exact_positions()?;
+        let found: Vec<&str> = keys.filter(|k| k.contains(".self_attn.indexer.")).collect();
+        (!found.is_empty()).then(|| {
+            (
+                format!("sparse-attention indexers (every key kept up to {limit} positions)"),
+                found,
+            )
+        })
     }
 
     /// Refuses `len` positions (a training row, a prompt plus its new tokens) beyond
@@ -906,6 +922,7 @@ impl DecoderConfig {
                     k_dim: dim(hf.linear_key_head_dim, d.k_dim, "linear_key_head_dim")?,
                     v_dim: dim(hf.linear_value_head_dim, d.v_dim, "linear_value_head_dim")?,
                     conv_kernel: dim(hf.linear_conv_kernel_dim, d.conv_kernel, "linear_conv_kernel_dim")?,
+                    grouped_projections: d.grouped_projections,
                 };
                 if !config.num_v_heads.is_multiple_of(config.num_k_heads) {
                     return Err(invalid(
@@ -1567,17 +1584,27 @@ fn moe_config(
                 sparse,
             )
         }
-        MoeLayout::GatedShared => (
-            Routing::SoftmaxTopK { renormalize: true },
-            ExpertActivation::Gated(act),
-            hf.moe_intermediate_size.ok_or_else(|| {
-                (
-                    "moe_intermediate_size".to_string(),
-                    "required for a MoE model".to_string(),
-                )
-            })?,
-            vec![true; n],
-        ),
+        MoeLayout::GatedShared => {
+            // Qwen3-Next: dense layers by `mlp_only_layers` / `decoder_sparse_step` (Qwen 3.5-MoE
+            // has neither: every layer sparse).
+            let step = hf.decoder_sparse_step.unwrap_or(1);
+            let dense = hf.mlp_only_layers.clone().unwrap_or_default();
+            (
+                Routing::SoftmaxTopK {
+                    renormalize: hf.norm_topk_prob.unwrap_or(true),
+                },
+                ExpertActivation::Gated(act),
+                hf.moe_intermediate_size.ok_or_else(|| {
+                    (
+                        "moe_intermediate_size".to_string(),
+                        "required for a MoE model".to_string(),
+                    )
+                })?,
+                (0..n)
+                    .map(|i| !dense.contains(&i) && step > 0 && (i + 1) % step == 0)
+                    .collect(),
+            )
+        }
         MoeLayout::GptOss => (
             Routing::TopKSoftmax,
             ExpertActivation::ClampedSwiGlu {

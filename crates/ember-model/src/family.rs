@@ -25,6 +25,8 @@ pub enum Family {
     Qwen3_5,
     /// Qwen 3.5 / 3.6 MoE (text decoder): Qwen 3.5's layers with a gated-shared-expert MoE.
     Qwen3_5Moe,
+    /// Qwen3-Next: Qwen 3.5-MoE's design with fused, per-key-head grouped DeltaNet projections.
+    Qwen3Next,
     /// Gemma 1.
     Gemma,
     /// Gemma 2.
@@ -146,6 +148,8 @@ pub struct LinearDefaults {
     pub v_dim: usize,
     /// `linear_conv_kernel_dim`.
     pub conv_kernel: usize,
+    /// Qwen3-Next's fused `in_proj_qkvz` / `in_proj_ba`, grouped per key head.
+    pub grouped_projections: bool,
 }
 
 /// How a DeepSeek-style router turns logits into scores.
@@ -412,6 +416,7 @@ pub const FAMILIES: &[FamilySpec] = &[
             k_dim: 128,
             v_dim: 128,
             conv_kernel: 4,
+            grouped_projections: false,
         }),
         attention_output_gate: true,
         layer_pattern: LayerPattern::LinearWithEveryNthFull(4),
@@ -434,6 +439,29 @@ pub const FAMILIES: &[FamilySpec] = &[
             k_dim: 128,
             v_dim: 128,
             conv_kernel: 4,
+            grouped_projections: false,
+        }),
+        attention_output_gate: true,
+        layer_pattern: LayerPattern::LinearWithEveryNthFull(4),
+        default_partial_rotary: 0.25,
+        moe: Some(MoeLayout::GatedShared),
+        ..LLAMA
+    },
+    FamilySpec {
+        family: Family::Qwen3Next,
+        model_type: "qwen3_next",
+        causal_lm_class: "Qwen3NextForCausalLM",
+        summary: "Qwen3-Next: qwen3_5_moe_text's design with Gated DeltaNet's projections fused per key head \
+                  (`in_proj_qkvz`, `in_proj_ba`), dense layers by `mlp_only_layers`/`decoder_sparse_step`",
+        qk_norm: QkNorm::PerHead,
+        norm_weight_offset: true,
+        linear_attention: Some(LinearDefaults {
+            num_k_heads: 16,
+            num_v_heads: 32,
+            k_dim: 128,
+            v_dim: 128,
+            conv_kernel: 4,
+            grouped_projections: true,
         }),
         attention_output_gate: true,
         layer_pattern: LayerPattern::LinearWithEveryNthFull(4),
@@ -778,6 +806,20 @@ pub const WRAPPERS: &[WrapperSpec] = &[
         default_text_model_type: "gemma4_unified_text",
         tied_by_default: true,
         placeholder_token_keys: &["image_token_id", "video_token_id", "audio_token_id"],
+    },
+    WrapperSpec {
+        model_type: "qwen3_5",
+        class: "Qwen3_5ForConditionalGeneration",
+        default_text_model_type: "qwen3_5_text",
+        tied_by_default: false,
+        placeholder_token_keys: &[],
+    },
+    WrapperSpec {
+        model_type: "qwen3_5_moe",
+        class: "Qwen3_5MoeForConditionalGeneration",
+        default_text_model_type: "qwen3_5_moe_text",
+        tied_by_default: false,
+        placeholder_token_keys: &[],
     },
 ];
 

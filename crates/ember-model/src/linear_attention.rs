@@ -21,9 +21,9 @@ use crate::model::RmsNorm;
 /// Positions per chunk of [`chunked_delta_rule`] (transformers' and FLA's default).
 pub const CHUNK: usize = 64;
 
-/// The gated delta-rule mixer of a `linear_attention` layer.
+/// Qwen 3.5's separate input projections of Gated DeltaNet.
 #[derive(Module, Debug)]
-pub struct GatedDeltaNet<B: Backend> {
+pub struct SplitInputs<B: Backend> {
     /// `[2·k_heads·k_dim + v_heads·v_dim, hidden]`: queries, keys and values.
     pub in_proj_qkv: LoraLinear<B>,
     /// `[v_heads·v_dim, hidden]`: the output gate.
@@ -32,6 +32,35 @@ pub struct GatedDeltaNet<B: Backend> {
     pub in_proj_b: LoraLinear<B>,
     /// `[v_heads, hidden]`: the decay's input.
     pub in_proj_a: LoraLinear<B>,
+}
+
+/// Qwen3-Next's fused input projections, grouped per key head: `in_proj_qkvz` rows are, for
+/// each key head, `[q (k_dim) | k (k_dim) | v (r·v_dim) | z (r·v_dim)]` and `in_proj_ba` rows
+/// `[b (r) | a (r)]`, with `r` = value heads per key head.
+#[derive(Module, Debug)]
+pub struct GroupedInputs<B: Backend> {
+    /// `[2·k_heads·k_dim + 2·v_heads·v_dim, hidden]`.
+    pub in_proj_qkvz: LoraLinear<B>,
+    /// `[2·v_heads, hidden]`.
+    pub in_proj_ba: LoraLinear<B>,
+}
+
+/// Where queries, keys, values, the output gate, β and the decay input come from.
+// One per layer; boxing would buy nothing and burn modules do not derive through Box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum DeltaNetInputs<B: Backend> {
+    /// Qwen 3.5.
+    Split(SplitInputs<B>),
+    /// Qwen3-Next.
+    Grouped(GroupedInputs<B>),
+}
+
+/// The gated delta-rule mixer of a `linear_attention` layer.
+#[derive(Module, Debug)]
+pub struct GatedDeltaNet<B: Backend> {
+    /// The input projections.
+    pub inputs: DeltaNetInputs<B>,
     /// `[hidden, v_heads·v_dim]`.
     pub out_proj: LoraLinear<B>,
     /// Depthwise causal convolution over queries, keys and values, `[channels, kernel]`
@@ -83,10 +112,8 @@ impl<B: EmberBackend> GatedDeltaNet<B> {
             Some(mask) => x * mask.clone().unsqueeze_dim::<3>(2),
             None => x,
         };
-        let mixed = self.in_proj_qkv.forward(x.clone());
-        let z = self.in_proj_z.forward(x.clone());
-        let beta = sigmoid(self.in_proj_b.forward(x.clone()));
-        let a = self.in_proj_a.forward(x);
+        let (mixed, z, b, a) = self.project(x);
+        let beta = sigmoid(b);
         let decay_input = softplus(a + self.dt_bias.val().unsqueeze::<3>());
         // g ≤ 0: the state is multiplied by exp(g) at each step.
         let g = decay_input * self.a_log.val().exp().neg().unsqueeze::<3>();
@@ -135,6 +162,41 @@ impl<B: EmberBackend> GatedDeltaNet<B> {
                 state: state.reshape([batch, hv, dk, dv]),
             },
         )
+    }
+}
+
+impl<B: EmberBackend> GatedDeltaNet<B> {
+    /// The mixer's inputs: `[q | k | v]` for the convolution `[batch, seq, 2·k_heads·k_dim +
+    /// v_heads·v_dim]`, the gate `z` `[batch, seq, v_heads·v_dim]`, and `b`, `a`
+    /// `[batch, seq, v_heads]`; value heads in order (each key head's `r` consecutive ones).
+    fn project(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        match &self.inputs {
+            DeltaNetInputs::Split(p) => (
+                p.in_proj_qkv.forward(x.clone()),
+                p.in_proj_z.forward(x.clone()),
+                p.in_proj_b.forward(x.clone()),
+                p.in_proj_a.forward(x),
+            ),
+            DeltaNetInputs::Grouped(p) => {
+                let [batch, seq, _] = x.dims();
+                let (hk, hv, dk, dv) = (self.num_k_heads, self.num_v_heads, self.k_dim, self.v_dim);
+                let r = hv / hk;
+                let qkvz = p
+                    .in_proj_qkvz
+                    .forward(x.clone())
+                    .reshape([batch, seq, hk, 2 * dk + 2 * r * dv]);
+                let part = |t: &Tensor<B, 4>, from: usize, len: usize| {
+                    t.clone().narrow(3, from, len).reshape([batch, seq, hk * len])
+                };
+                let mixed = Tensor::cat(
+                    vec![part(&qkvz, 0, dk), part(&qkvz, dk, dk), part(&qkvz, 2 * dk, r * dv)],
+                    2,
+                );
+                let z = part(&qkvz, 2 * dk + r * dv, r * dv);
+                let ba = p.in_proj_ba.forward(x).reshape([batch, seq, hk, 2 * r]);
+                (mixed, z, part(&ba, 0, r), part(&ba, r, r))
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use ember_lora::EmberBackend;
 use ember_lora::{AdapterFiles, AdapterTensors, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules};
 
 use crate::error::Result;
+use crate::linear_attention::DeltaNetInputs;
 use crate::model::{CausalLm, FeedForward, GateUpProjection, LatentQuery, QkvProjection, SelfAttention};
 
 /// What attaching or loading an adapter did.
@@ -78,10 +79,18 @@ macro_rules! walk_linear_layers {
                     out.push((format!("{p}.self_attn.o_proj"), &$($m)? a.o_proj));
                 }
                 SelfAttention::Linear(a) => {
-                    out.push((format!("{p}.linear_attn.in_proj_qkv"), &$($m)? a.in_proj_qkv));
-                    out.push((format!("{p}.linear_attn.in_proj_z"), &$($m)? a.in_proj_z));
-                    out.push((format!("{p}.linear_attn.in_proj_b"), &$($m)? a.in_proj_b));
-                    out.push((format!("{p}.linear_attn.in_proj_a"), &$($m)? a.in_proj_a));
+                    match &$($m)? a.inputs {
+                        DeltaNetInputs::Split(s) => {
+                            out.push((format!("{p}.linear_attn.in_proj_qkv"), &$($m)? s.in_proj_qkv));
+                            out.push((format!("{p}.linear_attn.in_proj_z"), &$($m)? s.in_proj_z));
+                            out.push((format!("{p}.linear_attn.in_proj_b"), &$($m)? s.in_proj_b));
+                            out.push((format!("{p}.linear_attn.in_proj_a"), &$($m)? s.in_proj_a));
+                        }
+                        DeltaNetInputs::Grouped(g) => {
+                            out.push((format!("{p}.linear_attn.in_proj_qkvz"), &$($m)? g.in_proj_qkvz));
+                            out.push((format!("{p}.linear_attn.in_proj_ba"), &$($m)? g.in_proj_ba));
+                        }
+                    }
                     out.push((format!("{p}.linear_attn.out_proj"), &$($m)? a.out_proj));
                 }
             }

@@ -16,7 +16,7 @@ use crate::config::{Activation, DecoderConfig, MoeLayout, QkNorm, QueryScale};
 use crate::dtype::BaseDtype;
 use crate::error::{ModelError, Result};
 use crate::family::ModuleNames;
-use crate::linear_attention::{GatedDeltaNet, RecurrentState};
+use crate::linear_attention::{DeltaNetInputs, GatedDeltaNet, GroupedInputs, RecurrentState, SplitInputs};
 use crate::moe::SparseMoe;
 use crate::rope::{RopeFrequencies, RopeTables};
 use crate::weights::Weights;
@@ -1047,11 +1047,22 @@ impl<B: EmberBackend> CausalLm<B> {
                     .reshape([channels, la.conv_kernel]);
                 let frozen = |t: Tensor<B, 1>| Param::from_tensor(t).set_require_grad(false);
                 let per_head = |name: &str| weights.tensor::<B, 1>(&lin(name), [la.num_v_heads], device);
+                // Qwen3-Next fuses the projections per key head; Qwen 3.5 keeps them apart.
+                let inputs = if la.grouped_projections {
+                    DeltaNetInputs::Grouped(GroupedInputs {
+                        in_proj_qkvz: linear(&lin("in_proj_qkvz"), channels + value_width, h, false)?,
+                        in_proj_ba: linear(&lin("in_proj_ba"), 2 * la.num_v_heads, h, false)?,
+                    })
+                } else {
+                    DeltaNetInputs::Split(SplitInputs {
+                        in_proj_qkv: linear(&lin("in_proj_qkv"), channels, h, false)?,
+                        in_proj_z: linear(&lin("in_proj_z"), value_width, h, false)?,
+                        in_proj_b: linear(&lin("in_proj_b"), la.num_v_heads, h, false)?,
+                        in_proj_a: linear(&lin("in_proj_a"), la.num_v_heads, h, false)?,
+                    })
+                };
                 Ok(SelfAttention::Linear(GatedDeltaNet {
-                    in_proj_qkv: linear(&lin("in_proj_qkv"), channels, h, false)?,
-                    in_proj_z: linear(&lin("in_proj_z"), value_width, h, false)?,
-                    in_proj_b: linear(&lin("in_proj_b"), la.num_v_heads, h, false)?,
-                    in_proj_a: linear(&lin("in_proj_a"), la.num_v_heads, h, false)?,
+                    inputs,
                     out_proj: linear(&lin("out_proj"), h, value_width, false)?,
                     conv1d: Param::from_tensor(conv).set_require_grad(false),
                     dt_bias: frozen(per_head("dt_bias")?),
@@ -1270,18 +1281,11 @@ impl<B: EmberBackend> CausalLm<B> {
         }
         // GLM-5's sparse-attention indexers only pick keys, and pick them all up to
         // `index_topk` positions (the most Ember runs): not needed, not loaded.
-        let indexer_keys: Vec<&String> = weights
-            .keys()
-            .filter(|k| c.max_exact_positions().is_some() && k.contains(".self_attn.indexer."))
-            .collect();
-        if let (false, Some(limit)) = (indexer_keys.is_empty(), c.max_exact_positions()) {
-            ignored_components.push((
-                format!("sparse-attention indexers (every key kept up to {limit} positions)"),
-                indexer_keys.len(),
-            ));
-        }
-        for key in indexer_keys {
-            weights.skip(key);
+        if let Some((label, keys)) = c.unloaded_indexers(weights.keys().map(String::as_str)) {
+            ignored_components.push((label, keys.len()));
+            for key in keys {
+                weights.skip(key);
+            }
         }
         // GLM-4.5 stores its multi-token-prediction layers as decoder layers after the last.
         for i in c.num_layers..c.num_layers + c.trailing_mtp_layers {

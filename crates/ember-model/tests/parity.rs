@@ -120,6 +120,8 @@ parity! {
     mistral4_wrapped: "mistral4_wrapped",
     qwen3_5: "qwen3_5",
     qwen3_5_moe: "qwen3_5_moe",
+    qwen3_5_wrapped: "qwen3_5_wrapped",
+    qwen3_next: "qwen3_next",
 }
 
 /// Under `--features wgpu` the golden tests really run on burn-wgpu (and on burn-ndarray

@@ -132,32 +132,36 @@ fn report_lists_base_and_every_adapter_on_the_same_rows() {
 /// give the full-sequence scores, also with prompts of different lengths (left padding).
 #[test]
 fn fast_label_scoring_paths_equal_full_forwards() {
-    let model = CausalLm::<B>::from_dir(&fixtures().join("qwen3"), &Default::default()).unwrap();
-    let prompts = vec![
-        vec![1u32, 36, 71, 67, 332],
-        vec![1u32, 52],
-        vec![1u32, 52, 295, 324, 268, 315, 81],
-    ];
-    for candidates in [
-        vec![vec![65u32, 12], vec![87u32], vec![300u32, 12, 7]],
-        vec![vec![65u32], vec![87u32]],
-    ] {
-        let fast = label_log_likelihoods(&model, &prompts, &candidates, 2, 0, |_| {});
-        let full = full_sequence_scores(&model, &prompts, &candidates, 2, 0, |_| {});
-        for (a, b) in fast.iter().flatten().zip(full.iter().flatten()) {
-            assert!((a - b).abs() < 1e-4, "{fast:?} vs {full:?}");
+    // qwen3_5: the cache is a recurrent state (copied per candidate, never cut back).
+    for arch in ["qwen3", "qwen3_5"] {
+        let model = CausalLm::<B>::from_dir(&fixtures().join(arch), &Default::default()).unwrap();
+        let prompts = vec![
+            vec![1u32, 36, 71, 67, 332],
+            vec![1u32, 52],
+            vec![1u32, 52, 295, 324, 268, 315, 81],
+        ];
+        for candidates in [
+            vec![vec![65u32, 12], vec![87u32], vec![300u32, 12, 7]],
+            vec![vec![65u32], vec![87u32]],
+        ] {
+            let fast = label_log_likelihoods(&model, &prompts, &candidates, 2, 0, |_| {});
+            let full = full_sequence_scores(&model, &prompts, &candidates, 2, 0, |_| {});
+            for (a, b) in fast.iter().flatten().zip(full.iter().flatten()) {
+                assert!((a - b).abs() < 1e-4, "{arch}: {fast:?} vs {full:?}");
+            }
         }
     }
 }
 
 /// Scoring and the gold-continuation loss from one forward give what two separate passes give:
 /// the full-sequence scores and `evaluate_loss` over prompt + continuation (continuations of
-/// different lengths, one row without any, a sliding-window model so the cache cut matters).
+/// different lengths, one row without any, a sliding-window model so the cache cut matters,
+/// and a linear-attention model whose recurrent state cannot be cut: its prompts run again).
 #[test]
 fn one_pass_scores_and_loss_equal_separate_passes() {
     use ember_train::data::IGNORE;
     use ember_train::eval::{label_scores_and_gold_loss, GoldContinuation};
-    for arch in ["gemma2", "qwen3"] {
+    for arch in ["gemma2", "qwen3", "qwen3_5"] {
         let model = CausalLm::<B>::from_dir(&fixtures().join(arch), &Default::default()).unwrap();
         let prompts = vec![
             vec![1u32, 36, 71, 67, 332, 17, 99, 120, 5],

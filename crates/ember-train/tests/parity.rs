@@ -46,6 +46,7 @@ fn check_arch(arch: &str) {
     let reference_path = fixtures().join(arch).join("lora_grads_step0.safetensors");
     let reference = Weights::open_files(&fixtures().join(arch), &[reference_path]).unwrap();
     assert_eq!(grads.len(), reference.keys().count());
+    let mut worst = (0.0f32, String::new());
     for (name, g) in &grads {
         let (module, half) = name.rsplit_once('.').unwrap();
         let key = format!("base_model.model.{module}.{half}.weight");
@@ -59,7 +60,14 @@ fn check_arch(arch: &str) {
             "{arch} {key}: relative gradient diff {:.3e}",
             diff / scale
         );
+        if diff / scale > worst.0 {
+            worst = (diff / scale, key);
+        }
     }
+    println!(
+        "{arch}: largest relative step-0 gradient diff {:.2e} ({})",
+        worst.0, worst.1
+    );
 
     // Five AdamW steps.
     let mut t = trainer(arch);
@@ -138,4 +146,6 @@ training_parity! {
     mistral4_wrapped_training_matches_peft: "mistral4_wrapped",
     qwen3_5_training_matches_peft: "qwen3_5",
     qwen3_5_moe_training_matches_peft: "qwen3_5_moe",
+    qwen3_5_wrapped_training_matches_peft: "qwen3_5_wrapped",
+    qwen3_next_training_matches_peft: "qwen3_next",
 }

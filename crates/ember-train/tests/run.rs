@@ -189,6 +189,25 @@ fn bad_input_writes_nothing() {
     let err = run::<B>(&c, &opts(), &Default::default()).unwrap_err().to_string();
     assert!(err.contains("no sample survives"), "{err}");
     assert!(!c.output_dir.exists());
+
+    // Packing with linear attention (its state would run across samples), and rows longer
+    // than GLM-5's sparse attention computes exactly, are refused up front, naming the key.
+    // (glm_moe_dsa's fixture keeps every key up to index_topk = 32 positions.)
+    for (arch, packing, max_seq_len, key) in [
+        ("qwen3_5", true, 32, "data.packing"),
+        ("glm_moe_dsa", false, 33, "data.max_seq_len"),
+    ] {
+        let mut c = config(&format!("bad-{arch}"), "");
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(fixtures().join(arch).join(f), c.base_model.join(f)).unwrap();
+        }
+        c.output_dir = c.output_dir.join("run");
+        c.data.packing = packing;
+        c.data.max_seq_len = max_seq_len;
+        let err = run::<B>(&c, &opts(), &Default::default()).unwrap_err().to_string();
+        assert!(err.contains(key), "{arch}: {err}");
+        assert!(!c.output_dir.exists());
+    }
 }
 
 fn tiny_trainer() -> Trainer<B> {
