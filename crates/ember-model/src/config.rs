@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
+pub use crate::family::GroupScores;
 use crate::family::{BiasRule, Family, FamilySpec, LayerPattern, RopeRule, WindowRule, WrapperSpec};
-pub use crate::family::{GroupScores, LinearDefaults};
 
 /// Deserialises a key that may be absent (outer `None`) or `null` (inner `None`): Gemma 2's
 /// soft-caps default to 50/30 when absent but are off when `null`.
@@ -922,7 +922,7 @@ impl DecoderConfig {
                     k_dim: dim(hf.linear_key_head_dim, d.k_dim, "linear_key_head_dim")?,
                     v_dim: dim(hf.linear_value_head_dim, d.v_dim, "linear_value_head_dim")?,
                     conv_kernel: dim(hf.linear_conv_kernel_dim, d.conv_kernel, "linear_conv_kernel_dim")?,
-                    grouped_projections: d.grouped_projections,
+                    ..d
                 };
                 if !config.num_v_heads.is_multiple_of(config.num_k_heads) {
                     return Err(invalid(

@@ -6,7 +6,7 @@
 //! Adding a family is adding a [`FamilySpec`] row (and a fixture under `tests/fixtures/`);
 //! a new mechanism (an attention kind, a router) is a new variant of the typed flags.
 
-use crate::config::{MoeLayout, NormPlacement, QkNorm};
+use crate::config::{LinearAttentionConfig, MoeLayout, NormPlacement, QkNorm};
 
 /// The architecture families Ember implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -135,23 +135,6 @@ pub struct LatentDefaults {
     pub v_dim: usize,
 }
 
-/// transformers' defaults of Gated DeltaNet's sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinearDefaults {
-    /// `linear_num_key_heads`.
-    pub num_k_heads: usize,
-    /// `linear_num_value_heads`.
-    pub num_v_heads: usize,
-    /// `linear_key_head_dim`.
-    pub k_dim: usize,
-    /// `linear_value_head_dim`.
-    pub v_dim: usize,
-    /// `linear_conv_kernel_dim`.
-    pub conv_kernel: usize,
-    /// Qwen3-Next's fused `in_proj_qkvz` / `in_proj_ba`, grouped per key head.
-    pub grouped_projections: bool,
-}
-
 /// How a DeepSeek-style router turns logits into scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupScores {
@@ -221,8 +204,9 @@ pub struct FamilySpec {
     /// Multi-head latent attention (`q_lora_rank`, `kv_lora_rank`, ...; DeepSeek-V3), with the
     /// config class's defaults.
     pub latent_attention: Option<LatentDefaults>,
-    /// Gated DeltaNet on the `linear_attention` layers (Qwen 3.5), with the config class's sizes.
-    pub linear_attention: Option<LinearDefaults>,
+    /// Gated DeltaNet on the `linear_attention` layers (Qwen 3.5), with the config class's sizes
+    /// (the config's keys override them).
+    pub linear_attention: Option<LinearAttentionConfig>,
     /// Full-attention `q_proj`s also yield a sigmoid output gate per head (Qwen 3.5).
     pub attention_output_gate: bool,
     /// DeepSeek sparse attention (GLM-5): a per-layer indexer picks `index_topk` keys per query.
@@ -334,6 +318,33 @@ const GLM_LATENT: LatentDefaults = LatentDefaults {
     v_dim: 256,
 };
 
+/// Qwen 3.5's Gated DeltaNet sizes (transformers' defaults; Qwen3-Next fuses the projections).
+const QWEN3_5_LINEAR: LinearAttentionConfig = LinearAttentionConfig {
+    num_k_heads: 16,
+    num_v_heads: 32,
+    k_dim: 128,
+    v_dim: 128,
+    conv_kernel: 4,
+    grouped_projections: false,
+};
+
+/// Qwen 3.5's text decoder (its MoE variant and Qwen3-Next override what differs).
+const QWEN3_5: FamilySpec = FamilySpec {
+    family: Family::Qwen3_5,
+    model_type: "qwen3_5_text",
+    causal_lm_class: "Qwen3_5ForCausalLM",
+    summary: "hybrid: Gated DeltaNet (gated delta rule, causal short convolution, recurrent state) on 3 \
+              of 4 layers, full attention with a sigmoid output gate and per-head q/k norm on the rest, \
+              (1 + w) norms, partial rotary 0.25",
+    qk_norm: QkNorm::PerHead,
+    norm_weight_offset: true,
+    linear_attention: Some(QWEN3_5_LINEAR),
+    attention_output_gate: true,
+    layer_pattern: LayerPattern::LinearWithEveryNthFull(4),
+    default_partial_rotary: 0.25,
+    ..LLAMA
+};
+
 /// Gemma 4's text decoder (its unified variant overrides what it lacks).
 const GEMMA4: FamilySpec = FamilySpec {
     family: Family::Gemma4,
@@ -401,51 +412,15 @@ pub const FAMILIES: &[FamilySpec] = &[
         window: WindowRule::Qwen,
         ..LLAMA
     },
-    FamilySpec {
-        family: Family::Qwen3_5,
-        model_type: "qwen3_5_text",
-        causal_lm_class: "Qwen3_5ForCausalLM",
-        summary: "hybrid: Gated DeltaNet (gated delta rule, causal short convolution, recurrent state) on 3 \
-                  of 4 layers, full attention with a sigmoid output gate and per-head q/k norm on the rest, \
-                  (1 + w) norms, partial rotary 0.25",
-        qk_norm: QkNorm::PerHead,
-        norm_weight_offset: true,
-        linear_attention: Some(LinearDefaults {
-            num_k_heads: 16,
-            num_v_heads: 32,
-            k_dim: 128,
-            v_dim: 128,
-            conv_kernel: 4,
-            grouped_projections: false,
-        }),
-        attention_output_gate: true,
-        layer_pattern: LayerPattern::LinearWithEveryNthFull(4),
-        default_partial_rotary: 0.25,
-        ..LLAMA
-    },
+    QWEN3_5,
     FamilySpec {
         family: Family::Qwen3_5Moe,
         model_type: "qwen3_5_moe_text",
         causal_lm_class: "Qwen3_5MoeForCausalLM",
         summary: "qwen3_5_text's layers with a sparse MoE in every layer (softmax top-k renormalised, a shared \
-                  expert behind a sigmoid gate); hybrid: Gated DeltaNet (gated delta rule, causal short convolution, recurrent state) on 3 \
-                  of 4 layers, full attention with a sigmoid output gate and per-head q/k norm on the rest, \
-                  (1 + w) norms, partial rotary 0.25",
-        qk_norm: QkNorm::PerHead,
-        norm_weight_offset: true,
-        linear_attention: Some(LinearDefaults {
-            num_k_heads: 16,
-            num_v_heads: 32,
-            k_dim: 128,
-            v_dim: 128,
-            conv_kernel: 4,
-            grouped_projections: false,
-        }),
-        attention_output_gate: true,
-        layer_pattern: LayerPattern::LinearWithEveryNthFull(4),
-        default_partial_rotary: 0.25,
+                  expert behind a sigmoid gate)",
         moe: Some(MoeLayout::GatedShared),
-        ..LLAMA
+        ..QWEN3_5
     },
     FamilySpec {
         family: Family::Qwen3Next,
@@ -453,21 +428,12 @@ pub const FAMILIES: &[FamilySpec] = &[
         causal_lm_class: "Qwen3NextForCausalLM",
         summary: "Qwen3-Next: qwen3_5_moe_text's design with Gated DeltaNet's projections fused per key head \
                   (`in_proj_qkvz`, `in_proj_ba`), dense layers by `mlp_only_layers`/`decoder_sparse_step`",
-        qk_norm: QkNorm::PerHead,
-        norm_weight_offset: true,
-        linear_attention: Some(LinearDefaults {
-            num_k_heads: 16,
-            num_v_heads: 32,
-            k_dim: 128,
-            v_dim: 128,
-            conv_kernel: 4,
+        linear_attention: Some(LinearAttentionConfig {
             grouped_projections: true,
+            ..QWEN3_5_LINEAR
         }),
-        attention_output_gate: true,
-        layer_pattern: LayerPattern::LinearWithEveryNthFull(4),
-        default_partial_rotary: 0.25,
         moe: Some(MoeLayout::GatedShared),
-        ..LLAMA
+        ..QWEN3_5
     },
     FamilySpec {
         family: Family::Gemma,
