@@ -70,6 +70,12 @@ pub struct LoraConfig {
     /// Modules that get adapters.
     #[serde(default = "default_targets")]
     pub target_modules: TargetModules,
+    /// Parameters that get adapters (PEFT's `target_parameters`): a parameter
+    /// `{module}.{name}` matches an entry equal to it or ending it after a dot
+    /// (`experts.gate_up_proj`, `mlp.gate.weight`). Stacked expert weights `[experts, ..]`
+    /// get one rank-r adapter per expert, stored flat as PEFT stores them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_parameters: Vec<String>,
     /// Modules never adapted: regex full-match (string) or exact/`.suffix` (list).
     #[serde(default)]
     pub exclude_modules: Option<TargetModules>,
@@ -100,6 +106,7 @@ impl Default for LoraConfig {
             lora_alpha: default_alpha(),
             lora_dropout: 0.0,
             target_modules: default_targets(),
+            target_parameters: Vec::new(),
             exclude_modules: None,
             layers_to_transform: None,
             rank_pattern: Map::new(),
@@ -151,9 +158,12 @@ impl LoraConfig {
             ));
         }
         if let TargetModules::List(list) = &self.target_modules {
-            if list.is_empty() {
-                return Err(invalid("target_modules", "is empty"));
+            if list.is_empty() && self.target_parameters.is_empty() {
+                return Err(invalid("target_modules", "is empty (and no target_parameters are given)"));
             }
+        }
+        if let Some(empty) = self.target_parameters.iter().find(|t| t.trim().is_empty()) {
+            return Err(invalid("target_parameters", format!("entry {empty:?} is empty")));
         }
         for (key, field) in [(&self.target_modules, "target_modules")]
             .into_iter()
@@ -209,6 +219,16 @@ impl LoraConfig {
                 list.iter().any(|t| path.ends_with(&format!(".{t}"))) && self.in_transformed_layers(path)
             }
         }
+    }
+
+    /// Whether the parameter `key` (`model.layers.1.mlp.experts.gate_up_proj`,
+    /// `model.layers.1.mlp.gate.weight`) gets an adapter, by PEFT's rule for
+    /// `target_parameters`: an entry equal to `key` or ending it after a dot. (PEFT applies
+    /// neither `exclude_modules` nor `layers_to_transform` to parameters.)
+    pub fn targets_parameter(&self, key: &str) -> bool {
+        self.target_parameters
+            .iter()
+            .any(|t| key == t || key.ends_with(&format!(".{t}")))
     }
 
     /// Whether `path`'s layer index is one of `layers_to_transform` (always, when unset or empty).
@@ -287,7 +307,6 @@ impl LoraConfig {
             ("modules_to_save", "fully trained extra modules (modules_to_save)"),
             ("layer_replication", "layer_replication"),
             ("fan_in_fan_out", "fan_in_fan_out (Conv1D layers)"),
-            ("target_parameters", "LoRA on parameters (target_parameters)"),
             ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
             ("lora_bias", "LoRA bias (lora_bias)"),
             ("use_qalora", "QA-LoRA (use_qalora)"),
@@ -322,8 +341,14 @@ impl LoraConfig {
                 .unwrap_or(8),
             lora_alpha: parse("lora_alpha")?.and_then(|v| v.as_f64()).unwrap_or(8.0),
             lora_dropout: parse("lora_dropout")?.and_then(|v| v.as_f64()).unwrap_or(0.0),
+            target_parameters: match get("target_parameters") {
+                Some(v) => serde_json::from_value(v).map_err(|e| field_err("target_parameters", e))?,
+                None => Vec::new(),
+            },
             target_modules: match get("target_modules") {
                 Some(v) => serde_json::from_value(v).map_err(|e| field_err("target_modules", e))?,
+                // PEFT allows an adapter of parameters only.
+                None if is_set("target_parameters") => TargetModules::List(Vec::new()),
                 None => return Err(unsupported(path, "no target_modules")),
             },
             exclude_modules: get("exclude_modules")
@@ -402,10 +427,135 @@ impl LoraConfig {
         m.insert("rank_pattern", Value::Object(self.rank_pattern.clone()));
         m.insert("revision", Value::Null);
         m.insert("target_modules", targets);
+        m.insert(
+            "target_parameters",
+            if self.target_parameters.is_empty() {
+                Value::Null
+            } else {
+                Value::from(self.target_parameters.clone())
+            },
+        );
         m.insert("task_type", Value::from("CAUSAL_LM"));
         m.insert("use_dora", Value::Bool(false));
         m.insert("use_rslora", Value::Bool(self.use_rslora));
         Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    }
+}
+
+/// How transformers 5 fused a family's MoE modules, for PEFT's rewrite of an adapter's
+/// targets (`peft.utils.transformers_weight_conversion`, applied by `get_peft_model` and when
+/// loading): the v4 module names that no longer exist map to parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FusedMoeTargets {
+    /// `(v4 leaf name, v5 parameter)`: `("gate", "gate.weight")`, `("w1", "gate_up_proj")`.
+    pub renames: &'static [(&'static str, &'static str)],
+    /// `(v5 parameter, the v4 names fused into it in order)`: `("gate_up_proj", ["w1", "w3"])`.
+    pub fused: &'static [(&'static str, &'static [&'static str])],
+}
+
+/// The module paths of a model that PEFT's target rewrite looks at
+/// ([`LoraConfig::with_fused_moe_targets`]).
+#[derive(Debug, Clone, Default)]
+pub struct MoeTargetPaths {
+    /// Layers that are `nn.Linear` in transformers, the output head excluded (what
+    /// `all-linear` resolves to).
+    pub linear: Vec<String>,
+    /// Other modules a regex can name: routers (`model.layers.1.mlp.gate`) and expert
+    /// containers (`model.layers.1.mlp.experts`).
+    pub other: Vec<String>,
+    /// The expert containers, where a regex naming a v4 expert module
+    /// (`model.layers.1.mlp.experts.gate_proj`) is probed.
+    pub expert_containers: Vec<String>,
+}
+
+impl LoraConfig {
+    /// PEFT 0.21's rewrite of the targets for a MoE family whose experts transformers 5 fuses
+    /// (Mixtral, Qwen2/3-MoE, DeepSeek-V3, GLM-4.5 to GLM-5, Qwen3-Next): `all-linear`, a regex
+    /// or a list naming the v4 expert projections (`gate_proj`, `up_proj`, `down_proj`; Mixtral's
+    /// `w1`, `w3`, `w2`) or the router (`gate`) becomes LoRA on the fused expert parameters and
+    /// the router weight (`target_parameters`), with rank and alpha doubled on `gate_up_proj`
+    /// (two projections fused). Those names then no longer adapt any `nn.Linear`: the dense MLP
+    /// layers and shared experts of such models lose their LoRA, as in PEFT. Naming only one of
+    /// two fused projections is an error.
+    pub fn with_fused_moe_targets(&self, fused: &FusedMoeTargets, paths: &MoeTargetPaths) -> Result<LoraConfig> {
+        let leaf = |p: &str| p.rsplit('.').next().unwrap_or(p).to_string();
+        let targets: Vec<String> = match &self.target_modules {
+            TargetModules::List(list) => list.clone(),
+            TargetModules::Pattern(p) if p.eq_ignore_ascii_case("all-linear") => {
+                let mut names: Vec<String> = paths.linear.iter().map(|p| leaf(p)).collect();
+                names.extend(fused.renames.iter().map(|(old, _)| old.to_string()));
+                names
+            }
+            TargetModules::Pattern(p) => {
+                let mut names: Vec<String> = paths
+                    .linear
+                    .iter()
+                    .chain(&paths.other)
+                    .filter(|path| full_match(p, path))
+                    .map(|path| leaf(path))
+                    .collect();
+                for (old, _) in fused.renames {
+                    if paths
+                        .expert_containers
+                        .iter()
+                        .any(|c| full_match(p, &format!("{c}.{old}")))
+                    {
+                        names.push(old.to_string());
+                    }
+                }
+                if names.is_empty() {
+                    return Ok(self.clone());
+                }
+                names
+            }
+        };
+        let mut out = self.clone();
+        let mut remaining = Vec::new();
+        let mut parameters = self.target_parameters.clone();
+        let mut named: Vec<(&str, &str)> = Vec::new();
+        for target in &targets {
+            let hit = fused
+                .renames
+                .iter()
+                .find(|(old, _)| target == old || target.ends_with(&format!(".{old}")));
+            match hit {
+                Some(&(old, new)) => {
+                    if !parameters.iter().any(|p| p == new) {
+                        parameters.push(new.to_string());
+                    }
+                    named.push((new, old));
+                }
+                None if !remaining.contains(target) => remaining.push(target.clone()),
+                None => {}
+            }
+        }
+        for (new, olds) in fused.fused {
+            let present: Vec<&str> = olds
+                .iter()
+                .copied()
+                .filter(|o| named.iter().any(|(n, old)| n == new && old == o))
+                .collect();
+            if !present.is_empty() && present.len() < olds.len() {
+                let missing: Vec<&str> = olds.iter().copied().filter(|o| !present.contains(o)).collect();
+                return Err(invalid(
+                    "target_modules",
+                    format!(
+                        "names {} without {}: this model fuses them into `{new}` (as transformers 5 and PEFT do), \
+                         so target all of them or none",
+                        present.join(", "),
+                        missing.join(", ")
+                    ),
+                ));
+            }
+            if present.len() == olds.len() && olds.len() > 1 {
+                let key = format!(r".*\.{}", fancy_regex::escape(new));
+                out.rank_pattern.insert(key.clone(), Value::from(self.r * olds.len()));
+                out.alpha_pattern.insert(key, number(self.lora_alpha * olds.len() as f64));
+            }
+        }
+        out.target_modules = TargetModules::List(remaining);
+        out.target_parameters = parameters;
+        Ok(out)
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`LoraLinear`]: a frozen linear layer (`weight` [out, in], optional `bias`) with an optional
 //!   low-rank adapter, `y = x·Wᵀ + b + s·B(A(dropout(x)))`, mergeable in memory;
 //! - [`adapter`]: PEFT's `adapter_config.json` + `adapter_model.safetensors`, read and written;
+//! - [`expert`]: LoRA on stacked expert weights (PEFT's `target_parameters`), flat ↔ per expert;
 //! - [`merge`]: a streaming merge of an adapter into safetensors shards;
 //! - [`quant`]: quantized frozen weights (QLoRA) and [`EmberBackend`], Ember's own burn ops.
 //!
@@ -15,13 +16,15 @@
 pub mod adapter;
 pub mod atomic;
 pub mod config;
+pub mod expert;
 mod error;
 mod linear;
 pub mod merge;
 pub mod quant;
 
 pub use adapter::{AdapterFiles, AdapterTensors};
-pub use config::{InitLoraWeights, LoraConfig, ModuleLora, TargetModules};
+pub use config::{FusedMoeTargets, InitLoraWeights, LoraConfig, ModuleLora, MoeTargetPaths, TargetModules};
+pub use expert::ExpertLoraLayout;
 pub use error::{LoraError, Result};
 pub use linear::{linear, matmul_layout, FrozenWeight, LoraAdapter, LoraLinear};
 pub use quant::{EmberAutodiffBackend, EmberBackend, QuantFormat, QuantMatrix, QuantizedWeight, SharedBytes};

@@ -437,6 +437,40 @@ pub enum MoeLayout {
 }
 
 impl MoeLayout {
+    /// The router's module path in transformers 5 relative to the layer
+    /// (`model.layers.{i}.`), and whether it is an `nn.Linear` there (LoRA then reaches it by
+    /// `target_modules` and `all-linear`) or a router module whose `weight` only
+    /// `target_parameters` reaches.
+    pub fn router_module(self) -> (&'static str, bool) {
+        match self {
+            MoeLayout::Mixtral | MoeLayout::Qwen | MoeLayout::DeepSeek | MoeLayout::GatedShared => ("mlp.gate", false),
+            MoeLayout::GptOss => ("mlp.router", false),
+            // An nn.Linear subclass in transformers, but its forward returns a tuple, so PEFT
+            // 0.21.2's LoRA on it fails: `all-linear` leaves it out here.
+            MoeLayout::Llama4 => ("feed_forward.router", false),
+            MoeLayout::Gemma4 => ("router.proj", true),
+        }
+    }
+
+    /// The stacked experts' module path in transformers 5 relative to the layer (Mixtral's
+    /// `block_sparse_moe` checkpoint names are `mlp` there).
+    pub fn experts_module(self) -> &'static str {
+        match self {
+            MoeLayout::Llama4 => "feed_forward.experts",
+            MoeLayout::Gemma4 => "experts",
+            _ => "mlp.experts",
+        }
+    }
+
+    /// How PEFT's flat LoRA of `experts.gate_up_proj` (`gate_up`) or `experts.down_proj`
+    /// maps onto each expert's `nn.Linear` view (see [`ember_lora::expert`]).
+    pub fn expert_lora_layout(self, gate_up: bool) -> ember_lora::ExpertLoraLayout {
+        ember_lora::ExpertLoraLayout {
+            swap_roles: self == MoeLayout::Llama4,
+            interleaved_gate_up: gate_up && self == MoeLayout::GptOss,
+        }
+    }
+
     /// The module name of the always-on dense expert(s) beside the routed ones.
     pub fn shared_expert_module(self) -> &'static str {
         match self {

@@ -6,6 +6,8 @@
 //! Adding a family is adding a [`FamilySpec`] row (and a fixture under `tests/fixtures/`);
 //! a new mechanism (an attention kind, a router) is a new variant of the typed flags.
 
+use ember_lora::FusedMoeTargets;
+
 use crate::config::{LinearAttentionConfig, MoeLayout, NormPlacement, QkNorm};
 
 /// The architecture families Ember implements.
@@ -251,6 +253,10 @@ pub struct FamilySpec {
     pub temperature_tuning: bool,
     /// The feed-forward block's module name: `mlp`, or Llama 4's `feed_forward`.
     pub mlp_module: &'static str,
+    /// transformers 5 fuses this family's experts (and PEFT 0.21 rewrites LoRA targets that
+    /// name the v4 expert projections or router to `target_parameters`, see
+    /// [`ember_lora::LoraConfig::with_fused_moe_targets`]).
+    pub peft_fused_moe: Option<FusedMoeTargets>,
     /// transformers' `default_theta` of the config class: RoPE's θ when the config gives none
     /// (of the global layers; also what OLMo 3's sliding layers get from a transformers-4 style
     /// config, whatever its `rope_theta`).
@@ -297,7 +303,31 @@ const LLAMA: FamilySpec = FamilySpec {
     position_query_scale: false,
     temperature_tuning: false,
     mlp_module: "mlp",
+    peft_fused_moe: None,
     default_rope_theta: 10_000.0,
+};
+
+/// PEFT's target rewrite for Mixtral (`_MOE_TARGET_MODULE_MAPPING["mixtral"]`).
+const MIXTRAL_FUSED: FusedMoeTargets = FusedMoeTargets {
+    renames: &[
+        ("gate", "gate.weight"),
+        ("w1", "gate_up_proj"),
+        ("w3", "gate_up_proj"),
+        ("w2", "down_proj"),
+    ],
+    fused: &[("gate_up_proj", &["w1", "w3"])],
+};
+
+/// PEFT's target rewrite for the families transformers maps as `qwen2_moe` (Qwen2/3-MoE,
+/// DeepSeek-V3, GLM-4.5 to GLM-5, Qwen3-Next).
+const QWEN2_MOE_FUSED: FusedMoeTargets = FusedMoeTargets {
+    renames: &[
+        ("gate", "gate.weight"),
+        ("gate_proj", "gate_up_proj"),
+        ("up_proj", "gate_up_proj"),
+        ("down_proj", "down_proj"),
+    ],
+    fused: &[("gate_up_proj", &["gate_proj", "up_proj"])],
 };
 
 /// DeepSeek-style sigmoid routing with transformers' GLM defaults; rows override what differs.
@@ -424,6 +454,7 @@ pub const FAMILIES: &[FamilySpec] = &[
     },
     FamilySpec {
         family: Family::Qwen3Next,
+        peft_fused_moe: Some(QWEN2_MOE_FUSED),
         model_type: "qwen3_next",
         causal_lm_class: "Qwen3NextForCausalLM",
         summary: "Qwen3-Next: qwen3_5_moe_text's design with Gated DeltaNet's projections fused per key head \
@@ -559,6 +590,7 @@ pub const FAMILIES: &[FamilySpec] = &[
     },
     FamilySpec {
         family: Family::Mixtral,
+        peft_fused_moe: Some(MIXTRAL_FUSED),
         model_type: "mixtral",
         causal_lm_class: "MixtralForCausalLM",
         summary: "sparse MoE, softmax-top-k renormalised",
@@ -569,6 +601,7 @@ pub const FAMILIES: &[FamilySpec] = &[
     },
     FamilySpec {
         family: Family::Qwen3Moe,
+        peft_fused_moe: Some(QWEN2_MOE_FUSED),
         model_type: "qwen3_moe",
         causal_lm_class: "Qwen3MoeForCausalLM",
         summary: "sparse MoE, per-head q/k norm",
@@ -579,6 +612,7 @@ pub const FAMILIES: &[FamilySpec] = &[
     },
     FamilySpec {
         family: Family::Glm4Moe,
+        peft_fused_moe: Some(QWEN2_MOE_FUSED),
         model_type: "glm4_moe",
         causal_lm_class: "Glm4MoeForCausalLM",
         summary: "sparse MoE with group-limited sigmoid routing (correction bias, routed scaling) and shared \
@@ -598,6 +632,7 @@ pub const FAMILIES: &[FamilySpec] = &[
     },
     FamilySpec {
         family: Family::DeepseekV3,
+        peft_fused_moe: Some(QWEN2_MOE_FUSED),
         model_type: "deepseek_v3",
         causal_lm_class: "DeepseekV3ForCausalLM",
         summary: "multi-head latent attention (low-rank q, key/value latent cached, one shared RoPE key, \
@@ -622,6 +657,7 @@ pub const FAMILIES: &[FamilySpec] = &[
     },
     FamilySpec {
         family: Family::Glm4MoeLite,
+        peft_fused_moe: Some(QWEN2_MOE_FUSED),
         model_type: "glm4_moe_lite",
         causal_lm_class: "Glm4MoeLiteForCausalLM",
         summary: "GLM-4.7-Flash: deepseek_v3's latent attention and MoE, sparse layers by `mlp_layer_types`",
@@ -637,6 +673,7 @@ pub const FAMILIES: &[FamilySpec] = &[
     },
     FamilySpec {
         family: Family::GlmMoeDsa,
+        peft_fused_moe: Some(QWEN2_MOE_FUSED),
         model_type: "glm_moe_dsa",
         causal_lm_class: "GlmMoeDsaForCausalLM",
         summary: "GLM-5: glm4_moe_lite's blocks with DeepSeek sparse attention; its indexer keeps every key up \

@@ -7,11 +7,37 @@ use std::collections::BTreeMap;
 use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 use ember_lora::EmberBackend;
-use ember_lora::{AdapterFiles, AdapterTensors, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules};
+use ember_lora::{
+    AdapterFiles, AdapterTensors, ExpertLoraLayout, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules,
+};
 
 use crate::error::Result;
 use crate::linear_attention::DeltaNetInputs;
 use crate::model::{CausalLm, FeedForward, GateUpProjection, LatentQuery, QkvProjection, SelfAttention};
+
+/// How PEFT reaches an adaptable layer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerReach {
+    /// An `nn.Linear` in transformers: `target_modules` (and `all-linear`) name it.
+    Module,
+    /// A router that is not an `nn.Linear` in transformers: `target_parameters` name its
+    /// weight, `{path}.weight`; the adapter file keys it by the module path as for a linear.
+    RouterWeight,
+    /// Expert `index` of the stacked parameter `param` (`model.layers.1.mlp.experts.gate_up_proj`,
+    /// `[count, ..]`): `target_parameters` name `param`, and the adapter file holds one flat
+    /// pair for all `count` experts in `layout`. The layer's own path is `{param}.{index}`
+    /// (Ember's name, never written to a file).
+    Expert {
+        /// The stacked parameter's path.
+        param: String,
+        /// Which expert.
+        index: usize,
+        /// How many experts the parameter stacks.
+        count: usize,
+        /// How the flat PEFT pair maps onto this expert's `nn.Linear` view.
+        layout: ExpertLoraLayout,
+    },
+}
 
 /// What attaching or loading an adapter did.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,7 +63,7 @@ impl std::fmt::Display for LoraReport {
     }
 }
 
-/// The walk behind [`CausalLm::linear_layers`] and [`CausalLm::linear_layers_mut`], written
+/// The walk behind [`CausalLm::adaptable_layers`] and [`CausalLm::adaptable_layers_mut`], written
 /// once: `$($m)?` is `mut` for the mutable walk, `$iter` and `$as_option` the matching
 /// `iter`/`iter_mut` and `as_ref`/`as_mut`.
 macro_rules! walk_linear_layers {
@@ -53,96 +79,134 @@ macro_rules! walk_linear_layers {
                 SelfAttention::Grouped(a) => {
                     match &$($m)? a.qkv {
                         QkvProjection::Split(s) => {
-                            out.push((format!("{p}.self_attn.q_proj"), &$($m)? s.q_proj));
-                            out.push((format!("{p}.self_attn.k_proj"), &$($m)? s.k_proj));
-                            out.push((format!("{p}.self_attn.v_proj"), &$($m)? s.v_proj));
+                            out.push((format!("{p}.self_attn.q_proj"), LayerReach::Module, &$($m)? s.q_proj));
+                            out.push((format!("{p}.self_attn.k_proj"), LayerReach::Module, &$($m)? s.k_proj));
+                            out.push((format!("{p}.self_attn.v_proj"), LayerReach::Module, &$($m)? s.v_proj));
                         }
-                        QkvProjection::Fused(l) => out.push((format!("{p}.self_attn.qkv_proj"), l)),
+                        QkvProjection::Fused(l) => out.push((format!("{p}.self_attn.qkv_proj"), LayerReach::Module, l)),
                         QkvProjection::KeysAsValues(s) => {
-                            out.push((format!("{p}.self_attn.q_proj"), &$($m)? s.q_proj));
-                            out.push((format!("{p}.self_attn.k_proj"), &$($m)? s.k_proj));
+                            out.push((format!("{p}.self_attn.q_proj"), LayerReach::Module, &$($m)? s.q_proj));
+                            out.push((format!("{p}.self_attn.k_proj"), LayerReach::Module, &$($m)? s.k_proj));
                         }
-                        QkvProjection::QueryOnly(l) => out.push((format!("{p}.self_attn.q_proj"), l)),
+                        QkvProjection::QueryOnly(l) => out.push((format!("{p}.self_attn.q_proj"), LayerReach::Module, l)),
                     }
-                    out.push((format!("{p}.self_attn.o_proj"), &$($m)? a.o_proj));
+                    out.push((format!("{p}.self_attn.o_proj"), LayerReach::Module, &$($m)? a.o_proj));
                 }
                 SelfAttention::Latent(a) => {
                     match &$($m)? a.query {
-                        LatentQuery::Direct(l) => out.push((format!("{p}.self_attn.q_proj"), l)),
+                        LatentQuery::Direct(l) => out.push((format!("{p}.self_attn.q_proj"), LayerReach::Module, l)),
                         LatentQuery::LowRank(q) => {
-                            out.push((format!("{p}.self_attn.q_a_proj"), &$($m)? q.q_a_proj));
-                            out.push((format!("{p}.self_attn.q_b_proj"), &$($m)? q.q_b_proj));
+                            out.push((format!("{p}.self_attn.q_a_proj"), LayerReach::Module, &$($m)? q.q_a_proj));
+                            out.push((format!("{p}.self_attn.q_b_proj"), LayerReach::Module, &$($m)? q.q_b_proj));
                         }
                     }
-                    out.push((format!("{p}.self_attn.kv_a_proj_with_mqa"), &$($m)? a.kv_a_proj_with_mqa));
-                    out.push((format!("{p}.self_attn.kv_b_proj"), &$($m)? a.kv_b_proj));
-                    out.push((format!("{p}.self_attn.o_proj"), &$($m)? a.o_proj));
+                    out.push((format!("{p}.self_attn.kv_a_proj_with_mqa"), LayerReach::Module, &$($m)? a.kv_a_proj_with_mqa));
+                    out.push((format!("{p}.self_attn.kv_b_proj"), LayerReach::Module, &$($m)? a.kv_b_proj));
+                    out.push((format!("{p}.self_attn.o_proj"), LayerReach::Module, &$($m)? a.o_proj));
                 }
                 SelfAttention::Linear(a) => {
                     match &$($m)? a.inputs {
                         DeltaNetInputs::Split(s) => {
-                            out.push((format!("{p}.linear_attn.in_proj_qkv"), &$($m)? s.in_proj_qkv));
-                            out.push((format!("{p}.linear_attn.in_proj_z"), &$($m)? s.in_proj_z));
-                            out.push((format!("{p}.linear_attn.in_proj_b"), &$($m)? s.in_proj_b));
-                            out.push((format!("{p}.linear_attn.in_proj_a"), &$($m)? s.in_proj_a));
+                            out.push((format!("{p}.linear_attn.in_proj_qkv"), LayerReach::Module, &$($m)? s.in_proj_qkv));
+                            out.push((format!("{p}.linear_attn.in_proj_z"), LayerReach::Module, &$($m)? s.in_proj_z));
+                            out.push((format!("{p}.linear_attn.in_proj_b"), LayerReach::Module, &$($m)? s.in_proj_b));
+                            out.push((format!("{p}.linear_attn.in_proj_a"), LayerReach::Module, &$($m)? s.in_proj_a));
                         }
                         DeltaNetInputs::Grouped(g) => {
-                            out.push((format!("{p}.linear_attn.in_proj_qkvz"), &$($m)? g.in_proj_qkvz));
-                            out.push((format!("{p}.linear_attn.in_proj_ba"), &$($m)? g.in_proj_ba));
+                            out.push((format!("{p}.linear_attn.in_proj_qkvz"), LayerReach::Module, &$($m)? g.in_proj_qkvz));
+                            out.push((format!("{p}.linear_attn.in_proj_ba"), LayerReach::Module, &$($m)? g.in_proj_ba));
                         }
                     }
-                    out.push((format!("{p}.linear_attn.out_proj"), &$($m)? a.out_proj));
+                    out.push((format!("{p}.linear_attn.out_proj"), LayerReach::Module, &$($m)? a.out_proj));
                 }
             }
-            let (dense, path, gate) = match &$($m)? layer.mlp {
-                FeedForward::Dense(m) => (Some(m), format!("{p}.{mlp}"), None),
-                FeedForward::Sparse(moe) => (
-                    moe.shared_expert.$as_option(),
+            let moe = model.config.moe.as_ref().map(|m| m.layout);
+            let (dense, path, gate, sparse) = match &$($m)? layer.mlp {
+                FeedForward::Dense(m) => (Some(m), format!("{p}.{mlp}"), None, None),
+                FeedForward::Sparse(block) => (
+                    block.shared_expert.$as_option(),
                     format!("{p}.{mlp}.{shared}"),
-                    moe.shared_expert_gate.$as_option(),
+                    block.shared_expert_gate.$as_option(),
+                    Some((&$($m)? block.router, &$($m)? block.experts)),
                 ),
-                FeedForward::DenseAndSparse(both) => (Some(&$($m)? both.mlp), format!("{p}.{mlp}"), None),
+                FeedForward::DenseAndSparse(both) => (
+                    Some(&$($m)? both.mlp),
+                    format!("{p}.{mlp}"),
+                    None,
+                    Some((&$($m)? both.moe.router, &$($m)? both.moe.experts)),
+                ),
             };
             if let Some(m) = dense {
                 match &$($m)? m.gate_up {
                     GateUpProjection::Split(s) => {
-                        out.push((format!("{path}.gate_proj"), &$($m)? s.gate_proj));
-                        out.push((format!("{path}.up_proj"), &$($m)? s.up_proj));
+                        out.push((format!("{path}.gate_proj"), LayerReach::Module, &$($m)? s.gate_proj));
+                        out.push((format!("{path}.up_proj"), LayerReach::Module, &$($m)? s.up_proj));
                     }
-                    GateUpProjection::Fused(l) => out.push((format!("{path}.gate_up_proj"), l)),
+                    GateUpProjection::Fused(l) => out.push((format!("{path}.gate_up_proj"), LayerReach::Module, l)),
                 }
-                out.push((format!("{path}.down_proj"), &$($m)? m.down_proj));
+                out.push((format!("{path}.down_proj"), LayerReach::Module, &$($m)? m.down_proj));
             }
             if let Some(g) = gate {
-                out.push((format!("{p}.{mlp}.{shared}_gate"), g));
+                out.push((format!("{p}.{mlp}.{shared}_gate"), LayerReach::Module, g));
+            }
+            if let (Some((router, experts)), Some(layout)) = (sparse, moe) {
+                let (router_path, router_is_linear) = layout.router_module();
+                let reach = if router_is_linear { LayerReach::Module } else { LayerReach::RouterWeight };
+                out.push((format!("{p}.{router_path}"), reach, router));
+                let container = format!("{p}.{}", layout.experts_module());
+                let count = experts.len();
+                let mut downs = Vec::with_capacity(count);
+                for (index, expert) in experts.$iter().enumerate() {
+                    for (name, layer, gate_up) in [("gate_up_proj", &$($m)? expert.gate_up, true)] {
+                        let param = format!("{container}.{name}");
+                        let reach = LayerReach::Expert { param: param.clone(), index, count, layout: layout.expert_lora_layout(gate_up) };
+                        out.push((format!("{param}.{index}"), reach, layer));
+                    }
+                    let param = format!("{container}.down_proj");
+                    let reach = LayerReach::Expert { param: param.clone(), index, count, layout: layout.expert_lora_layout(false) };
+                    downs.push((format!("{param}.{index}"), reach, &$($m)? expert.down));
+                }
+                out.extend(downs);
             }
             if let Some(block) = &$($m)? layer.per_layer_input {
-                out.push((format!("{p}.per_layer_input_gate"), &$($m)? block.gate));
-                out.push((format!("{p}.per_layer_projection"), &$($m)? block.projection));
+                out.push((format!("{p}.per_layer_input_gate"), LayerReach::Module, &$($m)? block.gate));
+                out.push((format!("{p}.per_layer_projection"), LayerReach::Module, &$($m)? block.projection));
             }
         }
         if let Some(inputs) = &$($m)? model.model.per_layer_inputs {
-            out.push((format!("{decoder}.per_layer_model_projection"), &$($m)? inputs.projection));
+            out.push((format!("{decoder}.per_layer_model_projection"), LayerReach::Module, &$($m)? inputs.projection));
         }
         if let Some(head) = &$($m)? model.lm_head {
-            out.push(("lm_head".to_string(), head));
+            out.push(("lm_head".to_string(), LayerReach::Module, head));
         }
         out
     }};
 }
 
 impl<B: EmberBackend> CausalLm<B> {
-    /// Every adaptable linear layer with its HF module path, in model order: the attention
-    /// projections (`qkv_proj` where fused), the dense MLP projections (`gate_up_proj` where
-    /// fused; a MoE block's shared expert), Gemma 4's per-layer input projections and an
-    /// untied `lm_head`. MoE routers and experts are frozen and not listed.
-    pub fn linear_layers(&self) -> Vec<(String, &LoraLinear<B>)> {
+    /// Every layer that can carry a LoRA adapter, with its path and how PEFT reaches it, in
+    /// model order: the attention projections (`qkv_proj` where fused), the dense MLP
+    /// projections (`gate_up_proj` where fused; a MoE block's shared expert), Gemma 4's
+    /// per-layer input projections, MoE routers and each expert's `gate_up` and `down`
+    /// projections (see [`LayerReach`]), and an untied `lm_head`.
+    pub fn adaptable_layers(&self) -> Vec<(String, LayerReach, &LoraLinear<B>)> {
         walk_linear_layers!(self, iter, as_ref)
+    }
+
+    /// [`CausalLm::adaptable_layers`], mutable.
+    pub fn adaptable_layers_mut(&mut self) -> Vec<(String, LayerReach, &mut LoraLinear<B>)> {
+        walk_linear_layers!(self, iter_mut, as_mut, mut)
+    }
+
+    /// [`CausalLm::adaptable_layers`] without the reach: every adaptable layer by path (an
+    /// expert's as `{param}.{index}`).
+    pub fn linear_layers(&self) -> Vec<(String, &LoraLinear<B>)> {
+        self.adaptable_layers().into_iter().map(|(p, _, l)| (p, l)).collect()
     }
 
     /// [`CausalLm::linear_layers`], mutable.
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
-        walk_linear_layers!(self, iter_mut, as_mut, mut)
+        self.adaptable_layers_mut().into_iter().map(|(p, _, l)| (p, l)).collect()
     }
 
     /// Number of parameters of the base model (adapters excluded; quantized weights, which are
@@ -165,11 +229,15 @@ impl<B: EmberBackend> CausalLm<B> {
     fn report(&self) -> LoraReport {
         let mut targets = Vec::new();
         let mut trainable_params = 0;
-        for (path, layer) in self.linear_layers() {
+        for (path, reach, layer) in self.adaptable_layers() {
             if let Some(adapter) = &layer.adapter {
                 let [o, i] = layer.dims();
                 trainable_params += adapter.rank() * (i + o);
-                targets.push(path);
+                match reach {
+                    LayerReach::Expert { param, index: 0, .. } => targets.push(param),
+                    LayerReach::Expert { .. } => {}
+                    _ => targets.push(path),
+                }
             }
         }
         LoraReport {
@@ -179,61 +247,203 @@ impl<B: EmberBackend> CausalLm<B> {
         }
     }
 
-    /// Attaches fresh adapters to every linear layer `config` targets (PEFT's matching rules),
-    /// initialised as PEFT initialises them. Errors if `config` is invalid or matches nothing.
+    /// The LoRA settings PEFT 0.21 would use on this model: for a family whose experts
+    /// transformers 5 fuses, targets naming the v4 expert projections or the router (and
+    /// `all-linear`) become `target_parameters` (see
+    /// [`LoraConfig::with_fused_moe_targets`]); other models take `config` as it is. An
+    /// adapter written for this model carries these settings.
+    pub fn peft_lora_config(&self, config: &LoraConfig) -> Result<LoraConfig> {
+        let Some(fused) = self.config.spec().peft_fused_moe else {
+            return Ok(config.clone());
+        };
+        let mut paths = ember_lora::MoeTargetPaths::default();
+        for (path, reach, _) in self.adaptable_layers() {
+            match reach {
+                LayerReach::Module if path != "lm_head" => paths.linear.push(path),
+                LayerReach::Module => {}
+                LayerReach::RouterWeight => paths.other.push(path),
+                LayerReach::Expert { param, index: 0, .. } => {
+                    let container = param.rsplit_once('.').map_or(param.clone(), |(c, _)| c.to_string());
+                    if !paths.expert_containers.contains(&container) {
+                        paths.other.push(container.clone());
+                        paths.expert_containers.push(container);
+                    }
+                }
+                LayerReach::Expert { .. } => {}
+            }
+        }
+        Ok(config.with_fused_moe_targets(&fused, &paths)?)
+    }
+
+    /// Attaches fresh adapters to every layer `config` targets (PEFT's matching rules, after
+    /// [`CausalLm::peft_lora_config`]), initialised as PEFT initialises them; an expert
+    /// parameter gets one adapter per expert, drawn as PEFT draws its flat pair. Errors if
+    /// `config` is invalid or matches nothing.
     pub fn attach_lora(&mut self, config: &LoraConfig, device: &B::Device) -> Result<LoraReport> {
         config.validate()?;
+        let config = self.peft_lora_config(config)?;
+        if !config.target_parameters.is_empty() && config.lora_dropout > 0.0 {
+            return Err(LoraError::InvalidConfig {
+                key: "lora_dropout".into(),
+                message: format!(
+                    "{} with target_parameters {:?}: PEFT's parameter LoRA has no dropout (it cannot factor x \
+                     out of B·A·dropout(x)); set lora_dropout: 0",
+                    config.lora_dropout, config.target_parameters
+                ),
+            }
+            .into());
+        }
         let mut matched = 0;
         let mut example = String::new();
-        for (path, layer) in self.linear_layers_mut() {
-            if example.is_empty() {
-                example = path.clone();
-            }
-            if !config.targets(&path, path == "lm_head") {
-                continue;
-            }
+        for (path, reach, layer) in self.adaptable_layers_mut() {
             let [out, inp] = layer.dims();
-            let lora = config.module_lora(&path);
-            let adapter = LoraAdapter::init(out, inp, lora, config.lora_dropout, config.init_lora_weights, device);
+            let adapter = match &reach {
+                LayerReach::Module => {
+                    if example.is_empty() {
+                        example = path.clone();
+                    }
+                    if !config.targets(&path, path == "lm_head") {
+                        continue;
+                    }
+                    let lora = config.module_lora(&path);
+                    LoraAdapter::init(out, inp, lora, config.lora_dropout, config.init_lora_weights, device)
+                }
+                LayerReach::RouterWeight => {
+                    let key = format!("{path}.weight");
+                    if !config.targets_parameter(&key) {
+                        continue;
+                    }
+                    LoraAdapter::init(out, inp, config.module_lora(&key), 0.0, config.init_lora_weights, device)
+                }
+                LayerReach::Expert {
+                    param, count, layout, ..
+                } => {
+                    if !config.targets_parameter(param) {
+                        continue;
+                    }
+                    let lora = config.module_lora(param);
+                    ember_lora::expert::init_expert(out, inp, lora, config.init_lora_weights, *count, *layout, device)
+                }
+            };
             layer.attach(adapter, &path)?;
             matched += 1;
         }
         if matched == 0 {
-            let targets = match &config.target_modules {
+            let mut targets = match &config.target_modules {
                 TargetModules::List(l) => format!("{l:?}"),
                 TargetModules::Pattern(p) => format!("{p:?}"),
             };
+            if !config.target_parameters.is_empty() {
+                targets.push_str(&format!(" and target_parameters {:?}", config.target_parameters));
+            }
             return Err(LoraError::NoTargets { targets, example }.into());
         }
         Ok(self.report())
     }
 
-    /// Loads a PEFT adapter: every tensor must name a linear layer of this model with matching
-    /// shapes; nothing is attached unless all fit.
+    /// For each stacked expert parameter that `adapted` says carries LoRA, the module path PEFT
+    /// files its flat pair under: parameters of one module nest as wrappers in their order of
+    /// definition (`gate_up_proj` inside `down_proj`), the inner ones behind `.base_layer`s
+    /// (`model.layers.1.mlp.experts.base_layer` for `gate_up_proj` when both are adapted).
+    fn expert_file_keys(&self, adapted: &dyn Fn(&str) -> bool) -> BTreeMap<String, String> {
+        let mut by_container: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (_, reach, _) in self.adaptable_layers() {
+            if let LayerReach::Expert { param, index: 0, .. } = reach {
+                if adapted(&param) {
+                    let container = param.rsplit_once('.').map_or(param.clone(), |(c, _)| c.to_string());
+                    by_container.entry(container).or_default().push(param);
+                }
+            }
+        }
+        let mut keys = BTreeMap::new();
+        for (container, params) in by_container {
+            let n = params.len();
+            for (i, param) in params.into_iter().enumerate() {
+                keys.insert(format!("{container}{}", ".base_layer".repeat(n - 1 - i)), param);
+            }
+        }
+        keys
+    }
+
+    /// Loads a PEFT adapter: every tensor must name an adaptable layer of this model (or a
+    /// stacked expert parameter its config targets) with matching shapes; nothing is attached
+    /// unless all fit.
     pub fn load_adapter(&mut self, files: &AdapterFiles, device: &B::Device) -> Result<LoraReport> {
         let mut pending: BTreeMap<String, LoraAdapter<B>> = BTreeMap::new();
-        let known: BTreeMap<String, [usize; 2]> =
-            self.linear_layers().into_iter().map(|(p, l)| (p, l.dims())).collect();
+        let mut known: BTreeMap<String, [usize; 2]> = BTreeMap::new();
+        let mut experts: BTreeMap<String, (usize, ExpertLoraLayout, [usize; 2])> = BTreeMap::new();
+        for (path, reach, layer) in self.adaptable_layers() {
+            match reach {
+                LayerReach::Expert {
+                    param,
+                    index: 0,
+                    count,
+                    layout,
+                } => {
+                    experts.insert(param, (count, layout, layer.dims()));
+                }
+                LayerReach::Expert { .. } => {}
+                _ => {
+                    known.insert(path, layer.dims());
+                }
+            }
+        }
+        let expert_keys = self.expert_file_keys(&|param| files.config.targets_parameter(param));
+        let unexpected = |path: &str, message: String| LoraError::UnexpectedTensor {
+            path: "adapter_model.safetensors".into(),
+            key: format!("base_model.model.{path}.lora_A.weight"),
+            message,
+        };
         for (path, t) in &files.tensors {
             if self.names.wrapped && !self.names.is_text_module(path) {
-                return Err(LoraError::UnexpectedTensor {
-                    path: "adapter_model.safetensors".into(),
-                    key: format!("base_model.model.{path}.lora_A.weight"),
-                    message: format!(
+                return Err(unexpected(
+                    path,
+                    format!(
                         "`{path}` is outside the text decoder (`{}`): Ember loads and trains the language \
                          model of a multimodal checkpoint only, not LoRA on its vision or audio towers",
                         self.names.decoder
                     ),
-                }
+                )
                 .into());
             }
-            let Some(&[out, inp]) = known.get(path) else {
-                return Err(LoraError::UnexpectedTensor {
-                    path: "adapter_model.safetensors".into(),
-                    key: format!("base_model.model.{path}.lora_A.weight"),
-                    message: format!("the model has no linear layer `{path}`"),
+            if let Some(param) = expert_keys.get(path) {
+                let (count, layout, [out, inp]) = experts[param];
+                let lora = files.config.module_lora(param);
+                if t.a_shape[0] != count * lora.r {
+                    return Err(LoraError::ShapeMismatch {
+                        key: format!(
+                            "base_model.model.{path}.lora_A.weight (`{param}`: {count} experts × r = {} by adapter_config.json)",
+                            lora.r
+                        ),
+                        expected: vec![count * lora.r, t.a_shape[1]],
+                        found: t.a_shape.to_vec(),
+                    }
+                    .into());
                 }
-                .into());
+                let scaling = lora.scaling;
+                let per_expert = ember_lora::expert::split_flat(t, count, layout, path)?;
+                for (e, x) in per_expert.into_iter().enumerate() {
+                    if x.a_shape[1] != inp || x.b_shape[0] != out {
+                        return Err(LoraError::ShapeMismatch {
+                            key: format!("base_model.model.{path}.lora_A/B (`{param}`, each expert's B·A is {:?})", [out, inp]),
+                            expected: vec![out, inp],
+                            found: vec![x.b_shape[0], x.a_shape[1]],
+                        }
+                        .into());
+                    }
+                    let a = Tensor::from_data(TensorData::new(x.lora_a, x.a_shape), device);
+                    let b = Tensor::from_data(TensorData::new(x.lora_b, x.b_shape), device);
+                    pending.insert(format!("{param}.{e}"), LoraAdapter::from_tensors(a, b, scaling, 0.0));
+                }
+                continue;
+            }
+            let Some(&[out, inp]) = known.get(path) else {
+                let hint = if path.contains(".experts") {
+                    " (LoRA on stacked experts must be named by the adapter config's target_parameters)"
+                } else {
+                    ""
+                };
+                return Err(unexpected(path, format!("the model has no linear layer `{path}`{hint}")).into());
             };
             if t.a_shape[1] != inp || t.b_shape[0] != out {
                 return Err(LoraError::ShapeMismatch {
@@ -245,7 +455,13 @@ impl<B: EmberBackend> CausalLm<B> {
             }
             let a = Tensor::from_data(TensorData::new(t.lora_a.clone(), t.a_shape), device);
             let b = Tensor::from_data(TensorData::new(t.lora_b.clone(), t.b_shape), device);
-            let scaling = files.config.module_lora(path).scaling;
+            // A router adapted as a parameter takes the rank and alpha patterns of its weight.
+            let scaling = match files.config.target_parameters.is_empty() {
+                false if files.config.targets_parameter(&format!("{path}.weight")) => {
+                    files.config.module_lora(&format!("{path}.weight")).scaling
+                }
+                _ => files.config.module_lora(path).scaling,
+            };
             pending.insert(
                 path.clone(),
                 LoraAdapter::from_tensors(a, b, scaling, files.config.lora_dropout),
@@ -259,32 +475,56 @@ impl<B: EmberBackend> CausalLm<B> {
         Ok(self.report())
     }
 
-    /// The attached adapters as PEFT files (host f32 copies), ready to write; a multimodal
-    /// wrapper's name its adapted modules by full path (see [`AdapterFiles::exact_targets`]).
+    /// The attached adapters as PEFT files (host f32 copies), ready to write, with the
+    /// settings of [`CausalLm::peft_lora_config`]; a stacked expert parameter's adapters are
+    /// joined into PEFT's flat pair. A multimodal wrapper's names its adapted modules by full
+    /// path (see [`AdapterFiles::exact_targets`]).
     pub fn adapter_files(&self, config: &LoraConfig, base_model_name_or_path: Option<String>) -> AdapterFiles {
-        let mut tensors = BTreeMap::new();
-        for (path, layer) in self.linear_layers() {
-            if let Some(adapter) = &layer.adapter {
-                let a = adapter.lora_a.val();
-                let b = adapter.lora_b.val();
-                let (a_shape, b_shape) = (a.dims(), b.dims());
-                tensors.insert(
-                    path,
-                    AdapterTensors {
-                        lora_a: a.into_data().convert::<f32>().to_vec().unwrap_or_default(),
-                        a_shape,
-                        lora_b: b.into_data().convert::<f32>().to_vec().unwrap_or_default(),
-                        b_shape,
-                    },
-                );
+        let host = |adapter: &LoraAdapter<B>| {
+            let a = adapter.lora_a.val();
+            let b = adapter.lora_b.val();
+            let (a_shape, b_shape) = (a.dims(), b.dims());
+            AdapterTensors {
+                lora_a: a.into_data().convert::<f32>().to_vec().unwrap_or_default(),
+                a_shape,
+                lora_b: b.into_data().convert::<f32>().to_vec().unwrap_or_default(),
+                b_shape,
             }
-        }
+        };
+        let per_layer = self
+            .linear_layers()
+            .into_iter()
+            .filter_map(|(path, layer)| layer.adapter.as_ref().map(|a| (path, host(a))))
+            .collect();
+        let tensors = self.peft_tensors(per_layer);
+        let config = self.peft_lora_config(config).unwrap_or_else(|_| config.clone());
         AdapterFiles {
-            config: config.clone(),
+            config,
             base_model_name_or_path,
             tensors,
             exact_targets: self.names.wrapped,
         }
+    }
+
+    /// Per-layer pairs keyed by [`CausalLm::linear_layers`] paths (adapters, or their
+    /// gradients) in PEFT's file layout: each stacked expert parameter's `{param}.{index}`
+    /// entries joined into its flat pair under the module path PEFT files it by; other entries
+    /// unchanged.
+    pub fn peft_tensors(&self, mut per_layer: BTreeMap<String, AdapterTensors>) -> BTreeMap<String, AdapterTensors> {
+        let mut stacked: BTreeMap<String, (ExpertLoraLayout, Vec<AdapterTensors>)> = BTreeMap::new();
+        for (path, reach, _) in self.adaptable_layers() {
+            if let LayerReach::Expert { param, layout, .. } = reach {
+                if let Some(t) = per_layer.remove(&path) {
+                    stacked.entry(param).or_insert_with(|| (layout, Vec::new())).1.push(t);
+                }
+            }
+        }
+        for (key, param) in self.expert_file_keys(&|param| stacked.contains_key(param)) {
+            if let Some((layout, experts)) = stacked.get(&param) {
+                per_layer.insert(key, ember_lora::expert::join_flat(experts, *layout));
+            }
+        }
+        per_layer
     }
 
     /// Folds every attached adapter into its base weight (in memory).

@@ -3,9 +3,10 @@
 //!
 //! Routing picks `top_k` experts per token; each expert runs only on the tokens routed to it
 //! (gathered with `select`, scattered back with an additive `select_assign`), so compute is
-//! `top_k / num_experts` of a dense evaluation. Expert and router weights are frozen: LoRA
-//! adapts the attention projections of MoE models, and gradients flow through the experts and
-//! the routing weights to the hidden states, as in PyTorch.
+//! `top_k / num_experts` of a dense evaluation. Expert and router weights are frozen; LoRA may
+//! adapt the router and each expert's two projections (PEFT's `target_parameters`), an
+//! expert's adapter running only on the tokens routed to it (X·A then ·B, never a ΔW per
+//! expert). Gradients flow through the experts and the routing weights, as in PyTorch.
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, softmax};
@@ -18,17 +19,15 @@ use crate::error::Result;
 use crate::model::{activate, Mlp};
 use crate::weights::Weights;
 
-/// One expert's gated MLP, weights in `nn.Linear` layout (`y = x·Wᵀ + b`).
+/// One expert's gated MLP: two frozen linear layers in `nn.Linear` layout (`y = x·Wᵀ + b`),
+/// each of which can carry its own LoRA adapter (PEFT's `target_parameters` on the stacked
+/// `experts.gate_up_proj` / `experts.down_proj`: one rank-r adapter per expert).
 #[derive(Module, Debug)]
 pub struct Expert<B: Backend> {
-    /// Gate rows then up rows, `[2·intermediate, hidden]`.
-    pub gate_up: Param<Tensor<B, 2>>,
-    /// `[2·intermediate]` (gpt-oss).
-    pub gate_up_bias: Option<Param<Tensor<B, 1>>>,
-    /// `[hidden, intermediate]`.
-    pub down: Param<Tensor<B, 2>>,
-    /// `[hidden]` (gpt-oss).
-    pub down_bias: Option<Param<Tensor<B, 1>>>,
+    /// Gate rows then up rows, `[2·intermediate, hidden]` (bias `[2·intermediate]`, gpt-oss).
+    pub gate_up: LoraLinear<B>,
+    /// `[hidden, intermediate]` (bias `[hidden]`, gpt-oss).
+    pub down: LoraLinear<B>,
 }
 
 impl<B: EmberBackend> Expert<B> {
@@ -36,7 +35,7 @@ impl<B: EmberBackend> Expert<B> {
     /// - `x`: `[tokens, hidden]`
     /// - output: `[tokens, hidden]`
     fn forward(&self, x: Tensor<B, 2>, activation: ExpertActivation) -> Tensor<B, 2> {
-        let gate_up = ember_lora::linear(x, self.gate_up.val(), self.gate_up_bias.as_ref().map(|b| b.val()));
+        let gate_up = self.gate_up.forward(x);
         let inter = gate_up.dims()[1] / 2;
         let gate = gate_up.clone().narrow(1, 0, inter);
         let up = gate_up.narrow(1, inter, inter);
@@ -49,17 +48,15 @@ impl<B: EmberBackend> Expert<B> {
                 up.add_scalar(1.0) * glu
             }
         };
-        ember_lora::linear(hidden, self.down.val(), self.down_bias.as_ref().map(|b| b.val()))
+        self.down.forward(hidden)
     }
 }
 
 /// A router and its experts (`block_sparse_moe` / `mlp`).
 #[derive(Module, Debug)]
 pub struct SparseMoe<B: Backend> {
-    /// Router weight, `[experts, hidden]`.
-    pub router: Param<Tensor<B, 2>>,
-    /// Router bias, `[experts]` (gpt-oss).
-    pub router_bias: Option<Param<Tensor<B, 1>>>,
+    /// The router, weight `[experts, hidden]` (bias `[experts]`, gpt-oss); LoRA can adapt it.
+    pub router: LoraLinear<B>,
     /// The experts.
     pub experts: Vec<Expert<B>>,
     /// Experts per token.
@@ -164,7 +161,7 @@ impl<B: EmberBackend> SparseMoe<B> {
             }
             None => x,
         };
-        let logits = ember_lora::linear(x, self.router.val(), self.router_bias.as_ref().map(|b| b.val()));
+        let logits = self.router.forward(x);
         let (weights, experts) = self.route_logits(logits);
         match &self.per_expert_scale {
             Some(scale) => {
@@ -287,7 +284,8 @@ pub(crate) fn load<B: EmberBackend>(
     dtype: FloatDType,
 ) -> Result<SparseMoe<B>> {
     let (h, inter, n) = (config.hidden_size, moe.intermediate_size, moe.num_experts);
-    let frozen2 = |t: Tensor<B, 2>| Param::from_tensor(ember_lora::matmul_layout(t)).set_require_grad(false);
+    let frozen2 = |t: Tensor<B, 2>| LoraLinear::frozen(t, None);
+    let frozen2b = |t: Tensor<B, 2>, b: Tensor<B, 1>| LoraLinear::frozen(t, Some(b));
     let frozen1 = |t: Tensor<B, 1>| Param::from_tensor(t).set_require_grad(false);
     let (block, router_name) = match moe.layout {
         MoeLayout::Mixtral => ("block_sparse_moe", "gate"),
@@ -305,11 +303,7 @@ pub(crate) fn load<B: EmberBackend>(
     };
     let router = weights.tensor::<B, 2>(&format!("{base}.{router_name}.weight"), [n, h], device)?;
     let router_bias = match moe.layout {
-        MoeLayout::GptOss => Some(frozen1(weights.tensor::<B, 1>(
-            &format!("{base}.{router_name}.bias"),
-            [n],
-            device,
-        )?)),
+        MoeLayout::GptOss => Some(weights.tensor::<B, 1>(&format!("{base}.{router_name}.bias"), [n], device)?),
         _ => None,
     };
     let (router_input_scale, per_expert_scale) = match moe.layout {
@@ -342,10 +336,11 @@ pub(crate) fn load<B: EmberBackend>(
                     let w = w.reshape([h, 2 * inter]).transpose();
                     let b = gate_up_bias.clone().narrow(0, e, 1).reshape([inter, 2]).transpose();
                     Expert {
-                        gate_up: frozen2(w),
-                        gate_up_bias: Some(frozen1(b.reshape([2 * inter]))),
-                        down: frozen2(down.clone().narrow(0, e, 1).reshape([inter, h]).transpose()),
-                        down_bias: Some(frozen1(down_bias.clone().narrow(0, e, 1).reshape([h]))),
+                        gate_up: frozen2b(w, b.reshape([2 * inter])),
+                        down: frozen2b(
+                            down.clone().narrow(0, e, 1).reshape([inter, h]).transpose(),
+                            down_bias.clone().narrow(0, e, 1).reshape([h]),
+                        ),
                     }
                 })
                 .collect()
@@ -357,9 +352,7 @@ pub(crate) fn load<B: EmberBackend>(
             (0..n)
                 .map(|e| Expert {
                     gate_up: frozen2(gate_up.clone().narrow(0, e, 1).reshape([h, 2 * inter]).transpose()),
-                    gate_up_bias: None,
                     down: frozen2(down.clone().narrow(0, e, 1).reshape([inter, h]).transpose()),
-                    down_bias: None,
                 })
                 .collect()
         }
@@ -369,9 +362,7 @@ pub(crate) fn load<B: EmberBackend>(
             (0..n)
                 .map(|e| Expert {
                     gate_up: frozen2(gate_up.clone().narrow(0, e, 1).reshape([2 * inter, h])),
-                    gate_up_bias: None,
                     down: frozen2(down.clone().narrow(0, e, 1).reshape([h, inter])),
-                    down_bias: None,
                 })
                 .collect()
         }
@@ -387,17 +378,14 @@ pub(crate) fn load<B: EmberBackend>(
                 let u = weights.tensor_as::<B, 2>(&key(up), [inter, h], device, dtype)?;
                 experts.push(Expert {
                     gate_up: frozen2(Tensor::cat(vec![g, u], 0)),
-                    gate_up_bias: None,
                     down: frozen2(weights.tensor_as::<B, 2>(&key(down), [h, inter], device, dtype)?),
-                    down_bias: None,
                 });
             }
             experts
         }
     };
     Ok(SparseMoe {
-        router: frozen2(router),
-        router_bias,
+        router: LoraLinear::frozen(router, router_bias),
         experts,
         top_k: moe.top_k,
         routing: moe.routing,

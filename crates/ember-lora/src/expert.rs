@@ -1,0 +1,196 @@
+//! LoRA on stacked expert weights, PEFT 0.21's `target_parameters` layout.
+//!
+//! PEFT adapts a parameter `[experts, d1, d2]` with one flat pair: `lora_A` `[E·r, in]` (rows
+//! `e·r + j`: expert-major) and `lora_B` `[out, E·r]` (columns `j·E + e`: rank-major), so that
+//! expert `e`'s update is `s·B_e·A_e`. Which of `d1`, `d2` is `in` depends on the parameter's
+//! storage: transformers' `[experts, out, in]` experts are read with the two swapped, gpt-oss's
+//! `is_transposed` `[experts, in, out]` as they are, and Llama 4's `[experts, in, out]` (which
+//! does not declare `is_transposed`) also swapped, which turns A and B around with respect to
+//! the expert's `nn.Linear` view.
+//!
+//! Ember keeps one adapter per expert on the expert's `[out, in]` linear layer (A_e `[r, in]`,
+//! B_e `[out, r]`) and converts at the file boundary with [`split_flat`] and [`join_flat`].
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+
+use crate::adapter::AdapterTensors;
+use crate::config::{InitLoraWeights, InitName, ModuleLora};
+use crate::error::{LoraError, Result};
+use crate::linear::LoraAdapter;
+
+/// How a stacked expert parameter's flat PEFT pair maps onto the per-expert `nn.Linear` view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExpertLoraLayout {
+    /// The parameter is stored `[experts, in, out]` (x·W) but PEFT reads it as
+    /// `[experts, out, in]` (Llama 4): PEFT's A_e is the transpose of the linear view's B_e and
+    /// its B_e the transpose of A_e.
+    pub swap_roles: bool,
+    /// The output rows are interleaved gate/up pairs in the parameter (gpt-oss's
+    /// `gate_up_proj`) and `[gate | up]` in the linear view.
+    pub interleaved_gate_up: bool,
+}
+
+impl ExpertLoraLayout {
+    /// The flat PEFT shapes `([E·r, a_cols], [b_rows, E·r])` for experts whose linear view is
+    /// `[out, in]`.
+    pub fn flat_shapes(self, experts: usize, r: usize, out: usize, inp: usize) -> ([usize; 2], [usize; 2]) {
+        if self.swap_roles {
+            ([experts * r, out], [inp, experts * r])
+        } else {
+            ([experts * r, inp], [out, experts * r])
+        }
+    }
+}
+
+/// Row `i` of the linear view's `[gate | up]` output in the interleaved parameter.
+fn interleaved_row(i: usize, rows: usize) -> usize {
+    let half = rows / 2;
+    if i < half {
+        2 * i
+    } else {
+        2 * (i - half) + 1
+    }
+}
+
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[j * rows + i] = values[i * cols + j];
+        }
+    }
+    out
+}
+
+/// Splits PEFT's flat pair of a stacked parameter into one adapter per expert in the linear
+/// view (A_e `[r, in]`, B_e `[out, r]`). `key` names the module in errors.
+///
+/// # Shapes
+/// - `flat.lora_a`: `[E·r, ·]`, `flat.lora_b`: `[·, E·r]`; output: `experts` adapters
+pub fn split_flat(
+    flat: &AdapterTensors,
+    experts: usize,
+    layout: ExpertLoraLayout,
+    key: &str,
+) -> Result<Vec<AdapterTensors>> {
+    let [a_rows, a_cols] = flat.a_shape;
+    let [b_rows, b_cols] = flat.b_shape;
+    if experts == 0 || a_rows % experts != 0 || b_cols != a_rows {
+        return Err(LoraError::ShapeMismatch {
+            key: format!("{key}.lora_A/lora_B (flat expert LoRA: A [E·r, ·], B [·, E·r], E = {experts})"),
+            expected: vec![a_rows, b_cols],
+            found: vec![a_rows, b_cols],
+        });
+    }
+    let r = a_rows / experts;
+    let mut out = Vec::with_capacity(experts);
+    for e in 0..experts {
+        // PEFT's A_e [r, a_cols] and B_e [b_rows, r].
+        let a_e: Vec<f32> = flat.lora_a[e * r * a_cols..(e + 1) * r * a_cols].to_vec();
+        let mut b_e = vec![0.0; b_rows * r];
+        for row in 0..b_rows {
+            for j in 0..r {
+                b_e[row * r + j] = flat.lora_b[row * b_cols + j * experts + e];
+            }
+        }
+        let (a, a_shape, mut b, b_shape) = if layout.swap_roles {
+            // ΔW = (s·B_e·A_e)ᵀ = s·A_eᵀ·B_eᵀ: A' = B_eᵀ [r, b_rows], B' = A_eᵀ [a_cols, r].
+            (transpose(&b_e, b_rows, r), [r, b_rows], transpose(&a_e, r, a_cols), [a_cols, r])
+        } else {
+            (a_e, [r, a_cols], b_e, [b_rows, r])
+        };
+        if layout.interleaved_gate_up {
+            let rows = b_shape[0];
+            let source = b.clone();
+            for i in 0..rows {
+                let from = interleaved_row(i, rows);
+                b[i * r..(i + 1) * r].copy_from_slice(&source[from * r..(from + 1) * r]);
+            }
+        }
+        out.push(AdapterTensors {
+            lora_a: a,
+            a_shape,
+            lora_b: b,
+            b_shape,
+        });
+    }
+    Ok(out)
+}
+
+/// Joins per-expert adapters of the linear view (A_e `[r, in]`, B_e `[out, r]`, equal ranks)
+/// into PEFT's flat pair, the inverse of [`split_flat`].
+///
+/// # Shapes
+/// - `experts[e].lora_a`: `[r, in]`, `.lora_b`: `[out, r]`; output: A `[E·r, ·]`, B `[·, E·r]`
+pub fn join_flat(experts: &[AdapterTensors], layout: ExpertLoraLayout) -> AdapterTensors {
+    let n = experts.len();
+    let [r, inp] = experts[0].a_shape;
+    let out = experts[0].b_shape[0];
+    let (a_shape, b_shape) = layout.flat_shapes(n, r, out, inp);
+    let mut lora_a = Vec::with_capacity(a_shape[0] * a_shape[1]);
+    let mut lora_b = vec![0.0; b_shape[0] * b_shape[1]];
+    for (e, t) in experts.iter().enumerate() {
+        let mut b = t.lora_b.clone();
+        if layout.interleaved_gate_up {
+            for i in 0..out {
+                let to = interleaved_row(i, out);
+                b[to * r..(to + 1) * r].copy_from_slice(&t.lora_b[i * r..(i + 1) * r]);
+            }
+        }
+        // PEFT's A_e [r, a_cols] and B_e [b_rows, r].
+        let (a_e, b_e) = if layout.swap_roles {
+            (transpose(&b, out, r), transpose(&t.lora_a, r, inp))
+        } else {
+            (t.lora_a.clone(), b)
+        };
+        lora_a.extend_from_slice(&a_e);
+        let b_rows = b_shape[0];
+        for row in 0..b_rows {
+            for j in 0..r {
+                lora_b[row * b_shape[1] + j * n + e] = b_e[row * r + j];
+            }
+        }
+    }
+    AdapterTensors {
+        lora_a,
+        a_shape,
+        lora_b,
+        b_shape,
+    }
+}
+
+/// A fresh adapter for one expert of a stacked parameter, drawn as PEFT draws its flat pair
+/// (`lora_A` `[E·r, in]` Kaiming-uniform over PEFT's `in`, or N(0, 1/r) for `"gaussian"`;
+/// `lora_B` zero, or Kaiming-uniform over `E·r` for `false`) and turned into the expert's
+/// linear view `[out, in]`.
+pub fn init_expert<B: Backend>(
+    out: usize,
+    inp: usize,
+    lora: ModuleLora,
+    init: InitLoraWeights,
+    experts: usize,
+    layout: ExpertLoraLayout,
+    device: &B::Device,
+) -> LoraAdapter<B> {
+    let r = lora.r;
+    // PEFT's in and out of this parameter.
+    let (peft_out, peft_in) = if layout.swap_roles { (inp, out) } else { (out, inp) };
+    let kaiming = |fan_in: usize| Distribution::Uniform(-1.0 / (fan_in as f64).sqrt(), 1.0 / (fan_in as f64).sqrt());
+    let a = match init {
+        InitLoraWeights::Named(InitName::Gaussian) => {
+            Tensor::<B, 2>::random([r, peft_in], Distribution::Normal(0.0, 1.0 / r as f64), device)
+        }
+        InitLoraWeights::Bool(_) => Tensor::random([r, peft_in], kaiming(peft_in), device),
+    };
+    let b = match init {
+        InitLoraWeights::Bool(false) => Tensor::<B, 2>::random([peft_out, r], kaiming(experts * r), device),
+        _ => Tensor::zeros([peft_out, r], device),
+    };
+    let (a, b) = if layout.swap_roles {
+        (b.transpose(), a.transpose())
+    } else {
+        (a, b)
+    };
+    LoraAdapter::from_tensors(a, b, lora.scaling, 0.0)
+}
