@@ -273,6 +273,18 @@ impl LoraConfig {
         ModuleLora { r, alpha, scaling }
     }
 
+    /// The scale of the adapter PEFT files under `module`: a module adapted as the parameter
+    /// `{module}.weight` (a router named by `target_parameters`) takes the rank and alpha
+    /// patterns of that key, as PEFT matches them; others those of the module path.
+    pub fn adapter_scaling(&self, module: &str) -> f64 {
+        let weight = format!("{module}.weight");
+        if self.targets_parameter(&weight) {
+            self.module_lora(&weight).scaling
+        } else {
+            self.module_lora(module).scaling
+        }
+    }
+
     /// Reads a PEFT `adapter_config.json`, refusing features Ember does not implement.
     pub fn from_peft_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| LoraError::Io {

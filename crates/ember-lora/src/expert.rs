@@ -194,3 +194,50 @@ pub fn init_expert<B: Backend>(
     };
     LoraAdapter::from_tensors(a, b, lora.scaling, 0.0)
 }
+
+/// One expert's update (linear view, as [`split_flat`] gives it) laid out for the expert's
+/// slice of the stacked parameter on disk: as it is for `[experts, out, in]` storage; for x·W
+/// storage `[experts, in, out]` (gpt-oss, Llama 4) transposed — `ΔPₑ = (s·B·A)ᵀ = s·Aᵀ·Bᵀ` —
+/// with gpt-oss's gate/up columns interleaved again.
+///
+/// # Shapes
+/// - `t.lora_a`: `[r, in]`, `t.lora_b`: `[out, r]`; output: the same, or `[r, out]` / `[in, r]`
+pub fn stacked_slice(t: &AdapterTensors, layout: ExpertLoraLayout, xw_storage: bool) -> AdapterTensors {
+    let [r, inp] = t.a_shape;
+    let out = t.b_shape[0];
+    let mut b = t.lora_b.clone();
+    if layout.interleaved_gate_up {
+        for i in 0..out {
+            let to = interleaved_row(i, out);
+            b[to * r..(to + 1) * r].copy_from_slice(&t.lora_b[i * r..(i + 1) * r]);
+        }
+    }
+    if xw_storage {
+        AdapterTensors {
+            lora_a: transpose(&b, out, r),
+            a_shape: [r, out],
+            lora_b: transpose(&t.lora_a, r, inp),
+            b_shape: [inp, r],
+        }
+    } else {
+        AdapterTensors {
+            lora_a: t.lora_a.clone(),
+            a_shape: t.a_shape,
+            lora_b: b,
+            b_shape: t.b_shape,
+        }
+    }
+}
+
+/// The module paths PEFT files the flat pairs of `params` (parameters of the module
+/// `container`, in their order of definition) under: the wrappers nest in that order, the
+/// inner ones behind `.base_layer`s (`…experts.base_layer` holds `gate_up_proj` when
+/// `down_proj` is adapted too).
+pub fn nested_keys(container: &str, params: &[String]) -> Vec<(String, String)> {
+    let n = params.len();
+    params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("{container}{}", ".base_layer".repeat(n - 1 - i)), p.clone()))
+        .collect()
+}

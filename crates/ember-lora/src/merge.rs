@@ -151,11 +151,31 @@ pub fn merge_checkpoint(base: &Path, adapter: &AdapterFiles, out: &Path, dtype: 
     merge_checkpoint_renamed(base, adapter, out, dtype, &|module| module.to_string())
 }
 
-/// One adapted weight of a merge: its adapter tensors and `alpha / r` (computed from the
-/// adapter's own module path, which rank and alpha patterns match).
-struct MergeJob<'a> {
-    tensors: &'a AdapterTensors,
-    scaling: f64,
+/// One low-rank update of a merge: `W[offset..offset + out·in] += scaling·B·A` on the
+/// weight's row-major values (offset 0 and the whole weight for a linear layer; one expert's
+/// `[out, in]` slice of a stacked `[experts, out, in]` parameter).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeSlice {
+    /// First value of the slice in the weight.
+    pub offset: usize,
+    /// A `[r, in]` and B `[out, r]`.
+    pub tensors: AdapterTensors,
+    /// `alpha / r` (or `/ √r`) of the adapted module.
+    pub scaling: f64,
+}
+
+/// The updates of one weight of a merge.
+struct MergeJob {
+    slices: Vec<MergeSlice>,
+}
+
+impl MergeJob {
+    fn apply(&self, weight: &mut [f32]) {
+        for s in &self.slices {
+            let len = s.tensors.b_shape[0] * s.tensors.a_shape[1];
+            s.tensors.add_delta_to(&mut weight[s.offset..s.offset + len], s.scaling);
+        }
+    }
 }
 
 /// [`merge_checkpoint`] for a checkpoint whose key stems differ from the adapter's module
@@ -168,6 +188,26 @@ pub fn merge_checkpoint_renamed(
     out: &Path,
     dtype: MergeDtype,
     checkpoint_key: &dyn Fn(&str) -> String,
+) -> Result<MergeReport> {
+    let mut slices: BTreeMap<String, Vec<MergeSlice>> = BTreeMap::new();
+    for (module, t) in &adapter.tensors {
+        slices.entry(format!("{}.weight", checkpoint_key(module))).or_default().push(MergeSlice {
+            offset: 0,
+            tensors: t.clone(),
+            scaling: adapter.config.adapter_scaling(module),
+        });
+    }
+    merge_checkpoint_slices(base, slices, out, dtype)
+}
+
+/// [`merge_checkpoint`] from updates keyed by the checkpoint's tensor names: each weight gets
+/// its slices' `scaling·B·A` added. A slice must fit its weight (a whole `[out, in]` weight
+/// exactly, or inside a stacked one); checked before anything is written.
+pub fn merge_checkpoint_slices(
+    base: &Path,
+    slices: BTreeMap<String, Vec<MergeSlice>>,
+    out: &Path,
+    dtype: MergeDtype,
 ) -> Result<MergeReport> {
     if out.exists() {
         return Err(LoraError::Io {
@@ -190,30 +230,31 @@ pub fn merge_checkpoint_renamed(
             shapes.insert(key.to_string(), (view.shape().to_vec(), path.clone()));
         }
     }
-    let mut jobs: BTreeMap<String, MergeJob<'_>> = BTreeMap::new();
-    for (module, t) in &adapter.tensors {
-        let stem = checkpoint_key(module);
-        let key = format!("{stem}.weight");
+    let mut jobs: BTreeMap<String, MergeJob> = BTreeMap::new();
+    for (key, slices) in slices {
         let (shape, _) = shapes.get(&key).ok_or_else(|| LoraError::UnexpectedTensor {
             path: base.to_path_buf(),
-            key: format!("base_model.model.{module}.lora_A.weight"),
+            key: key.clone(),
             message: format!("the base has no `{key}`"),
         })?;
-        let expected = vec![t.b_shape[0], t.a_shape[1]];
-        if *shape != expected {
-            return Err(LoraError::ShapeMismatch {
-                key: format!("{key} (adapter B·A is {expected:?})"),
-                expected,
-                found: shape.clone(),
-            });
+        let numel: usize = shape.iter().product();
+        for s in &slices {
+            let update = vec![s.tensors.b_shape[0], s.tensors.a_shape[1]];
+            let fits = if shape.len() == 2 {
+                s.offset == 0 && *shape == update
+            } else {
+                shape.len() == 3 && shape[1..] == update[..] && s.offset % (update[0] * update[1]) == 0
+                    && s.offset + update[0] * update[1] <= numel
+            };
+            if !fits {
+                return Err(LoraError::ShapeMismatch {
+                    key: format!("{key} (adapter B·A is {update:?} at value {})", s.offset),
+                    expected: update,
+                    found: shape.clone(),
+                });
+            }
         }
-        jobs.insert(
-            stem,
-            MergeJob {
-                tensors: t,
-                scaling: adapter.config.module_lora(module).scaling,
-            },
-        );
+        jobs.insert(key, MergeJob { slices });
     }
 
     let staging = Staging::new(out)?;
@@ -254,7 +295,7 @@ impl MergedBytes {
 fn write_shard_in_place(
     path: &Path,
     mmap: &Mmap,
-    adapter: &BTreeMap<String, MergeJob<'_>>,
+    adapter: &BTreeMap<String, MergeJob>,
     out_path: &Path,
     report: &mut MergeReport,
 ) -> Result<()> {
@@ -267,7 +308,7 @@ fn write_shard_in_place(
     // The adapted weights in file order: key, dtype, absolute byte range, adapter tensors.
     let mut jobs = Vec::new();
     for (key, info) in metadata.tensors() {
-        let Some(t) = key.strip_suffix(".weight").and_then(|m| adapter.get(m)) else {
+        let Some(t) = adapter.get(&key) else {
             continue;
         };
         let (begin, end) = info.data_offsets;
@@ -297,7 +338,7 @@ fn write_shard_in_place(
                         message: format!("cannot merge into dtype {dtype:?}"),
                     })
                     .and_then(|mut w| {
-                        t.tensors.add_delta_to(&mut w, t.scaling);
+                        t.apply(&mut w);
                         if w.iter().any(|x| !x.is_finite()) {
                             return Err(LoraError::NonFinite { key: key.clone() });
                         }
@@ -325,7 +366,7 @@ fn write_shard_in_place(
 
 fn write_merged(
     base: &Path,
-    adapter: &BTreeMap<String, MergeJob<'_>>,
+    adapter: &BTreeMap<String, MergeJob>,
     files: &[String],
     index: Option<Value>,
     staging: &Path,
@@ -352,8 +393,7 @@ fn write_merged(
                 message: format!("{key}: {e:?}"),
             })?;
             let target = dtype.target(view.dtype());
-            let module = key.strip_suffix(".weight");
-            let lora = module.and_then(|m| adapter.get(m));
+            let lora = adapter.get(&key);
             let bytes = match lora {
                 Some(t) => {
                     let mut w = bytes_to_f32(view.data(), view.dtype()).ok_or_else(|| LoraError::UnexpectedTensor {
@@ -361,7 +401,7 @@ fn write_merged(
                         key: key.clone(),
                         message: format!("cannot merge into dtype {:?}", view.dtype()),
                     })?;
-                    t.tensors.add_delta_to(&mut w, t.scaling);
+                    t.apply(&mut w);
                     if w.iter().any(|x| !x.is_finite()) {
                         return Err(LoraError::NonFinite { key });
                     }

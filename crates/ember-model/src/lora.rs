@@ -11,7 +11,9 @@ use ember_lora::{
     AdapterFiles, AdapterTensors, ExpertLoraLayout, LoraAdapter, LoraConfig, LoraError, LoraLinear, TargetModules,
 };
 
+use crate::config::MoeLayout;
 use crate::error::Result;
+use ember_lora::merge::MergeSlice;
 use crate::linear_attention::DeltaNetInputs;
 use crate::model::{CausalLm, FeedForward, GateUpProjection, LatentQuery, QkvProjection, SelfAttention};
 
@@ -355,14 +357,10 @@ impl<B: EmberBackend> CausalLm<B> {
                 }
             }
         }
-        let mut keys = BTreeMap::new();
-        for (container, params) in by_container {
-            let n = params.len();
-            for (i, param) in params.into_iter().enumerate() {
-                keys.insert(format!("{container}{}", ".base_layer".repeat(n - 1 - i)), param);
-            }
-        }
-        keys
+        by_container
+            .into_iter()
+            .flat_map(|(container, params)| ember_lora::expert::nested_keys(&container, &params))
+            .collect()
     }
 
     /// Loads a PEFT adapter: every tensor must name an adaptable layer of this model (or a
@@ -456,12 +454,7 @@ impl<B: EmberBackend> CausalLm<B> {
             let a = Tensor::from_data(TensorData::new(t.lora_a.clone(), t.a_shape), device);
             let b = Tensor::from_data(TensorData::new(t.lora_b.clone(), t.b_shape), device);
             // A router adapted as a parameter takes the rank and alpha patterns of its weight.
-            let scaling = match files.config.target_parameters.is_empty() {
-                false if files.config.targets_parameter(&format!("{path}.weight")) => {
-                    files.config.module_lora(&format!("{path}.weight")).scaling
-                }
-                _ => files.config.module_lora(path).scaling,
-            };
+            let scaling = files.config.adapter_scaling(path);
             pending.insert(
                 path.clone(),
                 LoraAdapter::from_tensors(a, b, scaling, files.config.lora_dropout),
@@ -590,11 +583,106 @@ pub fn merge_checkpoint(
     } else {
         crate::family::ModuleNames::text_only()
     };
-    Ok(ember_lora::merge::merge_checkpoint_renamed(
-        base,
-        adapter,
-        out,
-        dtype,
-        &|module| names.checkpoint_key(module),
-    )?)
+    let moe = config.moe.as_ref();
+    let checkpoint_key = |module: &str| {
+        let key = names.checkpoint_key(module);
+        // Mixtral's router is `mlp.gate` in transformers 5 and `block_sparse_moe.gate` on disk.
+        match moe.map(|m| m.layout) {
+            Some(MoeLayout::Mixtral) => key.replace(".mlp.gate", ".block_sparse_moe.gate"),
+            _ => key,
+        }
+    };
+    let mut slices: BTreeMap<String, Vec<MergeSlice>> = BTreeMap::new();
+    let mut weights: Option<crate::weights::Weights> = None;
+    for (module, t) in &adapter.tensors {
+        let container = module.trim_end_matches(".base_layer");
+        let stacked = moe.filter(|m| container.ends_with(&format!(".{}", m.layout.experts_module())));
+        let Some(moe) = stacked else {
+            slices.entry(format!("{}.weight", checkpoint_key(module))).or_default().push(MergeSlice {
+                offset: 0,
+                tensors: t.clone(),
+                scaling: adapter.config.adapter_scaling(module),
+            });
+            continue;
+        };
+        let params: Vec<String> = ["gate_up_proj", "down_proj"]
+            .iter()
+            .map(|p| format!("{container}.{p}"))
+            .filter(|p| adapter.config.targets_parameter(p))
+            .collect();
+        let Some((_, param)) = ember_lora::expert::nested_keys(container, &params)
+            .into_iter()
+            .find(|(key, _)| key == module)
+        else {
+            return Err(LoraError::UnexpectedTensor {
+                path: "adapter_model.safetensors".into(),
+                key: format!("base_model.model.{module}.lora_A.weight"),
+                message: "no stacked expert parameter of the adapter config's target_parameters is filed here".into(),
+            }
+            .into());
+        };
+        let gate_up = param.ends_with(".gate_up_proj");
+        let layout = moe.layout.expert_lora_layout(gate_up);
+        let scaling = adapter.config.module_lora(&param).scaling;
+        let experts = ember_lora::expert::split_flat(t, moe.num_experts, layout, module)?;
+        let prefix = container
+            .strip_suffix(&format!(".{}", moe.layout.experts_module()))
+            .unwrap_or(container);
+        let disk_experts = match moe.layout {
+            MoeLayout::Mixtral => format!("{}.block_sparse_moe.experts", checkpoint_key(prefix)),
+            _ => checkpoint_key(container),
+        };
+        let weights = match &weights {
+            Some(w) => w,
+            None => weights.insert(crate::weights::Weights::open_dir(base)?),
+        };
+        let leaf = if gate_up { "gate_up_proj" } else { "down_proj" };
+        let fused = format!("{disk_experts}.{leaf}");
+        if weights.contains(&fused) {
+            // One stacked tensor on disk: each expert's update goes to its slice.
+            let xw = matches!(moe.layout, MoeLayout::GptOss | MoeLayout::Llama4);
+            let entry = slices.entry(fused).or_default();
+            for (e, x) in experts.iter().enumerate() {
+                let size = x.b_shape[0] * x.a_shape[1];
+                entry.push(MergeSlice {
+                    offset: e * size,
+                    tensors: ember_lora::expert::stacked_slice(x, layout, xw),
+                    scaling,
+                });
+            }
+            continue;
+        }
+        // One tensor per expert and projection (the hub layout): gate and up take their rows.
+        let (gate, up, down) = match moe.layout {
+            MoeLayout::Mixtral => ("w1", "w3", "w2"),
+            _ => ("gate_proj", "up_proj", "down_proj"),
+        };
+        for (e, x) in experts.into_iter().enumerate() {
+            let key = |name: &str| format!("{disk_experts}.{e}.{name}.weight");
+            if !gate_up {
+                slices.entry(key(down)).or_default().push(MergeSlice {
+                    offset: 0,
+                    tensors: x,
+                    scaling,
+                });
+                continue;
+            }
+            let [out, r] = x.b_shape;
+            let half = out / 2;
+            for (name, rows) in [(gate, 0..half), (up, half..out)] {
+                let tensors = AdapterTensors {
+                    lora_a: x.lora_a.clone(),
+                    a_shape: x.a_shape,
+                    lora_b: x.lora_b[rows.start * r..rows.end * r].to_vec(),
+                    b_shape: [half, r],
+                };
+                slices.entry(key(name)).or_default().push(MergeSlice {
+                    offset: 0,
+                    tensors,
+                    scaling,
+                });
+            }
+        }
+    }
+    Ok(ember_lora::merge::merge_checkpoint_slices(base, slices, out, dtype)?)
 }

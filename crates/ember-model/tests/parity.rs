@@ -122,6 +122,11 @@ parity! {
     qwen3_5_moe: "qwen3_5_moe",
     qwen3_5_wrapped: "qwen3_5_wrapped",
     qwen3_next: "qwen3_next",
+    qwen3_moe_experts: "qwen3_moe_experts",
+    mixtral_experts: "mixtral_experts",
+    glm4_moe_experts: "glm4_moe_experts",
+    gpt_oss_experts: "gpt_oss_experts",
+    llama4_experts: "llama4_experts",
 }
 
 /// Under `--features wgpu` the golden tests really run on burn-wgpu (and on burn-ndarray

@@ -7,6 +7,7 @@ use burn::module::Param;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use ember_lora::{EmberAutodiffBackend, EmberBackend};
+use ember_model::lora::LayerReach;
 use ember_model::{CausalLm, ModelInput};
 
 use crate::data::Batch;
@@ -133,6 +134,7 @@ impl<B: EmberAutodiffBackend> Trainer<B> {
                 }
             }
         }
+        self.fill_unrouted_experts(&mut grads);
         if !loss_total.is_finite() {
             return Err(TrainError::NonFiniteLoss {
                 step: step + 1,
@@ -161,6 +163,26 @@ impl<B: EmberAutodiffBackend> Trainer<B> {
             tokens,
             lr,
         })
+    }
+
+    /// An expert no token was routed to has no gradient this step; in PEFT it is a slice of
+    /// one flat parameter whose other experts do, so its slice gets a zero gradient and AdamW
+    /// still moves it by its moments. The same here: zeros for every expert adapter missing
+    /// from `grads`.
+    fn fill_unrouted_experts(&self, grads: &mut BTreeMap<String, Tensor<Inner<B>, 2>>) {
+        for (path, reach, layer) in self.model.adaptable_layers() {
+            let (LayerReach::Expert { .. }, Some(adapter)) = (reach, &layer.adapter) else {
+                continue;
+            };
+            let (a_name, b_name) = names(&path);
+            for (name, param) in [(a_name, &adapter.lora_a), (b_name, &adapter.lora_b)] {
+                if !grads.contains_key(&name) {
+                    let value = param.val().inner();
+                    let zeros = Tensor::zeros(value.dims(), &value.device());
+                    grads.insert(name, zeros);
+                }
+            }
+        }
     }
 
     /// Current adapter tensors by parameter name (inner backend, detached).
@@ -209,6 +231,7 @@ impl<B: EmberAutodiffBackend> Trainer<B> {
                 }
             }
         }
+        self.fill_unrouted_experts(&mut out);
         out
     }
 }

@@ -8,7 +8,9 @@
 mod common;
 
 use burn::backend::Autodiff;
-use ember_lora::AdapterFiles;
+use std::collections::BTreeMap;
+
+use ember_lora::{AdapterFiles, AdapterTensors};
 use ember_model::{CausalLm, Weights};
 use ember_train::optim::AdamW;
 use ember_train::Trainer;
@@ -43,25 +45,44 @@ fn check_arch(arch: &str) {
     // Step-0 gradients.
     let mut t = trainer(arch);
     let grads = t.gradients(&batch);
-    let reference_path = fixtures().join(arch).join("lora_grads_step0.safetensors");
-    let reference = Weights::open_files(&fixtures().join(arch), &[reference_path]).unwrap();
-    assert_eq!(grads.len(), reference.keys().count());
-    let mut worst = (0.0f32, String::new());
+    // In PEFT's file layout: a stacked expert parameter's per-expert gradients joined into
+    // its flat pair (the same re-indexing as its adapter's).
+    let mut per_layer: BTreeMap<String, AdapterTensors> = BTreeMap::new();
     for (name, g) in &grads {
         let (module, half) = name.rsplit_once('.').unwrap();
-        let key = format!("base_model.model.{module}.{half}.weight");
-        let (shape, _) = reference.info(&key).unwrap_or_else(|| panic!("no {key}"));
-        let want = reference.read_f32(&key, &shape).unwrap();
-        let got = g.to_data().to_vec::<f32>().unwrap();
-        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
-        let diff = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            diff / scale <= 1e-4,
-            "{arch} {key}: relative gradient diff {:.3e}",
-            diff / scale
-        );
-        if diff / scale > worst.0 {
-            worst = (diff / scale, key);
+        let entry = per_layer.entry(module.to_string()).or_insert_with(|| AdapterTensors {
+            lora_a: Vec::new(),
+            a_shape: [0, 0],
+            lora_b: Vec::new(),
+            b_shape: [0, 0],
+        });
+        let values = g.to_data().to_vec::<f32>().unwrap();
+        match half {
+            "lora_A" => (entry.lora_a, entry.a_shape) = (values, g.dims()),
+            _ => (entry.lora_b, entry.b_shape) = (values, g.dims()),
+        }
+    }
+    let grads = t.model.peft_tensors(per_layer);
+    let reference_path = fixtures().join(arch).join("lora_grads_step0.safetensors");
+    let reference = Weights::open_files(&fixtures().join(arch), &[reference_path]).unwrap();
+    assert_eq!(2 * grads.len(), reference.keys().count());
+    let mut worst = (0.0f32, String::new());
+    for (module, pair) in &grads {
+        for (half, got) in [("lora_A", &pair.lora_a), ("lora_B", &pair.lora_b)] {
+            let key = format!("base_model.model.{module}.{half}.weight");
+            let (shape, _) = reference.info(&key).unwrap_or_else(|| panic!("no {key}"));
+            let want = reference.read_f32(&key, &shape).unwrap();
+            assert_eq!(got.len(), want.len(), "{arch} {key}");
+            let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
+            let diff = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff / scale <= 1e-4,
+                "{arch} {key}: relative gradient diff {:.3e}",
+                diff / scale
+            );
+            if diff / scale > worst.0 {
+                worst = (diff / scale, key);
+            }
         }
     }
     println!(
@@ -88,6 +109,9 @@ fn check_arch(arch: &str) {
     // The trained adapter matches PEFT's adapter_trained.
     let trained = AdapterFiles::read(&fixtures().join(arch).join("adapter_trained")).unwrap();
     let ours = t.model.adapter_files(&trained.config, None);
+    if let Ok(dir) = std::env::var("EMBER_DUMP_TRAINED") {
+        ours.write(&std::path::Path::new(&dir).join(arch)).unwrap();
+    }
     for (path, theirs) in &trained.tensors {
         let mine = &ours.tensors[path];
         for (a, b) in [(&mine.lora_a, &theirs.lora_a), (&mine.lora_b, &theirs.lora_b)] {
@@ -138,6 +162,11 @@ training_parity! {
     gemma4_moe_training_matches_peft: "gemma4_moe",
     gemma4_unified_training_matches_peft: "gemma4_unified",
     gemma4_unified_wrapped_training_matches_peft: "gemma4_unified_wrapped",
+    qwen3_moe_experts_training_matches_peft: "qwen3_moe_experts",
+    mixtral_experts_training_matches_peft: "mixtral_experts",
+    glm4_moe_experts_training_matches_peft: "glm4_moe_experts",
+    gpt_oss_experts_training_matches_peft: "gpt_oss_experts",
+    llama4_experts_training_matches_peft: "llama4_experts",
     glm4_moe_training_matches_peft: "glm4_moe",
     deepseek_v3_training_matches_peft: "deepseek_v3",
     glm4_moe_lite_training_matches_peft: "glm4_moe_lite",
