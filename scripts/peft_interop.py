@@ -65,12 +65,12 @@ def base(arch):
 
 
 def main():
-    sh("cargo", "build", "--release", "-p", "ember-cli", "-p", "ember-model", "--example", "random_adapter")
-    sh("cargo", "build", "--release", "-p", "ember-cli")
+    if not os.environ.get("EMBER_INTEROP_NO_BUILD"): sh("cargo", "build", "--release", "-p", "ember-cli", "-p", "ember-model", "--example", "random_adapter")
+    if not os.environ.get("EMBER_INTEROP_NO_BUILD"): sh("cargo", "build", "--release", "-p", "ember-cli")
     results = []
     torch.manual_seed(0)
     # A subset of each family's own module names (fused where the family fuses; attention only
-    # for MoE, whose experts are frozen in Ember and 3-D parameters in transformers 5).
+    # for MoE: its experts are covered by the wide setting).
     subsets = {
         "phi3": "qkv_proj,down_proj",
         "glm4": "q_proj,v_proj,gate_up_proj",
@@ -97,25 +97,26 @@ def main():
         kw = inputs(arch)
         mask = kw["attention_mask"]
         subset = subsets.get(arch, "q_proj,v_proj,down_proj")
-        # PEFT's all-linear on a MoE model also targets the expert parameters (target_parameters),
-        # which Ember refuses by name; name the attention projections there instead. On a
-        # multimodal wrapper it also targets the vision tower, which Ember refuses: PEFT gets a
+        # MoE: the families whose experts transformers 5 fuses take all-linear (PEFT rewrites it to attention +
+        # router + experts, and so does Ember); the others name their expert (and router) parameters after `|`.
+        # On a multimodal wrapper all-linear also targets the vision tower, which Ember refuses: PEFT gets a
         # regex over the language model there (Ember's list targets match text modules only).
-        # (On Llama 4, PEFT 0.21.2's all-linear also wraps the router, a Linear returning a tuple,
-        # and its forward crashes.)
-        moe = arch in ("mixtral", "qwen3_moe", "gpt_oss", "llama4", "gemma4_moe", "glm4_moe", "deepseek_v3",
-                       "glm4_moe_lite", "glm_moe_dsa", "mistral4", "mistral4_wrapped", "qwen3_5_moe", "qwen3_next")
+        # (On Llama 4, PEFT 0.21.2's all-linear also wraps the router, a Linear returning a tuple, and its
+        # forward crashes; GLM-5's all-linear includes the indexer, which Ember does not load.)
+        experts = "experts.gate_up_proj,experts.down_proj"
+        moe = arch in ("gpt_oss", "llama4", "gemma4_moe", "glm_moe_dsa", "mistral4", "mistral4_wrapped",
+                       "qwen3_5_moe")
         wrapped = arch.endswith("_wrapped")
         wide = "q_proj,k_proj,v_proj,o_proj" if moe or wrapped else "all-linear"
-        if arch in ("deepseek_v3", "glm_moe_dsa", "mistral4", "mistral4_wrapped"):  # latent attention's projections
+        if arch in ("glm_moe_dsa", "mistral4", "mistral4_wrapped"):  # latent attention's projections
             wide = "q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"
-        if arch == "glm4_moe_lite":  # latent attention with a plain q_proj
-            wide = "q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"
-        if arch in ("qwen3_5_moe", "qwen3_next"):  # linear attention and the shared expert's gate too
-            wide = ("q_proj,k_proj,v_proj,o_proj,out_proj,shared_expert_gate,"
-                    + ("in_proj_qkvz,in_proj_ba" if arch == "qwen3_next" else "in_proj_qkv,in_proj_z,in_proj_b,in_proj_a"))
+        if arch in ("qwen3_5_moe",):  # linear attention and the shared expert's gate too
+            wide = "q_proj,k_proj,v_proj,o_proj,out_proj,shared_expert_gate,in_proj_qkv,in_proj_z,in_proj_b,in_proj_a"
         if arch in ("llama4", "gemma4_moe"):  # the dense MLP (and shared expert) are linear layers too
             wide = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+        if moe:
+            router = {"gpt_oss": "router.weight", "llama4": "feed_forward.router.weight", "gemma4_moe": ""}
+            wide += "|" + ",".join(p for p in [router.get(arch, "mlp.gate.weight"), experts] if p)
         for r, alpha, targets, rslora in [(8, 16, wide, False), (3, 7, subset, True)]:
             with tempfile.TemporaryDirectory() as tmp:
                 # 1. Ember -> PEFT
@@ -128,11 +129,13 @@ def main():
                 results.append((arch, f"Ember adapter -> PEFT (r={r}, alpha={alpha}, {targets}, rslora={rslora})", d1))
 
                 # 2. PEFT -> Ember
-                tm = targets if targets == "all-linear" else targets.split(",")
+                modules, _, params = targets.partition("|")
+                tm = modules if modules == "all-linear" else modules.split(",")
                 if wrapped:
-                    tm = r".*language_model.*\.(" + "|".join(targets.split(",")) + ")"
+                    tm = r".*language_model.*\.(" + "|".join(modules.split(",")) + ")"
                 patterns = targets == wide
                 cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=tm, use_rslora=rslora, init_lora_weights=False,
+                                 target_parameters=params.split(",") if params else None,
                                  rank_pattern={"o_proj": 2} if patterns else {},
                                  # (patterns are matched against module paths with the wrapper's names)
                                  alpha_pattern={"up_proj": 5, "v_proj": 3} if patterns else {})

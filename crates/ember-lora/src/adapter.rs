@@ -263,7 +263,14 @@ impl AdapterFiles {
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` atomically:
     /// both go to a temporary folder beside `dir` that is renamed over it at the end.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let targets: Vec<String> = self.tensors.keys().cloned().collect();
+        // Modules whose adapters wrap a parameter (routers, stacked experts) are reached by
+        // `target_parameters`: naming them as modules would make PEFT wrap them as layers.
+        let targets: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|module| !self.config.wraps_parameter_of(module))
+            .cloned()
+            .collect();
         let mut config = self
             .config
             .to_peft_json(self.base_model_name_or_path.as_deref(), &targets);

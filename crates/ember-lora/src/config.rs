@@ -159,7 +159,10 @@ impl LoraConfig {
         }
         if let TargetModules::List(list) = &self.target_modules {
             if list.is_empty() && self.target_parameters.is_empty() {
-                return Err(invalid("target_modules", "is empty (and no target_parameters are given)"));
+                return Err(invalid(
+                    "target_modules",
+                    "is empty (and no target_parameters are given)",
+                ));
             }
         }
         if let Some(empty) = self.target_parameters.iter().find(|t| t.trim().is_empty()) {
@@ -271,6 +274,19 @@ impl LoraConfig {
             alpha / r as f64
         };
         ModuleLora { r, alpha, scaling }
+    }
+
+    /// Whether PEFT files a parameter's adapter under `module` (`model.layers.1.mlp.gate` for
+    /// `gate.weight`; `…mlp.experts` and `…mlp.experts.base_layer` for the stacked experts).
+    pub fn wraps_parameter_of(&self, module: &str) -> bool {
+        let mut unwrapped = module;
+        while let Some(inner) = unwrapped.strip_suffix(".base_layer") {
+            unwrapped = inner;
+        }
+        self.target_parameters.iter().any(|t| {
+            let leaf = t.rsplit('.').next().unwrap_or(t);
+            self.targets_parameter(&format!("{unwrapped}.{leaf}"))
+        })
     }
 
     /// The scale of the adapter PEFT files under `module`: a module adapted as the parameter
@@ -562,7 +578,8 @@ impl LoraConfig {
             if present.len() == olds.len() && olds.len() > 1 {
                 let key = format!(r".*\.{}", fancy_regex::escape(new));
                 out.rank_pattern.insert(key.clone(), Value::from(self.r * olds.len()));
-                out.alpha_pattern.insert(key, number(self.lora_alpha * olds.len() as f64));
+                out.alpha_pattern
+                    .insert(key, number(self.lora_alpha * olds.len() as f64));
             }
         }
         out.target_modules = TargetModules::List(remaining);

@@ -96,7 +96,12 @@ pub fn split_flat(
         }
         let (a, a_shape, mut b, b_shape) = if layout.swap_roles {
             // ΔW = (s·B_e·A_e)ᵀ = s·A_eᵀ·B_eᵀ: A' = B_eᵀ [r, b_rows], B' = A_eᵀ [a_cols, r].
-            (transpose(&b_e, b_rows, r), [r, b_rows], transpose(&a_e, r, a_cols), [a_cols, r])
+            (
+                transpose(&b_e, b_rows, r),
+                [r, b_rows],
+                transpose(&a_e, r, a_cols),
+                [a_cols, r],
+            )
         } else {
             (a_e, [r, a_cols], b_e, [b_rows, r])
         };

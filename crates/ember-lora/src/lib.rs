@@ -16,15 +16,15 @@
 pub mod adapter;
 pub mod atomic;
 pub mod config;
-pub mod expert;
 mod error;
+pub mod expert;
 mod linear;
 pub mod merge;
 pub mod quant;
 
 pub use adapter::{AdapterFiles, AdapterTensors};
 pub use config::{FusedMoeTargets, InitLoraWeights, LoraConfig, ModuleLora, MoeTargetPaths, TargetModules};
-pub use expert::ExpertLoraLayout;
 pub use error::{LoraError, Result};
+pub use expert::ExpertLoraLayout;
 pub use linear::{linear, matmul_layout, FrozenWeight, LoraAdapter, LoraLinear};
 pub use quant::{EmberAutodiffBackend, EmberBackend, QuantFormat, QuantMatrix, QuantizedWeight, SharedBytes};

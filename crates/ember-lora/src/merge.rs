@@ -191,11 +191,14 @@ pub fn merge_checkpoint_renamed(
 ) -> Result<MergeReport> {
     let mut slices: BTreeMap<String, Vec<MergeSlice>> = BTreeMap::new();
     for (module, t) in &adapter.tensors {
-        slices.entry(format!("{}.weight", checkpoint_key(module))).or_default().push(MergeSlice {
-            offset: 0,
-            tensors: t.clone(),
-            scaling: adapter.config.adapter_scaling(module),
-        });
+        slices
+            .entry(format!("{}.weight", checkpoint_key(module)))
+            .or_default()
+            .push(MergeSlice {
+                offset: 0,
+                tensors: t.clone(),
+                scaling: adapter.config.adapter_scaling(module),
+            });
     }
     merge_checkpoint_slices(base, slices, out, dtype)
 }
@@ -243,7 +246,9 @@ pub fn merge_checkpoint_slices(
             let fits = if shape.len() == 2 {
                 s.offset == 0 && *shape == update
             } else {
-                shape.len() == 3 && shape[1..] == update[..] && s.offset % (update[0] * update[1]) == 0
+                shape.len() == 3
+                    && shape[1..] == update[..]
+                    && s.offset % (update[0] * update[1]) == 0
                     && s.offset + update[0] * update[1] <= numel
             };
             if !fits {

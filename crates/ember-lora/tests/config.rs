@@ -350,3 +350,118 @@ fn all_linear_is_saved_resolved() {
         ])
     );
 }
+
+/// PEFT 0.21.2's rewrite of targets on a MoE model whose experts transformers 5 fuses (values
+/// from `get_peft_model` on the qwen3_moe and glm4_moe fixtures).
+#[test]
+fn fused_moe_targets_follow_peft() {
+    use ember_lora::{FusedMoeTargets, MoeTargetPaths};
+    const QWEN: FusedMoeTargets = FusedMoeTargets {
+        renames: &[
+            ("gate", "gate.weight"),
+            ("gate_proj", "gate_up_proj"),
+            ("up_proj", "gate_up_proj"),
+            ("down_proj", "down_proj"),
+        ],
+        fused: &[("gate_up_proj", &["gate_proj", "up_proj"])],
+    };
+    let mut paths = MoeTargetPaths::default();
+    for layer in 0..2 {
+        for m in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            paths.linear.push(format!("model.layers.{layer}.self_attn.{m}"));
+        }
+    }
+    // glm4_moe: a dense layer 0 and shared experts, linear layers that the rewrite drops.
+    for m in ["gate_proj", "up_proj", "down_proj"] {
+        paths.linear.push(format!("model.layers.0.mlp.{m}"));
+        paths.linear.push(format!("model.layers.1.mlp.shared_experts.{m}"));
+    }
+    paths.other = vec!["model.layers.1.mlp.gate".into(), "model.layers.1.mlp.experts".into()];
+    paths.expert_containers = vec!["model.layers.1.mlp.experts".into()];
+    let base = LoraConfig {
+        r: 2,
+        lora_alpha: 3.0,
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        ..Default::default()
+    };
+    let all = base.with_fused_moe_targets(&QWEN, &paths).unwrap();
+    assert_eq!(all.target_modules, list(&["q_proj", "k_proj", "v_proj", "o_proj"]));
+    assert_eq!(all.target_parameters, vec!["gate_up_proj", "down_proj", "gate.weight"]);
+    assert_eq!(all.rank_pattern[r".*\.gate_up_proj"], 4);
+    assert_eq!(all.alpha_pattern[r".*\.gate_up_proj"], 6);
+    assert!(all.targets_parameter("model.layers.1.mlp.gate.weight"));
+    assert!(all.targets_parameter("model.layers.1.mlp.experts.gate_up_proj"));
+    assert!(
+        !all.targets("model.layers.0.mlp.down_proj", false),
+        "the dense MLP loses its LoRA"
+    );
+    assert_eq!(all.module_lora("model.layers.1.mlp.experts.gate_up_proj").r, 4);
+    // Applying it again changes nothing (a saved adapter's config is already rewritten).
+    assert_eq!(all.with_fused_moe_targets(&QWEN, &paths).unwrap(), all);
+
+    // A list: the v4 expert names become parameters, the router only when named.
+    let listed = LoraConfig {
+        target_modules: list(&["q_proj", "gate_proj", "up_proj", "down_proj"]),
+        ..base.clone()
+    };
+    let listed = listed.with_fused_moe_targets(&QWEN, &paths).unwrap();
+    assert_eq!(listed.target_modules, list(&["q_proj"]));
+    assert_eq!(listed.target_parameters, vec!["gate_up_proj", "down_proj"]);
+
+    // A regex naming the experts' v4 modules is probed inside the expert container.
+    let regex = LoraConfig {
+        target_modules: TargetModules::Pattern(r".*\.(q_proj|gate_proj|up_proj)".into()),
+        ..base.clone()
+    };
+    let regex = regex.with_fused_moe_targets(&QWEN, &paths).unwrap();
+    assert_eq!(regex.target_parameters, vec!["gate_up_proj"]);
+    assert_eq!(regex.target_modules, list(&["q_proj"]));
+
+    // Half of a fused pair is refused, naming both halves.
+    let half = LoraConfig {
+        target_modules: list(&["gate_proj"]),
+        ..base
+    };
+    let err = half.with_fused_moe_targets(&QWEN, &paths).unwrap_err().to_string();
+    assert!(err.contains("gate_proj") && err.contains("up_proj"), "{err}");
+}
+
+/// PEFT's flat expert layout and Ember's per-expert one convert both ways, for every storage:
+/// plain, gpt-oss's interleaved gate/up, Llama 4's swapped roles.
+#[test]
+fn flat_expert_lora_round_trips() {
+    use ember_lora::expert::{join_flat, split_flat};
+    use ember_lora::{AdapterTensors, ExpertLoraLayout};
+    let (experts, r, out, inp) = (3, 2, 4, 5);
+    for swap_roles in [false, true] {
+        for interleaved_gate_up in [false, true] {
+            let layout = ExpertLoraLayout {
+                swap_roles,
+                interleaved_gate_up,
+            };
+            let (a_shape, b_shape) = layout.flat_shapes(experts, r, out, inp);
+            let flat = AdapterTensors {
+                lora_a: (0..a_shape[0] * a_shape[1]).map(|i| i as f32).collect(),
+                a_shape,
+                lora_b: (0..b_shape[0] * b_shape[1]).map(|i| -(i as f32)).collect(),
+                b_shape,
+            };
+            let per = split_flat(&flat, experts, layout, "test").unwrap();
+            assert_eq!(per.len(), experts);
+            assert_eq!((per[0].a_shape, per[0].b_shape), ([r, inp], [out, r]));
+            assert_eq!(join_flat(&per, layout), flat, "{layout:?}");
+        }
+    }
+    // Expert e's rows of A are e·r..(e+1)·r; its columns of B are j·E + e (PEFT's reshapes).
+    let layout = ExpertLoraLayout::default();
+    let (a_shape, b_shape) = layout.flat_shapes(experts, r, out, inp);
+    let flat = AdapterTensors {
+        lora_a: (0..a_shape[0] * a_shape[1]).map(|i| i as f32).collect(),
+        a_shape,
+        lora_b: (0..b_shape[0] * b_shape[1]).map(|i| i as f32).collect(),
+        b_shape,
+    };
+    let per = split_flat(&flat, experts, layout, "test").unwrap();
+    assert_eq!(per[1].lora_a[0], (r * inp) as f32);
+    assert_eq!(per[1].lora_b[..2], [1.0, (1 + experts) as f32]);
+}

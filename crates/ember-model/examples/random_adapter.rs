@@ -5,7 +5,8 @@
 //! ```sh
 //! cargo run --release -p ember-model --example random_adapter -- MODEL_DIR OUT_DIR R ALPHA TARGETS [rslora]
 //! ```
-//! TARGETS is `all-linear` or a comma-separated list (`q_proj,v_proj`).
+//! TARGETS is `all-linear` or a comma-separated list (`q_proj,v_proj`), optionally followed by
+//! `|` and the target parameters (`q_proj,v_proj|experts.gate_up_proj,experts.down_proj`).
 
 use std::path::PathBuf;
 
@@ -21,15 +22,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let model_dir = PathBuf::from(&args[0]);
     let out = PathBuf::from(&args[1]);
-    let targets = if args[4] == "all-linear" {
+    let (modules, parameters) = args[4].split_once('|').unwrap_or((&args[4], ""));
+    let list = |s: &str| -> Vec<String> { s.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect() };
+    let targets = if modules == "all-linear" {
         TargetModules::Pattern("all-linear".into())
     } else {
-        TargetModules::List(args[4].split(',').map(str::to_string).collect())
+        TargetModules::List(list(modules))
     };
     let config = LoraConfig {
         r: args[2].parse()?,
         lora_alpha: args[3].parse()?,
         target_modules: targets,
+        target_parameters: list(parameters),
         use_rslora: args.get(5).is_some_and(|a| a == "rslora"),
         init_lora_weights: InitLoraWeights::Bool(false),
         ..Default::default()

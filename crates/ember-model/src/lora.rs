@@ -13,9 +13,9 @@ use ember_lora::{
 
 use crate::config::MoeLayout;
 use crate::error::Result;
-use ember_lora::merge::MergeSlice;
 use crate::linear_attention::DeltaNetInputs;
 use crate::model::{CausalLm, FeedForward, GateUpProjection, LatentQuery, QkvProjection, SelfAttention};
+use ember_lora::merge::MergeSlice;
 
 /// How PEFT reaches an adaptable layer.
 #[derive(Debug, Clone, PartialEq)]
@@ -208,7 +208,10 @@ impl<B: EmberBackend> CausalLm<B> {
 
     /// [`CausalLm::linear_layers`], mutable.
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
-        self.adaptable_layers_mut().into_iter().map(|(p, _, l)| (p, l)).collect()
+        self.adaptable_layers_mut()
+            .into_iter()
+            .map(|(p, _, l)| (p, l))
+            .collect()
     }
 
     /// Number of parameters of the base model (adapters excluded; quantized weights, which are
@@ -315,7 +318,14 @@ impl<B: EmberBackend> CausalLm<B> {
                     if !config.targets_parameter(&key) {
                         continue;
                     }
-                    LoraAdapter::init(out, inp, config.module_lora(&key), 0.0, config.init_lora_weights, device)
+                    LoraAdapter::init(
+                        out,
+                        inp,
+                        config.module_lora(&key),
+                        0.0,
+                        config.init_lora_weights,
+                        device,
+                    )
                 }
                 LayerReach::Expert {
                     param, count, layout, ..
@@ -423,7 +433,10 @@ impl<B: EmberBackend> CausalLm<B> {
                 for (e, x) in per_expert.into_iter().enumerate() {
                     if x.a_shape[1] != inp || x.b_shape[0] != out {
                         return Err(LoraError::ShapeMismatch {
-                            key: format!("base_model.model.{path}.lora_A/B (`{param}`, each expert's B·A is {:?})", [out, inp]),
+                            key: format!(
+                                "base_model.model.{path}.lora_A/B (`{param}`, each expert's B·A is {:?})",
+                                [out, inp]
+                            ),
                             expected: vec![out, inp],
                             found: vec![x.b_shape[0], x.a_shape[1]],
                         }
@@ -598,11 +611,14 @@ pub fn merge_checkpoint(
         let container = module.trim_end_matches(".base_layer");
         let stacked = moe.filter(|m| container.ends_with(&format!(".{}", m.layout.experts_module())));
         let Some(moe) = stacked else {
-            slices.entry(format!("{}.weight", checkpoint_key(module))).or_default().push(MergeSlice {
-                offset: 0,
-                tensors: t.clone(),
-                scaling: adapter.config.adapter_scaling(module),
-            });
+            slices
+                .entry(format!("{}.weight", checkpoint_key(module)))
+                .or_default()
+                .push(MergeSlice {
+                    offset: 0,
+                    tensors: t.clone(),
+                    scaling: adapter.config.adapter_scaling(module),
+                });
             continue;
         };
         let params: Vec<String> = ["gate_up_proj", "down_proj"]

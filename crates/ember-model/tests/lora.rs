@@ -62,8 +62,15 @@ fn peft_adapters_give_peft_logits() {
                 files.tensors.keys().collect::<Vec<_>>(),
                 "{arch}: every adapter tensor attached"
             );
-            assert_eq!(written.config.target_parameters, files.config.target_parameters, "{arch}");
-            assert!(report.targets.len() <= files.tensors.len(), "{arch}: {:?}", report.targets);
+            assert_eq!(
+                written.config.target_parameters, files.config.target_parameters,
+                "{arch}"
+            );
+            assert!(
+                report.targets.len() <= files.tensors.len(),
+                "{arch}: {:?}",
+                report.targets
+            );
             compare(arch, adapter, &logits(&m, &inputs), reference_file, &inputs);
 
             if adapter == "adapter_trained" {
@@ -539,4 +546,95 @@ fn wrapper_adapters_name_full_paths() {
     let back = again.load_adapter(&AdapterFiles::read(&dir).unwrap(), &device).unwrap();
     assert_eq!(back.targets, report.targets);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fresh adapter attached by Ember from the fixture's own settings has PEFT's layout:
+/// `all-linear` on the families transformers 5 fuses becomes attention + router + stacked
+/// experts (rank and alpha doubled on `gate_up_proj`, PEFT's rewrite), gpt-oss and Llama 4
+/// name their expert parameters; the written keys, shapes and settings are PEFT's `adapter_init`.
+#[test]
+fn expert_lora_attaches_as_peft_does() {
+    let device = Default::default();
+    for arch in families().into_iter().filter(|a| a.ends_with("_experts")) {
+        let dir = fixtures().join(&arch);
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let targets = &expected["lora"]["target_modules"];
+        let config = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            target_modules: serde_json::from_value(targets["target_modules"].clone()).unwrap(),
+            target_parameters: targets
+                .get("target_parameters")
+                .map(|t| serde_json::from_value(t.clone()).unwrap())
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        let mut m = model(&arch);
+        let report = m.attach_lora(&config, &device).unwrap();
+        let peft = AdapterFiles::read(&dir.join("adapter_init")).unwrap();
+        let ours = m.adapter_files(&config, None);
+        assert_eq!(
+            ours.tensors.keys().collect::<Vec<_>>(),
+            peft.tensors.keys().collect::<Vec<_>>(),
+            "{arch}: adapted modules"
+        );
+        for (key, t) in &peft.tensors {
+            let mine = &ours.tensors[key];
+            assert_eq!((mine.a_shape, mine.b_shape), (t.a_shape, t.b_shape), "{arch} {key}");
+            // Initialised as PEFT does: B = 0, A within Kaiming's bound of PEFT's `in`.
+            assert!(mine.lora_b.iter().all(|&x| x == 0.0), "{arch} {key}: B starts at zero");
+            let bound = 1.0 / (t.a_shape[1] as f32).sqrt();
+            assert!(
+                mine.lora_a.iter().all(|x| x.abs() <= bound),
+                "{arch} {key}: A in ±1/√in"
+            );
+        }
+        let mut ours_params = ours.config.target_parameters.clone();
+        let mut peft_params = peft.config.target_parameters.clone();
+        ours_params.sort();
+        peft_params.sort();
+        assert_eq!(ours_params, peft_params, "{arch}: target_parameters");
+        assert_eq!(
+            ours.config.rank_pattern, peft.config.rank_pattern,
+            "{arch}: rank_pattern"
+        );
+        assert_eq!(
+            ours.config.alpha_pattern, peft.config.alpha_pattern,
+            "{arch}: alpha_pattern"
+        );
+        let trainable = expected["lora"]["num_trainable_params"].as_u64().unwrap() as usize;
+        assert_eq!(report.trainable_params, trainable, "{arch}: trainable parameters");
+    }
+}
+
+/// PEFT refuses to split fused experts: naming `gate_proj` without `up_proj` on a family whose
+/// experts transformers 5 fuses is an error that says why; and parameter LoRA has no dropout.
+#[test]
+fn expert_lora_refuses_half_a_fused_projection_and_dropout() {
+    let device = Default::default();
+    let mut m = model("qwen3_moe_experts");
+    let half = LoraConfig {
+        target_modules: TargetModules::List(vec!["q_proj".into(), "gate_proj".into()]),
+        ..Default::default()
+    };
+    let err = m.attach_lora(&half, &device).unwrap_err().to_string();
+    assert!(
+        err.contains("gate_proj") && err.contains("up_proj") && err.contains("gate_up_proj"),
+        "{err}"
+    );
+    let dropout = LoraConfig {
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        lora_dropout: 0.1,
+        ..Default::default()
+    };
+    let err = m.attach_lora(&dropout, &device).unwrap_err().to_string();
+    assert!(
+        err.contains("lora_dropout") && err.contains("target_parameters"),
+        "{err}"
+    );
+    assert!(
+        m.linear_layers().iter().all(|(_, l)| l.adapter.is_none()),
+        "nothing attached"
+    );
 }

@@ -176,11 +176,10 @@ impl<B: EmberAutodiffBackend> Trainer<B> {
             };
             let (a_name, b_name) = names(&path);
             for (name, param) in [(a_name, &adapter.lora_a), (b_name, &adapter.lora_b)] {
-                if !grads.contains_key(&name) {
+                grads.entry(name).or_insert_with(|| {
                     let value = param.val().inner();
-                    let zeros = Tensor::zeros(value.dims(), &value.device());
-                    grads.insert(name, zeros);
-                }
+                    Tensor::zeros(value.dims(), &value.device())
+                });
             }
         }
     }
