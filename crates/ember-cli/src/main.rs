@@ -536,7 +536,7 @@ fn inspect(path: &Path) -> Result<()> {
     if let Some(moe) = &config.moe {
         let sparse = moe.sparse_layers.iter().filter(|s| **s).count();
         out!(
-            "experts:        {} per MoE layer, top {}, {:?}, expert width {} ({sparse} of {} layers sparse{}; frozen)",
+            "experts:        {} per MoE layer, top {}, {:?}, expert width {} ({sparse} of {} layers sparse{})",
             moe.num_experts,
             moe.top_k,
             moe.routing,
@@ -544,6 +544,22 @@ fn inspect(path: &Path) -> Result<()> {
             config.num_layers,
             if moe.layout == ember_model::config::MoeLayout::Gemma4 {
                 ", beside the dense MLP"
+            } else {
+                ""
+            }
+        );
+        let (router, router_is_linear) = moe.layout.router_module();
+        let experts = moe.layout.experts_module();
+        let router = if router_is_linear {
+            format!("router `{router}` (a linear layer: target_modules)")
+        } else {
+            format!("router `{router}.weight`")
+        };
+        out!(
+            "expert LoRA:    target_parameters `{experts}.gate_up_proj`, `{experts}.down_proj` (one adapter per expert, \
+             PEFT's flat layout), {router}{}",
+            if config.spec().peft_fused_moe.is_some() {
+                "; `all-linear` and the v4 names gate/gate_proj/up_proj/down_proj mean these, as PEFT rewrites them"
             } else {
                 ""
             }

@@ -387,6 +387,8 @@ fn inspect_describes_new_families_and_wrappers() {
                 "no rope:        layers 1",
                 "Temperature",
                 "experts:",
+                "expert LoRA:    target_parameters `feed_forward.experts.gate_up_proj`",
+                "router `feed_forward.router.weight`",
             ][..],
         ),
         (
