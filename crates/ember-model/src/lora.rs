@@ -533,6 +533,43 @@ impl<B: EmberBackend> CausalLm<B> {
         per_layer
     }
 
+    /// The inverse of [`CausalLm::peft_tensors`]: an adapter file's pairs keyed by
+    /// [`CausalLm::linear_layers`] paths, each stacked expert parameter's flat pair split into
+    /// its experts' `{param}.{index}` pairs (by the file config's target_parameters).
+    pub fn layer_tensors(&self, files: &AdapterFiles) -> Result<BTreeMap<String, AdapterTensors>> {
+        let mut counts: BTreeMap<String, (usize, ExpertLoraLayout)> = BTreeMap::new();
+        for (_, reach, _) in self.adaptable_layers() {
+            if let LayerReach::Expert {
+                param,
+                index: 0,
+                count,
+                layout,
+            } = reach
+            {
+                counts.insert(param, (count, layout));
+            }
+        }
+        let keys = self.expert_file_keys(&|param| files.config.targets_parameter(param));
+        let mut out = BTreeMap::new();
+        for (path, t) in &files.tensors {
+            match keys.get(path) {
+                Some(param) => {
+                    let (count, layout) = counts[param];
+                    for (e, x) in ember_lora::expert::split_flat(t, count, layout, path)?
+                        .into_iter()
+                        .enumerate()
+                    {
+                        out.insert(format!("{param}.{e}"), x);
+                    }
+                }
+                None => {
+                    out.insert(path.clone(), t.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Folds every attached adapter into its base weight (in memory).
     pub fn merge_adapters(&mut self) -> Result<()> {
         for (path, layer) in self.linear_layers_mut() {

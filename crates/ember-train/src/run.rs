@@ -709,7 +709,10 @@ pub fn load_checkpoint<B: EmberAutodiffBackend>(
     }
     let adapter = AdapterFiles::read(&dir.join("adapter"))?;
     let targets: Vec<String> = adapter.tensors.keys().cloned().collect();
-    let changed = adapter.config.differences(lora_config, &targets);
+    // The checkpoint holds the settings as PEFT writes them for this model (on MoE families
+    // whose experts transformers fuses, `all-linear` rewritten to target_parameters).
+    let current = trainer.model.peft_lora_config(lora_config)?;
+    let changed = adapter.config.differences(&current, &targets);
     if !changed.is_empty() {
         return Err(bad(format!(
             "its LoRA settings differ from this run's (checkpoint vs config): {}; resume with the \
@@ -719,7 +722,7 @@ pub fn load_checkpoint<B: EmberAutodiffBackend>(
     }
     let device = trainer.device.clone();
     let mut values = std::collections::BTreeMap::new();
-    for (path, t) in &adapter.tensors {
+    for (path, t) in &trainer.model.layer_tensors(&adapter)? {
         let to = |v: &Vec<f32>, s: [usize; 2]| Tensor::<Inner<B>, 2>::from_data(TensorData::new(v.clone(), s), &device);
         values.insert(format!("{path}.lora_A"), to(&t.lora_a, t.a_shape));
         values.insert(format!("{path}.lora_B"), to(&t.lora_b, t.b_shape));

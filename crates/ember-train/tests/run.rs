@@ -117,6 +117,53 @@ fn resume_is_bit_identical() {
     assert_eq!(fa.tensors, fb.tensors, "adapters must be bit-identical");
 }
 
+/// A run with LoRA on a MoE model's router and experts (`all-linear` on qwen3_moe, which PEFT
+/// rewrites to target_parameters) writes PEFT's flat expert pairs and resumes bit-identically
+/// from a checkpoint (whose settings are the rewritten ones).
+#[test]
+fn expert_lora_run_writes_peft_layout_and_resumes_bit_identically() {
+    let _rng = rng_lock();
+    let model = model_dir_of("experts-model", "qwen3_moe_experts");
+    let data = completion_data(&model);
+    let straight = RunConfig::from_yaml(&format!(
+        "base_model: {}\noutput_dir: {}\nseed: 5\nlora:\n  r: 2\n  lora_alpha: 4\n  target_modules: all-linear\n\
+         data:\n  train: {}\n  format: completion\n  max_seq_len: 32\n  val_split: 0.2\n\
+         train:\n  max_steps: 4\n  micro_batch_size: 2\n  learning_rate: 0.01\n  save_every: 2\n  keep_last: 5\n",
+        model.display(),
+        tempdir("experts-straight").display(),
+        data.display()
+    ))
+    .unwrap();
+    run::<B>(&straight, &opts(), &Default::default()).unwrap();
+    let files = AdapterFiles::read(&straight.output_dir.join("adapter")).unwrap();
+    let mut params = files.config.target_parameters.clone();
+    params.sort();
+    assert_eq!(params, ["down_proj", "gate.weight", "gate_up_proj"]);
+    // 4 experts: gate_up_proj at rank 2·2 (PEFT doubles it), down_proj at rank 2.
+    assert_eq!(files.tensors["model.layers.0.mlp.experts.base_layer"].a_shape, [16, 64]);
+    assert_eq!(files.tensors["model.layers.0.mlp.experts"].a_shape, [8, 64]);
+    assert_eq!(files.tensors["model.layers.0.mlp.gate"].b_shape, [4, 2]);
+
+    let resumed = RunConfig {
+        output_dir: tempdir("experts-resumed"),
+        ..straight.clone()
+    };
+    copy_dir(
+        &straight.output_dir.join("checkpoint-2"),
+        &resumed.output_dir.join("checkpoint-2"),
+    );
+    let options = RunOptions {
+        resume: Some(Resume::Latest),
+        ..opts()
+    };
+    run::<B>(&resumed, &options, &Default::default()).unwrap();
+    let a = losses(&straight.output_dir.join("metrics.jsonl"));
+    let b = losses(&resumed.output_dir.join("metrics.jsonl"));
+    assert_eq!(&a[2..], &b[..], "losses of steps 3..4 must be identical");
+    let resumed_files = AdapterFiles::read(&resumed.output_dir.join("adapter")).unwrap();
+    assert_eq!(files.tensors, resumed_files.tensors, "adapters must be bit-identical");
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {

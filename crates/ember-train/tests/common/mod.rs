@@ -22,10 +22,15 @@ pub const CHATML: &str = "{% for message in messages %}{% if loop.first and mess
 
 /// The llama fixture with the fixtures' tokenizer (and a ChatML template) in one folder.
 pub fn model_dir(name: &str) -> PathBuf {
+    model_dir_of(name, "llama")
+}
+
+/// [`model_dir`] with the weights and config of fixture `arch`.
+pub fn model_dir_of(name: &str, arch: &str) -> PathBuf {
     let dir = tempdir(name);
-    let llama = fixtures().join("llama");
+    let source = fixtures().join(arch);
     for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(llama.join(f), dir.join(f)).unwrap();
+        std::fs::copy(source.join(f), dir.join(f)).unwrap();
     }
     std::fs::copy(
         fixtures().join("tokenizer/hf/tokenizer.json"),
