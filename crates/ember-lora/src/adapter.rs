@@ -228,7 +228,7 @@ impl AdapterFiles {
             let expected_r = config.module_lora(&module).r;
             // A stacked expert parameter's flat pair holds experts × its rank rows; which
             // parameter a key holds (and so its rank) only the model can tell.
-            let stacked = !config.target_parameters.is_empty() && module.rsplit('.').any(|part| part == "experts");
+            let stacked = config.wraps_parameter_of(&module) && !config.targets_parameter(&format!("{module}.weight"));
             if a_shape[0] != expected_r && !stacked {
                 return Err(LoraError::ShapeMismatch {
                     key: format!("{KEY_PREFIX}{module}.lora_A.weight (r = {expected_r} by adapter_config.json)"),

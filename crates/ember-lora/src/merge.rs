@@ -164,6 +164,17 @@ pub struct MergeSlice {
     pub scaling: f64,
 }
 
+impl MergeSlice {
+    /// The update of a whole `[out, in]` weight.
+    pub fn whole(tensors: AdapterTensors, scaling: f64) -> Self {
+        Self {
+            offset: 0,
+            tensors,
+            scaling,
+        }
+    }
+}
+
 /// The updates of one weight of a merge.
 struct MergeJob {
     slices: Vec<MergeSlice>,
@@ -194,11 +205,7 @@ pub fn merge_checkpoint_renamed(
         slices
             .entry(format!("{}.weight", checkpoint_key(module)))
             .or_default()
-            .push(MergeSlice {
-                offset: 0,
-                tensors: t.clone(),
-                scaling: adapter.config.adapter_scaling(module),
-            });
+            .push(MergeSlice::whole(t.clone(), adapter.config.adapter_scaling(module)));
     }
     merge_checkpoint_slices(base, slices, out, dtype)
 }

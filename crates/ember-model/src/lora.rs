@@ -651,11 +651,7 @@ pub fn merge_checkpoint(
             slices
                 .entry(format!("{}.weight", checkpoint_key(module)))
                 .or_default()
-                .push(MergeSlice {
-                    offset: 0,
-                    tensors: t.clone(),
-                    scaling: adapter.config.adapter_scaling(module),
-                });
+                .push(MergeSlice::whole(t.clone(), adapter.config.adapter_scaling(module)));
             continue;
         };
         let params: Vec<String> = ["gate_up_proj", "down_proj"]
@@ -713,11 +709,7 @@ pub fn merge_checkpoint(
         for (e, x) in experts.into_iter().enumerate() {
             let key = |name: &str| format!("{disk_experts}.{e}.{name}.weight");
             if !gate_up {
-                slices.entry(key(down)).or_default().push(MergeSlice {
-                    offset: 0,
-                    tensors: x,
-                    scaling,
-                });
+                slices.entry(key(down)).or_default().push(MergeSlice::whole(x, scaling));
                 continue;
             }
             let [out, r] = x.b_shape;
@@ -729,11 +721,10 @@ pub fn merge_checkpoint(
                     lora_b: x.lora_b[rows.start * r..rows.end * r].to_vec(),
                     b_shape: [half, r],
                 };
-                slices.entry(key(name)).or_default().push(MergeSlice {
-                    offset: 0,
-                    tensors,
-                    scaling,
-                });
+                slices
+                    .entry(key(name))
+                    .or_default()
+                    .push(MergeSlice::whole(tensors, scaling));
             }
         }
     }
