@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-${TMPDIR:-/tmp}/ember-gpu-bench}"
 STEPS="${STEPS:-6}"
 MODELS="${MODELS:-1b 8b}"
+ROWS="${ROWS:-ember_bf16 ember_f32 peft_bf16 peft_f32}"   # which of the four rows to run
+RUN_TIMEOUT="${RUN_TIMEOUT:-240}"   # seconds per row
 BIN="${BIN:-target/release/examples/step_bench}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -58,21 +60,25 @@ for shape in $MODELS; do
 N=$(make_model "$shape" | tail -1)
 M="$OUT/llama-$shape"
 echo "== llama-$shape ($N parameters)"
-EMBER_DEVICE=cuda EMBER_DTYPE=bfloat16 peak "$OUT/ember_bf16" timeout 240 "$BIN" "$M" 2048 1 "$STEPS" 0 \
-    > "$OUT/ember_bf16" 2> "$OUT/ember_bf16.err"
-echo "ember bf16 rc $? (stderr tail:)"; tail -3 "$OUT/ember_bf16.err"
-EMBER_DEVICE=cuda peak "$OUT/ember_f32" timeout 240 "$BIN" "$M" 2048 1 "$STEPS" 0 > "$OUT/ember_f32" 2> "$OUT/ember_f32.err"
-echo "ember f32 rc $? (stderr tail:)"; tail -3 "$OUT/ember_f32.err"
-peak "$OUT/peft_bf16" timeout 200 python3 bench/peft_reference.py train "$M" --seq 2048 --batch 1 \
-    --steps "$STEPS" --dtype bfloat16 --device cuda > "$OUT/peft_bf16"
-peak "$OUT/peft_f32" timeout 200 python3 bench/peft_reference.py train "$M" --seq 2048 --batch 1 \
-    --steps "$STEPS" --dtype float32 --device cuda > "$OUT/peft_f32"
-
+for run in $ROWS; do
+    case "$run" in
+    ember_bf16) EMBER_DEVICE=cuda EMBER_DTYPE=bfloat16 peak "$OUT/$run" timeout "$RUN_TIMEOUT" "$BIN" "$M" 2048 1 "$STEPS" 0 \
+            > "$OUT/$run" 2> "$OUT/$run.err" ;;
+    ember_f32) EMBER_DEVICE=cuda peak "$OUT/$run" timeout "$RUN_TIMEOUT" "$BIN" "$M" 2048 1 "$STEPS" 0 \
+            > "$OUT/$run" 2> "$OUT/$run.err" ;;
+    peft_bf16) peak "$OUT/$run" timeout "$RUN_TIMEOUT" python3 bench/peft_reference.py train "$M" --seq 2048 --batch 1 \
+            --steps "$STEPS" --dtype bfloat16 --device cuda > "$OUT/$run" 2> "$OUT/$run.err" ;;
+    peft_f32) peak "$OUT/$run" timeout "$RUN_TIMEOUT" python3 bench/peft_reference.py train "$M" --seq 2048 --batch 1 \
+            --steps "$STEPS" --dtype float32 --device cuda > "$OUT/$run" 2> "$OUT/$run.err" ;;
+    *) echo "unknown row $run"; continue ;;
+    esac
+    echo "$run rc $? (stdout, stderr tails:)"; tail -2 "$OUT/$run"; tail -3 "$OUT/$run.err"
+done
 echo
 echo "| llama-$shape | tokens/s | peak MiB | MFU | Ember bf16 / row |"
 echo "|---|---:|---:|---:|---:|"
 e=$(tps "$OUT/ember_bf16")
-for run in ember_bf16 ember_f32 peft_bf16 peft_f32; do
+for run in $ROWS; do
     t=$(tps "$OUT/$run")
     python3 -c "
 import sys

@@ -7,7 +7,8 @@
 //! - [`adapter`]: PEFT's `adapter_config.json` + `adapter_model.safetensors`, read and written;
 //! - [`expert`]: LoRA on stacked expert weights (PEFT's `target_parameters`), flat ↔ per expert;
 //! - [`merge`]: a streaming merge of an adapter into safetensors shards;
-//! - [`quant`]: quantized frozen weights (QLoRA) and [`EmberBackend`], Ember's own burn ops.
+//! - [`quant`]: quantized frozen weights (QLoRA) and [`EmberBackend`], Ember's own burn ops;
+//! - [`attention`]: fused attention with its own backward pass (one of those ops).
 //!
 //! Weight paths such as `model.layers.3.self_attn.q_proj` are born in `ember-model` and handed
 //! here; this crate never learns a model's names.
@@ -15,6 +16,7 @@
 
 pub mod adapter;
 pub mod atomic;
+pub mod attention;
 pub mod config;
 mod error;
 pub mod expert;
@@ -23,6 +25,7 @@ pub mod merge;
 pub mod quant;
 
 pub use adapter::{AdapterFiles, AdapterTensors};
+pub use attention::{attention, AttentionSpec};
 pub use config::{FusedMoeTargets, InitLoraWeights, LoraConfig, ModuleLora, MoeTargetPaths, TargetModules};
 pub use error::{LoraError, Result};
 pub use expert::ExpertLoraLayout;

@@ -25,6 +25,9 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
+use crate::attention::{
+    device_attention_backward, device_attention_forward, host_backward, host_forward, AttentionSpec,
+};
 use crate::error::{LoraError, Result};
 
 /// bitsandbytes' NF4 code book (`get_4bit_type("nf4")`): the 16 levels of QLoRA's 4-bit
@@ -891,6 +894,54 @@ pub trait EmberBackend: Backend {
     fn quant_input_grad(g: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self> {
         host_quant_input_grad::<Self>(g, w)
     }
+
+    /// Fused attention (see [`crate::attention`]): `softmax(softcap(q·kᵀ·scale) + mask)·v`
+    /// with grouped key/value heads and optional sink logits.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, heads, seq, head_dim]`; `k`: `[batch, kv_heads, keys, head_dim]`;
+    ///   `v`: `[batch, kv_heads, keys, value_dim]`; `mask`: `[batch or 1, 1, seq, keys]`;
+    ///   `sinks`: `[heads]`; output: `[batch, heads, seq, value_dim]`
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<FloatTensor<Self>>,
+        sinks: Option<FloatTensor<Self>>,
+        spec: AttentionSpec,
+    ) -> FloatTensor<Self> {
+        Self::fused_attention_forward(q, k, v, mask, sinks, spec).0
+    }
+
+    /// The output of [`EmberBackend::fused_attention`] and each row's log-sum-exp `[batch, heads, seq]`
+    /// (what its backward pass needs). Default: burn's tensor ops (GPU backends).
+    fn fused_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<FloatTensor<Self>>,
+        sinks: Option<FloatTensor<Self>>,
+        spec: AttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        device_attention_forward::<Self>(q, k, v, mask, sinks, spec)
+    }
+
+    /// `(dq, dk, dv)` of [`EmberBackend::fused_attention`] from its output, log-sum-exp and the
+    /// output's gradient. Default: burn's tensor ops (GPU backends).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<FloatTensor<Self>>,
+        sinks: Option<FloatTensor<Self>>,
+        spec: AttentionSpec,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        device_attention_backward::<Self>(q, k, v, mask, sinks, spec, out, lse, d_out)
+    }
 }
 
 /// An autodiff backend whose inner backend has Ember's operations too (what training needs).
@@ -904,9 +955,59 @@ impl<B> EmberAutodiffBackend for B where
 {
 }
 
-impl EmberBackend for burn::backend::NdArray<f32> {}
+/// CPU: the fused host kernels for quantized weights and attention.
+impl EmberBackend for burn::backend::NdArray<f32> {
+    fn fused_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<FloatTensor<Self>>,
+        sinks: Option<FloatTensor<Self>>,
+        spec: AttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        host_forward::<Self>(q, k, v, mask, sinks, spec)
+    }
+    fn fused_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<FloatTensor<Self>>,
+        sinks: Option<FloatTensor<Self>>,
+        spec: AttentionSpec,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        host_backward::<Self>(q, k, v, mask, sinks, spec, out, lse, d_out)
+    }
+}
 
-impl EmberBackend for burn::backend::Flex {}
+/// CPU: the fused host kernels for quantized weights and attention.
+impl EmberBackend for burn::backend::Flex {
+    fn fused_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<FloatTensor<Self>>,
+        sinks: Option<FloatTensor<Self>>,
+        spec: AttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        host_forward::<Self>(q, k, v, mask, sinks, spec)
+    }
+    fn fused_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<FloatTensor<Self>>,
+        sinks: Option<FloatTensor<Self>>,
+        spec: AttentionSpec,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        host_backward::<Self>(q, k, v, mask, sinks, spec, out, lse, d_out)
+    }
+}
 
 #[cfg(feature = "wgpu")]
 impl EmberBackend for burn::backend::Wgpu {
@@ -940,6 +1041,7 @@ mod autodiff {
     use burn::tensor::ops::FloatTensor;
 
     use super::{EmberBackend, QuantMatrix};
+    use crate::attention::AttentionSpec;
 
     /// The backward pass of [`EmberBackend::quant_linear`]: `∂L/∂x = g·deq(W)`, dequantizing
     /// again; the only state kept is the (shared) quantized weight. No weight gradient: the
@@ -971,6 +1073,62 @@ mod autodiff {
         fn quant_input_grad(g: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self> {
             // Only ever called on gradients, outside the graph.
             Self::from_inner(B::quant_input_grad(Self::inner(g), w))
+        }
+
+        fn fused_attention(
+            q: FloatTensor<Self>,
+            k: FloatTensor<Self>,
+            v: FloatTensor<Self>,
+            mask: Option<FloatTensor<Self>>,
+            sinks: Option<FloatTensor<Self>>,
+            spec: AttentionSpec,
+        ) -> FloatTensor<Self> {
+            crate::attention::autodiff::attention::<B, C>(q, k, v, mask, sinks, spec)
+        }
+
+        // Outside the graph only (the tracked pass goes through `attention`).
+        fn fused_attention_forward(
+            q: FloatTensor<Self>,
+            k: FloatTensor<Self>,
+            v: FloatTensor<Self>,
+            mask: Option<FloatTensor<Self>>,
+            sinks: Option<FloatTensor<Self>>,
+            spec: AttentionSpec,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            let (out, lse) = B::fused_attention_forward(
+                Self::inner(q),
+                Self::inner(k),
+                Self::inner(v),
+                mask.map(Self::inner),
+                sinks.map(Self::inner),
+                spec,
+            );
+            (Self::from_inner(out), Self::from_inner(lse))
+        }
+
+        fn fused_attention_backward(
+            q: FloatTensor<Self>,
+            k: FloatTensor<Self>,
+            v: FloatTensor<Self>,
+            mask: Option<FloatTensor<Self>>,
+            sinks: Option<FloatTensor<Self>>,
+            spec: AttentionSpec,
+            out: FloatTensor<Self>,
+            lse: FloatTensor<Self>,
+            d_out: FloatTensor<Self>,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            let (dq, dk, dv) = B::fused_attention_backward(
+                Self::inner(q),
+                Self::inner(k),
+                Self::inner(v),
+                mask.map(Self::inner),
+                sinks.map(Self::inner),
+                spec,
+                Self::inner(out),
+                Self::inner(lse),
+                Self::inner(d_out),
+            );
+            (Self::from_inner(dq), Self::from_inner(dk), Self::from_inner(dv))
         }
     }
 }

@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::activation::{gelu, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 use ember_lora::EmberBackend;
-use ember_lora::{FrozenWeight, LoraLinear};
+use ember_lora::{attention, AttentionSpec, FrozenWeight, LoraLinear};
 
 use crate::config::{Activation, DecoderConfig, MoeLayout, QkNorm, QueryScale};
 use crate::dtype::BaseDtype;
@@ -341,9 +341,12 @@ impl<B: EmberBackend> LatentAttention<B> {
         if let Some(scale) = inputs.query_scale {
             q = q * scale.clone();
         }
-        let scores = q.matmul(keys.swap_dims(2, 3)).mul_scalar(self.scale) + inputs.mask.clone();
-        let out = softmax(scores, 3)
-            .matmul(values)
+        let spec = AttentionSpec {
+            scale: self.scale as f32,
+            softcap: None,
+            causal: true,
+        };
+        let out = attention(q, keys, values, Some(inputs.mask.clone()), None, spec)
             .swap_dims(1, 2)
             .reshape([batch, seq, heads * v_dim]);
         (self.o_proj.forward(out), (latent, rope_keys))
@@ -499,24 +502,15 @@ impl<B: EmberBackend> Attention<B> {
                 .expect("a KV-shared layer runs after the layer whose keys and values it reuses"),
         };
         let new_cache = (k.clone(), v.clone());
-        let k = repeat_kv(k, heads / kv_heads);
-        let v = repeat_kv(v, heads / kv_heads);
-
-        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale);
-        if let Some(cap) = self.softcap {
-            scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
-        }
-        let scores = scores + inputs.mask.clone();
-        let probs = match &self.sinks {
-            None => softmax(scores, 3),
-            Some(sinks) => {
-                // The sink is one more key per head whose probability mass is thrown away.
-                let keys = scores.dims()[3];
-                let sinks = sinks.val().reshape([1, heads, 1, 1]).expand([batch, heads, seq, 1]);
-                softmax(Tensor::cat(vec![scores, sinks], 3), 3).narrow(3, 0, keys)
-            }
+        let spec = AttentionSpec {
+            scale: self.scale as f32,
+            softcap: self.softcap.map(|c| c as f32),
+            causal: true,
         };
-        let mut out = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, q_width]);
+        // The sink is one more key per head whose probability mass is thrown away.
+        let sinks = self.sinks.as_ref().map(|s| s.val());
+        let out = attention(q, k, v, Some(inputs.mask.clone()), sinks, spec);
+        let mut out = out.swap_dims(1, 2).reshape([batch, seq, q_width]);
         if let Some(gate) = gate {
             out = out * burn::tensor::activation::sigmoid(gate);
         }
@@ -532,21 +526,6 @@ impl<B: EmberBackend> Attention<B> {
 fn l2_norm<B: EmberBackend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
     let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
     x * variance.add_scalar(eps).sqrt().recip()
-}
-
-/// Repeats each key/value head `groups` times, as transformers' `repeat_kv`.
-///
-/// # Shapes
-/// - `x`: `[batch, kv_heads, seq, head_dim]`
-/// - output: `[batch, kv_heads·groups, seq, head_dim]`
-fn repeat_kv<B: EmberBackend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
-    if groups == 1 {
-        return x;
-    }
-    let [batch, kv_heads, seq, head_dim] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([batch, kv_heads, groups, seq, head_dim])
-        .reshape([batch, kv_heads * groups, seq, head_dim])
 }
 
 /// Separate gate and up projections.

@@ -1,0 +1,1251 @@
+//! Fused scaled-dot-product attention with its own backward pass.
+//!
+//! `softmax(cap·tanh(q·kᵀ·scale / cap) + mask)·v` per head, with grouped keys/values (GQA:
+//! query head `h` reads key/value head `h / (heads / kv_heads)`, never repeated in memory),
+//! an optional softcap (Gemma 2), an optional sink logit per head (gpt-oss: one more key whose
+//! probability is thrown away) and an additive mask (padding, sliding windows, chunks,
+//! segments: whatever the model built).
+//!
+//! The forward pass keeps only the output and each row's log-sum-exp; the backward pass
+//! recomputes the probabilities from them (flash-attention's scheme), so training never holds
+//! `[batch, heads, seq, keys]` probabilities, and autodiff's chain of softmax passes becomes one
+//! op. On CPU backends both passes run [`host_attention_forward`]/[`host_attention_backward`]:
+//! blocks of 64 query rows against their keys (two `gemm` calls per block forward, four
+//! backward, scratch of `64 × keys` floats per thread), keys after a causal query's position
+//! skipped. GPU backends compose burn's tensor ops ([`device_attention_forward`],
+//! [`device_attention_backward`]), which do materialise the scores but still replace
+//! autodiff's softmax backward by the direct formulas.
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::quant::EmberBackend;
+
+/// Query rows per block of the CPU kernels.
+const BLOCK_ROWS: usize = 64;
+
+/// A row whose best visible score lies below this saw only masked keys (a padded query: the
+/// model's mask adds the dtype's minimum). Eager attention then spreads the row uniformly over
+/// every key, the causally hidden ones included (all scores equal the minimum); the kernels
+/// reproduce that by attending such a row over all keys ([`full_row_forward`]).
+const FULLY_MASKED: f32 = f32::MIN / 2.0;
+
+/// The scalar settings of an attention call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionSpec {
+    /// Multiplier of `q·kᵀ` (usually `1/√head_dim`).
+    pub scale: f32,
+    /// `cap·tanh(s/cap)` on the scaled scores before the mask (Gemma 2's attention softcap).
+    pub softcap: Option<f32>,
+    /// The mask hides every key after each query's own position (key `j` from query `i` when
+    /// `j > i + keys − seq`): the CPU kernels then skip those keys without reading the mask.
+    /// The mask must hide them too (GPU backends apply only the mask).
+    pub causal: bool,
+}
+
+/// The sizes of an attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionDims {
+    /// Sequences.
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Query positions.
+    pub seq: usize,
+    /// Key positions (cache included).
+    pub keys: usize,
+    /// Query/key width per head.
+    pub head_dim: usize,
+    /// Value width per head.
+    pub value_dim: usize,
+}
+
+impl AttentionDims {
+    fn of(q: &[usize; 4], k: &[usize; 4], v: &[usize; 4]) -> Self {
+        let dims = AttentionDims {
+            batch: q[0],
+            heads: q[1],
+            kv_heads: k[1],
+            seq: q[2],
+            keys: k[2],
+            head_dim: q[3],
+            value_dim: v[3],
+        };
+        assert!(
+            k[0] == q[0] && v[0] == q[0] && v[1] == k[1] && v[2] == k[2] && k[3] == q[3],
+            "attention: q {q:?}, k {k:?}, v {v:?} do not fit together"
+        );
+        assert!(
+            dims.kv_heads > 0 && dims.heads % dims.kv_heads == 0,
+            "attention: {} query heads over {} key/value heads",
+            dims.heads,
+            dims.kv_heads
+        );
+        dims
+    }
+
+    fn groups(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+fn float<B: burn::tensor::backend::Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn prim<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// Fused attention through [`EmberBackend::fused_attention`]; differentiable in `q`, `k` and `v`
+/// (the mask and the sinks are constants: the frozen base's).
+///
+/// # Shapes
+/// - `q`: `[batch, heads, seq, head_dim]`
+/// - `k`: `[batch, kv_heads, keys, head_dim]`, `v`: `[batch, kv_heads, keys, value_dim]`
+/// - `mask`: additive, `[batch or 1, 1, seq, keys]`
+/// - `sinks`: `[heads]`
+/// - output: `[batch, heads, seq, value_dim]`
+pub fn attention<B: EmberBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4>>,
+    sinks: Option<Tensor<B, 1>>,
+    spec: AttentionSpec,
+) -> Tensor<B, 4> {
+    let dtype = q.dtype();
+    let k = k.cast(dtype);
+    let v = v.cast(dtype);
+    let mask = mask.map(|m| prim(m.cast(dtype).detach()));
+    let sinks = sinks.map(|s| prim(s.cast(dtype).detach()));
+    float(B::fused_attention(prim(q), prim(k), prim(v), mask, sinks, spec))
+}
+
+/// Host copies of the operands as contiguous f32.
+fn host<B: burn::tensor::backend::Backend, const D: usize>(t: FloatTensor<B>) -> (Vec<f32>, [usize; D]) {
+    let t = float::<B, D>(t);
+    let dims = t.dims();
+    let data = t.into_data().convert::<f32>();
+    (data.into_vec::<f32>().expect("f32 data"), dims)
+}
+
+/// The device and dtype of `t`, where results go back to.
+type Place<B> = (burn::tensor::Device<B>, burn::tensor::DType);
+
+fn place_of<B: burn::tensor::backend::Backend>(t: &FloatTensor<B>) -> Place<B> {
+    let t = float::<B, 4>(t.clone());
+    (t.device(), t.dtype())
+}
+
+fn to_device<B: burn::tensor::backend::Backend, const D: usize>(
+    values: Vec<f32>,
+    dims: [usize; D],
+    (device, dtype): &Place<B>,
+) -> FloatTensor<B> {
+    prim(Tensor::<B, D>::from_data(
+        TensorData::new(values, dims),
+        (device, *dtype),
+    ))
+}
+
+/// [`host_attention_forward`] on any backend's tensors (through host memory): output and
+/// log-sum-exp per row.
+///
+/// # Shapes
+/// As [`attention`]; the log-sum-exp is `[batch, heads, seq]`.
+pub fn host_forward<B: burn::tensor::backend::Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: Option<FloatTensor<B>>,
+    sinks: Option<FloatTensor<B>>,
+    spec: AttentionSpec,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let like = place_of::<B>(&q);
+    let (q, qd) = host::<B, 4>(q);
+    let (k, kd) = host::<B, 4>(k);
+    let (v, vd) = host::<B, 4>(v);
+    let dims = AttentionDims::of(&qd, &kd, &vd);
+    let mask = mask.map(host::<B, 4>);
+    let sinks = sinks.map(|s| host::<B, 1>(s).0);
+    let mask_ref = mask.as_ref().map(|(m, md)| HostMask::new(m, md, &dims));
+    let (out, lse) = host_attention_forward(&q, &k, &v, mask_ref, sinks.as_deref(), dims, spec);
+    (
+        to_device::<B, 4>(out, [dims.batch, dims.heads, dims.seq, dims.value_dim], &like),
+        to_device::<B, 3>(lse, [dims.batch, dims.heads, dims.seq], &like),
+    )
+}
+
+/// [`host_attention_backward`] on any backend's tensors: `(dq, dk, dv)` (the sinks are in
+/// the log-sum-exp already).
+#[allow(clippy::too_many_arguments)]
+pub fn host_backward<B: burn::tensor::backend::Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: Option<FloatTensor<B>>,
+    _sinks: Option<FloatTensor<B>>,
+    spec: AttentionSpec,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    d_out: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let like = place_of::<B>(&q);
+    let (q, qd) = host::<B, 4>(q);
+    let (k, kd) = host::<B, 4>(k);
+    let (v, vd) = host::<B, 4>(v);
+    let dims = AttentionDims::of(&qd, &kd, &vd);
+    let mask = mask.map(host::<B, 4>);
+    let mask_ref = mask.as_ref().map(|(m, md)| HostMask::new(m, md, &dims));
+    let (out, _) = host::<B, 4>(out);
+    let (lse, _) = host::<B, 3>(lse);
+    let (d_out, _) = host::<B, 4>(d_out);
+    let (dq, dk, dv) = host_attention_backward(&q, &k, &v, mask_ref, dims, spec, &out, &lse, &d_out);
+    (
+        to_device::<B, 4>(dq, qd, &like),
+        to_device::<B, 4>(dk, kd, &like),
+        to_device::<B, 4>(dv, vd, &like),
+    )
+}
+
+/// An additive mask in host memory, `[1 or batch, 1, seq, keys]`.
+#[derive(Debug, Clone, Copy)]
+pub struct HostMask<'a> {
+    values: &'a [f32],
+    per_sequence: bool,
+}
+
+impl<'a> HostMask<'a> {
+    /// Checks the shape against the call's.
+    pub fn new(values: &'a [f32], dims: &[usize; 4], call: &AttentionDims) -> Self {
+        assert!(
+            (dims[0] == 1 || dims[0] == call.batch) && dims[1] == 1 && dims[2] == call.seq && dims[3] == call.keys,
+            "attention mask {dims:?} for batch {}, seq {}, keys {}",
+            call.batch,
+            call.seq,
+            call.keys
+        );
+        HostMask {
+            values,
+            per_sequence: dims[0] != 1,
+        }
+    }
+
+    fn of_sequence(&self, b: usize, seq: usize, keys: usize) -> &'a [f32] {
+        let b = if self.per_sequence { b } else { 0 };
+        &self.values[b * seq * keys..(b + 1) * seq * keys]
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + alpha·lhs·rhs` on row-major buffers, each operand given by
+/// its (row stride, column stride).
+///
+/// # Shapes
+/// - `dst`: `[m, n]`; `lhs`: `[m, k]`; `rhs`: `[k, n]`
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * dst_rs + j * dst_cs] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(dst_rs, dst_cs, m, n) < dst.len(), "matmul: dst out of bounds");
+    assert!(last(lhs_rs, lhs_cs, m, k) < lhs.len(), "matmul: lhs out of bounds");
+    assert!(last(rhs_rs, rhs_cs, k, n) < rhs.len(), "matmul: rhs out of bounds");
+    // SAFETY: the asserts above keep every element the kernel touches inside the slices; `dst`
+    // is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// The keys query `i` may attend to under the causal rule (all keys without it).
+fn visible_keys(i: usize, dims: &AttentionDims, spec: &AttentionSpec) -> usize {
+    if spec.causal {
+        (i + 1 + dims.keys - dims.seq).min(dims.keys)
+    } else {
+        dims.keys
+    }
+}
+
+/// Scaled (and softcapped) scores of query rows `i0..i0 + rows` of one head against keys
+/// `0..width`, plus the mask, into `scores` (`[rows, width]`); with a softcap, `slope` gets
+/// `d capped / d scaled` = `1 − tanh²`.
+#[allow(clippy::too_many_arguments)]
+fn block_scores(
+    q_head: &[f32],
+    k_head: &[f32],
+    mask: Option<&[f32]>,
+    (i0, rows, width): (usize, usize, usize),
+    dims: &AttentionDims,
+    spec: &AttentionSpec,
+    scores: &mut [f32],
+    mut slope: Option<&mut [f32]>,
+) {
+    let d = dims.head_dim;
+    matmul(
+        (rows, width, d),
+        scores,
+        (width, 1),
+        false,
+        &q_head[i0 * d..],
+        (d, 1),
+        k_head,
+        (1, d),
+        spec.scale,
+    );
+    for r in 0..rows {
+        let row = &mut scores[r * width..(r + 1) * width];
+        if let Some(cap) = spec.softcap {
+            let slope_row = slope.as_mut().map(|s| &mut s[r * width..(r + 1) * width]);
+            match slope_row {
+                Some(slope_row) => {
+                    for (x, s) in row.iter_mut().zip(slope_row) {
+                        let t = (*x / cap).tanh();
+                        *x = cap * t;
+                        *s = 1.0 - t * t;
+                    }
+                }
+                None => row.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh()),
+            }
+        }
+        if let Some(mask) = mask {
+            let mask_row = &mask[(i0 + r) * dims.keys..][..width];
+            row.iter_mut().zip(mask_row).for_each(|(x, m)| *x += m);
+        }
+    }
+}
+
+/// The forward pass on host buffers: the output `[batch, heads, seq, value_dim]` and each
+/// row's log-sum-exp `[batch, heads, seq]` (sink included; `+∞` for a row whose every score is
+/// `−∞`, whose output is 0).
+///
+/// # Shapes
+/// - `q`: `[batch, heads, seq, head_dim]`; `k`: `[batch, kv_heads, keys, head_dim]`;
+///   `v`: `[batch, kv_heads, keys, value_dim]`; `sinks`: `[heads]`
+pub fn host_attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<HostMask<'_>>,
+    sinks: Option<&[f32]>,
+    dims: AttentionDims,
+    spec: AttentionSpec,
+) -> (Vec<f32>, Vec<f32>) {
+    let AttentionDims {
+        batch,
+        heads,
+        kv_heads,
+        seq,
+        keys,
+        head_dim,
+        value_dim,
+    } = dims;
+    assert!(
+        !spec.causal || keys >= seq,
+        "causal attention with {seq} queries over {keys} keys"
+    );
+    let mut out = vec![0f32; batch * heads * seq * value_dim];
+    let mut lse = vec![0f32; batch * heads * seq];
+    if seq == 0 || out.is_empty() {
+        return (out, lse);
+    }
+    out.par_chunks_mut(seq * value_dim)
+        .zip(lse.par_chunks_mut(seq))
+        .enumerate()
+        .for_each(|(bh, (out_head, lse_head))| {
+            let (b, h) = (bh / heads, bh % heads);
+            let kvh = b * kv_heads + h / dims.groups();
+            let q_head = &q[bh * seq * head_dim..(bh + 1) * seq * head_dim];
+            let k_head = &k[kvh * keys * head_dim..(kvh + 1) * keys * head_dim];
+            let v_head = &v[kvh * keys * value_dim..(kvh + 1) * keys * value_dim];
+            let mask = mask.map(|m| m.of_sequence(b, seq, keys));
+            let sink = sinks.map(|s| s[h]);
+            let mut scores = vec![0f32; BLOCK_ROWS.min(seq) * keys];
+            let mut fallback = Vec::new();
+            for i0 in (0..seq).step_by(BLOCK_ROWS) {
+                let rows = BLOCK_ROWS.min(seq - i0);
+                let width = visible_keys(i0 + rows - 1, &dims, &spec);
+                let scores = &mut scores[..rows * width];
+                block_scores(q_head, k_head, mask, (i0, rows, width), &dims, &spec, scores, None);
+                for r in 0..rows {
+                    let row = &mut scores[r * width..(r + 1) * width];
+                    let visible = visible_keys(i0 + r, &dims, &spec);
+                    let (seen, hidden) = row.split_at_mut(visible);
+                    hidden.fill(0.0);
+                    let best = seen.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                    if best < FULLY_MASKED {
+                        seen.fill(0.0);
+                        fallback.push(i0 + r);
+                        continue;
+                    }
+                    let max = sink.map_or(best, |s| s.max(best));
+                    let mut sum = sink.map_or(0.0, |s| (s - max).exp());
+                    for x in seen.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    seen.iter_mut().for_each(|x| *x *= inv);
+                    lse_head[i0 + r] = max + sum.ln();
+                }
+                matmul(
+                    (rows, value_dim, width),
+                    &mut out_head[i0 * value_dim..],
+                    (value_dim, 1),
+                    false,
+                    scores,
+                    (width, 1),
+                    v_head,
+                    (value_dim, 1),
+                    1.0,
+                );
+                for i in fallback.drain(..) {
+                    let row = FullRow::new(q_head, k_head, mask, i, &dims, &spec);
+                    lse_head[i] = row.forward(v_head, sink, &dims, &mut out_head[i * value_dim..(i + 1) * value_dim]);
+                }
+            }
+        });
+    (out, lse)
+}
+
+/// One query row attended over every key with plain loops: the exact path for rows that see
+/// only masked keys (see [`FULLY_MASKED`]).
+struct FullRow {
+    /// Scaled, softcapped, masked scores over all keys.
+    scores: Vec<f32>,
+    /// `d capped / d scaled` per key (1 without a softcap).
+    slope: Vec<f32>,
+    /// The row's query.
+    query: Vec<f32>,
+}
+
+impl FullRow {
+    fn new(
+        q_head: &[f32],
+        k_head: &[f32],
+        mask: Option<&[f32]>,
+        i: usize,
+        dims: &AttentionDims,
+        spec: &AttentionSpec,
+    ) -> Self {
+        let d = dims.head_dim;
+        let query = q_head[i * d..(i + 1) * d].to_vec();
+        let mut scores = Vec::with_capacity(dims.keys);
+        let mut slope = Vec::with_capacity(dims.keys);
+        for j in 0..dims.keys {
+            let key = &k_head[j * d..(j + 1) * d];
+            let mut x = query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * spec.scale;
+            let mut dx = 1.0;
+            if let Some(cap) = spec.softcap {
+                let t = (x / cap).tanh();
+                x = cap * t;
+                dx = 1.0 - t * t;
+            }
+            if let Some(mask) = mask {
+                x += mask[i * dims.keys + j];
+            }
+            scores.push(x);
+            slope.push(dx);
+        }
+        FullRow { scores, slope, query }
+    }
+
+    /// Writes the row's output; returns its log-sum-exp.
+    fn forward(&self, v_head: &[f32], sink: Option<f32>, dims: &AttentionDims, out: &mut [f32]) -> f32 {
+        let max = self
+            .scores
+            .iter()
+            .fold(sink.unwrap_or(f32::NEG_INFINITY), |a, &x| a.max(x));
+        out.fill(0.0);
+        if max == f32::NEG_INFINITY {
+            return f32::INFINITY;
+        }
+        let mut sum = sink.map_or(0.0, |s| (s - max).exp());
+        for (j, &x) in self.scores.iter().enumerate() {
+            let p = (x - max).exp();
+            sum += p;
+            let value = &v_head[j * dims.value_dim..(j + 1) * dims.value_dim];
+            out.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
+        }
+        out.iter_mut().for_each(|o| *o /= sum);
+        max + sum.ln()
+    }
+
+    /// Adds the row's gradients: `dq_row` (overwritten), `dk_head` and `dv_head` (accumulated).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        k_head: &[f32],
+        v_head: &[f32],
+        (lse, delta): (f32, f32),
+        d_out: &[f32],
+        dims: &AttentionDims,
+        spec: &AttentionSpec,
+        dq_row: &mut [f32],
+        dk_head: &mut [f32],
+        dv_head: &mut [f32],
+    ) {
+        let (d, dv) = (dims.head_dim, dims.value_dim);
+        dq_row.fill(0.0);
+        // The row's log-sum-exp is of the minimum's order, where `max + ln(sum)` loses `ln(sum)`
+        // to rounding: normalise by the sum itself. (A sink would have dominated such a row's
+        // log-sum-exp, so these rows have none.)
+        let max = self.scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let sum: f32 = self.scores.iter().map(|&x| (x - max).exp()).sum();
+        if lse == f32::INFINITY || max == f32::NEG_INFINITY {
+            return;
+        }
+        for (j, (&x, &slope)) in self.scores.iter().zip(&self.slope).enumerate() {
+            let p = (x - max).exp() / sum;
+            let value = &v_head[j * dv..(j + 1) * dv];
+            let d_p: f32 = d_out.iter().zip(value).map(|(g, v)| g * v).sum();
+            let d_score = p * (d_p - delta) * slope * spec.scale;
+            let key = &k_head[j * d..(j + 1) * d];
+            dq_row.iter_mut().zip(key).for_each(|(g, k)| *g += d_score * k);
+            let dk = &mut dk_head[j * d..(j + 1) * d];
+            dk.iter_mut().zip(&self.query).for_each(|(g, q)| *g += d_score * q);
+            let dv_row = &mut dv_head[j * dv..(j + 1) * dv];
+            dv_row.iter_mut().zip(d_out).for_each(|(g, o)| *g += p * o);
+        }
+    }
+}
+
+/// The backward pass on host buffers: `(dq, dk, dv)` from the forward's output and
+/// log-sum-exp and the output's gradient `d_out`, recomputing the probabilities block by block.
+/// Key/value gradients sum over the query heads of their group.
+///
+/// # Shapes
+/// As [`host_attention_forward`]; `d_out` like its output, `lse` `[batch, heads, seq]`.
+#[allow(clippy::too_many_arguments)]
+pub fn host_attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<HostMask<'_>>,
+    dims: AttentionDims,
+    spec: AttentionSpec,
+    out: &[f32],
+    lse: &[f32],
+    d_out: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttentionDims {
+        batch,
+        heads,
+        kv_heads,
+        seq,
+        keys,
+        head_dim,
+        value_dim,
+    } = dims;
+    let mut dq = vec![0f32; batch * heads * seq * head_dim];
+    // Per query head, summed over each group afterwards (more parallel work than per kv head).
+    let mut dk_heads = vec![0f32; batch * heads * keys * head_dim];
+    let mut dv_heads = vec![0f32; batch * heads * keys * value_dim];
+    if seq > 0 && keys > 0 {
+        dq.par_chunks_mut(seq * head_dim)
+            .zip(dk_heads.par_chunks_mut(keys * head_dim))
+            .zip(dv_heads.par_chunks_mut(keys * value_dim))
+            .enumerate()
+            .for_each(|(bh, ((dq_head, dk_head), dv_head))| {
+                let (b, h) = (bh / heads, bh % heads);
+                let kvh = b * kv_heads + h / dims.groups();
+                let q_head = &q[bh * seq * head_dim..(bh + 1) * seq * head_dim];
+                let k_head = &k[kvh * keys * head_dim..(kvh + 1) * keys * head_dim];
+                let v_head = &v[kvh * keys * value_dim..(kvh + 1) * keys * value_dim];
+                let out_head = &out[bh * seq * value_dim..(bh + 1) * seq * value_dim];
+                let d_out_head = &d_out[bh * seq * value_dim..(bh + 1) * seq * value_dim];
+                let lse_head = &lse[bh * seq..(bh + 1) * seq];
+                let mask = mask.map(|m| m.of_sequence(b, seq, keys));
+                let strip = BLOCK_ROWS.min(seq) * keys;
+                let mut probs = vec![0f32; strip];
+                let mut d_scores = vec![0f32; strip];
+                let mut slope = vec![0f32; if spec.softcap.is_some() { strip } else { 0 }];
+                let mut fallback = Vec::new();
+                for i0 in (0..seq).step_by(BLOCK_ROWS) {
+                    let rows = BLOCK_ROWS.min(seq - i0);
+                    let width = visible_keys(i0 + rows - 1, &dims, &spec);
+                    let probs = &mut probs[..rows * width];
+                    let d_scores = &mut d_scores[..rows * width];
+                    let mut slope = spec.softcap.map(|_| &mut slope[..rows * width]);
+                    block_scores(
+                        q_head,
+                        k_head,
+                        mask,
+                        (i0, rows, width),
+                        &dims,
+                        &spec,
+                        probs,
+                        slope.as_deref_mut(),
+                    );
+                    for r in 0..rows {
+                        let visible = visible_keys(i0 + r, &dims, &spec);
+                        let lse_row = lse_head[i0 + r];
+                        let (seen, hidden) = probs[r * width..(r + 1) * width].split_at_mut(visible);
+                        hidden.fill(0.0);
+                        if lse_row < FULLY_MASKED {
+                            // Done over all keys below (its log-sum-exp is the minimum's order).
+                            seen.fill(0.0);
+                            fallback.push(i0 + r);
+                        } else {
+                            seen.iter_mut().for_each(|x| *x = (*x - lse_row).exp());
+                        }
+                    }
+                    let d_out_block = &d_out_head[i0 * value_dim..];
+                    // dV += Pᵀ·dO
+                    matmul(
+                        (width, value_dim, rows),
+                        dv_head,
+                        (value_dim, 1),
+                        true,
+                        probs,
+                        (1, width),
+                        d_out_block,
+                        (value_dim, 1),
+                        1.0,
+                    );
+                    // dP = dO·Vᵀ
+                    matmul(
+                        (rows, width, value_dim),
+                        d_scores,
+                        (width, 1),
+                        false,
+                        d_out_block,
+                        (value_dim, 1),
+                        v_head,
+                        (1, value_dim),
+                        1.0,
+                    );
+                    // dS = P∘(dP − rowsum(dO∘O)), through the softcap's slope.
+                    for r in 0..rows {
+                        let i = i0 + r;
+                        let o = &out_head[i * value_dim..(i + 1) * value_dim];
+                        let g = &d_out_head[i * value_dim..(i + 1) * value_dim];
+                        let delta: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
+                        let p = &probs[r * width..(r + 1) * width];
+                        let ds = &mut d_scores[r * width..(r + 1) * width];
+                        ds.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - delta));
+                    }
+                    if let Some(slope) = slope {
+                        d_scores.iter_mut().zip(slope.iter()).for_each(|(d, s)| *d *= s);
+                    }
+                    // dQ = dS·K·scale
+                    matmul(
+                        (rows, head_dim, width),
+                        &mut dq_head[i0 * head_dim..],
+                        (head_dim, 1),
+                        false,
+                        d_scores,
+                        (width, 1),
+                        k_head,
+                        (head_dim, 1),
+                        spec.scale,
+                    );
+                    // dK += dSᵀ·Q·scale
+                    matmul(
+                        (width, head_dim, rows),
+                        dk_head,
+                        (head_dim, 1),
+                        true,
+                        d_scores,
+                        (1, width),
+                        &q_head[i0 * head_dim..],
+                        (head_dim, 1),
+                        spec.scale,
+                    );
+                    for i in fallback.drain(..) {
+                        let row = FullRow::new(q_head, k_head, mask, i, &dims, &spec);
+                        let g = &d_out_head[i * value_dim..(i + 1) * value_dim];
+                        let o = &out_head[i * value_dim..(i + 1) * value_dim];
+                        let delta: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
+                        let dq_row = &mut dq_head[i * head_dim..(i + 1) * head_dim];
+                        row.backward(
+                            k_head,
+                            v_head,
+                            (lse_head[i], delta),
+                            g,
+                            &dims,
+                            &spec,
+                            dq_row,
+                            dk_head,
+                            dv_head,
+                        );
+                    }
+                }
+            });
+    }
+    let groups = dims.groups();
+    let sum_groups = |per_head: Vec<f32>, width: usize| -> Vec<f32> {
+        if groups == 1 {
+            return per_head;
+        }
+        let head_len = keys * width;
+        let mut summed = vec![0f32; batch * kv_heads * head_len];
+        summed.par_chunks_mut(head_len).enumerate().for_each(|(kvh, dst)| {
+            for g in 0..groups {
+                let src = &per_head[(kvh * groups + g) * head_len..][..head_len];
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            }
+        });
+        summed
+    };
+    let dk = sum_groups(dk_heads, head_dim);
+    let dv = sum_groups(dv_heads, value_dim);
+    (dq, dk, dv)
+}
+
+/// `[batch, kv_heads, keys, d]` → `[batch, kv_heads·groups, keys, d]`, each head repeated.
+fn repeat_heads<B: burn::tensor::backend::Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
+    if groups == 1 {
+        return x;
+    }
+    let [batch, kv_heads, keys, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([batch, kv_heads, groups, keys, d])
+        .reshape([batch, kv_heads * groups, keys, d])
+}
+
+/// `[batch, kv_heads·groups, keys, d]` → `[batch, kv_heads, keys, d]`, summed over each group.
+fn sum_heads<B: burn::tensor::backend::Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
+    if groups == 1 {
+        return x;
+    }
+    let [batch, heads, keys, d] = x.dims();
+    x.reshape([batch, heads / groups, groups, keys, d])
+        .sum_dim(2)
+        .reshape([batch, heads / groups, keys, d])
+}
+
+/// Scaled, softcapped, masked scores on the device, and the softcap's slope.
+fn device_scores<B: burn::tensor::backend::Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4>>,
+    spec: &AttentionSpec,
+) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
+    let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(spec.scale);
+    let mut slope = None;
+    if let Some(cap) = spec.softcap {
+        let t = scores.div_scalar(cap).tanh();
+        slope = Some(t.clone().powi_scalar(2).neg().add_scalar(1.0));
+        scores = t.mul_scalar(cap);
+    }
+    if let Some(mask) = mask {
+        scores = scores + mask;
+    }
+    (scores, slope)
+}
+
+/// The forward pass with burn's tensor ops (any backend): output and log-sum-exp.
+///
+/// # Shapes
+/// As [`host_forward`].
+pub fn device_attention_forward<B: burn::tensor::backend::Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: Option<FloatTensor<B>>,
+    sinks: Option<FloatTensor<B>>,
+    spec: AttentionSpec,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let dims = AttentionDims::of(&q.dims(), &k.dims(), &v.dims());
+    let groups = dims.groups();
+    let (scores, _) = device_scores(q, repeat_heads(k, groups), mask.map(float::<B, 4>), &spec);
+    let (probs, lse) = device_softmax(scores, sinks, &dims);
+    let out = probs.matmul(repeat_heads(v, groups));
+    (prim(out), prim(lse.reshape([dims.batch, dims.heads, dims.seq])))
+}
+
+/// Softmax over the keys with the sink logits in the denominator: probabilities and the
+/// log-sum-exp `[batch, heads, seq, 1]`.
+fn device_softmax<B: burn::tensor::backend::Backend>(
+    scores: Tensor<B, 4>,
+    sinks: Option<FloatTensor<B>>,
+    dims: &AttentionDims,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let mut max = scores.clone().max_dim(3);
+    let sinks = sinks.map(|s| float::<B, 1>(s).reshape([1, dims.heads, 1, 1]));
+    if let Some(sinks) = &sinks {
+        max = max.max_pair(sinks.clone().expand([dims.batch, dims.heads, dims.seq, 1]));
+    }
+    let exp = (scores - max.clone()).exp();
+    let mut sum = exp.clone().sum_dim(3);
+    if let Some(sinks) = sinks {
+        sum = sum + (sinks - max.clone()).exp();
+    }
+    let lse = max + sum.clone().log();
+    (exp / sum, lse)
+}
+
+/// The backward pass with burn's tensor ops: `(dq, dk, dv)`.
+#[allow(clippy::too_many_arguments)]
+pub fn device_attention_backward<B: burn::tensor::backend::Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: Option<FloatTensor<B>>,
+    sinks: Option<FloatTensor<B>>,
+    spec: AttentionSpec,
+    out: FloatTensor<B>,
+    _lse: FloatTensor<B>,
+    d_out: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let dims = AttentionDims::of(&q.dims(), &k.dims(), &v.dims());
+    let groups = dims.groups();
+    let (k_rep, v_rep) = (repeat_heads(k, groups), repeat_heads(v, groups));
+    let (scores, slope) = device_scores(q.clone(), k_rep.clone(), mask.map(float::<B, 4>), &spec);
+    // Normalised again rather than `exp(scores − lse)`: a padded query row's log-sum-exp is of
+    // the mask minimum's order, where rounding loses its `ln(sum)` (see [`FULLY_MASKED`]).
+    let (probs, _) = device_softmax(scores, sinks, &dims);
+    let d_out = float::<B, 4>(d_out);
+    let dv = probs.clone().swap_dims(2, 3).matmul(d_out.clone());
+    let d_probs = d_out.clone().matmul(v_rep.swap_dims(2, 3));
+    let delta = (d_out * float::<B, 4>(out)).sum_dim(3);
+    let mut d_scores = probs * (d_probs - delta);
+    if let Some(slope) = slope {
+        d_scores = d_scores * slope;
+    }
+    let dq = d_scores.clone().matmul(k_rep).mul_scalar(spec.scale);
+    let dk = d_scores.swap_dims(2, 3).matmul(q).mul_scalar(spec.scale);
+    (prim(dq), prim(sum_heads(dk, groups)), prim(sum_heads(dv, groups)))
+}
+
+pub(crate) mod autodiff {
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::backend::Autodiff;
+    use burn::tensor::backend::AutodiffBackend;
+    use burn::tensor::ops::FloatTensor;
+
+    use super::AttentionSpec;
+    use crate::quant::EmberBackend;
+
+    /// What the backward pass of [`EmberBackend::fused_attention`] keeps: the inputs, the output and
+    /// its log-sum-exp per row (no probabilities).
+    #[derive(Debug, Clone)]
+    pub(crate) struct AttentionState<B: EmberBackend> {
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        mask: Option<FloatTensor<B>>,
+        sinks: Option<FloatTensor<B>>,
+        spec: AttentionSpec,
+        out: FloatTensor<B>,
+        lse: FloatTensor<B>,
+    }
+
+    #[derive(Debug)]
+    struct AttentionBackward;
+
+    impl<B: EmberBackend> Backward<B, 3> for AttentionBackward {
+        type State = AttentionState<B>;
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node_q, node_k, node_v] = ops.parents;
+            let d_out = grads.consume::<B>(&ops.node);
+            let s = ops.state;
+            let (dq, dk, dv) = B::fused_attention_backward(s.q, s.k, s.v, s.mask, s.sinks, s.spec, s.out, s.lse, d_out);
+            for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, grad);
+                }
+            }
+        }
+    }
+
+    /// [`EmberBackend::fused_attention`] under autodiff: the inner backend's fused forward, and
+    /// [`EmberBackend::fused_attention_backward`] for the gradients.
+    pub(crate) fn attention<B: EmberBackend, C: CheckpointStrategy>(
+        q: FloatTensor<Autodiff<B, C>>,
+        k: FloatTensor<Autodiff<B, C>>,
+        v: FloatTensor<Autodiff<B, C>>,
+        mask: Option<FloatTensor<Autodiff<B, C>>>,
+        sinks: Option<FloatTensor<Autodiff<B, C>>>,
+        spec: AttentionSpec,
+    ) -> FloatTensor<Autodiff<B, C>> {
+        let inner = |t: FloatTensor<Autodiff<B, C>>| Autodiff::<B, C>::inner(t);
+        let mask = mask.map(inner);
+        let sinks = sinks.map(inner);
+        match AttentionBackward
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (q, k, v) = (q.primitive, k.primitive, v.primitive);
+                let (out, lse) =
+                    B::fused_attention_forward(q.clone(), k.clone(), v.clone(), mask.clone(), sinks.clone(), spec);
+                let state = AttentionState {
+                    q,
+                    k,
+                    v,
+                    mask,
+                    sinks,
+                    spec,
+                    out: out.clone(),
+                    lse,
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_attention(
+                q.primitive,
+                k.primitive,
+                v.primitive,
+                mask,
+                sinks,
+                spec,
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::activation::softmax;
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Tensor, TensorData};
+
+    use super::*;
+
+    type Cpu = NdArray<f32>;
+    type Grad = Autodiff<Cpu>;
+
+    fn random(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0 * amplitude
+            })
+            .collect()
+    }
+
+    fn tensor<B: Backend, const D: usize>(values: Vec<f32>, dims: [usize; D]) -> Tensor<B, D> {
+        Tensor::from_data(TensorData::new(values, dims), &Default::default())
+    }
+
+    /// The composition the model used before the fused op (transformers' eager attention).
+    fn reference<B: Backend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        mask: Tensor<B, 4>,
+        sinks: Option<Tensor<B, 1>>,
+        spec: AttentionSpec,
+    ) -> Tensor<B, 4> {
+        let [batch, heads, seq, _] = q.dims();
+        let groups = heads / k.dims()[1];
+        let (k, v) = (repeat_heads(k, groups), repeat_heads(v, groups));
+        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(spec.scale);
+        if let Some(cap) = spec.softcap {
+            scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
+        }
+        let scores = scores + mask;
+        let probs = match sinks {
+            None => softmax(scores, 3),
+            Some(sinks) => {
+                let keys = scores.dims()[3];
+                let sinks = sinks.reshape([1, heads, 1, 1]).expand([batch, heads, seq, 1]);
+                softmax(Tensor::cat(vec![scores, sinks], 3), 3).narrow(3, 0, keys)
+            }
+        };
+        probs.matmul(v)
+    }
+
+    /// A causal mask over `past + seq` keys with `pads[b]` leading pads per row (whose query
+    /// rows see only masked keys) and an optional sliding window, `[batch, 1, seq, keys]`.
+    fn mask(pads: &[usize], seq: usize, past: usize, window: Option<usize>) -> Vec<f32> {
+        let keys = past + seq;
+        let mut m = Vec::new();
+        for &pad in pads {
+            for i in 0..seq {
+                let pos = i + past;
+                for j in 0..keys {
+                    let hidden = j > pos || j < pad || window.is_some_and(|w| pos - j >= w);
+                    m.push(if hidden { f32::MIN } else { 0.0 });
+                }
+            }
+        }
+        m
+    }
+
+    struct Case {
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        seq: usize,
+        past: usize,
+        head_dim: usize,
+        value_dim: usize,
+        pads: Vec<usize>,
+        window: Option<usize>,
+        softcap: Option<f32>,
+        sinks: bool,
+    }
+
+    /// Output and q/k/v gradients (of `Σ out∘w`) of the fused op on autodiff, against autodiff
+    /// of the reference composition, padded query rows included.
+    fn check(case: Case, device_path: bool) {
+        let Case {
+            batch,
+            heads,
+            kv_heads,
+            seq,
+            past,
+            head_dim,
+            value_dim,
+            ..
+        } = case;
+        let keys = past + seq;
+        let spec = AttentionSpec {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap: case.softcap,
+            causal: true,
+        };
+        let mask_values = mask(&case.pads, seq, past, case.window);
+        let q = random(batch * heads * seq * head_dim, 1, 1.5);
+        let k = random(batch * kv_heads * keys * head_dim, 2, 1.5);
+        let v = random(batch * kv_heads * keys * value_dim, 3, 1.0);
+        let sinks = case.sinks.then(|| random(heads, 4, 2.0));
+        let weights = random(batch * heads * seq * value_dim, 5, 1.0);
+        let run = |fused: bool| {
+            let qt = tensor::<Grad, 4>(q.clone(), [batch, heads, seq, head_dim]).require_grad();
+            let kt = tensor::<Grad, 4>(k.clone(), [batch, kv_heads, keys, head_dim]).require_grad();
+            let vt = tensor::<Grad, 4>(v.clone(), [batch, kv_heads, keys, value_dim]).require_grad();
+            let m = tensor::<Grad, 4>(mask_values.clone(), [batch, 1, seq, keys]);
+            let s = sinks.clone().map(|s| tensor::<Grad, 1>(s, [heads]));
+            let out = if !fused {
+                reference(qt.clone(), kt.clone(), vt.clone(), m, s, spec)
+            } else if device_path {
+                // The GPU backends' default path, run on the CPU through the same autodiff op.
+                let (out, _) = device_attention_forward::<Cpu>(
+                    prim(qt.clone().inner()),
+                    prim(kt.clone().inner()),
+                    prim(vt.clone().inner()),
+                    Some(prim(m.inner())),
+                    s.map(|s| prim(s.inner())),
+                    spec,
+                );
+                return (float::<Cpu, 4>(out).into_data().to_vec::<f32>().unwrap(), None);
+            } else {
+                attention(qt.clone(), kt.clone(), vt.clone(), Some(m), s, spec)
+            };
+            let w = tensor::<Grad, 4>(weights.clone(), [batch, heads, seq, value_dim]);
+            let values = out.clone().into_data().to_vec::<f32>().unwrap();
+            let grads = (out * w).sum().backward();
+            let g = |t: &Tensor<Grad, 4>| t.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+            (values, Some([g(&qt), g(&kt), g(&vt)]))
+        };
+        let (expected, expected_grads) = run(false);
+        let (actual, actual_grads) = run(true);
+        let worst = actual
+            .iter()
+            .zip(&expected)
+            .fold(0f32, |m, (a, e)| m.max((a - e).abs()));
+        assert!(worst <= 1e-5, "output: max abs diff {worst:.3e}");
+        if let (Some(actual), Some(expected)) = (actual_grads, expected_grads) {
+            for (name, a, e) in [
+                ("dq", &actual[0], &expected[0]),
+                ("dk", &actual[1], &expected[1]),
+                ("dv", &actual[2], &expected[2]),
+            ] {
+                let scale = e.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let diff = a.iter().zip(e).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(scale > 0.0, "{name}: the reference gradient is zero");
+                assert!(
+                    diff <= 1e-5 * scale.max(1.0),
+                    "{name}: max abs diff {diff:.3e} (scale {scale:.3e})"
+                );
+            }
+        }
+    }
+
+    fn cases() -> Vec<Case> {
+        vec![
+            // GQA, two sequences (one left-padded), two query blocks, prefill.
+            Case {
+                batch: 2,
+                heads: 6,
+                kv_heads: 2,
+                seq: 70,
+                past: 0,
+                head_dim: 16,
+                value_dim: 16,
+                pads: vec![0, 5],
+                window: None,
+                softcap: None,
+                sinks: false,
+            },
+            // Decoding-like: a few queries over a longer cache, a sliding window, softcap.
+            Case {
+                batch: 1,
+                heads: 4,
+                kv_heads: 4,
+                seq: 3,
+                past: 40,
+                head_dim: 8,
+                value_dim: 8,
+                pads: vec![42],
+                window: Some(16),
+                softcap: Some(5.0),
+                sinks: false,
+            },
+            // Sinks, MLA-like value width, softcap, one block.
+            Case {
+                batch: 2,
+                heads: 4,
+                kv_heads: 1,
+                seq: 20,
+                past: 4,
+                head_dim: 12,
+                value_dim: 6,
+                pads: vec![3, 0],
+                window: Some(9),
+                softcap: Some(3.0),
+                sinks: true,
+            },
+        ]
+    }
+
+    #[test]
+    fn the_cpu_kernels_match_autodiff_of_eager_attention() {
+        for case in cases() {
+            check(case, false);
+        }
+    }
+
+    #[test]
+    fn the_device_composition_matches_eager_attention() {
+        for case in cases() {
+            check(case, true);
+        }
+    }
+
+    #[test]
+    fn the_device_backward_matches_the_cpu_backward() {
+        // Both backward passes on the same forward results (the GPU path's formulas on the CPU).
+        let (batch, heads, kv_heads, seq, past, d, dv) = (2, 6, 3, 9, 5, 8, 4); // row 1: 7 pads
+        let keys = seq + past;
+        let m = mask(&[0, 7], seq, past, Some(7));
+        let spec = AttentionSpec {
+            scale: 0.3,
+            softcap: Some(4.0),
+            causal: true,
+        };
+        let q = tensor::<Cpu, 4>(random(batch * heads * seq * d, 7, 1.0), [batch, heads, seq, d]);
+        let k = tensor::<Cpu, 4>(random(batch * kv_heads * keys * d, 8, 1.0), [batch, kv_heads, keys, d]);
+        let v = tensor::<Cpu, 4>(
+            random(batch * kv_heads * keys * dv, 9, 1.0),
+            [batch, kv_heads, keys, dv],
+        );
+        let mask = tensor::<Cpu, 4>(m, [batch, 1, seq, keys]);
+        let g = tensor::<Cpu, 4>(random(batch * heads * seq * dv, 10, 1.0), [batch, heads, seq, dv]);
+        let (out, lse) = host_forward::<Cpu>(
+            prim(q.clone()),
+            prim(k.clone()),
+            prim(v.clone()),
+            Some(prim(mask.clone())),
+            None,
+            spec,
+        );
+        let (dout, dlse) = device_attention_forward::<Cpu>(
+            prim(q.clone()),
+            prim(k.clone()),
+            prim(v.clone()),
+            Some(prim(mask.clone())),
+            None,
+            spec,
+        );
+        let close = |a: FloatTensor<Cpu>, b: FloatTensor<Cpu>, what: &str, dims: usize| {
+            let (a, b) = if dims == 3 {
+                (
+                    float::<Cpu, 3>(a).into_data().to_vec::<f32>().unwrap(),
+                    float::<Cpu, 3>(b).into_data().to_vec::<f32>().unwrap(),
+                )
+            } else {
+                (
+                    float::<Cpu, 4>(a).into_data().to_vec::<f32>().unwrap(),
+                    float::<Cpu, 4>(b).into_data().to_vec::<f32>().unwrap(),
+                )
+            };
+            let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff <= 1e-5, "{what}: {diff:.3e}");
+        };
+        close(out.clone(), dout, "out", 4);
+        close(lse.clone(), dlse, "lse", 3);
+        let host = host_backward::<Cpu>(
+            prim(q.clone()),
+            prim(k.clone()),
+            prim(v.clone()),
+            Some(prim(mask.clone())),
+            None,
+            spec,
+            out.clone(),
+            lse.clone(),
+            prim(g.clone()),
+        );
+        let device = device_attention_backward::<Cpu>(
+            prim(q),
+            prim(k),
+            prim(v),
+            Some(prim(mask)),
+            None,
+            spec,
+            out,
+            lse,
+            prim(g),
+        );
+        close(host.0, device.0, "dq", 4);
+        close(host.1, device.1, "dk", 4);
+        close(host.2, device.2, "dv", 4);
+    }
+}
