@@ -273,8 +273,8 @@ fn quantized_bases_on_the_gpu_reproduce_the_cpu() {
     };
     for (model, dtype) in [(&gguf, "gguf"), (&hf, "q4_0"), (&hf, "nf4")] {
         let (cpu, shape) = forward(model, dtype, "cpu");
-        let (gpu, _) = forward(model, dtype, gpu());
-        let diff = masked_max_diff("llama", &gpu, &cpu, &shape);
+        let (on_gpu, _) = forward(model, dtype, gpu());
+        let diff = masked_max_diff("llama", &on_gpu, &cpu, &shape);
         println!("{dtype} logits, {} vs cpu: {diff:.3e}", gpu());
         assert!(diff <= 1e-4, "{dtype} logits, {} vs cpu: {diff:.3e}", gpu());
     }
