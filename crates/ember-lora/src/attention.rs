@@ -16,6 +16,8 @@
 //! [`device_attention_backward`]), which do materialise the scores but still replace
 //! autodiff's softmax backward by the direct formulas.
 
+use std::borrow::Cow;
+
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use gemm::Parallelism;
@@ -126,12 +128,74 @@ pub fn attention<B: EmberBackend>(
     float(B::fused_attention(prim(q), prim(k), prim(v), mask, sinks, spec))
 }
 
-/// Host copies of the operands as contiguous f32.
+/// A host copy of a tensor as contiguous f32.
 fn host<B: burn::tensor::backend::Backend, const D: usize>(t: FloatTensor<B>) -> (Vec<f32>, [usize; D]) {
     let t = float::<B, D>(t);
     let dims = t.dims();
     let data = t.into_data().convert::<f32>();
     (data.into_vec::<f32>().expect("f32 data"), dims)
+}
+
+/// CPU backends whose float tensors the attention kernels read from host memory.
+pub trait HostTensors: burn::tensor::backend::Backend {
+    /// `t` (rank `D`) as contiguous f32: borrowed where its storage already is that, else a copy.
+    fn host_f32<const D: usize>(t: &FloatTensor<Self>) -> (Cow<'_, [f32]>, [usize; D]) {
+        let (values, dims) = host::<Self, D>(t.clone());
+        (Cow::Owned(values), dims)
+    }
+}
+
+/// burn-flex: through `into_data`.
+impl HostTensors for burn::backend::Flex {}
+
+/// burn-ndarray: f32 arrays in standard layout are read in place (a tensor shared with the
+/// autodiff graph included, which `into_data` would copy element by element); strided views
+/// (heads swapped with positions) are copied row by row.
+impl HostTensors for burn::backend::NdArray<f32> {
+    fn host_f32<const D: usize>(t: &FloatTensor<Self>) -> (Cow<'_, [f32]>, [usize; D]) {
+        let burn::backend::ndarray::NdArrayTensor::F32(storage) = t else {
+            let (values, dims) = host::<Self, D>(t.clone());
+            return (Cow::Owned(values), dims);
+        };
+        let view = storage.view();
+        let dims: [usize; D] = view.shape().try_into().expect("tensor rank");
+        if let Some(values) = view.to_slice() {
+            return (Cow::Borrowed(values), dims);
+        }
+        let strides = view.strides().to_vec();
+        let mut out = Vec::with_capacity(view.len());
+        if D > 0 && view.len() > 0 {
+            let inner = dims[D - 1];
+            let mut index = [0usize; D];
+            let base = view.as_ptr();
+            'rows: loop {
+                let offset: isize = (0..D - 1).map(|d| index[d] as isize * strides[d]).sum();
+                // SAFETY: `index` stays inside `dims` and the offsets follow the view's own
+                // strides, so every element read belongs to the view, which outlives this loop.
+                unsafe {
+                    let row = base.offset(offset);
+                    if strides[D - 1] == 1 {
+                        out.extend_from_slice(std::slice::from_raw_parts(row, inner));
+                    } else {
+                        out.extend((0..inner).map(|j| *row.offset(j as isize * strides[D - 1])));
+                    }
+                }
+                let mut d = D - 1;
+                loop {
+                    if d == 0 {
+                        break 'rows;
+                    }
+                    d -= 1;
+                    index[d] += 1;
+                    if index[d] < dims[d] {
+                        break;
+                    }
+                    index[d] = 0;
+                }
+            }
+        }
+        (Cow::Owned(out), dims)
+    }
 }
 
 /// The device and dtype of `t`, where results go back to.
@@ -158,7 +222,7 @@ fn to_device<B: burn::tensor::backend::Backend, const D: usize>(
 ///
 /// # Shapes
 /// As [`attention`]; the log-sum-exp is `[batch, heads, seq]`.
-pub fn host_forward<B: burn::tensor::backend::Backend>(
+pub fn host_forward<B: HostTensors>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -167,14 +231,14 @@ pub fn host_forward<B: burn::tensor::backend::Backend>(
     spec: AttentionSpec,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let like = place_of::<B>(&q);
-    let (q, qd) = host::<B, 4>(q);
-    let (k, kd) = host::<B, 4>(k);
-    let (v, vd) = host::<B, 4>(v);
+    let (qh, qd) = B::host_f32::<4>(&q);
+    let (kh, kd) = B::host_f32::<4>(&k);
+    let (vh, vd) = B::host_f32::<4>(&v);
     let dims = AttentionDims::of(&qd, &kd, &vd);
-    let mask = mask.map(host::<B, 4>);
-    let sinks = sinks.map(|s| host::<B, 1>(s).0);
+    let mask = mask.as_ref().map(B::host_f32::<4>);
+    let sinks = sinks.as_ref().map(B::host_f32::<1>);
     let mask_ref = mask.as_ref().map(|(m, md)| HostMask::new(m, md, &dims));
-    let (out, lse) = host_attention_forward(&q, &k, &v, mask_ref, sinks.as_deref(), dims, spec);
+    let (out, lse) = host_attention_forward(&qh, &kh, &vh, mask_ref, sinks.as_ref().map(|s| &*s.0), dims, spec);
     (
         to_device::<B, 4>(out, [dims.batch, dims.heads, dims.seq, dims.value_dim], &like),
         to_device::<B, 3>(lse, [dims.batch, dims.heads, dims.seq], &like),
@@ -184,7 +248,7 @@ pub fn host_forward<B: burn::tensor::backend::Backend>(
 /// [`host_attention_backward`] on any backend's tensors: `(dq, dk, dv)` (the sinks are in
 /// the log-sum-exp already).
 #[allow(clippy::too_many_arguments)]
-pub fn host_backward<B: burn::tensor::backend::Backend>(
+pub fn host_backward<B: HostTensors>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -196,16 +260,16 @@ pub fn host_backward<B: burn::tensor::backend::Backend>(
     d_out: FloatTensor<B>,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let like = place_of::<B>(&q);
-    let (q, qd) = host::<B, 4>(q);
-    let (k, kd) = host::<B, 4>(k);
-    let (v, vd) = host::<B, 4>(v);
+    let (qh, qd) = B::host_f32::<4>(&q);
+    let (kh, kd) = B::host_f32::<4>(&k);
+    let (vh, vd) = B::host_f32::<4>(&v);
     let dims = AttentionDims::of(&qd, &kd, &vd);
-    let mask = mask.map(host::<B, 4>);
+    let mask = mask.as_ref().map(B::host_f32::<4>);
     let mask_ref = mask.as_ref().map(|(m, md)| HostMask::new(m, md, &dims));
-    let (out, _) = host::<B, 4>(out);
-    let (lse, _) = host::<B, 3>(lse);
-    let (d_out, _) = host::<B, 4>(d_out);
-    let (dq, dk, dv) = host_attention_backward(&q, &k, &v, mask_ref, dims, spec, &out, &lse, &d_out);
+    let (out, _) = B::host_f32::<4>(&out);
+    let (lse, _) = B::host_f32::<3>(&lse);
+    let (d_out, _) = B::host_f32::<4>(&d_out);
+    let (dq, dk, dv) = host_attention_backward(&qh, &kh, &vh, mask_ref, dims, spec, &out, &lse, &d_out);
     (
         to_device::<B, 4>(dq, qd, &like),
         to_device::<B, 4>(dk, kd, &like),
@@ -1154,6 +1218,22 @@ mod tests {
                 sinks: true,
             },
         ]
+    }
+
+    #[test]
+    fn ndarray_tensors_are_read_in_place_or_copied_in_logical_order() {
+        let t = tensor::<Cpu, 4>(random(2 * 3 * 4 * 5, 11, 1.0), [2, 3, 4, 5]);
+        let whole = prim(t.clone());
+        let (contiguous, dims) = Cpu::host_f32::<4>(&whole);
+        assert!(matches!(contiguous, Cow::Borrowed(_)), "a contiguous array is borrowed");
+        assert_eq!(dims, [2, 3, 4, 5]);
+        for strided in [t.clone().swap_dims(1, 2), t.clone().swap_dims(2, 3), t.narrow(3, 1, 3)] {
+            let expected = strided.clone().into_data().to_vec::<f32>().unwrap();
+            let primitive = prim(strided.clone());
+            let (values, dims) = Cpu::host_f32::<4>(&primitive);
+            assert_eq!(dims, strided.dims());
+            assert_eq!(&*values, &expected[..]);
+        }
     }
 
     #[test]
