@@ -5,12 +5,18 @@
 #      linear layers, AdamW, clip 1.0, every token a target; median of STEPS-1 timed steps.
 #   2. merge: `ember merge` of the PEFT-trained adapter vs `cp -r` of the same base folder.
 #   3. greedy generation with the KV cache: 128 new tokens after a 32-token prompt, batch 1.
-# Peak memory is max RSS from /usr/bin/time for both. Needs: python with torch, transformers, peft
+#   4. long context: the training step of 1 at seq 2048, batch 1 (LONG_STEPS steps).
+# With MLX_PYTHON=/path/to/python (pip install "mlx[cpu]" mlx-lm), mlx-lm's LoRA trainer joins
+# rows 1 (and 4 with MLX_LONG=1) on the same model: Austen's text cut to the sequence length,
+# MLX_STEPS steps (it is slow on this CPU: about 5 tokens/s, 2026-12-05).
+# Peak memory is max RSS from /usr/bin/time for all. Needs: python with torch, transformers, peft
 # (PYTHON=... to choose it). Quote the ratios, not the seconds: run it on a quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 STEPS="${STEPS:-21}"
+LONG_STEPS="${LONG_STEPS:-4}"
+MLX_STEPS="${MLX_STEPS:-3}"
 OUT=bench/out
 rm -rf "$OUT" && mkdir -p "$OUT"
 ./scripts/fetch_smollm2.sh
@@ -28,6 +34,40 @@ echo "== training step (seq 256, batch 4, $STEPS steps)"
 /usr/bin/time -f %M -o "$OUT/peft.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" --seq 256 --batch 4 \
     --steps "$STEPS" --adapter-out "$OUT/peft-adapter" > "$OUT/peft_step.log"
 e_tps=$(json tokens_per_s < "$OUT/ember_step.json"); p_tps=$(json tokens_per_s < "$OUT/peft_step.log")
+
+# mlx-lm's data: rows of Austen's text, each far longer than the sequence (cut by mlx-lm).
+mlx_data() {
+    mkdir -p "$OUT/mlx-data"
+    "$PYTHON" - "$OUT/mlx-data" <<'PY'
+import json, sys
+text = " ".join(json.loads(l).get("text", l) for l in open("datasets/austen/train.jsonl"))
+rows = [text[i:i + 60000] for i in range(0, min(len(text), 60000 * 20), 60000)]
+for name, part in (("train", rows), ("valid", [r[:3000] for r in rows[:4]])):
+    with open(f"{sys.argv[1]}/{name}.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": r}) + "\n" for r in part)
+PY
+}
+m_tps=""; m_rss=""
+if [ -n "${MLX_PYTHON:-}" ]; then
+    echo "== mlx-lm training step (seq 256, batch 4, $MLX_STEPS steps)"
+    mlx_data
+    /usr/bin/time -f %M -o "$OUT/mlx.rss" "$MLX_PYTHON" bench/mlx_reference.py "$OUT/base-hf" "$OUT/mlx-data" \
+        --seq 256 --batch 4 --steps "$MLX_STEPS" > "$OUT/mlx_step.log" 2> "$OUT/mlx_step.err"
+    m_tps=$(json tokens_per_s < "$OUT/mlx_step.log"); m_rss=$(rss_mib "$OUT/mlx.rss")
+fi
+
+echo "== long context: training step (seq 2048, batch 1, $LONG_STEPS steps)"
+/usr/bin/time -f %M -o "$OUT/ember_long.rss" "$BIN/examples/step_bench" "$OUT/base-hf" 2048 1 "$LONG_STEPS" 0 \
+    > "$OUT/ember_long.json"
+/usr/bin/time -f %M -o "$OUT/peft_long.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" --seq 2048 --batch 1 \
+    --steps "$LONG_STEPS" > "$OUT/peft_long.log"
+el_tps=$(json tokens_per_s < "$OUT/ember_long.json"); pl_tps=$(json tokens_per_s < "$OUT/peft_long.log")
+ml_tps=""; ml_rss=""
+if [ -n "${MLX_PYTHON:-}" ] && [ -n "${MLX_LONG:-}" ]; then
+    /usr/bin/time -f %M -o "$OUT/mlx_long.rss" "$MLX_PYTHON" bench/mlx_reference.py "$OUT/base-hf" "$OUT/mlx-data" \
+        --seq 2048 --batch 1 --steps "$MLX_STEPS" > "$OUT/mlx_long.log" 2> "$OUT/mlx_long.err"
+    ml_tps=$(json tokens_per_s < "$OUT/mlx_long.log"); ml_rss=$(rss_mib "$OUT/mlx_long.rss")
+fi
 
 echo "== merge vs cp"
 t0=$(date +%s.%N); cp -r "$OUT/base-hf" "$OUT/copy"; t1=$(date +%s.%N)
@@ -47,3 +87,17 @@ printf "| train peak RSS MiB | %s | %s | %.2f |\n" "$(rss_mib "$OUT/ember.rss")"
     "$(echo "$(cat "$OUT/ember.rss") / $(cat "$OUT/peft.rss")" | bc -l)"
 printf "| merge vs cp (speed) | %.2f s | %.2f s | %.2f |\n" "$merge_s" "$cp_s" "$(echo "$cp_s / $merge_s" | bc -l)"
 printf "| greedy tokens/s | %.1f | %.1f | %.2f |\n" "$e_gen" "$h_gen" "$(echo "$e_gen / $h_gen" | bc -l)"
+printf "| train tokens/s, seq 2048 x 1 | %.1f | %.1f | %.2f |\n" "$el_tps" "$pl_tps" "$(echo "$el_tps / $pl_tps" | bc -l)"
+printf "| train peak RSS MiB, seq 2048 x 1 | %s | %s | %.2f |\n" "$(rss_mib "$OUT/ember_long.rss")" \
+    "$(rss_mib "$OUT/peft_long.rss")" "$(echo "$(cat "$OUT/ember_long.rss") / $(cat "$OUT/peft_long.rss")" | bc -l)"
+if [ -n "$m_tps" ]; then
+    echo
+    echo "| mlx-lm (reference) | Ember | mlx-lm | Ember / mlx-lm |"
+    echo "|---|---:|---:|---:|"
+    printf "| train tokens/s, 256 x 4 | %.1f | %.1f | %.2f |\n" "$e_tps" "$m_tps" "$(echo "$e_tps / $m_tps" | bc -l)"
+    printf "| train peak RSS MiB, 256 x 4 | %s | %s | |\n" "$(rss_mib "$OUT/ember.rss")" "$m_rss"
+    if [ -n "$ml_tps" ]; then
+        printf "| train tokens/s, 2048 x 1 | %.1f | %.1f | %.2f |\n" "$el_tps" "$ml_tps" "$(echo "$el_tps / $ml_tps" | bc -l)"
+        printf "| train peak RSS MiB, 2048 x 1 | %s | %s | |\n" "$(rss_mib "$OUT/ember_long.rss")" "$ml_rss"
+    fi
+fi

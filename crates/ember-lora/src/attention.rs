@@ -82,7 +82,7 @@ impl AttentionDims {
             "attention: q {q:?}, k {k:?}, v {v:?} do not fit together"
         );
         assert!(
-            dims.kv_heads > 0 && dims.heads % dims.kv_heads == 0,
+            dims.kv_heads > 0 && dims.heads.is_multiple_of(dims.kv_heads),
             "attention: {} query heads over {} key/value heads",
             dims.heads,
             dims.kv_heads
@@ -164,7 +164,7 @@ impl HostTensors for burn::backend::NdArray<f32> {
         }
         let strides = view.strides().to_vec();
         let mut out = Vec::with_capacity(view.len());
-        if D > 0 && view.len() > 0 {
+        if D > 0 && !view.is_empty() {
             let inner = dims[D - 1];
             let mut index = [0usize; D];
             let base = view.as_ptr();
@@ -367,6 +367,45 @@ fn matmul(
     }
 }
 
+/// `eˣ` in f32 without a libm call, so that loops over score rows vectorise: Cephes' `expf`
+/// (`x = n·ln 2 + r`, `|r| ≤ ln2/2`, degree-6 polynomial, `2ⁿ` from the exponent bits; about
+/// 1 ulp), 0 below −87.3 (masked scores: the dtype minimum minus the row's maximum).
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest by adding 1.5·2²³ (no libm `floor` call, which would stop vectorising).
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.3, 88.0);
+    let n = (xc * LOG2_E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if x < -87.3 {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// `row[j] = e^(row[j] − shift)`; returns their sum (in 16 lanes, so that both loops vectorise).
+fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+    row.iter_mut().for_each(|x| *x = fast_exp(*x - shift));
+    let mut lanes = [0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    for chunk in &mut chunks {
+        lanes.iter_mut().zip(chunk).for_each(|(l, x)| *l += x);
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
 /// The keys query `i` may attend to under the causal rule (all keys without it).
 fn visible_keys(i: usize, dims: &AttentionDims, spec: &AttentionSpec) -> usize {
     if spec.causal {
@@ -488,11 +527,7 @@ pub fn host_attention_forward(
                         continue;
                     }
                     let max = sink.map_or(best, |s| s.max(best));
-                    let mut sum = sink.map_or(0.0, |s| (s - max).exp());
-                    for x in seen.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
+                    let sum = sink.map_or(0.0, |s| (s - max).exp()) + exp_shifted(seen, max);
                     let inv = 1.0 / sum;
                     seen.iter_mut().for_each(|x| *x *= inv);
                     lse_head[i0 + r] = max + sum.ln();
@@ -696,7 +731,7 @@ pub fn host_attention_backward(
                             seen.fill(0.0);
                             fallback.push(i0 + r);
                         } else {
-                            seen.iter_mut().for_each(|x| *x = (*x - lse_row).exp());
+                            exp_shifted(seen, lse_row);
                         }
                     }
                     let d_out_block = &d_out_head[i0 * value_dim..];
@@ -1218,6 +1253,26 @@ mod tests {
                 sinks: true,
             },
         ]
+    }
+
+    #[test]
+    fn fast_exp_is_within_two_ulp_of_libm_and_zero_for_masked_scores() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (fast, exact) = (fast_exp(x), x.exp());
+            assert!(
+                (fast - exact).abs() <= 2.0 * f32::EPSILON * exact,
+                "e^{x}: {fast} vs {exact}"
+            );
+            x += 0.0137;
+        }
+        assert_eq!(fast_exp(f32::MIN), 0.0);
+        assert_eq!(fast_exp(-1e30), 0.0);
+        assert_eq!(fast_exp(0.0), 1.0);
+        let mut row: Vec<f32> = (0..37).map(|i| i as f32 * 0.1).collect();
+        let sum = exp_shifted(&mut row, 1.0);
+        let exact: f32 = (0..37).map(|i| (i as f32 * 0.1 - 1.0).exp()).sum();
+        assert!((sum - exact).abs() <= 1e-5 * exact, "{sum} vs {exact}");
     }
 
     #[test]
