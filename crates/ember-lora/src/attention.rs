@@ -406,6 +406,33 @@ fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
     lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
+/// Whether skipping the causally hidden keys of query `i` could change its row: eager attention
+/// adds the mask minimum to their scores, which hides them only while no score comes near
+/// `1e37` in size (a diverging run's). By Cauchy–Schwarz `|q·k|·scale ≤ |q|·max|k|·scale`;
+/// rows past that bound are attended over all keys as eager attention does ([`FullRow`]).
+fn may_see_hidden_keys(
+    q_head: &[f32],
+    i: usize,
+    max_key_norm: f32,
+    dims: &AttentionDims,
+    spec: &AttentionSpec,
+) -> bool {
+    if !spec.causal || spec.softcap.is_some() {
+        return false;
+    }
+    let q = &q_head[i * dims.head_dim..(i + 1) * dims.head_dim];
+    let q_norm = q.iter().map(|x| x * x).sum::<f32>().sqrt();
+    !(q_norm * max_key_norm * spec.scale.abs() < 1e37)
+}
+
+/// The largest key norm of one head.
+fn max_key_norm(k_head: &[f32], head_dim: usize) -> f32 {
+    k_head
+        .chunks_exact(head_dim)
+        .map(|k| k.iter().map(|x| x * x).sum::<f32>().sqrt())
+        .fold(0.0, |a: f32, n| if n.is_nan() { f32::NAN } else { a.max(n) })
+}
+
 /// The keys query `i` may attend to under the causal rule (all keys without it).
 fn visible_keys(i: usize, dims: &AttentionDims, spec: &AttentionSpec) -> usize {
     if spec.causal {
@@ -464,8 +491,8 @@ fn block_scores(
 }
 
 /// The forward pass on host buffers: the output `[batch, heads, seq, value_dim]` and each
-/// row's log-sum-exp `[batch, heads, seq]` (sink included; `+∞` for a row whose every score is
-/// `−∞`, whose output is 0).
+/// row's log-sum-exp `[batch, heads, seq]` (sink included; NaN, as eager softmax, for a row
+/// whose every score is `−∞`).
 ///
 /// # Shapes
 /// - `q`: `[batch, heads, seq, head_dim]`; `k`: `[batch, kv_heads, keys, head_dim]`;
@@ -510,6 +537,7 @@ pub fn host_attention_forward(
             let sink = sinks.map(|s| s[h]);
             let mut scores = vec![0f32; BLOCK_ROWS.min(seq) * keys];
             let mut fallback = Vec::new();
+            let key_norm = max_key_norm(k_head, head_dim);
             for i0 in (0..seq).step_by(BLOCK_ROWS) {
                 let rows = BLOCK_ROWS.min(seq - i0);
                 let width = visible_keys(i0 + rows - 1, &dims, &spec);
@@ -521,7 +549,7 @@ pub fn host_attention_forward(
                     let (seen, hidden) = row.split_at_mut(visible);
                     hidden.fill(0.0);
                     let best = seen.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                    if best < FULLY_MASKED {
+                    if best < FULLY_MASKED || may_see_hidden_keys(q_head, i0 + r, key_norm, &dims, &spec) {
                         seen.fill(0.0);
                         fallback.push(i0 + r);
                         continue;
@@ -602,7 +630,10 @@ impl FullRow {
             .fold(sink.unwrap_or(f32::NEG_INFINITY), |a, &x| a.max(x));
         out.fill(0.0);
         if max == f32::NEG_INFINITY {
-            return f32::INFINITY;
+            // Every score −∞ (overflowed scores of a diverging run): eager softmax gives NaN,
+            // and so does this, so that the divergence shows.
+            out.fill(f32::NAN);
+            return f32::NAN;
         }
         let mut sum = sink.map_or(0.0, |s| (s - max).exp());
         for (j, &x) in self.scores.iter().enumerate() {
@@ -621,7 +652,7 @@ impl FullRow {
         &self,
         k_head: &[f32],
         v_head: &[f32],
-        (lse, delta): (f32, f32),
+        delta: f32,
         d_out: &[f32],
         dims: &AttentionDims,
         spec: &AttentionSpec,
@@ -636,7 +667,8 @@ impl FullRow {
         // log-sum-exp, so these rows have none.)
         let max = self.scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
         let sum: f32 = self.scores.iter().map(|&x| (x - max).exp()).sum();
-        if lse == f32::INFINITY || max == f32::NEG_INFINITY {
+        if max == f32::NEG_INFINITY {
+            // Not reached: such a row's log-sum-exp is NaN (see `forward`), not below FULLY_MASKED.
             return;
         }
         for (j, (&x, &slope)) in self.scores.iter().zip(&self.slope).enumerate() {
@@ -705,6 +737,7 @@ pub fn host_attention_backward(
                 let mut d_scores = vec![0f32; strip];
                 let mut slope = vec![0f32; if spec.softcap.is_some() { strip } else { 0 }];
                 let mut fallback = Vec::new();
+                let key_norm = max_key_norm(k_head, head_dim);
                 for i0 in (0..seq).step_by(BLOCK_ROWS) {
                     let rows = BLOCK_ROWS.min(seq - i0);
                     let width = visible_keys(i0 + rows - 1, &dims, &spec);
@@ -726,7 +759,7 @@ pub fn host_attention_backward(
                         let lse_row = lse_head[i0 + r];
                         let (seen, hidden) = probs[r * width..(r + 1) * width].split_at_mut(visible);
                         hidden.fill(0.0);
-                        if lse_row < FULLY_MASKED {
+                        if lse_row < FULLY_MASKED || may_see_hidden_keys(q_head, i0 + r, key_norm, &dims, &spec) {
                             // Done over all keys below (its log-sum-exp is the minimum's order).
                             seen.fill(0.0);
                             fallback.push(i0 + r);
@@ -802,17 +835,7 @@ pub fn host_attention_backward(
                         let o = &out_head[i * value_dim..(i + 1) * value_dim];
                         let delta: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
                         let dq_row = &mut dq_head[i * head_dim..(i + 1) * head_dim];
-                        row.backward(
-                            k_head,
-                            v_head,
-                            (lse_head[i], delta),
-                            g,
-                            &dims,
-                            &spec,
-                            dq_row,
-                            dk_head,
-                            dv_head,
-                        );
+                        row.backward(k_head, v_head, delta, g, &dims, &spec, dq_row, dk_head, dv_head);
                     }
                 }
             });

@@ -19,6 +19,12 @@ use crate::optim::{clip_global_norm, AdamW};
 /// runs have norms of 1e-2 to 1e1 at such losses; saturated ones fall to ~1e-7.
 pub const VANISHED_GRADIENT: f64 = 1e-5;
 
+/// A global gradient norm above this counts as exploded, five orders of magnitude above
+/// healthy runs. (A saturated softmax's gradient vanished under burn's composed softmax
+/// backward; the fused attention's direct formula, as PyTorch's, lets it explode instead:
+/// a run at learning rate 1e6 reaches 8e6 at its third step.)
+pub const EXPLODED_GRADIENT: f64 = 1e6;
+
 /// Inner (non-autodiff) backend of `B`.
 pub type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
@@ -142,10 +148,13 @@ impl<B: EmberAutodiffBackend> Trainer<B> {
             });
         }
         let grad_norm = clip_global_norm(&mut grads, self.max_grad_norm);
-        // A gradient that is NaN, or that has all but vanished while the loss is far from 0,
-        // means the adapters have blown the activations up (normalisation layers then pass
-        // almost no gradient): the run has diverged and further steps change nothing.
-        if !grad_norm.is_finite() || (grad_norm < VANISHED_GRADIENT && loss_total > 0.5) {
+        // A gradient that is NaN, that has exploded, or that has all but vanished while the loss
+        // is far from 0, means the adapters have blown the activations up (normalisation layers
+        // then pass almost no gradient): the run has diverged and further steps change nothing.
+        if !grad_norm.is_finite()
+            || grad_norm > EXPLODED_GRADIENT
+            || (grad_norm < VANISHED_GRADIENT && loss_total > 0.5)
+        {
             return Err(TrainError::Diverged {
                 step: step + 1,
                 loss: loss_total,
