@@ -422,7 +422,9 @@ fn may_see_hidden_keys(
     }
     let q = &q_head[i * dims.head_dim..(i + 1) * dims.head_dim];
     let q_norm = q.iter().map(|x| x * x).sum::<f32>().sqrt();
-    !(q_norm * max_key_norm * spec.scale.abs() < 1e37)
+    let bound = q_norm * max_key_norm * spec.scale.abs();
+    // NaN (a NaN query or key) counts as "may": the exact path then propagates it.
+    bound.is_nan() || bound >= 1e37
 }
 
 /// The largest key norm of one head.
