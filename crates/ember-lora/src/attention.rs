@@ -19,11 +19,11 @@
 use std::borrow::Cow;
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Tensor, TensorData};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::quant::EmberBackend;
+use crate::quant::{float, EmberBackend};
 
 /// Query rows per block of the CPU kernels.
 const BLOCK_ROWS: usize = 64;
@@ -93,10 +93,6 @@ impl AttentionDims {
     fn groups(&self) -> usize {
         self.heads / self.kv_heads
     }
-}
-
-fn float<B: burn::tensor::backend::Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 fn prim<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {

@@ -818,7 +818,7 @@ fn device_dequantize<B: Backend>(w: &QuantMatrix, device: &B::Device) -> Tensor<
     }
 }
 
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
@@ -955,59 +955,40 @@ impl<B> EmberAutodiffBackend for B where
 {
 }
 
-/// CPU: the fused host kernels for quantized weights and attention.
-impl EmberBackend for burn::backend::NdArray<f32> {
-    fn fused_attention_forward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        mask: Option<FloatTensor<Self>>,
-        sinks: Option<FloatTensor<Self>>,
-        spec: AttentionSpec,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        host_forward::<Self>(q, k, v, mask, sinks, spec)
-    }
-    fn fused_attention_backward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        mask: Option<FloatTensor<Self>>,
-        sinks: Option<FloatTensor<Self>>,
-        spec: AttentionSpec,
-        out: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        d_out: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        host_backward::<Self>(q, k, v, mask, sinks, spec, out, lse, d_out)
-    }
+/// The CPU backends: the fused host kernels for quantized weights (the trait's defaults) and
+/// attention.
+macro_rules! host_ember_backend {
+    ($($backend:ty),*) => {$(
+        impl EmberBackend for $backend {
+            fn fused_attention_forward(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                mask: Option<FloatTensor<Self>>,
+                sinks: Option<FloatTensor<Self>>,
+                spec: AttentionSpec,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                host_forward::<Self>(q, k, v, mask, sinks, spec)
+            }
+
+            fn fused_attention_backward(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                mask: Option<FloatTensor<Self>>,
+                sinks: Option<FloatTensor<Self>>,
+                spec: AttentionSpec,
+                out: FloatTensor<Self>,
+                lse: FloatTensor<Self>,
+                d_out: FloatTensor<Self>,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                host_backward::<Self>(q, k, v, mask, sinks, spec, out, lse, d_out)
+            }
+        }
+    )*};
 }
 
-/// CPU: the fused host kernels for quantized weights and attention.
-impl EmberBackend for burn::backend::Flex {
-    fn fused_attention_forward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        mask: Option<FloatTensor<Self>>,
-        sinks: Option<FloatTensor<Self>>,
-        spec: AttentionSpec,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        host_forward::<Self>(q, k, v, mask, sinks, spec)
-    }
-    fn fused_attention_backward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        mask: Option<FloatTensor<Self>>,
-        sinks: Option<FloatTensor<Self>>,
-        spec: AttentionSpec,
-        out: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        d_out: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        host_backward::<Self>(q, k, v, mask, sinks, spec, out, lse, d_out)
-    }
-}
+host_ember_backend!(burn::backend::NdArray<f32>, burn::backend::Flex);
 
 #[cfg(feature = "wgpu")]
 impl EmberBackend for burn::backend::Wgpu {
