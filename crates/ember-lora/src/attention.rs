@@ -367,7 +367,7 @@ fn matmul(
 /// (`x = n·ln 2 + r`, `|r| ≤ ln2/2`, degree-6 polynomial, `2ⁿ` from the exponent bits; about
 /// 1 ulp), 0 below −87.3 (masked scores: the dtype minimum minus the row's maximum).
 #[inline(always)]
-fn fast_exp(x: f32) -> f32 {
+pub(crate) fn fast_exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

@@ -20,6 +20,7 @@ pub mod attention;
 pub mod config;
 mod error;
 pub mod expert;
+pub mod fused;
 mod linear;
 pub mod merge;
 pub mod quant;
@@ -30,4 +31,6 @@ pub use config::{FusedMoeTargets, InitLoraWeights, LoraConfig, ModuleLora, MoeTa
 pub use error::{LoraError, Result};
 pub use expert::ExpertLoraLayout;
 pub use linear::{linear, matmul_layout, FrozenWeight, LoraAdapter, LoraLinear};
-pub use quant::{EmberAutodiffBackend, EmberBackend, QuantFormat, QuantMatrix, QuantizedWeight, SharedBytes};
+pub use quant::{
+    is_tracked, EmberAutodiffBackend, EmberBackend, QuantFormat, QuantMatrix, QuantizedWeight, SharedBytes,
+};

@@ -29,6 +29,11 @@ use crate::attention::{
     device_attention_backward, device_attention_forward, host_backward, host_forward, AttentionSpec,
 };
 use crate::error::{LoraError, Result};
+use crate::fused::{
+    device_cross_entropy, device_rms_norm, device_rms_norm_backward, device_rope, device_swiglu,
+    device_swiglu_backward, host_cross_entropy, host_rms_norm, host_rms_norm_grad, host_rope, host_swiglu,
+    host_swiglu_grad, CrossEntropySpec, RotaryPairs,
+};
 
 /// bitsandbytes' NF4 code book (`get_4bit_type("nf4")`): the 16 levels of QLoRA's 4-bit
 /// NormalFloat, quantiles of N(0, 1) scaled to [−1, 1] with an exact zero.
@@ -879,6 +884,13 @@ pub fn device_quant_input_grad<B: Backend>(g: FloatTensor<B>, w: &QuantMatrix) -
 /// with a quantized frozen weight. CPU backends use the fused kernels of [`QuantMatrix`]
 /// (the defaults); GPU backends dequantize on the device; `Autodiff<B>` adds the backward pass.
 pub trait EmberBackend: Backend {
+    /// Whether `t` is recorded in an autodiff graph: a leaf that requires a gradient or anything
+    /// computed from one (burn's `is_require_grad` is true for such leaves only).
+    fn is_tracked(t: &FloatTensor<Self>) -> bool {
+        let _ = t;
+        false
+    }
+
     /// `x·deq(W)ᵀ`.
     ///
     /// # Shapes
@@ -942,6 +954,75 @@ pub trait EmberBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         device_attention_backward::<Self>(q, k, v, mask, sinks, spec, out, lse, d_out)
     }
+
+    /// RMSNorm over the last dimension (see [`crate::fused::rms_norm`]). Default: burn's ops.
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, dim]`; `weight`: `[dim]`; output: `[rows, dim]`
+    fn fused_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        device_rms_norm::<Self>(x, weight, eps)
+    }
+
+    /// `∂x` of [`EmberBackend::fused_rms_norm`] from the output's gradient. Default: burn's ops.
+    fn fused_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        d_out: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        device_rms_norm_backward::<Self>(x, weight, eps, d_out)
+    }
+
+    /// Rotary embedding (see [`crate::fused::rope`]), or with `transpose` its adjoint (the
+    /// backward pass). Default: burn's ops.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, heads, seq, head_dim]`; `cos`, `sin`: `[batch or 1, 1, seq, rotary]`
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        pairs: RotaryPairs,
+        transpose: bool,
+    ) -> FloatTensor<Self> {
+        device_rope::<Self>(x, cos, sin, pairs, transpose)
+    }
+
+    /// `silu(gate)·up` (see [`crate::fused::swiglu`]). Default: burn's ops.
+    ///
+    /// # Shapes
+    /// - `gate`, `up`: `[n]`; output: `[n]`
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        device_swiglu::<Self>(gate, up)
+    }
+
+    /// `(∂gate, ∂up)` of [`EmberBackend::fused_swiglu`]. Default: burn's ops.
+    fn fused_swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        device_swiglu_backward::<Self>(gate, up, d_out)
+    }
+
+    /// Each row's `logsumexp(z) − z[y]` and, with `spec.gradient`, its gradient with respect
+    /// to the logits (see [`crate::fused::device_cross_entropy`]); outside any autodiff graph.
+    /// Default: burn's ops.
+    ///
+    /// # Shapes
+    /// - `logits`: `[rows, vocab]`; `targets`: host `[rows]`; output: `[rows]`, `[rows, vocab]`
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: &[i64],
+        spec: CrossEntropySpec,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        device_cross_entropy::<Self>(logits, targets, spec)
+    }
+}
+
+/// Whether `t` is recorded in an autodiff graph (see [`EmberBackend::is_tracked`]).
+pub fn is_tracked<B: EmberBackend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    B::is_tracked(&t.clone().into_primitive().tensor())
 }
 
 /// An autodiff backend whose inner backend has Ember's operations too (what training needs).
@@ -984,6 +1065,49 @@ macro_rules! host_ember_backend {
             ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
                 host_backward::<Self>(q, k, v, mask, sinks, spec, out, lse, d_out)
             }
+
+            fn fused_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+                host_rms_norm::<Self>(x, weight, eps)
+            }
+
+            fn fused_rms_norm_backward(
+                x: FloatTensor<Self>,
+                weight: FloatTensor<Self>,
+                eps: f64,
+                d_out: FloatTensor<Self>,
+            ) -> FloatTensor<Self> {
+                host_rms_norm_grad::<Self>(x, weight, eps, d_out)
+            }
+
+            fn fused_rope(
+                x: FloatTensor<Self>,
+                cos: FloatTensor<Self>,
+                sin: FloatTensor<Self>,
+                pairs: RotaryPairs,
+                transpose: bool,
+            ) -> FloatTensor<Self> {
+                host_rope::<Self>(x, cos, sin, pairs, transpose)
+            }
+
+            fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+                host_swiglu::<Self>(gate, up)
+            }
+
+            fn fused_swiglu_backward(
+                gate: FloatTensor<Self>,
+                up: FloatTensor<Self>,
+                d_out: FloatTensor<Self>,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                host_swiglu_grad::<Self>(gate, up, d_out)
+            }
+
+            fn fused_cross_entropy(
+                logits: FloatTensor<Self>,
+                targets: &[i64],
+                spec: CrossEntropySpec,
+            ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+                host_cross_entropy::<Self>(logits, targets, spec)
+            }
         }
     )*};
 }
@@ -1023,6 +1147,7 @@ mod autodiff {
 
     use super::{EmberBackend, QuantMatrix};
     use crate::attention::AttentionSpec;
+    use crate::fused::{CrossEntropySpec, RotaryPairs};
 
     /// The backward pass of [`EmberBackend::quant_linear`]: `∂L/∂x = g·deq(W)`, dequantizing
     /// again; the only state kept is the (shared) quantized weight. No weight gradient: the
@@ -1040,6 +1165,10 @@ mod autodiff {
     }
 
     impl<B: EmberBackend, C: CheckpointStrategy> EmberBackend for Autodiff<B, C> {
+        fn is_tracked(t: &FloatTensor<Self>) -> bool {
+            !t.node.requirement.is_none()
+        }
+
         fn quant_linear(x: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self> {
             match QuantLinearBackward
                 .prepare::<C>([x.node.clone()])
@@ -1110,6 +1239,34 @@ mod autodiff {
                 Self::inner(d_out),
             );
             (Self::from_inner(dq), Self::from_inner(dk), Self::from_inner(dv))
+        }
+
+        fn fused_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+            crate::fused::autodiff::rms_norm::<B, C>(x, weight, eps)
+        }
+
+        fn fused_rope(
+            x: FloatTensor<Self>,
+            cos: FloatTensor<Self>,
+            sin: FloatTensor<Self>,
+            pairs: RotaryPairs,
+            transpose: bool,
+        ) -> FloatTensor<Self> {
+            crate::fused::autodiff::rope::<B, C>(x, cos, sin, pairs, transpose)
+        }
+
+        fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+            crate::fused::autodiff::swiglu::<B, C>(gate, up)
+        }
+
+        // Outside the graph only (the loss's hand-made gradient).
+        fn fused_cross_entropy(
+            logits: FloatTensor<Self>,
+            targets: &[i64],
+            spec: CrossEntropySpec,
+        ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+            let (nll, grad) = B::fused_cross_entropy(Self::inner(logits), targets, spec);
+            (Self::from_inner(nll), grad.map(Self::from_inner))
         }
     }
 }

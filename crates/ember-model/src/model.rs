@@ -59,9 +59,7 @@ impl<B: EmberBackend> RmsNorm<B> {
     /// - `x`: `[..., dim]`
     /// - output: same as `x`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
-        let normed = x * variance.add_scalar(self.eps).sqrt().recip();
-        normed * self.weight.val().unsqueeze::<D>()
+        ember_lora::fused::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -573,7 +571,22 @@ impl<B: EmberBackend> Mlp<B> {
                 (both.clone().narrow(2, 0, inter), both.narrow(2, inter, inter))
             }
         };
-        self.down_proj.forward(activate(gate, self.act) * up)
+        self.down_proj.forward(gated(gate, up, self.act))
+    }
+}
+
+/// `act(gate)·up`: one fused op for SiLU (SwiGLU), burn's ops for the GeLUs.
+///
+/// # Shapes
+/// - `gate`, `up`: the same shape; output: that shape
+pub(crate) fn gated<B: EmberBackend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+    act: Activation,
+) -> Tensor<B, D> {
+    match act {
+        Activation::Silu => ember_lora::fused::swiglu(gate, up),
+        _ => activate(gate, act) * up,
     }
 }
 
@@ -665,7 +678,7 @@ impl<B: EmberBackend> PerLayerInputBlock<B> {
     /// - `input`: this layer's slice, `[batch, seq, width]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, input: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = activate(self.gate.forward(x.clone()), self.act) * input;
+        let h = gated(self.gate.forward(x.clone()), input, self.act);
         x + self.norm.forward(self.projection.forward(h))
     }
 }

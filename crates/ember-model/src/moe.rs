@@ -16,7 +16,7 @@ use ember_lora::{EmberBackend, LoraLinear};
 
 use crate::config::{DecoderConfig, ExpertActivation, GroupScores, MoeConfig, MoeLayout, Routing};
 use crate::error::Result;
-use crate::model::{activate, Mlp};
+use crate::model::{gated, Mlp};
 use crate::weights::Weights;
 
 /// One expert's gated MLP: two frozen linear layers in `nn.Linear` layout (`y = x·Wᵀ + b`),
@@ -40,7 +40,7 @@ impl<B: EmberBackend> Expert<B> {
         let gate = gate_up.clone().narrow(1, 0, inter);
         let up = gate_up.narrow(1, inter, inter);
         let hidden = match activation {
-            ExpertActivation::Gated(act) => activate(gate, act) * up,
+            ExpertActivation::Gated(act) => gated(gate, up, act),
             ExpertActivation::ClampedSwiGlu { alpha, limit } => {
                 let gate = gate.clamp_max(limit as f32);
                 let up = up.clamp(-limit as f32, limit as f32);

@@ -7,6 +7,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
 use crate::config::{RopeConfig, RopeScaling};
+use ember_lora::fused::RotaryPairs;
+use ember_lora::EmberBackend;
 
 /// What a layer needs to build its cos/sin tables.
 #[derive(Debug, Clone, PartialEq)]
@@ -191,40 +193,21 @@ impl<B: Backend> RopeTables<B> {
         }
         Self { cos, sin, interleaved }
     }
+}
 
-    /// Rotates the first `rotary_dim` dimensions of each head; the rest pass through.
+impl<B: EmberBackend> RopeTables<B> {
+    /// Rotates the first `rotary_dim` dimensions of each head; the rest pass through (one
+    /// fused op with its own backward, [`ember_lora::fused::rope`]).
     ///
     /// # Shapes
     /// - `x`: `[batch, heads, seq, head_dim]`
     /// - output: same as `x`
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [batch, heads, seq, head_dim] = x.dims();
-        let rotary = self.cos.dims()[3];
-        let (rot, pass) = if rotary < head_dim {
-            (
-                x.clone().narrow(3, 0, rotary),
-                Some(x.narrow(3, rotary, head_dim - rotary)),
-            )
+        let pairs = if self.interleaved {
+            RotaryPairs::Interleaved
         } else {
-            (x, None)
+            RotaryPairs::Halves
         };
-        let half = rotary / 2;
-        let rotated = if self.interleaved {
-            // (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
-            let pairs = rot.clone().reshape([batch, heads, seq, half, 2]);
-            let x1 = pairs.clone().narrow(4, 0, 1);
-            let x2 = pairs.narrow(4, 1, 1);
-            Tensor::cat(vec![x2.neg(), x1], 4).reshape([batch, heads, seq, rotary])
-        } else {
-            let x1 = rot.clone().narrow(3, 0, half);
-            let x2 = rot.clone().narrow(3, half, half);
-            Tensor::cat(vec![x2.neg(), x1], 3)
-        };
-        let out = rot * self.cos.clone() + rotated * self.sin.clone();
-        match pass {
-            Some(pass) => Tensor::cat(vec![out, pass], 3),
-            None => out,
-        }
-        .reshape([batch, heads, seq, head_dim])
+        ember_lora::fused::rope(x, self.cos.clone(), self.sin.clone(), pairs)
     }
 }

@@ -74,6 +74,8 @@ fn bench<B: ember_lora::EmberAutodiffBackend>(dtype: BaseDtype) -> Run {
         target_modules: TargetModules::Pattern("all-linear".into()),
         ..Default::default()
     };
+    // a fixed seed: LoRA A starts the same in every run, so that runs compare loss for loss
+    B::seed(&device, 0);
     let report = model.attach_lora(&config, &device)?;
     eprintln!("{report}");
     let vocab = model.config().vocab_size as u32;
@@ -108,9 +110,10 @@ fn bench<B: ember_lora::EmberAutodiffBackend>(dtype: BaseDtype) -> Run {
             first_loss = stats.loss;
         }
         eprintln!(
-            "step {step}: {t:.2} s, loss {:.4}, {:.0} tok/s",
+            "step {step}: {t:.2} s, loss {:.4}, {:.0} tok/s, grad norm {:.6}",
             stats.loss,
-            (seq * batch) as f64 / t
+            (seq * batch) as f64 / t,
+            stats.grad_norm
         );
     }
     times.remove(0);

@@ -9,15 +9,18 @@
 
 use burn::tensor::activation::log_softmax;
 
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
-use ember_lora::{EmberBackend, FrozenWeight};
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+use ember_lora::fused::CrossEntropySpec;
+use ember_lora::{is_tracked, EmberBackend, FrozenWeight};
 use ember_model::CausalLm;
 
 use crate::data::IGNORE;
 
-/// Logits computed at once by the chunked loss: 4 Mi values (16 MB in f32), few enough that the
-/// allocator reuses one buffer from chunk to chunk instead of mapping fresh pages each time.
-const CHUNK_LOGITS: usize = 1 << 22;
+/// Logits computed at once by the chunked loss: 16 Mi values (64 MB in f32). Fewer, larger
+/// chunks matter for speed: each chunk's head matmuls repack the whole `[vocab, hidden]` weight,
+/// so SmolLM2's 1024 tokens in 12 chunks of 85 rows (4 Mi values) spent 0.96 s per step in them
+/// against 0.56 s in 3 chunks and 0.44 s in one (bench/README.md).
+const CHUNK_LOGITS: usize = 1 << 24;
 
 /// The positions whose next token is a target, with those targets and their batch rows.
 struct Targets {
@@ -90,7 +93,7 @@ pub fn target_log_probs<B: EmberBackend>(
 /// # Shapes
 /// - `picked`: `[targets, hidden]`; output: `[targets]`
 fn log_probs_of_picked<B: EmberBackend>(model: &CausalLm<B>, targets: &Targets, picked: Tensor<B, 2>) -> Tensor<B, 1> {
-    if model.frozen_lm_head_weight().is_some() && !picked.is_require_grad() {
+    if model.frozen_lm_head_weight().is_some() && !is_tracked(&picked) {
         return chunked_nll(model, picked, &targets.tokens, None, chunk_rows(model))
             .0
             .neg();
@@ -119,7 +122,7 @@ pub fn target_loss_sum<B: EmberBackend>(model: &CausalLm<B>, hidden: Tensor<B, 3
     }
     let picked = targets.pick(hidden);
     match model.frozen_lm_head_weight() {
-        Some(head) if picked.is_require_grad() => {
+        Some(head) if is_tracked(&picked) => {
             frozen_head_loss_sum(model, picked, &targets.tokens, head, chunk_rows(model))
         }
         _ => log_probs_of_picked(model, &targets, picked).sum().neg(),
@@ -180,37 +183,22 @@ fn chunked_nll<B: EmberBackend>(
     rows: usize,
 ) -> (Tensor<B, 1>, Option<Tensor<B, 2>>) {
     let [n, _] = hidden.dims();
-    let device = hidden.device();
     let rows = rows.clamp(1, n);
     let softcap = model.config().final_softcap;
     let mut nll = Vec::new();
     let mut grads = Vec::new();
+    let spec = CrossEntropySpec {
+        softcap: softcap.map(|cap| cap as f32),
+        gradient: head.is_some(),
+    };
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
-        let chunk = tokens[start..start + len].to_vec();
-        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(chunk, [len, 1]), &device);
         let logits = model.lm_head_logits(hidden.clone().narrow(0, start, len));
-        // ∂z/∂(pre-cap logits) = 1 − tanh², tanh = z/cap, under a final softcap.
-        let cap_slope = match (&head, softcap) {
-            (Some(_), Some(cap)) => {
-                let tanh = logits.clone().div_scalar(cap);
-                Some(tanh.clone().mul(tanh).neg().add_scalar(1.0))
-            }
-            _ => None,
-        };
-        let target_logit = logits.clone().gather(1, targets.clone());
-        let max = logits.clone().max_dim(1);
-        // The logits are not needed past here: shifted and exponentiated in their own buffer.
-        let exp = logits.sub(max.clone()).exp();
-        let total = exp.clone().sum_dim(1);
-        nll.push(total.clone().log().add(max).sub(target_logit).reshape([len]));
-        if let Some(head) = head {
-            let minus_one = Tensor::<B, 2>::full([len, 1], -1.0, &device);
-            let mut dz = exp.div(total).scatter(1, targets, minus_one, IndexingUpdateOp::Add);
-            if let Some(slope) = cap_slope {
-                dz = dz.mul(slope);
-            }
-            grads.push(head.input_grad(dz));
+        let (chunk_nll, dz) =
+            B::fused_cross_entropy(logits.into_primitive().tensor(), &tokens[start..start + len], spec);
+        nll.push(Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(chunk_nll)));
+        if let (Some(head), Some(dz)) = (head, dz) {
+            grads.push(head.input_grad(Tensor::from_primitive(TensorPrimitive::Float(dz))));
         }
     }
     let nll = Tensor::cat(nll, 0);

@@ -1,0 +1,983 @@
+//! Fused row-wise operations with their own backward pass: RMSNorm, rotary position embedding
+//! and the SwiGLU product; and the loss's softmax cross-entropy with its gradient.
+//!
+//! Composed from burn's tensor ops, each of these is a chain of passes over the activations
+//! forward (RMSNorm: square, mean, add, sqrt, reciprocal, two products) and a longer one backward,
+//! where autodiff also fills zero and one tensors for `narrow`, `cat` and `mean_dim` (RoPE's
+//! halves, RMSNorm's mean). As one op each they read their inputs once per pass and keep only
+//! their inputs for the backward pass. On the CPU backends both passes are host kernels
+//! parallel over rows ([`host_rms_norm`], [`host_rope`], [`host_swiglu`] and their
+//! backward); GPU backends compose burn's ops with the direct backward formulas
+//! ([`device_rms_norm`], [`device_rope`], [`device_swiglu`]).
+//!
+//! Constants of the frozen base (the norm weight, the rotary tables) get no gradient.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::attention::HostTensors;
+use crate::quant::{float, EmberBackend};
+
+/// Elements per parallel task of the host kernels (smaller tensors run on one thread).
+const TASK_ELEMENTS: usize = 1 << 14;
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// Rows of `dim` values per parallel task.
+fn task_rows(dim: usize) -> usize {
+    (TASK_ELEMENTS / dim.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// `x / √(mean(x²) + ε) · weight` over the last dimension, differentiable in `x` (the weight is
+/// a constant: the frozen base's).
+///
+/// # Shapes
+/// - `x`: `[..., dim]`; `weight`: `[dim]`; output: as `x`
+pub fn rms_norm<B: EmberBackend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+    let dims = x.dims();
+    let dim = dims[D - 1];
+    let rows = dims[..D - 1].iter().product();
+    let weight = prim(weight.cast(x.dtype()).detach());
+    float::<B, 2>(B::fused_rms_norm(prim(x.reshape([rows, dim])), weight, eps)).reshape(dims)
+}
+
+/// [`rms_norm`] composed from burn's ops, in the order the model's eager code had them.
+///
+/// # Shapes
+/// - `x`: `[rows, dim]`; `weight`: `[dim]`; output: `[rows, dim]`
+pub fn device_rms_norm<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+    let x = float::<B, 2>(x);
+    let variance = x.clone().powi_scalar(2).mean_dim(1);
+    let normed = x * variance.add_scalar(eps).sqrt().recip();
+    prim(normed * float::<B, 1>(weight).unsqueeze::<2>())
+}
+
+/// `∂x` of [`rms_norm`]: with `r = 1/√(mean(x²) + ε)` and `h = g·w`,
+/// `∂x = r·h − x·r³·mean(h·x)`.
+///
+/// # Shapes
+/// - `x`, `d_out`: `[rows, dim]`; `weight`: `[dim]`; output: `[rows, dim]`
+pub fn device_rms_norm_backward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f64,
+    d_out: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let x = float::<B, 2>(x);
+    let h = float::<B, 2>(d_out) * float::<B, 1>(weight).unsqueeze::<2>();
+    let r = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt().recip();
+    let dot = (h.clone() * x.clone()).mean_dim(1);
+    let r3 = r.clone().powi_scalar(3);
+    prim(h * r - x * (r3 * dot))
+}
+
+/// `Σ values` in 16 lanes (so that the loop vectorises).
+fn lane_sum(values: impl Iterator<Item = f32>) -> f32 {
+    let mut lanes = [0f32; 16];
+    for (i, v) in values.enumerate() {
+        lanes[i & 15] += v;
+    }
+    lanes.iter().sum()
+}
+
+/// `1/√(mean(x²) + ε)` of one row.
+fn inverse_rms(row: &[f32], eps: f64) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (lane, x) in lanes.iter_mut().zip(chunk) {
+            *lane += x * x;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|x| x * x).sum();
+    let variance = (lanes.iter().sum::<f32>() + tail) / row.len() as f32;
+    1.0 / (variance + eps as f32).sqrt()
+}
+
+/// [`rms_norm`] on contiguous host rows.
+///
+/// # Shapes
+/// - `x`: `[rows·dim]`; `weight`: `[dim]`; output: `[rows·dim]`
+pub fn host_rms_norm_forward(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
+    let dim = weight.len();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(dim * task_rows(dim))
+        .zip(x.par_chunks(dim * task_rows(dim)))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+                let r = inverse_rms(x, eps);
+                for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+                    *o = x * r * w;
+                }
+            }
+        });
+    out
+}
+
+/// The backward pass of [`host_rms_norm_forward`] (formula at [`device_rms_norm_backward`]).
+///
+/// # Shapes
+/// - `x`, `d_out`: `[rows·dim]`; `weight`: `[dim]`; output: `[rows·dim]`
+pub fn host_rms_norm_backward(x: &[f32], weight: &[f32], eps: f64, d_out: &[f32]) -> Vec<f32> {
+    let dim = weight.len();
+    let mut dx = vec![0f32; x.len()];
+    let task = dim * task_rows(dim);
+    dx.par_chunks_mut(task)
+        .zip(x.par_chunks(task).zip(d_out.par_chunks(task)))
+        .for_each(|(dx, (x, g))| {
+            for ((dx, x), g) in dx
+                .chunks_exact_mut(dim)
+                .zip(x.chunks_exact(dim))
+                .zip(g.chunks_exact(dim))
+            {
+                let r = inverse_rms(x, eps);
+                let dot = lane_sum(g.iter().zip(weight).zip(x).map(|((g, w), x)| g * w * x)) / dim as f32;
+                let c = r * r * r * dot;
+                for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(weight) {
+                    *dx = r * (g * w) - x * c;
+                }
+            }
+        });
+    dx
+}
+
+/// [`host_rms_norm_forward`] on a CPU backend's tensors.
+pub fn host_rms_norm<B: HostTensors>(x: FloatTensor<B>, weight: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+    let place = place_of::<B, 2>(&x);
+    let (xh, dims) = B::host_f32::<2>(&x);
+    let (w, _) = B::host_f32::<1>(&weight);
+    to_device::<B, 2>(host_rms_norm_forward(&xh, &w, eps), dims, &place)
+}
+
+/// [`host_rms_norm_backward`] on a CPU backend's tensors.
+pub fn host_rms_norm_grad<B: HostTensors>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f64,
+    d_out: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let place = place_of::<B, 2>(&x);
+    let (xh, dims) = B::host_f32::<2>(&x);
+    let (w, _) = B::host_f32::<1>(&weight);
+    let (g, _) = B::host_f32::<2>(&d_out);
+    to_device::<B, 2>(host_rms_norm_backward(&xh, &w, eps, &g), dims, &place)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary position embedding
+
+/// How a rotary embedding pairs the dimensions it rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotaryPairs {
+    /// `(i, i + rotary/2)` (Llama, most families).
+    Halves,
+    /// `(2i, 2i + 1)` (GLM).
+    Interleaved,
+}
+
+impl RotaryPairs {
+    /// The partner of dimension `j` in a rotary block of `rotary` dimensions, and whether `j`
+    /// is the pair's first member.
+    #[inline(always)]
+    fn partner(self, j: usize, rotary: usize) -> (usize, bool) {
+        match self {
+            RotaryPairs::Halves if j < rotary / 2 => (j + rotary / 2, true),
+            RotaryPairs::Halves => (j - rotary / 2, false),
+            RotaryPairs::Interleaved => (j ^ 1, j & 1 == 0),
+        }
+    }
+}
+
+/// `x·cos + rotate(x)·sin` on the first `rotary` dimensions of each head (`rotate` maps a pair
+/// `(a, b)` to `(−b, a)`); the remaining dimensions pass through. Differentiable in `x` (the
+/// tables are constants).
+///
+/// # Shapes
+/// - `x`: `[batch, heads, seq, head_dim]`
+/// - `cos`, `sin`: `[batch or 1, 1, seq, rotary]`, `rotary ≤ head_dim`, even
+/// - output: as `x`
+pub fn rope<B: EmberBackend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    pairs: RotaryPairs,
+) -> Tensor<B, 4> {
+    let dtype = x.dtype();
+    let cos = prim(cos.cast(dtype).detach());
+    let sin = prim(sin.cast(dtype).detach());
+    float(B::fused_rope(prim(x), cos, sin, pairs, false))
+}
+
+/// `(−b, a)` for each pair `(a, b)` of `x`'s last dimension (`transpose`: `(b, −a)`, the
+/// adjoint).
+fn rotate<B: Backend>(x: Tensor<B, 4>, pairs: RotaryPairs, transpose: bool) -> Tensor<B, 4> {
+    let [batch, heads, seq, rotary] = x.dims();
+    let half = rotary / 2;
+    let (first, second) = match pairs {
+        RotaryPairs::Halves => (x.clone().narrow(3, 0, half), x.narrow(3, half, half)),
+        RotaryPairs::Interleaved => {
+            let p = x.reshape([batch, heads, seq, half, 2]);
+            (
+                p.clone().narrow(4, 0, 1).reshape([batch, heads, seq, half]),
+                p.narrow(4, 1, 1).reshape([batch, heads, seq, half]),
+            )
+        }
+    };
+    let (a, b) = if transpose {
+        (second, first.neg())
+    } else {
+        (second.neg(), first)
+    };
+    match pairs {
+        RotaryPairs::Halves => Tensor::cat(vec![a, b], 3),
+        RotaryPairs::Interleaved => Tensor::stack::<5>(vec![a, b], 4).reshape([batch, heads, seq, rotary]),
+    }
+}
+
+/// [`rope`] composed from burn's ops; `transpose` applies the adjoint rotation
+/// `x·cos + rotateᵀ(x·sin)` (the backward pass).
+///
+/// # Shapes
+/// As [`rope`].
+pub fn device_rope<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    pairs: RotaryPairs,
+    transpose: bool,
+) -> FloatTensor<B> {
+    let x = float::<B, 4>(x);
+    let (cos, sin) = (float::<B, 4>(cos), float::<B, 4>(sin));
+    let [batch, heads, seq, head_dim] = x.dims();
+    let rotary = cos.dims()[3];
+    let (rot, pass) = if rotary < head_dim {
+        (
+            x.clone().narrow(3, 0, rotary),
+            Some(x.narrow(3, rotary, head_dim - rotary)),
+        )
+    } else {
+        (x, None)
+    };
+    let out = if transpose {
+        rot.clone() * cos + rotate(rot * sin, pairs, true)
+    } else {
+        rot.clone() * cos + rotate(rot, pairs, false) * sin
+    };
+    let out = match pass {
+        Some(pass) => Tensor::cat(vec![out, pass], 3),
+        None => out,
+    };
+    prim(out.reshape([batch, heads, seq, head_dim]))
+}
+
+/// [`rope`] (or its adjoint, `transpose`) on contiguous host rows.
+///
+/// # Shapes
+/// - `x`: `[batch, heads, seq, head_dim]` flat; `cos`, `sin`: `[table_batch, 1, seq, rotary]`
+///   flat, `table_batch` 1 or `batch`; output: as `x`
+pub fn host_rope_rows(
+    x: &[f32],
+    [batch, heads, seq, head_dim]: [usize; 4],
+    cos: &[f32],
+    sin: &[f32],
+    rotary: usize,
+    pairs: RotaryPairs,
+    transpose: bool,
+) -> Vec<f32> {
+    let table_batch = cos.len() / (seq * rotary).max(1);
+    let mut out = vec![0f32; x.len()];
+    let plane = seq * head_dim;
+    out.par_chunks_mut(plane)
+        .zip(x.par_chunks(plane))
+        .enumerate()
+        .for_each(|(bh, (out, x))| {
+            let b = if table_batch == 1 { 0 } else { bh / heads };
+            debug_assert!(b < batch);
+            for (t, (o, x)) in out.chunks_exact_mut(head_dim).zip(x.chunks_exact(head_dim)).enumerate() {
+                let at = (b * seq + t) * rotary;
+                let (c, s) = (&cos[at..at + rotary], &sin[at..at + rotary]);
+                for j in 0..rotary {
+                    let (p, first) = pairs.partner(j, rotary);
+                    // forward: first (a) → a·c − b·s; second (b) → b·c + a·s
+                    // adjoint: first → a·c + b·s_b; second → b·c − a·s_a
+                    o[j] = match (transpose, first) {
+                        (false, true) => x[j] * c[j] - x[p] * s[j],
+                        (false, false) => x[j] * c[j] + x[p] * s[j],
+                        (true, true) => x[j] * c[j] + x[p] * s[p],
+                        (true, false) => x[j] * c[j] - x[p] * s[p],
+                    };
+                }
+                o[rotary..].copy_from_slice(&x[rotary..]);
+            }
+        });
+    out
+}
+
+/// [`host_rope_rows`] on a CPU backend's tensors.
+pub fn host_rope<B: HostTensors>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    pairs: RotaryPairs,
+    transpose: bool,
+) -> FloatTensor<B> {
+    let place = place_of::<B, 4>(&x);
+    let (xh, dims) = B::host_f32::<4>(&x);
+    let (c, cd) = B::host_f32::<4>(&cos);
+    let (s, _) = B::host_f32::<4>(&sin);
+    to_device::<B, 4>(host_rope_rows(&xh, dims, &c, &s, cd[3], pairs, transpose), dims, &place)
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+/// `silu(gate)·up`, differentiable in both.
+///
+/// # Shapes
+/// - `gate`, `up`: `[..., inter]` (same shape); output: the same
+pub fn swiglu<B: EmberBackend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = gate.dims();
+    let up = up.cast(gate.dtype());
+    let n: usize = dims.iter().product();
+    float::<B, 1>(B::fused_swiglu(prim(gate.reshape([n])), prim(up.reshape([n])))).reshape(dims)
+}
+
+/// [`swiglu`] composed from burn's ops.
+pub fn device_swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    prim(burn::tensor::activation::silu(float::<B, 1>(gate)) * float::<B, 1>(up))
+}
+
+/// `(∂gate, ∂up)` of [`swiglu`]: with `σ = sigmoid(gate)`, `∂up = g·gate·σ` and
+/// `∂gate = g·up·σ·(1 + gate·(1 − σ))`.
+pub fn device_swiglu_backward<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    d_out: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (gate, up, g) = (float::<B, 1>(gate), float::<B, 1>(up), float::<B, 1>(d_out));
+    let sigma = burn::tensor::activation::sigmoid(gate.clone());
+    let d_up = g.clone() * gate.clone() * sigma.clone();
+    let slope = sigma.clone() * (gate * sigma.neg().add_scalar(1.0)).add_scalar(1.0);
+    (prim(g * up * slope), prim(d_up))
+}
+
+/// `1 / (1 + e^(−x))`.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + crate::attention::fast_exp(-x))
+}
+
+/// [`swiglu`] on host values.
+pub fn host_swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; gate.len()];
+    out.par_chunks_mut(TASK_ELEMENTS)
+        .zip(gate.par_chunks(TASK_ELEMENTS).zip(up.par_chunks(TASK_ELEMENTS)))
+        .for_each(|(o, (g, u))| {
+            for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(*g) * u;
+            }
+        });
+    out
+}
+
+/// The backward pass of [`host_swiglu_forward`] (formulas at [`device_swiglu_backward`]).
+pub fn host_swiglu_backward(gate: &[f32], up: &[f32], d_out: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut d_gate = vec![0f32; gate.len()];
+    let mut d_up = vec![0f32; gate.len()];
+    d_gate
+        .par_chunks_mut(TASK_ELEMENTS)
+        .zip(d_up.par_chunks_mut(TASK_ELEMENTS))
+        .zip(gate.par_chunks(TASK_ELEMENTS).zip(up.par_chunks(TASK_ELEMENTS)))
+        .zip(d_out.par_chunks(TASK_ELEMENTS))
+        .for_each(|(((dg, du), (gate, up)), d)| {
+            for ((((dg, du), x), u), d) in dg.iter_mut().zip(du).zip(gate).zip(up).zip(d) {
+                let s = sigmoid(*x);
+                *du = d * x * s;
+                *dg = d * u * s * (1.0 + x * (1.0 - s));
+            }
+        });
+    (d_gate, d_up)
+}
+
+/// [`host_swiglu_forward`] on a CPU backend's tensors.
+pub fn host_swiglu<B: HostTensors>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let place = place_of::<B, 1>(&gate);
+    let (g, dims) = B::host_f32::<1>(&gate);
+    let (u, _) = B::host_f32::<1>(&up);
+    to_device::<B, 1>(host_swiglu_forward(&g, &u), dims, &place)
+}
+
+/// [`host_swiglu_backward`] on a CPU backend's tensors.
+pub fn host_swiglu_grad<B: HostTensors>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    d_out: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let place = place_of::<B, 1>(&gate);
+    let (g, dims) = B::host_f32::<1>(&gate);
+    let (u, _) = B::host_f32::<1>(&up);
+    let (d, _) = B::host_f32::<1>(&d_out);
+    let (dg, du) = host_swiglu_backward(&g, &u, &d);
+    (to_device::<B, 1>(dg, dims, &place), to_device::<B, 1>(du, dims, &place))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy of logits
+
+/// What [`EmberBackend::fused_cross_entropy`] computes of a chunk of logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CrossEntropySpec {
+    /// The logits are `cap·tanh(·/cap)` of the head's output (a final softcap): the gradient is
+    /// taken through it, with respect to the head's output.
+    pub softcap: Option<f32>,
+    /// Also return `∂(Σ nll)/∂logits`.
+    pub gradient: bool,
+}
+
+/// Negative log-likelihood `logsumexp(z) − z[y]` of each row's target and, with
+/// `spec.gradient`, `softmax(z) − onehot(y)` (times `1 − (z/cap)²` under a final softcap).
+///
+/// # Shapes
+/// - `logits`: `[rows, vocab]`; `targets`: host `[rows]`
+/// - output: `[rows]` and `[rows, vocab]`
+pub fn device_cross_entropy<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: &[i64],
+    spec: CrossEntropySpec,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let logits = float::<B, 2>(logits);
+    let [rows, _] = logits.dims();
+    let device = logits.device();
+    let targets = Tensor::<B, 2, burn::tensor::Int>::from_data(TensorData::new(targets.to_vec(), [rows, 1]), &device);
+    let cap_slope = match spec.softcap.filter(|_| spec.gradient) {
+        Some(cap) => {
+            let tanh = logits.clone().div_scalar(cap);
+            Some(tanh.clone().mul(tanh).neg().add_scalar(1.0))
+        }
+        None => None,
+    };
+    let target_logit = logits.clone().gather(1, targets.clone());
+    let max = logits.clone().max_dim(1);
+    let exp = logits.sub(max.clone()).exp();
+    let total = exp.clone().sum_dim(1);
+    let nll = total.clone().log().add(max).sub(target_logit).reshape([rows]);
+    let grad = spec.gradient.then(|| {
+        let minus_one = Tensor::<B, 2>::full([rows, 1], -1.0, &device);
+        let dz = exp
+            .div(total)
+            .scatter(1, targets, minus_one, burn::tensor::IndexingUpdateOp::Add);
+        prim(match cap_slope {
+            Some(slope) => dz.mul(slope),
+            None => dz,
+        })
+    });
+    (prim(nll), grad)
+}
+
+/// [`device_cross_entropy`] on contiguous host rows, parallel over rows (one pass for the
+/// maximum, one for the exponentials and their sum, one for the gradient).
+///
+/// # Panics
+/// When a target is outside `0..vocab`.
+pub fn host_cross_entropy_rows(
+    logits: &[f32],
+    vocab: usize,
+    targets: &[i64],
+    spec: CrossEntropySpec,
+) -> (Vec<f32>, Vec<f32>) {
+    let rows = targets.len();
+    let mut nll = vec![0f32; rows];
+    let mut grad = if spec.gradient {
+        vec![0f32; logits.len()]
+    } else {
+        Vec::new()
+    };
+    let row_nll = |z: &[f32], y: i64, dz: Option<&mut [f32]>| -> f32 {
+        let y = usize::try_from(y)
+            .ok()
+            .filter(|&y| y < vocab)
+            .unwrap_or_else(|| panic!("target {y} outside the vocabulary of {vocab}"));
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let nll_of = |total: f32| total.ln() + max - z[y];
+        match dz {
+            None => nll_of(lane_sum(z.iter().map(|&v| crate::attention::fast_exp(v - max)))),
+            Some(dz) => {
+                dz.iter_mut()
+                    .zip(z)
+                    .for_each(|(d, &v)| *d = crate::attention::fast_exp(v - max));
+                let total = lane_sum(dz.iter().copied());
+                let inv = 1.0 / total;
+                match spec.softcap {
+                    Some(cap) => dz.iter_mut().zip(z).for_each(|(d, &v)| {
+                        let t = v / cap;
+                        *d *= inv * (1.0 - t * t);
+                    }),
+                    None => dz.iter_mut().for_each(|d| *d *= inv),
+                }
+                let slope = spec.softcap.map_or(1.0, |cap| 1.0 - (z[y] / cap) * (z[y] / cap));
+                dz[y] -= slope;
+                nll_of(total)
+            }
+        }
+    };
+    if spec.gradient {
+        nll.par_iter_mut()
+            .zip(grad.par_chunks_mut(vocab))
+            .zip(logits.par_chunks(vocab).zip(targets.par_iter()))
+            .for_each(|((nll, dz), (z, &y))| *nll = row_nll(z, y, Some(dz)));
+    } else {
+        nll.par_iter_mut()
+            .zip(logits.par_chunks(vocab).zip(targets.par_iter()))
+            .for_each(|(nll, (z, &y))| *nll = row_nll(z, y, None));
+    }
+    (nll, grad)
+}
+
+/// [`host_cross_entropy_rows`] on a CPU backend's tensors.
+pub fn host_cross_entropy<B: HostTensors>(
+    logits: FloatTensor<B>,
+    targets: &[i64],
+    spec: CrossEntropySpec,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let place = place_of::<B, 2>(&logits);
+    let (z, dims) = B::host_f32::<2>(&logits);
+    let (nll, grad) = host_cross_entropy_rows(&z, dims[1], targets, spec);
+    (
+        to_device::<B, 1>(nll, [dims[0]], &place),
+        spec.gradient.then(|| to_device::<B, 2>(grad, dims, &place)),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The device and dtype of `t`, where results go back to.
+type Place<B> = (burn::tensor::Device<B>, burn::tensor::DType);
+
+fn place_of<B: Backend, const D: usize>(t: &FloatTensor<B>) -> Place<B> {
+    let t = float::<B, D>(t.clone());
+    (t.device(), t.dtype())
+}
+
+fn to_device<B: Backend, const D: usize>(
+    values: Vec<f32>,
+    dims: [usize; D],
+    (device, dtype): &Place<B>,
+) -> FloatTensor<B> {
+    prim(Tensor::<B, D>::from_data(
+        TensorData::new(values, dims),
+        (device, *dtype),
+    ))
+}
+
+pub(crate) mod autodiff {
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::backend::Autodiff;
+    use burn::tensor::backend::AutodiffBackend;
+    use burn::tensor::ops::FloatTensor;
+
+    use super::RotaryPairs;
+    use crate::quant::EmberBackend;
+
+    #[derive(Debug)]
+    struct RmsNormBackward;
+
+    impl<B: EmberBackend> Backward<B, 1> for RmsNormBackward {
+        /// `x`, the weight, ε.
+        type State = (FloatTensor<B>, FloatTensor<B>, f64);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node] = ops.parents;
+            let d_out = grads.consume::<B>(&ops.node);
+            let (x, weight, eps) = ops.state;
+            if let Some(node) = node {
+                grads.register::<B>(node.id, B::fused_rms_norm_backward(x, weight, eps, d_out));
+            }
+        }
+    }
+
+    /// [`EmberBackend::fused_rms_norm`] under autodiff.
+    pub(crate) fn rms_norm<B: EmberBackend, C: CheckpointStrategy>(
+        x: FloatTensor<Autodiff<B, C>>,
+        weight: FloatTensor<Autodiff<B, C>>,
+        eps: f64,
+    ) -> FloatTensor<Autodiff<B, C>> {
+        let weight = Autodiff::<B, C>::inner(weight);
+        match RmsNormBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_rms_norm(x.primitive.clone(), weight.clone(), eps);
+                prep.finish((x.primitive, weight, eps), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_rms_norm(x.primitive, weight, eps)),
+        }
+    }
+
+    #[derive(Debug)]
+    struct RopeBackward;
+
+    impl<B: EmberBackend> Backward<B, 1> for RopeBackward {
+        /// The cos and sin tables and the pairing.
+        type State = (FloatTensor<B>, FloatTensor<B>, RotaryPairs);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node] = ops.parents;
+            let d_out = grads.consume::<B>(&ops.node);
+            let (cos, sin, pairs) = ops.state;
+            if let Some(node) = node {
+                grads.register::<B>(node.id, B::fused_rope(d_out, cos, sin, pairs, true));
+            }
+        }
+    }
+
+    /// [`EmberBackend::fused_rope`] under autodiff (linear in `x`: the backward pass is the
+    /// adjoint rotation of the gradient).
+    pub(crate) fn rope<B: EmberBackend, C: CheckpointStrategy>(
+        x: FloatTensor<Autodiff<B, C>>,
+        cos: FloatTensor<Autodiff<B, C>>,
+        sin: FloatTensor<Autodiff<B, C>>,
+        pairs: RotaryPairs,
+        transpose: bool,
+    ) -> FloatTensor<Autodiff<B, C>> {
+        let (cos, sin) = (Autodiff::<B, C>::inner(cos), Autodiff::<B, C>::inner(sin));
+        let forward = |x| B::fused_rope(x, cos.clone(), sin.clone(), pairs, transpose);
+        match RopeBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = forward(x.primitive);
+                prep.finish((cos.clone(), sin.clone(), pairs), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive)),
+        }
+    }
+
+    #[derive(Debug)]
+    struct SwigluBackward;
+
+    impl<B: EmberBackend> Backward<B, 2> for SwigluBackward {
+        /// The gate and up inputs.
+        type State = (FloatTensor<B>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node_gate, node_up] = ops.parents;
+            let d_out = grads.consume::<B>(&ops.node);
+            let (gate, up) = ops.state;
+            let (d_gate, d_up) = B::fused_swiglu_backward(gate, up, d_out);
+            for (node, grad) in [(node_gate, d_gate), (node_up, d_up)] {
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, grad);
+                }
+            }
+        }
+    }
+
+    /// [`EmberBackend::fused_swiglu`] under autodiff.
+    pub(crate) fn swiglu<B: EmberBackend, C: CheckpointStrategy>(
+        gate: FloatTensor<Autodiff<B, C>>,
+        up: FloatTensor<Autodiff<B, C>>,
+    ) -> FloatTensor<Autodiff<B, C>> {
+        match SwigluBackward
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::fused_swiglu(gate.primitive.clone(), up.primitive.clone());
+                prep.finish((gate.primitive, up.primitive), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_swiglu(gate.primitive, up.primitive)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::{Tensor, TensorData};
+
+    use super::*;
+
+    type Cpu = NdArray<f32>;
+    type Grad = Autodiff<Cpu>;
+
+    fn random(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0 * amplitude
+            })
+            .collect()
+    }
+
+    fn tensor<B: Backend, const D: usize>(values: Vec<f32>, dims: [usize; D]) -> Tensor<B, D> {
+        Tensor::from_data(TensorData::new(values, dims), &Default::default())
+    }
+
+    fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+    }
+
+    /// Largest `|a − b| / (1 + |b|)`.
+    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+            .fold(0.0, f32::max)
+    }
+
+    /// The value and `∂x` (against a random output gradient) of `f` under autodiff.
+    fn value_and_grad<const D: usize>(
+        x: Vec<f32>,
+        dims: [usize; D],
+        seed: u64,
+        f: impl Fn(Tensor<Grad, D>) -> Tensor<Grad, D>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let x = tensor::<Grad, D>(x, dims).require_grad();
+        let out = f(x.clone());
+        let g = tensor::<Grad, D>(random(out.shape().num_elements(), seed, 1.0), out.dims());
+        let grads = (out.clone() * g).sum().backward();
+        (values(out), values(x.grad(&grads).unwrap()))
+    }
+
+    /// The eager RMSNorm the model composed before the fused op.
+    fn eager_rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
+        (x * variance.add_scalar(eps).sqrt().recip()) * w.unsqueeze::<D>()
+    }
+
+    #[test]
+    fn rms_norm_and_its_gradient_match_autodiff_of_the_eager_composition() {
+        let dims = [3, 5, 40];
+        let x = random(600, 1, 2.0);
+        let w = random(40, 2, 1.5);
+        let eps = 1e-6;
+        let (want, want_dx) = value_and_grad(x.clone(), dims, 3, |x| {
+            eager_rms_norm(x, tensor::<Grad, 1>(w.clone(), [40]), eps)
+        });
+        let (got, got_dx) = value_and_grad(x.clone(), dims, 3, |x| {
+            rms_norm(x, tensor::<Grad, 1>(w.clone(), [40]), eps)
+        });
+        assert!(max_rel(&got, &want) < 1e-6, "value {}", max_rel(&got, &want));
+        assert!(max_rel(&got_dx, &want_dx) < 1e-5, "grad {}", max_rel(&got_dx, &want_dx));
+        // the device composition (GPU backends) against the host kernels
+        let x2 = tensor::<Cpu, 2>(x, [15, 40]);
+        let w1 = tensor::<Cpu, 1>(w, [40]);
+        let g = tensor::<Cpu, 2>(random(600, 3, 1.0), [15, 40]);
+        let device = values(float::<Cpu, 2>(device_rms_norm::<Cpu>(
+            prim(x2.clone()),
+            prim(w1.clone()),
+            eps,
+        )));
+        assert!(max_rel(&device, &want) < 1e-6);
+        let device_dx = values(float::<Cpu, 2>(device_rms_norm_backward::<Cpu>(
+            prim(x2),
+            prim(w1),
+            eps,
+            prim(g),
+        )));
+        assert!(
+            max_rel(&device_dx, &want_dx) < 1e-5,
+            "device grad {}",
+            max_rel(&device_dx, &want_dx)
+        );
+    }
+
+    /// The eager rotary embedding the model composed before the fused op.
+    fn eager_rope<B: Backend>(
+        x: Tensor<B, 4>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+        interleaved: bool,
+    ) -> Tensor<B, 4> {
+        let [batch, heads, seq, head_dim] = x.dims();
+        let rotary = cos.dims()[3];
+        let rot = x.clone().narrow(3, 0, rotary);
+        let half = rotary / 2;
+        let rotated = if interleaved {
+            let pairs = rot.clone().reshape([batch, heads, seq, half, 2]);
+            let x1 = pairs.clone().narrow(4, 0, 1);
+            let x2 = pairs.narrow(4, 1, 1);
+            Tensor::cat(vec![x2.neg(), x1], 4).reshape([batch, heads, seq, rotary])
+        } else {
+            let x1 = rot.clone().narrow(3, 0, half);
+            let x2 = rot.clone().narrow(3, half, half);
+            Tensor::cat(vec![x2.neg(), x1], 3)
+        };
+        let out = rot * cos + rotated * sin;
+        if rotary < head_dim {
+            Tensor::cat(vec![out, x.narrow(3, rotary, head_dim - rotary)], 3)
+        } else {
+            out
+        }
+    }
+
+    /// Tables as the model builds them (each pair one angle), per batch row or shared.
+    fn tables(table_batch: usize, seq: usize, rotary: usize, interleaved: bool) -> (Vec<f32>, Vec<f32>) {
+        let half = rotary / 2;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for b in 0..table_batch {
+            for t in 0..seq {
+                for j in 0..rotary {
+                    let i = if interleaved { j / 2 } else { j % half };
+                    let angle = (t + 3 * b) as f32 * 10f32.powf(-(i as f32) / half as f32);
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        (cos, sin)
+    }
+
+    #[test]
+    fn rope_and_its_gradient_match_autodiff_of_the_eager_composition() {
+        for (interleaved, rotary, table_batch) in [(false, 8, 1), (false, 4, 2), (true, 8, 2), (true, 6, 1)] {
+            let dims = [2, 3, 5, 8];
+            let x = random(240, 7, 1.0);
+            let (cos, sin) = tables(table_batch, 5, rotary, interleaved);
+            let table = |v: &Vec<f32>| tensor::<Grad, 4>(v.clone(), [table_batch, 1, 5, rotary]);
+            let pairs = if interleaved {
+                RotaryPairs::Interleaved
+            } else {
+                RotaryPairs::Halves
+            };
+            let (want, want_dx) = value_and_grad(x.clone(), dims, 8, |x| {
+                eager_rope(x, table(&cos), table(&sin), interleaved)
+            });
+            let (got, got_dx) = value_and_grad(x.clone(), dims, 8, |x| rope(x, table(&cos), table(&sin), pairs));
+            let case = format!("interleaved {interleaved}, rotary {rotary}, table batch {table_batch}");
+            assert!(max_rel(&got, &want) < 1e-6, "{case}: value {}", max_rel(&got, &want));
+            assert!(
+                max_rel(&got_dx, &want_dx) < 1e-6,
+                "{case}: grad {}",
+                max_rel(&got_dx, &want_dx)
+            );
+            // the device composition and its adjoint
+            let t = |v: &Vec<f32>| prim(tensor::<Cpu, 4>(v.clone(), [table_batch, 1, 5, rotary]));
+            let xc = prim(tensor::<Cpu, 4>(x, dims));
+            let device = values(float::<Cpu, 4>(device_rope::<Cpu>(xc, t(&cos), t(&sin), pairs, false)));
+            assert!(max_rel(&device, &want) < 1e-6, "{case}: device value");
+            let g = prim(tensor::<Cpu, 4>(random(240, 8, 1.0), dims));
+            let device_dx = values(float::<Cpu, 4>(device_rope::<Cpu>(g, t(&cos), t(&sin), pairs, true)));
+            assert!(max_rel(&device_dx, &want_dx) < 1e-6, "{case}: device grad");
+        }
+    }
+
+    #[test]
+    fn cross_entropy_and_its_gradient_match_autodiff_through_log_softmax() {
+        let (rows, vocab) = (5, 37);
+        let targets: Vec<i64> = vec![0, 36, 5, 17, 5];
+        for softcap in [None, Some(3.0f32)] {
+            let raw = random(rows * vocab, 21, 8.0);
+            // the reference: autodiff of Σ −log_softmax(cap·tanh(x/cap))[y] with respect to x
+            let x = tensor::<Grad, 2>(raw.clone(), [rows, vocab]).require_grad();
+            let z = match softcap {
+                Some(cap) => x.clone().div_scalar(cap).tanh().mul_scalar(cap),
+                None => x.clone(),
+            };
+            let index = Tensor::<Grad, 2, burn::tensor::Int>::from_data(
+                TensorData::new(targets.clone(), [rows, 1]),
+                &Default::default(),
+            );
+            let want_nll = burn::tensor::activation::log_softmax(z.clone(), 1)
+                .gather(1, index)
+                .reshape([rows])
+                .neg();
+            let grads = want_nll.clone().sum().backward();
+            let want_grad = values(x.grad(&grads).unwrap());
+            let want_nll = values(want_nll);
+            let spec = CrossEntropySpec {
+                softcap,
+                gradient: true,
+            };
+            let z = values(z);
+            let (nll, grad) = host_cross_entropy_rows(&z, vocab, &targets, spec);
+            assert!(
+                max_rel(&nll, &want_nll) < 1e-5,
+                "{softcap:?}: nll {}",
+                max_rel(&nll, &want_nll)
+            );
+            assert!(
+                max_rel(&grad, &want_grad) < 1e-6,
+                "{softcap:?}: grad {}",
+                max_rel(&grad, &want_grad)
+            );
+            let (nll_only, none) = host_cross_entropy_rows(
+                &z,
+                vocab,
+                &targets,
+                CrossEntropySpec {
+                    softcap,
+                    gradient: false,
+                },
+            );
+            assert!(none.is_empty() && nll_only == nll);
+            let zc = prim(tensor::<Cpu, 2>(z.clone(), [rows, vocab]));
+            let (dn, dg) = device_cross_entropy::<Cpu>(zc, &targets, spec);
+            assert!(max_rel(&values(float::<Cpu, 1>(dn)), &want_nll) < 1e-5);
+            assert!(max_rel(&values(float::<Cpu, 2>(dg.unwrap())), &want_grad) < 1e-6);
+        }
+    }
+
+    #[test]
+    fn tensors_computed_from_a_tracked_leaf_are_tracked() {
+        let leaf = tensor::<Grad, 2>(random(6, 1, 1.0), [2, 3]).require_grad();
+        let derived = leaf.clone().reshape([3, 2]).mul_scalar(2.0);
+        assert!(crate::is_tracked(&leaf) && crate::is_tracked(&derived));
+        assert!(!derived.is_require_grad(), "burn's own check answers for leaves only");
+        assert!(!crate::is_tracked(&derived.detach()));
+        assert!(!crate::is_tracked(
+            &tensor::<Grad, 2>(random(6, 1, 1.0), [2, 3]).mul_scalar(2.0)
+        ));
+        assert!(!crate::is_tracked(&tensor::<Cpu, 2>(random(6, 1, 1.0), [2, 3])));
+    }
+
+    #[test]
+    fn swiglu_and_its_gradients_match_autodiff_of_silu_times_up() {
+        let dims = [4, 3, 50];
+        let (gate, up) = (random(600, 11, 6.0), random(600, 12, 2.0));
+        let g = random(600, 13, 1.0);
+        let run = |fused: bool| {
+            let gate = tensor::<Grad, 3>(gate.clone(), dims).require_grad();
+            let up = tensor::<Grad, 3>(up.clone(), dims).require_grad();
+            let out = if fused {
+                swiglu(gate.clone(), up.clone())
+            } else {
+                burn::tensor::activation::silu(gate.clone()) * up.clone()
+            };
+            let grads = (out.clone() * tensor::<Grad, 3>(g.clone(), dims)).sum().backward();
+            (
+                values(out),
+                values(gate.grad(&grads).unwrap()),
+                values(up.grad(&grads).unwrap()),
+            )
+        };
+        let (want, want_dg, want_du) = run(false);
+        let (got, got_dg, got_du) = run(true);
+        assert!(max_rel(&got, &want) < 1e-6, "value {}", max_rel(&got, &want));
+        assert!(
+            max_rel(&got_dg, &want_dg) < 1e-6,
+            "d gate {}",
+            max_rel(&got_dg, &want_dg)
+        );
+        assert!(max_rel(&got_du, &want_du) < 1e-6, "d up {}", max_rel(&got_du, &want_du));
+        let p = |v: &Vec<f32>| prim(tensor::<Cpu, 1>(v.clone(), [600]));
+        let device = values(float::<Cpu, 1>(device_swiglu::<Cpu>(p(&gate), p(&up))));
+        assert!(max_rel(&device, &want) < 1e-6);
+        let (dg, du) = device_swiglu_backward::<Cpu>(p(&gate), p(&up), p(&g));
+        assert!(max_rel(&values(float::<Cpu, 1>(dg)), &want_dg) < 1e-6);
+        assert!(max_rel(&values(float::<Cpu, 1>(du)), &want_du) < 1e-6);
+    }
+}
