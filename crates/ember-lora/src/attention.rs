@@ -95,7 +95,7 @@ impl AttentionDims {
     }
 }
 
-fn prim<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+pub(crate) fn prim<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
@@ -195,14 +195,14 @@ impl HostTensors for burn::backend::NdArray<f32> {
 }
 
 /// The device and dtype of `t`, where results go back to.
-type Place<B> = (burn::tensor::Device<B>, burn::tensor::DType);
+pub(crate) type Place<B> = (burn::tensor::Device<B>, burn::tensor::DType);
 
-fn place_of<B: burn::tensor::backend::Backend>(t: &FloatTensor<B>) -> Place<B> {
+pub(crate) fn place_of<B: burn::tensor::backend::Backend>(t: &FloatTensor<B>) -> Place<B> {
     let t = float::<B, 4>(t.clone());
     (t.device(), t.dtype())
 }
 
-fn to_device<B: burn::tensor::backend::Backend, const D: usize>(
+pub(crate) fn to_device<B: burn::tensor::backend::Backend, const D: usize>(
     values: Vec<f32>,
     dims: [usize; D],
     (device, dtype): &Place<B>,

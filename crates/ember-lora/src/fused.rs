@@ -17,15 +17,11 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::attention::HostTensors;
+use crate::attention::{place_of, prim, to_device, HostTensors};
 use crate::quant::{float, EmberBackend};
 
 /// Elements per parallel task of the host kernels (smaller tensors run on one thread).
 const TASK_ELEMENTS: usize = 1 << 14;
-
-fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
-}
 
 /// Rows of `dim` values per parallel task.
 fn task_rows(dim: usize) -> usize {
@@ -150,7 +146,7 @@ pub fn host_rms_norm_backward(x: &[f32], weight: &[f32], eps: f64, d_out: &[f32]
 
 /// [`host_rms_norm_forward`] on a CPU backend's tensors.
 pub fn host_rms_norm<B: HostTensors>(x: FloatTensor<B>, weight: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
-    let place = place_of::<B, 2>(&x);
+    let place = place_of::<B>(&x);
     let (xh, dims) = B::host_f32::<2>(&x);
     let (w, _) = B::host_f32::<1>(&weight);
     to_device::<B, 2>(host_rms_norm_forward(&xh, &w, eps), dims, &place)
@@ -163,7 +159,7 @@ pub fn host_rms_norm_grad<B: HostTensors>(
     eps: f64,
     d_out: FloatTensor<B>,
 ) -> FloatTensor<B> {
-    let place = place_of::<B, 2>(&x);
+    let place = place_of::<B>(&x);
     let (xh, dims) = B::host_f32::<2>(&x);
     let (w, _) = B::host_f32::<1>(&weight);
     let (g, _) = B::host_f32::<2>(&d_out);
@@ -328,10 +324,14 @@ pub fn host_rope<B: HostTensors>(
     pairs: RotaryPairs,
     transpose: bool,
 ) -> FloatTensor<B> {
-    let place = place_of::<B, 4>(&x);
+    let place = place_of::<B>(&x);
     let (xh, dims) = B::host_f32::<4>(&x);
     let (c, cd) = B::host_f32::<4>(&cos);
     let (s, _) = B::host_f32::<4>(&sin);
+    assert!(
+        (cd[0] == 1 || cd[0] == dims[0]) && cd[2] == dims[2] && cd[3] % 2 == 0 && cd[3] <= dims[3],
+        "rotary tables {cd:?} do not fit x {dims:?}"
+    );
     to_device::<B, 4>(host_rope_rows(&xh, dims, &c, &s, cd[3], pairs, transpose), dims, &place)
 }
 
@@ -408,7 +408,7 @@ pub fn host_swiglu_backward(gate: &[f32], up: &[f32], d_out: &[f32]) -> (Vec<f32
 
 /// [`host_swiglu_forward`] on a CPU backend's tensors.
 pub fn host_swiglu<B: HostTensors>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
-    let place = place_of::<B, 1>(&gate);
+    let place = place_of::<B>(&gate);
     let (g, dims) = B::host_f32::<1>(&gate);
     let (u, _) = B::host_f32::<1>(&up);
     to_device::<B, 1>(host_swiglu_forward(&g, &u), dims, &place)
@@ -420,7 +420,7 @@ pub fn host_swiglu_grad<B: HostTensors>(
     up: FloatTensor<B>,
     d_out: FloatTensor<B>,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
-    let place = place_of::<B, 1>(&gate);
+    let place = place_of::<B>(&gate);
     let (g, dims) = B::host_f32::<1>(&gate);
     let (u, _) = B::host_f32::<1>(&up);
     let (d, _) = B::host_f32::<1>(&d_out);
@@ -546,7 +546,7 @@ pub fn host_cross_entropy<B: HostTensors>(
     targets: &[i64],
     spec: CrossEntropySpec,
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
-    let place = place_of::<B, 2>(&logits);
+    let place = place_of::<B>(&logits);
     let (z, dims) = B::host_f32::<2>(&logits);
     let (nll, grad) = host_cross_entropy_rows(&z, dims[1], targets, spec);
     (
@@ -556,25 +556,6 @@ pub fn host_cross_entropy<B: HostTensors>(
 }
 
 // ---------------------------------------------------------------------------------------------
-
-/// The device and dtype of `t`, where results go back to.
-type Place<B> = (burn::tensor::Device<B>, burn::tensor::DType);
-
-fn place_of<B: Backend, const D: usize>(t: &FloatTensor<B>) -> Place<B> {
-    let t = float::<B, D>(t.clone());
-    (t.device(), t.dtype())
-}
-
-fn to_device<B: Backend, const D: usize>(
-    values: Vec<f32>,
-    dims: [usize; D],
-    (device, dtype): &Place<B>,
-) -> FloatTensor<B> {
-    prim(Tensor::<B, D>::from_data(
-        TensorData::new(values, dims),
-        (device, *dtype),
-    ))
-}
 
 pub(crate) mod autodiff {
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
