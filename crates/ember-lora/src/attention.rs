@@ -1068,7 +1068,7 @@ pub(crate) mod autodiff {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::activation::softmax;
     use burn::tensor::backend::Backend;
@@ -1079,7 +1079,8 @@ mod tests {
     type Cpu = NdArray<f32>;
     type Grad = Autodiff<Cpu>;
 
-    fn random(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
+    /// Deterministic values in `[-amplitude, amplitude)` (an LCG from `seed`).
+    pub(crate) fn random(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -1089,7 +1090,8 @@ mod tests {
             .collect()
     }
 
-    fn tensor<B: Backend, const D: usize>(values: Vec<f32>, dims: [usize; D]) -> Tensor<B, D> {
+    /// `values` as a tensor of shape `dims` on the default device.
+    pub(crate) fn tensor<B: Backend, const D: usize>(values: Vec<f32>, dims: [usize; D]) -> Tensor<B, D> {
         Tensor::from_data(TensorData::new(values, dims), &Default::default())
     }
 

@@ -688,23 +688,10 @@ mod tests {
     use burn::tensor::{Tensor, TensorData};
 
     use super::*;
+    use crate::attention::tests::{random, tensor};
 
     type Cpu = NdArray<f32>;
     type Grad = Autodiff<Cpu>;
-
-    fn random(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0 * amplitude
-            })
-            .collect()
-    }
-
-    fn tensor<B: Backend, const D: usize>(values: Vec<f32>, dims: [usize; D]) -> Tensor<B, D> {
-        Tensor::from_data(TensorData::new(values, dims), &Default::default())
-    }
 
     fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
         t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
