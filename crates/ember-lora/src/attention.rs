@@ -139,6 +139,86 @@ pub trait HostTensors: burn::tensor::backend::Backend {
         let (values, dims) = host::<Self, D>(t.clone());
         (Cow::Owned(values), dims)
     }
+
+    /// A matrix as f32 with its element strides `[row, column]`: borrowed where its storage is
+    /// one dense block in any order (a weight kept as its transpose is read in place), else a
+    /// row-major copy.
+    fn host_matrix(t: &FloatTensor<Self>) -> HostMatrix<'_> {
+        let (values, dims) = Self::host_f32::<2>(t);
+        HostMatrix {
+            values,
+            dims,
+            strides: [dims[1], 1],
+        }
+    }
+}
+
+/// A matrix in host memory: element `(i, j)` at `values[i·strides[0] + j·strides[1]]`.
+#[derive(Debug, Clone)]
+pub struct HostMatrix<'a> {
+    /// The storage.
+    pub values: Cow<'a, [f32]>,
+    /// `[rows, columns]`.
+    pub dims: [usize; 2],
+    /// Element strides `[row, column]`.
+    pub strides: [usize; 2],
+}
+
+impl HostMatrix<'_> {
+    /// A contiguous row-major matrix.
+    pub fn row_major(values: &[f32], dims: [usize; 2]) -> HostMatrix<'_> {
+        assert_eq!(
+            values.len(),
+            dims[0] * dims[1],
+            "matrix {dims:?} from {} values",
+            values.len()
+        );
+        HostMatrix {
+            values: Cow::Borrowed(values),
+            dims,
+            strides: [dims[1], 1],
+        }
+    }
+
+    /// The transpose, as a view of the same storage.
+    pub fn t(&self) -> HostMatrix<'_> {
+        HostMatrix {
+            values: Cow::Borrowed(&self.values),
+            dims: [self.dims[1], self.dims[0]],
+            strides: [self.strides[1], self.strides[0]],
+        }
+    }
+
+    fn strides(&self) -> (usize, usize) {
+        (self.strides[0], self.strides[1])
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + alpha·lhs·rhs` on the whole thread pool, `dst` row-major.
+///
+/// # Shapes
+/// - `dst`: `[m, n]`; `lhs`: `[m, k]`; `rhs`: `[k, n]`
+pub(crate) fn matmul_into(dst: &mut [f32], accumulate: bool, lhs: &HostMatrix<'_>, rhs: &HostMatrix<'_>, alpha: f32) {
+    let ([m, k], [k2, n]) = (lhs.dims, rhs.dims);
+    assert!(
+        k == k2 && dst.len() == m * n,
+        "matmul of {:?} by {:?} into {}",
+        lhs.dims,
+        rhs.dims,
+        dst.len()
+    );
+    gemm_strided(
+        (m, n, k),
+        dst,
+        (n, 1),
+        accumulate,
+        &lhs.values,
+        lhs.strides(),
+        &rhs.values,
+        rhs.strides(),
+        alpha,
+        Parallelism::Rayon(0),
+    )
 }
 
 /// burn-flex: through `into_data`.
@@ -191,6 +271,29 @@ impl HostTensors for burn::backend::NdArray<f32> {
             }
         }
         (Cow::Owned(out), dims)
+    }
+
+    fn host_matrix(t: &FloatTensor<Self>) -> HostMatrix<'_> {
+        if let burn::backend::ndarray::NdArrayTensor::F32(storage) = t {
+            let view = storage.view();
+            if let (2, Some(values)) = (view.ndim(), view.to_slice_memory_order()) {
+                if let [row, column] = *view.strides() {
+                    if row >= 0 && column >= 0 {
+                        return HostMatrix {
+                            values: Cow::Borrowed(values),
+                            dims: [view.shape()[0], view.shape()[1]],
+                            strides: [row as usize, column as usize],
+                        };
+                    }
+                }
+            }
+        }
+        let (values, dims) = Self::host_f32::<2>(t);
+        HostMatrix {
+            values,
+            dims,
+            strides: [dims[1], 1],
+        }
     }
 }
 
@@ -302,13 +405,40 @@ impl<'a> HostMask<'a> {
     }
 }
 
-/// `dst = (accumulate ? dst : 0) + alpha·lhs·rhs` on row-major buffers, each operand given by
-/// its (row stride, column stride).
+/// `dst = (accumulate ? dst : 0) + alpha·lhs·rhs` on one thread, each operand a buffer with its
+/// (row stride, column stride).
 ///
 /// # Shapes
 /// - `dst`: `[m, n]`; `lhs`: `[m, k]`; `rhs`: `[k, n]`
 #[allow(clippy::too_many_arguments)]
 fn matmul(
+    mnk: (usize, usize, usize),
+    dst: &mut [f32],
+    dst_strides: (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    alpha: f32,
+) {
+    gemm_strided(
+        mnk,
+        dst,
+        dst_strides,
+        accumulate,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        alpha,
+        Parallelism::None,
+    )
+}
+
+/// [`matmul`] with a choice of threads (`Parallelism::Rayon(0)`: the whole pool).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     (dst_rs, dst_cs): (usize, usize),
@@ -318,6 +448,7 @@ fn matmul(
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
     alpha: f32,
+    parallelism: Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -358,7 +489,7 @@ fn matmul(
             false,
             false,
             false,
-            Parallelism::None,
+            parallelism,
         )
     }
 }

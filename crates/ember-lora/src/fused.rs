@@ -17,7 +17,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::attention::{place_of, prim, to_device, HostTensors};
+use crate::attention::{matmul_into, place_of, prim, to_device, HostMatrix, HostTensors};
 use crate::quant::{float, EmberBackend};
 
 /// Elements per parallel task of the host kernels (smaller tensors run on one thread).
@@ -429,6 +429,276 @@ pub fn host_swiglu_grad<B: HostTensors>(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear layer with a LoRA adapter
+
+/// `x·Wᵀ + b + s·(x_a·Aᵀ)·Bᵀ` as one op, differentiable in `x`, `x_a`, `A` and `B` (`W` and `b`
+/// are the frozen base's constants). `x_a` is the adapter's input (`x` after dropout); `None`
+/// means `x` itself.
+///
+/// Composed from burn's ops the adapter branch costs two more passes over the `[rows, out]`
+/// output forward (the scale and the sum) and, backward, one over the output's gradient and a
+/// sum of two `[rows, in]` input gradients. As one op the low-rank product is added into the
+/// base product by the matmul itself (`x_a·Aᵀ` is `[rows, r]`), and backward computes
+/// `∂x = g·W + s·(g·B)·A` in place, `∂A = s·(g·B)ᵀ·x_a`, `∂B = s·gᵀ·(x_a·Aᵀ)`, keeping only
+/// `x_a·Aᵀ` besides the inputs.
+///
+/// # Shapes
+/// - `x`, `x_a`: `[rows, in]`; `weight`: `[out, in]`; `bias`: `[out]`; `lora_a`: `[r, in]`;
+///   `lora_b`: `[out, r]`; output: `[rows, out]`
+pub fn lora_linear<B: EmberBackend>(
+    x: Tensor<B, 2>,
+    x_adapter: Option<Tensor<B, 2>>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    lora_a: Tensor<B, 2>,
+    lora_b: Tensor<B, 2>,
+    scaling: f32,
+) -> Tensor<B, 2> {
+    let operands = LoraOperands {
+        weight: prim(weight.detach()),
+        bias: bias.map(|b| prim(b.detach())),
+        scaling,
+    };
+    float(B::fused_lora_linear(
+        prim(x),
+        x_adapter.map(prim),
+        prim(lora_a),
+        prim(lora_b),
+        operands,
+    ))
+}
+
+/// The constants of a [`lora_linear`] call: the frozen base weight `[out, in]` and bias
+/// `[out]`, and the adapter's scale.
+#[derive(Debug, Clone)]
+pub struct LoraOperands<B: Backend> {
+    /// `[out, in]`, in the activations' dtype.
+    pub weight: FloatTensor<B>,
+    /// `[out]`.
+    pub bias: Option<FloatTensor<B>>,
+    /// `s`.
+    pub scaling: f32,
+}
+
+/// [`lora_linear`]'s output and `x_a·Aᵀ` `[rows, r]` (what its backward pass keeps),
+/// composed from burn's ops.
+pub fn device_lora_linear<B: Backend>(
+    x: FloatTensor<B>,
+    x_adapter: Option<FloatTensor<B>>,
+    lora_a: FloatTensor<B>,
+    lora_b: FloatTensor<B>,
+    operands: &LoraOperands<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let x = float::<B, 2>(x);
+    let x_adapter = x_adapter.map(float::<B, 2>).unwrap_or_else(|| x.clone());
+    let weight = float::<B, 2>(operands.weight.clone());
+    let mut out = x.matmul(weight.transpose());
+    if let Some(bias) = &operands.bias {
+        out = out + float::<B, 1>(bias.clone()).unsqueeze::<2>();
+    }
+    let low = x_adapter.matmul(float::<B, 2>(lora_a).transpose());
+    let delta = low.clone().matmul(float::<B, 2>(lora_b).transpose());
+    (prim(out + delta.mul_scalar(operands.scaling)), prim(low))
+}
+
+/// The gradients of [`lora_linear`], from the output's gradient `g`.
+#[derive(Debug)]
+pub struct LoraGrads<B: Backend> {
+    /// `g·W`, plus `s·(g·B)·A` when the adapter's input is `x` itself ([`InputGrad`]).
+    pub x: Option<FloatTensor<B>>,
+    /// `s·(g·B)·A` when the adapter has an input of its own.
+    pub x_adapter: Option<FloatTensor<B>>,
+    /// `s·(g·B)ᵀ·x_a`, `[r, in]`.
+    pub lora_a: FloatTensor<B>,
+    /// `s·gᵀ·(x_a·Aᵀ)`, `[out, r]`.
+    pub lora_b: FloatTensor<B>,
+}
+
+/// Which input gradients a [`lora_linear`] backward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputGrad {
+    /// None: the input is not tracked (the adapter's gradients only).
+    None,
+    /// `∂x`, the base's and the adapter's parts summed (the adapter reads `x` itself).
+    Sum,
+    /// `∂x` of the base and `∂x_a` of the adapter apart (the adapter reads `x` after dropout).
+    Separate,
+}
+
+/// [`LoraGrads`] composed from burn's ops.
+pub fn device_lora_linear_backward<B: Backend>(
+    x_adapter: FloatTensor<B>,
+    lora_a: FloatTensor<B>,
+    lora_b: FloatTensor<B>,
+    low: FloatTensor<B>,
+    operands: &LoraOperands<B>,
+    d_out: FloatTensor<B>,
+    input: InputGrad,
+) -> LoraGrads<B> {
+    let s = operands.scaling;
+    let g = float::<B, 2>(d_out);
+    let (a, b) = (float::<B, 2>(lora_a), float::<B, 2>(lora_b));
+    let g_b = g.clone().matmul(b).mul_scalar(s);
+    let d_lora_a = g_b.clone().transpose().matmul(float::<B, 2>(x_adapter));
+    let d_lora_b = g.clone().transpose().matmul(float::<B, 2>(low)).mul_scalar(s);
+    let base = || g.clone().matmul(float::<B, 2>(operands.weight.clone()));
+    let (x, x_adapter) = match input {
+        InputGrad::None => (None, None),
+        InputGrad::Sum => (Some(prim(base() + g_b.matmul(a))), None),
+        InputGrad::Separate => (Some(prim(base())), Some(prim(g_b.matmul(a)))),
+    };
+    LoraGrads {
+        x,
+        x_adapter,
+        lora_a: prim(d_lora_a),
+        lora_b: prim(d_lora_b),
+    }
+}
+
+/// [`lora_linear`] on host values: `(out, x_a·Aᵀ)`. The base and adapter products run on the
+/// whole thread pool; the adapter's is added into the base's by the matmul (no pass of its own).
+pub fn host_lora_linear_forward(
+    x: &HostMatrix<'_>,
+    x_adapter: Option<&HostMatrix<'_>>,
+    weight: &HostMatrix<'_>,
+    bias: Option<&[f32]>,
+    lora_a: &HostMatrix<'_>,
+    lora_b: &HostMatrix<'_>,
+    scaling: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let [rows, _] = x.dims;
+    let [out_dim, _] = weight.dims;
+    let r = lora_a.dims[0];
+    let mut out = vec![0f32; rows * out_dim];
+    let mut accumulate = false;
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), out_dim, "bias of {} for {out_dim} outputs", bias.len());
+        out.par_chunks_mut(out_dim.max(1) * task_rows(out_dim))
+            .for_each(|rows| {
+                for row in rows.chunks_exact_mut(out_dim) {
+                    row.copy_from_slice(bias);
+                }
+            });
+        accumulate = true;
+    }
+    matmul_into(&mut out, accumulate, x, &weight.t(), 1.0);
+    let mut low = vec![0f32; rows * r];
+    matmul_into(&mut low, false, x_adapter.unwrap_or(x), &lora_a.t(), 1.0);
+    matmul_into(
+        &mut out,
+        true,
+        &HostMatrix::row_major(&low, [rows, r]),
+        &lora_b.t(),
+        scaling,
+    );
+    (out, low)
+}
+
+/// [`LoraGrads`] on host values: `(∂x, ∂x_a, ∂A, ∂B)`, the first two as `input` asks.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+pub fn host_lora_linear_backward(
+    x_adapter: &HostMatrix<'_>,
+    weight: &HostMatrix<'_>,
+    lora_a: &HostMatrix<'_>,
+    lora_b: &HostMatrix<'_>,
+    low: &[f32],
+    scaling: f32,
+    d_out: &HostMatrix<'_>,
+    input: InputGrad,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let [rows, in_dim] = x_adapter.dims;
+    let [out_dim, r] = lora_b.dims;
+    // s·(g·B), [rows, r]
+    let mut g_b = vec![0f32; rows * r];
+    matmul_into(&mut g_b, false, d_out, lora_b, scaling);
+    let g_b = HostMatrix::row_major(&g_b, [rows, r]);
+    let product = |dst: &mut Vec<f32>, accumulate: bool, lhs: &HostMatrix<'_>, rhs: &HostMatrix<'_>| {
+        matmul_into(dst, accumulate, lhs, rhs, 1.0)
+    };
+    let (d_x, d_adapter) = match input {
+        InputGrad::None => (None, None),
+        InputGrad::Sum => {
+            let mut d_x = vec![0f32; rows * in_dim];
+            product(&mut d_x, false, d_out, weight);
+            product(&mut d_x, true, &g_b, lora_a);
+            (Some(d_x), None)
+        }
+        InputGrad::Separate => {
+            let (mut d_x, mut d_adapter) = (vec![0f32; rows * in_dim], vec![0f32; rows * in_dim]);
+            product(&mut d_x, false, d_out, weight);
+            product(&mut d_adapter, false, &g_b, lora_a);
+            (Some(d_x), Some(d_adapter))
+        }
+    };
+    let mut d_lora_a = vec![0f32; r * in_dim];
+    matmul_into(&mut d_lora_a, false, &g_b.t(), x_adapter, 1.0);
+    let mut d_lora_b = vec![0f32; out_dim * r];
+    matmul_into(
+        &mut d_lora_b,
+        false,
+        &d_out.t(),
+        &HostMatrix::row_major(low, [rows, r]),
+        scaling,
+    );
+    (d_x, d_adapter, d_lora_a, d_lora_b)
+}
+
+/// [`host_lora_linear_forward`] on a CPU backend's tensors.
+pub fn host_lora_linear<B: HostTensors>(
+    x: FloatTensor<B>,
+    x_adapter: Option<FloatTensor<B>>,
+    lora_a: FloatTensor<B>,
+    lora_b: FloatTensor<B>,
+    operands: &LoraOperands<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let place = place_of::<B>(&x);
+    let xh = B::host_matrix(&x);
+    let xa = x_adapter.as_ref().map(B::host_matrix);
+    let w = B::host_matrix(&operands.weight);
+    let bias = operands.bias.as_ref().map(B::host_f32::<1>);
+    let (a, b) = (B::host_matrix(&lora_a), B::host_matrix(&lora_b));
+    let (rows, out_dim, r) = (xh.dims[0], w.dims[0], a.dims[0]);
+    let (out, low) = host_lora_linear_forward(
+        &xh,
+        xa.as_ref(),
+        &w,
+        bias.as_ref().map(|(b, _)| &**b),
+        &a,
+        &b,
+        operands.scaling,
+    );
+    (
+        to_device::<B, 2>(out, [rows, out_dim], &place),
+        to_device::<B, 2>(low, [rows, r], &place),
+    )
+}
+
+/// [`host_lora_linear_backward`] on a CPU backend's tensors.
+pub fn host_lora_linear_grad<B: HostTensors>(
+    x_adapter: FloatTensor<B>,
+    lora_a: FloatTensor<B>,
+    lora_b: FloatTensor<B>,
+    low: FloatTensor<B>,
+    operands: &LoraOperands<B>,
+    d_out: FloatTensor<B>,
+    input: InputGrad,
+) -> LoraGrads<B> {
+    let place = place_of::<B>(&x_adapter);
+    let xa = B::host_matrix(&x_adapter);
+    let w = B::host_matrix(&operands.weight);
+    let (a, b) = (B::host_matrix(&lora_a), B::host_matrix(&lora_b));
+    let (low, _) = B::host_f32::<2>(&low);
+    let g = B::host_matrix(&d_out);
+    let (d_x, d_adapter, d_a, d_b) = host_lora_linear_backward(&xa, &w, &a, &b, &low, operands.scaling, &g, input);
+    LoraGrads {
+        x: d_x.map(|d| to_device::<B, 2>(d, xa.dims, &place)),
+        x_adapter: d_adapter.map(|d| to_device::<B, 2>(d, xa.dims, &place)),
+        lora_a: to_device::<B, 2>(d_a, a.dims, &place),
+        lora_b: to_device::<B, 2>(d_b, b.dims, &place),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Cross-entropy of logits
 
 /// What [`EmberBackend::fused_cross_entropy`] computes of a chunk of logits.
@@ -566,7 +836,7 @@ pub(crate) mod autodiff {
     use burn::tensor::backend::AutodiffBackend;
     use burn::tensor::ops::FloatTensor;
 
-    use super::RotaryPairs;
+    use super::{InputGrad, LoraOperands, RotaryPairs};
     use crate::quant::EmberBackend;
 
     #[derive(Debug)]
@@ -678,6 +948,122 @@ pub(crate) mod autodiff {
                 prep.finish((gate.primitive, up.primitive), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::fused_swiglu(gate.primitive, up.primitive)),
+        }
+    }
+    /// The backward pass of [`lora_linear`] with `N` parents: `x`, `A`, `B` (`N = 3`, the
+    /// adapter reads `x`) or `x`, `x_a`, `A`, `B` (`N = 4`).
+    #[derive(Debug)]
+    struct LoraLinearBackward<const N: usize>;
+
+    impl<B: EmberBackend, const N: usize> Backward<B, N> for LoraLinearBackward<N> {
+        /// The adapter's input, A, B, `x_a·Aᵀ` and the constants.
+        type State = (
+            FloatTensor<B>,
+            FloatTensor<B>,
+            FloatTensor<B>,
+            FloatTensor<B>,
+            LoraOperands<B>,
+        );
+
+        fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let d_out = grads.consume::<B>(&ops.node);
+            let (x_adapter, lora_a, lora_b, low, operands) = ops.state;
+            let parents = ops.parents;
+            let (node_x, node_adapter) = (parents[0].clone(), if N == 4 { parents[1].clone() } else { None });
+            let (node_a, node_b) = (parents[N - 2].clone(), parents[N - 1].clone());
+            let input = match (N, &node_x) {
+                (_, None) => InputGrad::None,
+                (3, Some(_)) => InputGrad::Sum,
+                _ => InputGrad::Separate,
+            };
+            let d = B::fused_lora_linear_backward(x_adapter, lora_a, lora_b, low, &operands, d_out, input);
+            for (node, grad) in [
+                (node_x, d.x),
+                (node_adapter, d.x_adapter),
+                (node_a, Some(d.lora_a)),
+                (node_b, Some(d.lora_b)),
+            ] {
+                if let (Some(node), Some(grad)) = (node, grad) {
+                    grads.register::<B>(node.id, grad);
+                }
+            }
+        }
+    }
+
+    /// [`EmberBackend::fused_lora_linear`] under autodiff.
+    pub(crate) fn lora_linear<B: EmberBackend, C: CheckpointStrategy>(
+        x: FloatTensor<Autodiff<B, C>>,
+        x_adapter: Option<FloatTensor<Autodiff<B, C>>>,
+        lora_a: FloatTensor<Autodiff<B, C>>,
+        lora_b: FloatTensor<Autodiff<B, C>>,
+        operands: LoraOperands<Autodiff<B, C>>,
+    ) -> FloatTensor<Autodiff<B, C>> {
+        let operands = LoraOperands {
+            weight: Autodiff::<B, C>::inner(operands.weight),
+            bias: operands.bias.map(Autodiff::<B, C>::inner),
+            scaling: operands.scaling,
+        };
+        let forward = |x, x_adapter, a, b| B::fused_lora_linear_forward(x, x_adapter, a, b, &operands);
+        match x_adapter {
+            None => match LoraLinearBackward::<3>
+                .prepare::<C>([x.node.clone(), lora_a.node.clone(), lora_b.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    let (out, low) = forward(
+                        x.primitive.clone(),
+                        None,
+                        lora_a.primitive.clone(),
+                        lora_b.primitive.clone(),
+                    );
+                    prep.finish(
+                        (x.primitive, lora_a.primitive, lora_b.primitive, low, operands.clone()),
+                        out,
+                    )
+                }
+                OpsKind::UnTracked(prep) => {
+                    prep.finish(forward(x.primitive, None, lora_a.primitive, lora_b.primitive).0)
+                }
+            },
+            Some(x_adapter) => match LoraLinearBackward::<4>
+                .prepare::<C>([
+                    x.node.clone(),
+                    x_adapter.node.clone(),
+                    lora_a.node.clone(),
+                    lora_b.node.clone(),
+                ])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    let (out, low) = forward(
+                        x.primitive,
+                        Some(x_adapter.primitive.clone()),
+                        lora_a.primitive.clone(),
+                        lora_b.primitive.clone(),
+                    );
+                    prep.finish(
+                        (
+                            x_adapter.primitive,
+                            lora_a.primitive,
+                            lora_b.primitive,
+                            low,
+                            operands.clone(),
+                        ),
+                        out,
+                    )
+                }
+                OpsKind::UnTracked(prep) => prep.finish(
+                    forward(
+                        x.primitive,
+                        Some(x_adapter.primitive),
+                        lora_a.primitive,
+                        lora_b.primitive,
+                    )
+                    .0,
+                ),
+            },
         }
     }
 }
@@ -947,5 +1333,141 @@ mod tests {
         let (dg, du) = device_swiglu_backward::<Cpu>(p(&gate), p(&up), p(&g));
         assert!(max_rel(&values(float::<Cpu, 1>(dg)), &want_dg) < 1e-6);
         assert!(max_rel(&values(float::<Cpu, 1>(du)), &want_du) < 1e-6);
+    }
+
+    /// The eager composition [`crate::LoraLinear`] ran before the fused op.
+    fn eager_lora<B: Backend>(
+        x: Tensor<B, 2>,
+        x_adapter: Tensor<B, 2>,
+        w: Tensor<B, 2>,
+        bias: Tensor<B, 1>,
+        a: Tensor<B, 2>,
+        b: Tensor<B, 2>,
+        s: f32,
+    ) -> Tensor<B, 2> {
+        let base = x.matmul(w.transpose()) + bias.unsqueeze::<2>();
+        base + x_adapter.matmul(a.transpose()).matmul(b.transpose()).mul_scalar(s)
+    }
+
+    #[test]
+    fn lora_linear_and_its_gradients_match_autodiff_of_the_composition() {
+        let (rows, inp, out, r, s) = (37, 24, 19, 4, 1.75f32);
+        let xv = random(rows * inp, 21, 1.0);
+        // W kept as its transpose in memory, as LoraLinear stores it (read in place, strided).
+        let wv = random(out * inp, 22, 0.5);
+        let (av, bv) = (random(r * inp, 23, 0.5), random(out * r, 24, 0.5));
+        let biasv = random(out, 25, 1.0);
+        let keep: Vec<f32> = random(rows * inp, 26, 1.0)
+            .iter()
+            .map(|v| if *v > -0.4 { 1.4 } else { 0.0 })
+            .collect();
+        let g = random(rows * out, 27, 1.0);
+        // (dropout-like separate adapter input, x tracked)
+        for (separate, x_tracked) in [(false, true), (true, true), (false, false)] {
+            let run = |fused: bool| {
+                let mut x = tensor::<Grad, 2>(xv.clone(), [rows, inp]);
+                if x_tracked {
+                    x = x.require_grad();
+                }
+                let w = crate::matmul_layout(tensor::<Grad, 2>(wv.clone(), [out, inp]));
+                let bias = tensor::<Grad, 1>(biasv.clone(), [out]);
+                let a = tensor::<Grad, 2>(av.clone(), [r, inp]).require_grad();
+                let b = tensor::<Grad, 2>(bv.clone(), [out, r]).require_grad();
+                let x_adapter = separate.then(|| x.clone() * tensor::<Grad, 2>(keep.clone(), [rows, inp]));
+                let y = if fused {
+                    lora_linear(x.clone(), x_adapter, w, Some(bias), a.clone(), b.clone(), s)
+                } else {
+                    let xa = x_adapter.unwrap_or_else(|| x.clone());
+                    eager_lora(x.clone(), xa, w, bias, a.clone(), b.clone(), s)
+                };
+                let grads = (y.clone() * tensor::<Grad, 2>(g.clone(), [rows, out])).sum().backward();
+                (
+                    values(y),
+                    x.grad(&grads).map(values),
+                    values(a.grad(&grads).unwrap()),
+                    values(b.grad(&grads).unwrap()),
+                )
+            };
+            let (want, want_dx, want_da, want_db) = run(false);
+            let (got, got_dx, got_da, got_db) = run(true);
+            let case = format!("separate {separate}, x tracked {x_tracked}");
+            assert!(max_rel(&got, &want) < 1e-5, "{case}: value {}", max_rel(&got, &want));
+            assert_eq!(got_dx.is_some(), x_tracked, "{case}");
+            if let (Some(got_dx), Some(want_dx)) = (&got_dx, &want_dx) {
+                assert!(
+                    max_rel(got_dx, want_dx) < 1e-5,
+                    "{case}: dx {}",
+                    max_rel(got_dx, want_dx)
+                );
+            }
+            assert!(
+                max_rel(&got_da, &want_da) < 1e-5,
+                "{case}: dA {}",
+                max_rel(&got_da, &want_da)
+            );
+            assert!(
+                max_rel(&got_db, &want_db) < 1e-5,
+                "{case}: dB {}",
+                max_rel(&got_db, &want_db)
+            );
+
+            // The burn-op composition (GPU backends' path) on the same values.
+            let p = |v: &Vec<f32>, dims: [usize; 2]| prim(tensor::<Cpu, 2>(v.clone(), dims));
+            let operands = LoraOperands::<Cpu> {
+                weight: prim(crate::matmul_layout(tensor::<Cpu, 2>(wv.clone(), [out, inp]))),
+                bias: Some(prim(tensor::<Cpu, 1>(biasv.clone(), [out]))),
+                scaling: s,
+            };
+            let xa: Vec<f32> = if separate {
+                xv.iter().zip(&keep).map(|(x, k)| x * k).collect()
+            } else {
+                xv.clone()
+            };
+            let (y, low) = device_lora_linear::<Cpu>(
+                p(&xv, [rows, inp]),
+                separate.then(|| p(&xa, [rows, inp])),
+                p(&av, [r, inp]),
+                p(&bv, [out, r]),
+                &operands,
+            );
+            assert!(
+                max_rel(&values(float::<Cpu, 2>(y)), &want) < 1e-5,
+                "{case}: device value"
+            );
+            let input = match (x_tracked, separate) {
+                (false, _) => InputGrad::None,
+                (true, false) => InputGrad::Sum,
+                (true, true) => InputGrad::Separate,
+            };
+            let d = device_lora_linear_backward::<Cpu>(
+                p(&xa, [rows, inp]),
+                p(&av, [r, inp]),
+                p(&bv, [out, r]),
+                low,
+                &operands,
+                p(&g, [rows, out]),
+                input,
+            );
+            assert!(
+                max_rel(&values(float::<Cpu, 2>(d.lora_a)), &want_da) < 1e-5,
+                "{case}: device dA"
+            );
+            assert!(
+                max_rel(&values(float::<Cpu, 2>(d.lora_b)), &want_db) < 1e-5,
+                "{case}: device dB"
+            );
+            if let Some(want_dx) = &want_dx {
+                // ∂x of the eager run holds both parts (the adapter's through the mask).
+                let mut dx = values(float::<Cpu, 2>(d.x.unwrap()));
+                if let Some(d_adapter) = d.x_adapter {
+                    for ((dx, da), k) in dx.iter_mut().zip(values(float::<Cpu, 2>(d_adapter))).zip(&keep) {
+                        *dx += da * k;
+                    }
+                }
+                assert!(max_rel(&dx, want_dx) < 1e-5, "{case}: device dx");
+            } else {
+                assert!(d.x.is_none() && d.x_adapter.is_none(), "{case}");
+            }
+        }
     }
 }

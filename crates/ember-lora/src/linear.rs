@@ -347,17 +347,45 @@ impl<B: EmberBackend> LoraLinear<B> {
     /// # Shapes
     /// - `x`: `[..., in]`
     /// - output: `[..., out]`
+    ///
+    /// An adapter on a float weight in `x`'s dtype runs as one op with its own backward pass
+    /// ([`crate::fused::lora_linear`]); on other weights the adapter branch is composed.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let base = self.weight.linear(x.clone(), self.bias.as_ref().map(|b| b.val()));
-        match &self.adapter {
-            Some(adapter) if adapter.enabled && !adapter.merged => {
-                // Dropout is active only under autodiff, i.e. while training.
-                let x = burn::nn::DropoutConfig::new(adapter.dropout).init().forward(x);
-                let low = linear(x, adapter.lora_a.val(), None);
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let Some(adapter) = self.adapter.as_ref().filter(|a| a.enabled && !a.merged) else {
+            return self.weight.linear(x, bias);
+        };
+        // Dropout is active only under autodiff, i.e. while training.
+        let dropped = (adapter.dropout > 0.0 && B::ad_enabled(&x.device()))
+            .then(|| burn::nn::DropoutConfig::new(adapter.dropout).init().forward(x.clone()));
+        match self
+            .weight
+            .dense()
+            .filter(|w| w.dtype() == x.dtype() && !crate::quant::is_tracked(w))
+        {
+            Some(weight) => {
+                let (dims, dtype) = (x.dims(), x.dtype());
+                let [out, inp] = weight.dims();
+                let rows = dims[..D - 1].iter().product::<usize>();
+                let y = crate::fused::lora_linear(
+                    x.reshape([rows, inp]),
+                    dropped.map(|x| x.reshape([rows, inp])),
+                    weight,
+                    bias.map(|b| b.cast(dtype)),
+                    adapter.lora_a.val().cast(dtype),
+                    adapter.lora_b.val().cast(dtype),
+                    adapter.scaling as f32,
+                );
+                let mut out_dims = dims;
+                out_dims[D - 1] = out;
+                y.reshape(out_dims)
+            }
+            None => {
+                let base = self.weight.linear(x.clone(), bias);
+                let low = linear(dropped.unwrap_or(x), adapter.lora_a.val(), None);
                 let delta = linear(low, adapter.lora_b.val(), None);
                 base + delta.mul_scalar(adapter.scaling)
             }
-            _ => base,
         }
     }
 }

@@ -30,9 +30,10 @@ use crate::attention::{
 };
 use crate::error::{LoraError, Result};
 use crate::fused::{
-    device_cross_entropy, device_rms_norm, device_rms_norm_backward, device_rope, device_swiglu,
-    device_swiglu_backward, host_cross_entropy, host_rms_norm, host_rms_norm_grad, host_rope, host_swiglu,
-    host_swiglu_grad, CrossEntropySpec, RotaryPairs,
+    device_cross_entropy, device_lora_linear, device_lora_linear_backward, device_rms_norm, device_rms_norm_backward,
+    device_rope, device_swiglu, device_swiglu_backward, host_cross_entropy, host_lora_linear, host_lora_linear_grad,
+    host_rms_norm, host_rms_norm_grad, host_rope, host_swiglu, host_swiglu_grad, CrossEntropySpec, InputGrad,
+    LoraGrads, LoraOperands, RotaryPairs,
 };
 
 /// bitsandbytes' NF4 code book (`get_4bit_type("nf4")`): the 16 levels of QLoRA's 4-bit
@@ -1005,6 +1006,46 @@ pub trait EmberBackend: Backend {
         device_swiglu_backward::<Self>(gate, up, d_out)
     }
 
+    /// `x·Wᵀ + b + s·(x_a·Aᵀ)·Bᵀ` (see [`crate::fused::lora_linear`]).
+    ///
+    /// # Shapes
+    /// - `x`, `x_adapter`: `[rows, in]`; `lora_a`: `[r, in]`; `lora_b`: `[out, r]`; output:
+    ///   `[rows, out]`
+    fn fused_lora_linear(
+        x: FloatTensor<Self>,
+        x_adapter: Option<FloatTensor<Self>>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        operands: LoraOperands<Self>,
+    ) -> FloatTensor<Self> {
+        Self::fused_lora_linear_forward(x, x_adapter, lora_a, lora_b, &operands).0
+    }
+
+    /// The output of [`EmberBackend::fused_lora_linear`] and `x_a·Aᵀ` `[rows, r]` (what its
+    /// backward pass keeps). Default: burn's ops.
+    fn fused_lora_linear_forward(
+        x: FloatTensor<Self>,
+        x_adapter: Option<FloatTensor<Self>>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        operands: &LoraOperands<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        device_lora_linear::<Self>(x, x_adapter, lora_a, lora_b, operands)
+    }
+
+    /// The gradients of [`EmberBackend::fused_lora_linear`] from the output's. Default: burn's ops.
+    fn fused_lora_linear_backward(
+        x_adapter: FloatTensor<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        low: FloatTensor<Self>,
+        operands: &LoraOperands<Self>,
+        d_out: FloatTensor<Self>,
+        input: InputGrad,
+    ) -> LoraGrads<Self> {
+        device_lora_linear_backward::<Self>(x_adapter, lora_a, lora_b, low, operands, d_out, input)
+    }
+
     /// Each row's `logsumexp(z) − z[y]` and, with `spec.gradient`, its gradient with respect
     /// to the logits (see [`crate::fused::device_cross_entropy`]); outside any autodiff graph.
     /// Default: burn's ops.
@@ -1101,6 +1142,28 @@ macro_rules! host_ember_backend {
                 host_swiglu_grad::<Self>(gate, up, d_out)
             }
 
+            fn fused_lora_linear_forward(
+                x: FloatTensor<Self>,
+                x_adapter: Option<FloatTensor<Self>>,
+                lora_a: FloatTensor<Self>,
+                lora_b: FloatTensor<Self>,
+                operands: &LoraOperands<Self>,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                host_lora_linear::<Self>(x, x_adapter, lora_a, lora_b, operands)
+            }
+
+            fn fused_lora_linear_backward(
+                x_adapter: FloatTensor<Self>,
+                lora_a: FloatTensor<Self>,
+                lora_b: FloatTensor<Self>,
+                low: FloatTensor<Self>,
+                operands: &LoraOperands<Self>,
+                d_out: FloatTensor<Self>,
+                input: InputGrad,
+            ) -> LoraGrads<Self> {
+                host_lora_linear_grad::<Self>(x_adapter, lora_a, lora_b, low, operands, d_out, input)
+            }
+
             fn fused_cross_entropy(
                 logits: FloatTensor<Self>,
                 targets: &[i64],
@@ -1147,7 +1210,7 @@ mod autodiff {
 
     use super::{EmberBackend, QuantMatrix};
     use crate::attention::AttentionSpec;
-    use crate::fused::{CrossEntropySpec, RotaryPairs};
+    use crate::fused::{CrossEntropySpec, LoraOperands, RotaryPairs};
 
     /// The backward pass of [`EmberBackend::quant_linear`]: `∂L/∂x = g·deq(W)`, dequantizing
     /// again; the only state kept is the (shared) quantized weight. No weight gradient: the
@@ -1257,6 +1320,16 @@ mod autodiff {
 
         fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
             crate::fused::autodiff::swiglu::<B, C>(gate, up)
+        }
+
+        fn fused_lora_linear(
+            x: FloatTensor<Self>,
+            x_adapter: Option<FloatTensor<Self>>,
+            lora_a: FloatTensor<Self>,
+            lora_b: FloatTensor<Self>,
+            operands: LoraOperands<Self>,
+        ) -> FloatTensor<Self> {
+            crate::fused::autodiff::lora_linear::<B, C>(x, x_adapter, lora_a, lora_b, operands)
         }
 
         // Outside the graph only (the loss's hand-made gradient).

@@ -50,6 +50,8 @@ pub struct LoraReport {
     pub trainable_params: usize,
     /// All parameters of the base model.
     pub base_params: usize,
+    /// Adapted modules kept unchanged and not run ([`CausalLm::indexer_adapters`]), with why.
+    pub kept_unchanged: Option<(String, Vec<String>)>,
 }
 
 impl std::fmt::Display for LoraReport {
@@ -61,7 +63,15 @@ impl std::fmt::Display for LoraReport {
             self.trainable_params,
             self.base_params,
             100.0 * self.trainable_params as f64 / self.base_params.max(1) as f64
-        )
+        )?;
+        if let Some((why, paths)) = &self.kept_unchanged {
+            write!(
+                f,
+                "; {} adapted modules on {why} kept unchanged and not run",
+                paths.len()
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -245,10 +255,16 @@ impl<B: EmberBackend> CausalLm<B> {
                 }
             }
         }
+        let paths = self.indexer_adapters.keys().map(String::as_str);
+        let kept_unchanged = self
+            .config
+            .unloaded_indexers(paths)
+            .map(|(why, paths)| (why, paths.into_iter().map(str::to_string).collect()));
         LoraReport {
             targets,
             trainable_params,
             base_params: self.base_param_count(),
+            kept_unchanged,
         }
     }
 
@@ -286,6 +302,7 @@ impl<B: EmberBackend> CausalLm<B> {
     /// `config` is invalid or matches nothing.
     pub fn attach_lora(&mut self, config: &LoraConfig, device: &B::Device) -> Result<LoraReport> {
         config.validate()?;
+        self.indexer_adapters.clear();
         let config = self.peft_lora_config(config)?;
         if !config.target_parameters.is_empty() && config.lora_dropout > 0.0 {
             return Err(LoraError::InvalidConfig {
@@ -375,7 +392,9 @@ impl<B: EmberBackend> CausalLm<B> {
 
     /// Loads a PEFT adapter: every tensor must name an adaptable layer of this model (or a
     /// stacked expert parameter its config targets) with matching shapes; nothing is attached
-    /// unless all fit.
+    /// unless all fit. Pairs on GLM-5's sparse-attention indexers (PEFT's `all-linear` adapts
+    /// them; Ember does not run the indexers, which keep every key at the lengths it runs) are
+    /// kept unchanged in [`CausalLm::indexer_adapters`] and written back with the adapter.
     pub fn load_adapter(&mut self, files: &AdapterFiles, device: &B::Device) -> Result<LoraReport> {
         let mut pending: BTreeMap<String, LoraAdapter<B>> = BTreeMap::new();
         let mut known: BTreeMap<String, [usize; 2]> = BTreeMap::new();
@@ -402,7 +421,12 @@ impl<B: EmberBackend> CausalLm<B> {
             key: format!("base_model.model.{path}.lora_A.weight"),
             message,
         };
+        let mut indexer_adapters = BTreeMap::new();
         for (path, t) in &files.tensors {
+            if self.config.unloaded_indexers(std::iter::once(path.as_str())).is_some() {
+                indexer_adapters.insert(path.clone(), t.clone());
+                continue;
+            }
             if self.names.wrapped && !self.names.is_text_module(path) {
                 return Err(unexpected(
                     path,
@@ -478,6 +502,7 @@ impl<B: EmberBackend> CausalLm<B> {
                 layer.attach(adapter, &path)?;
             }
         }
+        self.indexer_adapters = indexer_adapters;
         Ok(self.report())
     }
 
@@ -502,7 +527,8 @@ impl<B: EmberBackend> CausalLm<B> {
             .into_iter()
             .filter_map(|(path, layer)| layer.adapter.as_ref().map(|a| (path, host(a))))
             .collect();
-        let tensors = self.peft_tensors(per_layer);
+        let mut tensors = self.peft_tensors(per_layer);
+        tensors.extend(self.indexer_adapters.clone());
         let config = self.peft_lora_config(config).unwrap_or_else(|_| config.clone());
         AdapterFiles {
             config,
@@ -535,7 +561,8 @@ impl<B: EmberBackend> CausalLm<B> {
 
     /// The inverse of [`CausalLm::peft_tensors`]: an adapter file's pairs keyed by
     /// [`CausalLm::linear_layers`] paths, each stacked expert parameter's flat pair split into
-    /// its experts' `{param}.{index}` pairs (by the file config's target_parameters).
+    /// its experts' `{param}.{index}` pairs (by the file config's target_parameters). Pairs
+    /// on sparse-attention indexers (not layers Ember runs) are left out.
     pub fn layer_tensors(&self, files: &AdapterFiles) -> Result<BTreeMap<String, AdapterTensors>> {
         let mut counts: BTreeMap<String, (usize, ExpertLoraLayout)> = BTreeMap::new();
         for (_, reach, _) in self.adaptable_layers() {
@@ -552,6 +579,9 @@ impl<B: EmberBackend> CausalLm<B> {
         let keys = self.expert_file_keys(&|param| files.config.targets_parameter(param));
         let mut out = BTreeMap::new();
         for (path, t) in &files.tensors {
+            if self.config.unloaded_indexers(std::iter::once(path.as_str())).is_some() {
+                continue;
+            }
             match keys.get(path) {
                 Some(param) => {
                     let (count, layout) = counts[param];
@@ -591,6 +621,7 @@ impl<B: EmberBackend> CausalLm<B> {
         for (_, layer) in self.linear_layers_mut() {
             layer.adapter = None;
         }
+        self.indexer_adapters.clear();
     }
 
     /// Turns every adapter branch on or off (the base alone is computed when off).

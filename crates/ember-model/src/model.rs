@@ -882,6 +882,12 @@ pub struct CausalLm<B: Backend> {
     /// not loaded.
     #[module(skip)]
     pub ignored_components: Vec<(String, usize)>,
+    /// PEFT adapter pairs on GLM-5's sparse-attention indexers, by module path: kept as read
+    /// and written back unchanged. Up to `index_topk` positions the indexer keeps every key, so
+    /// they cannot change an output, and PEFT gives them no gradient (top-k selection is not
+    /// differentiable); `ember merge` folds them into the indexer weights by key.
+    #[module(skip)]
+    pub indexer_adapters: BTreeMap<String, ember_lora::AdapterTensors>,
 }
 
 impl<B: EmberBackend> CausalLm<B> {
@@ -1301,6 +1307,7 @@ impl<B: EmberBackend> CausalLm<B> {
             local_rope,
             names,
             ignored_components,
+            indexer_adapters: BTreeMap::new(),
         })
     }
 

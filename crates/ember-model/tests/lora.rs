@@ -90,6 +90,76 @@ fn peft_adapters_give_peft_logits() {
     }
 }
 
+/// PEFT's `all-linear` on GLM-5 adapts the sparse-attention indexers (`wq_b`, `wk`,
+/// `weights_proj`), which Ember does not run: at these lengths the indexer keeps every key, so
+/// those pairs cannot change the logits (the generator measured 0.0 with them zeroed, and PEFT
+/// gives them no gradient). They load, are reported, and are written back bit for bit.
+#[test]
+fn glm5_all_linear_adapter_keeps_indexer_pairs_unchanged() {
+    let arch = "glm_moe_dsa";
+    let inputs = Inputs::read(arch);
+    let mut m = model(arch);
+    let files = AdapterFiles::read(&fixtures().join(arch).join("adapter_all_linear")).unwrap();
+    let report = m.load_adapter(&files, &Default::default()).unwrap();
+    let indexer_paths: Vec<&String> = files.tensors.keys().filter(|p| p.contains(".indexer.")).collect();
+    assert_eq!(indexer_paths.len(), 3, "the fixture adapts wq_b, wk and weights_proj");
+    let (why, kept) = report.kept_unchanged.clone().expect("indexer pairs reported");
+    assert_eq!(kept.iter().collect::<Vec<_>>(), indexer_paths);
+    assert!(why.contains("every key kept up to 32 positions"), "{why}");
+    assert!(
+        report
+            .to_string()
+            .contains("3 adapted modules on sparse-attention indexers"),
+        "{report}"
+    );
+    compare(
+        arch,
+        "all-linear adapter",
+        &logits(&m, &inputs),
+        "all_linear_lora_logits.safetensors",
+        &inputs,
+    );
+    let written = m.adapter_files(&files.config, None);
+    assert_eq!(
+        written.tensors.keys().collect::<Vec<_>>(),
+        files.tensors.keys().collect::<Vec<_>>()
+    );
+    for path in indexer_paths {
+        assert_eq!(
+            written.tensors[path], files.tensors[path],
+            "{path} written back unchanged"
+        );
+    }
+    // `ember merge` folds them into the indexer weights as PEFT's merge_and_unload does.
+    let out = tempdir("merged-glm5-all-linear");
+    merge_checkpoint(&fixtures().join(arch), &files, &out, MergeDtype::Same).unwrap();
+    let ours = Weights::open_dir(&out).unwrap();
+    let reference_file = fixtures().join(arch).join("all_linear_merged_indexers.safetensors");
+    let theirs = Weights::open_files(reference_file.parent().unwrap(), &[reference_file.clone()]).unwrap();
+    assert_eq!(theirs.keys().count(), 3);
+    for key in theirs.keys() {
+        let (shape, _) = theirs.info(key).unwrap();
+        let (a, b) = (
+            ours.read_f32(key, &shape).unwrap(),
+            theirs.read_f32(key, &shape).unwrap(),
+        );
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-6, "merged {key} differs from PEFT's by {worst:.3e}");
+    }
+    let merged = CausalLm::<TestBackend>::from_dir(&out, &Default::default()).unwrap();
+    compare(
+        arch,
+        "all-linear merged checkpoint",
+        &logits(&merged, &inputs),
+        "all_linear_lora_logits.safetensors",
+        &inputs,
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+    // Removing the adapters drops them.
+    m.remove_adapters();
+    assert!(m.indexer_adapters.is_empty() && m.adapter_files(&files.config, None).tensors.is_empty());
+}
+
 #[test]
 fn streaming_merge_reproduces_peft_merged_checkpoint() {
     for arch in families() {
