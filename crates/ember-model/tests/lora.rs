@@ -135,7 +135,7 @@ fn glm5_all_linear_adapter_keeps_indexer_pairs_unchanged() {
     merge_checkpoint(&fixtures().join(arch), &files, &out, MergeDtype::Same).unwrap();
     let ours = Weights::open_dir(&out).unwrap();
     let reference_file = fixtures().join(arch).join("all_linear_merged_indexers.safetensors");
-    let theirs = Weights::open_files(reference_file.parent().unwrap(), &[reference_file.clone()]).unwrap();
+    let theirs = Weights::open_files(reference_file.parent().unwrap(), std::slice::from_ref(&reference_file)).unwrap();
     assert_eq!(theirs.keys().count(), 3);
     for key in theirs.keys() {
         let (shape, _) = theirs.info(key).unwrap();
