@@ -874,7 +874,7 @@ impl DecoderConfig {
         }
         // Sizes far beyond any released model are a broken or hostile file: refused before
         // anything is allocated from them.
-        let limits: [(&str, Option<usize>, usize); 13] = [
+        let limits: [(&str, Option<usize>, usize); 25] = [
             ("vocab_size", Some(hf.vocab_size), 1 << 24),
             ("vocab_size_per_layer_input", hf.vocab_size_per_layer_input, 1 << 24),
             ("hidden_size_per_layer_input", hf.hidden_size_per_layer_input, 1 << 17),
@@ -888,6 +888,22 @@ impl DecoderConfig {
             ("num_key_value_heads", hf.num_key_value_heads, 1 << 12),
             ("head_dim", hf.head_dim, 1 << 14),
             ("max_position_embeddings", hf.max_position_embeddings, 1 << 32),
+            ("num_local_experts", hf.num_local_experts, 1 << 16),
+            ("num_experts", hf.num_experts, 1 << 16),
+            ("n_routed_experts", hf.n_routed_experts, 1 << 16),
+            ("num_experts_per_tok", hf.num_experts_per_tok, 1 << 16),
+            ("top_k_experts", hf.top_k_experts, 1 << 16),
+            ("moe_intermediate_size", hf.moe_intermediate_size, 1 << 20),
+            (
+                "shared_expert_intermediate_size",
+                hf.shared_expert_intermediate_size,
+                1 << 20,
+            ),
+            ("intermediate_size_mlp", hf.intermediate_size_mlp, 1 << 20),
+            ("linear_num_key_heads", hf.linear_num_key_heads, 1 << 12),
+            ("linear_num_value_heads", hf.linear_num_value_heads, 1 << 12),
+            ("linear_key_head_dim", hf.linear_key_head_dim, 1 << 14),
+            ("linear_value_head_dim", hf.linear_value_head_dim, 1 << 14),
         ];
         for (key, value, limit) in limits {
             if let Some(v) = value.filter(|&v| v > limit) {

@@ -161,3 +161,27 @@ proptest! {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A case the fuzzer found (2026-12-06): an expert width of 2⁶⁴ − 1 overflowed `2·inter` while
+/// loading the experts. MoE and linear-attention sizes are now bounded like the others.
+#[test]
+fn huge_expert_sizes_are_refused_by_key() {
+    for (arch, key) in [
+        ("gemma4_moe", "moe_intermediate_size"),
+        ("qwen3_moe", "num_experts"),
+        ("glm4_moe", "n_routed_experts"),
+    ] {
+        let text = std::fs::read_to_string(common::fixtures().join(arch).join("config.json")).unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        config[key] = serde_json::json!(u64::MAX);
+        let dir = scratch("huge");
+        let path = dir.join("config.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let e = DecoderConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("config.json") && e.contains(key) && e.contains("beyond"),
+            "{arch}: {e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
