@@ -1335,6 +1335,12 @@ mod tests {
         assert!(max_rel(&values(float::<Cpu, 1>(du)), &want_du) < 1e-6);
     }
 
+    /// Asserts `max_rel(got, want) < tol`, naming `what` and the difference.
+    fn assert_rel(what: &str, got: &[f32], want: &[f32], tol: f32) {
+        let d = max_rel(got, want);
+        assert!(d < tol, "{what}: {d}");
+    }
+
     /// The eager composition [`crate::LoraLinear`] ran before the fused op.
     fn eager_lora<B: Backend>(
         x: Tensor<B, 2>,
@@ -1391,25 +1397,13 @@ mod tests {
             let (want, want_dx, want_da, want_db) = run(false);
             let (got, got_dx, got_da, got_db) = run(true);
             let case = format!("separate {separate}, x tracked {x_tracked}");
-            assert!(max_rel(&got, &want) < 1e-5, "{case}: value {}", max_rel(&got, &want));
+            assert_rel(&format!("{case}: value"), &got, &want, 1e-5);
             assert_eq!(got_dx.is_some(), x_tracked, "{case}");
             if let (Some(got_dx), Some(want_dx)) = (&got_dx, &want_dx) {
-                assert!(
-                    max_rel(got_dx, want_dx) < 1e-5,
-                    "{case}: dx {}",
-                    max_rel(got_dx, want_dx)
-                );
+                assert_rel(&format!("{case}: dx"), got_dx, want_dx, 1e-5);
             }
-            assert!(
-                max_rel(&got_da, &want_da) < 1e-5,
-                "{case}: dA {}",
-                max_rel(&got_da, &want_da)
-            );
-            assert!(
-                max_rel(&got_db, &want_db) < 1e-5,
-                "{case}: dB {}",
-                max_rel(&got_db, &want_db)
-            );
+            assert_rel(&format!("{case}: dA"), &got_da, &want_da, 1e-5);
+            assert_rel(&format!("{case}: dB"), &got_db, &want_db, 1e-5);
 
             // The burn-op composition (GPU backends' path) on the same values.
             let p = |v: &Vec<f32>, dims: [usize; 2]| prim(tensor::<Cpu, 2>(v.clone(), dims));
