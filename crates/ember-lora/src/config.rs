@@ -479,6 +479,9 @@ pub struct FusedMoeTargets {
     pub renames: &'static [(&'static str, &'static str)],
     /// `(v5 parameter, the v4 names fused into it in order)`: `("gate_up_proj", ["w1", "w3"])`.
     pub fused: &'static [(&'static str, &'static [&'static str])],
+    /// Module renames between the v4 and v5 layouts that apply to every key of a v4 adapter:
+    /// `(".block_sparse_moe.", ".mlp.")` for Mixtral.
+    pub renamed_modules: &'static [(&'static str, &'static str)],
 }
 
 /// The module paths of a model that PEFT's target rewrite looks at

@@ -11,11 +11,13 @@
 //! Ember keeps one adapter per expert on the expert's `[out, in]` linear layer (A_e `[r, in]`,
 //! B_e `[out, r]`) and converts at the file boundary with [`split_flat`] and [`join_flat`].
 
+use std::collections::BTreeMap;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 
 use crate::adapter::AdapterTensors;
-use crate::config::{InitLoraWeights, InitName, ModuleLora};
+use crate::config::{FusedMoeTargets, InitLoraWeights, InitName, ModuleLora};
 use crate::error::{LoraError, Result};
 use crate::linear::LoraAdapter;
 
@@ -245,4 +247,158 @@ pub fn nested_keys(container: &str, params: &[String]) -> Vec<(String, String)> 
         .enumerate()
         .map(|(i, p)| (format!("{container}{}", ".base_layer".repeat(n - 1 - i)), p.clone()))
         .collect()
+}
+
+/// PEFT 0.21's conversion of an adapter saved for transformers 4's per-expert MoE modules
+/// (`peft.utils.transformers_weight_conversion`, applied when PEFT loads one): keys are renamed
+/// as the checkpoint's modules were (Mixtral's `.block_sparse_moe.` → `.mlp.`), and the pairs
+/// of `{container}.experts.{e}.{name}` (`gate_proj`, `up_proj`, `down_proj`; Mixtral's `w1`,
+/// `w3`, `w2`) become the flat pair of the stacked parameter (`gate_up_proj`, `down_proj`) in
+/// PEFT's layout. Projections fused into one parameter fuse their adapters: A's stacked
+/// (`[A_gate; A_up]`), B's block-diagonal, so each expert's update stays
+/// `[B_gate·A_gate; B_up·A_up]` at rank `2r` (the config's rank and alpha on `gate_up_proj`
+/// double in [`crate::LoraConfig::with_fused_moe_targets`]). Keys of other modules pass
+/// through (renamed). `experts_of(param)` gives a stacked parameter's expert count and layout
+/// (`None`: no such parameter). Errors name the adapter key that is missing or does not fit.
+pub fn fuse_v4_expert_tensors(
+    tensors: &BTreeMap<String, AdapterTensors>,
+    fused: &FusedMoeTargets,
+    experts_of: &dyn Fn(&str) -> Option<(usize, ExpertLoraLayout)>,
+) -> Result<BTreeMap<String, AdapterTensors>> {
+    // (container, stacked parameter) -> v4 name -> expert -> pair
+    type PerExpert<'a> = BTreeMap<&'static str, BTreeMap<usize, &'a AdapterTensors>>;
+    let mut groups: BTreeMap<(String, &'static str), PerExpert<'_>> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for (key, t) in tensors {
+        let mut key = key.clone();
+        for (from, to) in fused.renamed_modules {
+            key = key.replace(from, to);
+        }
+        let v4 = key.rsplit_once('.').and_then(|(rest, name)| {
+            let (container, index) = rest.rsplit_once('.')?;
+            let index: usize = index.parse().ok()?;
+            let &(old, new) = fused.renames.iter().find(|(old, _)| *old == name)?;
+            (container.ends_with(".experts") && !new.contains('.')).then(|| (container.to_string(), old, new, index))
+        });
+        match v4 {
+            Some((container, old, new, e)) => {
+                groups
+                    .entry((container, new))
+                    .or_default()
+                    .entry(old)
+                    .or_default()
+                    .insert(e, t);
+            }
+            None => {
+                out.insert(key, t.clone());
+            }
+        }
+    }
+    let file_key =
+        |container: &str, e: usize, name: &str| format!("base_model.model.{container}.{e}.{name}.lora_A.weight");
+    // The stacked parameters of each container, in their order of definition (that of `renames`).
+    let mut params_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (container, new) in groups.keys() {
+        params_of
+            .entry(container.clone())
+            .or_default()
+            .push(format!("{container}.{new}"));
+    }
+    let order = |p: &String| {
+        fused
+            .renames
+            .iter()
+            .position(|(_, new)| p.ends_with(&format!(".{new}")))
+    };
+    for params in params_of.values_mut() {
+        params.sort_by_key(order);
+    }
+    for ((container, new), by_name) in &groups {
+        let param = format!("{container}.{new}");
+        let olds: Vec<&str> = fused
+            .fused
+            .iter()
+            .find(|(p, _)| p == new)
+            .map_or_else(|| by_name.keys().copied().collect(), |(_, olds)| olds.to_vec());
+        let Some((count, layout)) = experts_of(&param) else {
+            let (old, per) = by_name.iter().next().expect("a group holds one name at least");
+            let e = per.keys().next().copied().unwrap_or(0);
+            return Err(LoraError::UnexpectedTensor {
+                path: "adapter_model.safetensors".into(),
+                key: file_key(container, e, old),
+                message: format!("the model has no stacked expert parameter `{param}` for this v4 per-expert adapter"),
+            });
+        };
+        let extra = by_name
+            .iter()
+            .find_map(|(name, m)| m.keys().find(|&&i| i >= count).map(|&i| (*name, i)));
+        if let Some((name, extra)) = extra {
+            return Err(LoraError::UnexpectedTensor {
+                path: "adapter_model.safetensors".into(),
+                key: file_key(container, extra, name),
+                message: format!("expert {extra}, but `{param}` has {count} experts"),
+            });
+        }
+        let mut per_expert = Vec::with_capacity(count);
+        for e in 0..count {
+            let mut parts = Vec::with_capacity(olds.len());
+            for old in &olds {
+                let Some(t) = by_name.get(old).and_then(|m| m.get(&e)) else {
+                    return Err(LoraError::MissingTensor {
+                        path: "adapter_model.safetensors".into(),
+                        key: format!(
+                            "{} (this v4 per-expert adapter adapts `{param}`, which fuses {} of all {count} experts)",
+                            file_key(container, e, old),
+                            olds.join(" and ")
+                        ),
+                    });
+                };
+                parts.push(*t);
+            }
+            per_expert.push(fuse_pairs(&parts, &file_key(container, e, olds[0]))?);
+        }
+        let flat = join_flat(&per_expert, layout);
+        let key = nested_keys(container, &params_of[container])
+            .into_iter()
+            .find(|(_, p)| *p == param)
+            .map(|(k, _)| k)
+            .expect("the parameter is one of its container's");
+        out.insert(key, flat);
+    }
+    Ok(out)
+}
+
+/// Adapters of projections fused along the output rows, as one adapter:
+/// A = `[A_1; A_2; …]`, B = `diag(B_1, B_2, …)` (equal ranks and inputs).
+fn fuse_pairs(parts: &[&AdapterTensors], key: &str) -> Result<AdapterTensors> {
+    let [r, inp] = parts[0].a_shape;
+    if let Some(bad) = parts.iter().find(|t| t.a_shape != [r, inp] || t.b_shape[1] != r) {
+        return Err(LoraError::ShapeMismatch {
+            key: format!("{key} and the projections fused with it (equal r and in needed)"),
+            expected: vec![r, inp],
+            found: bad.a_shape.to_vec(),
+        });
+    }
+    if parts.len() == 1 {
+        return Ok(parts[0].clone());
+    }
+    let n = parts.len();
+    let rows: usize = parts.iter().map(|t| t.b_shape[0]).sum();
+    let mut lora_a = Vec::with_capacity(n * r * inp);
+    let mut lora_b = vec![0.0; rows * n * r];
+    let mut row0 = 0;
+    for (i, t) in parts.iter().enumerate() {
+        lora_a.extend_from_slice(&t.lora_a);
+        for row in 0..t.b_shape[0] {
+            let dst = (row0 + row) * n * r + i * r;
+            lora_b[dst..dst + r].copy_from_slice(&t.lora_b[row * r..(row + 1) * r]);
+        }
+        row0 += t.b_shape[0];
+    }
+    Ok(AdapterTensors {
+        lora_a,
+        a_shape: [n * r, inp],
+        lora_b,
+        b_shape: [rows, n * r],
+    })
 }

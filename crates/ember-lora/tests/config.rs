@@ -364,6 +364,7 @@ fn fused_moe_targets_follow_peft() {
             ("down_proj", "down_proj"),
         ],
         fused: &[("gate_up_proj", &["gate_proj", "up_proj"])],
+        renamed_modules: &[],
     };
     let mut paths = MoeTargetPaths::default();
     for layer in 0..2 {

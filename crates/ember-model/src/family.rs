@@ -316,6 +316,7 @@ const MIXTRAL_FUSED: FusedMoeTargets = FusedMoeTargets {
         ("w2", "down_proj"),
     ],
     fused: &[("gate_up_proj", &["w1", "w3"])],
+    renamed_modules: &[(".block_sparse_moe.", ".mlp.")],
 };
 
 /// PEFT's target rewrite for the families transformers maps as `qwen2_moe` (Qwen2/3-MoE,
@@ -328,6 +329,7 @@ const QWEN2_MOE_FUSED: FusedMoeTargets = FusedMoeTargets {
         ("down_proj", "down_proj"),
     ],
     fused: &[("gate_up_proj", &["gate_proj", "up_proj"])],
+    renamed_modules: &[],
 };
 
 /// DeepSeek-style sigmoid routing with transformers' GLM defaults; rows override what differs.

@@ -370,6 +370,50 @@ impl<B: EmberBackend> CausalLm<B> {
         Ok(self.report())
     }
 
+    /// `files` as PEFT 0.21 loads them on this model. For a family whose experts transformers 5
+    /// fuses: the config rewritten as [`CausalLm::peft_lora_config`] rewrites it (v4 expert and
+    /// router names become `target_parameters`), and the pairs of an adapter saved for
+    /// transformers 4's per-expert modules (`mlp.experts.3.gate_proj`, Mixtral's
+    /// `block_sparse_moe.experts.3.w1`) fused into the stacked parameters' flat pairs
+    /// ([`ember_lora::expert::fuse_v4_expert_tensors`]). Other models take `files` as they are.
+    pub fn peft_adapter_files<'f>(&self, files: &'f AdapterFiles) -> Result<std::borrow::Cow<'f, AdapterFiles>> {
+        let Some(fused) = self.config.spec().peft_fused_moe else {
+            return Ok(std::borrow::Cow::Borrowed(files));
+        };
+        let mut experts = BTreeMap::new();
+        for (_, reach, _) in self.adaptable_layers() {
+            if let LayerReach::Expert {
+                param,
+                index: 0,
+                count,
+                layout,
+            } = reach
+            {
+                experts.insert(param, (count, layout));
+            }
+        }
+        let tensors = ember_lora::expert::fuse_v4_expert_tensors(&files.tensors, &fused, &|p| experts.get(p).copied())?;
+        let config = self.peft_lora_config(&files.config)?;
+        let same_keys = tensors.keys().eq(files.tensors.keys());
+        if same_keys && config == files.config {
+            return Ok(std::borrow::Cow::Borrowed(files));
+        }
+        if !same_keys {
+            tracing::info!(
+                "converted an adapter made for transformers 4's per-expert MoE modules to the fused experts, as PEFT \
+                 0.21 does: {} adapted modules became {}",
+                files.tensors.len(),
+                tensors.len()
+            );
+        }
+        Ok(std::borrow::Cow::Owned(AdapterFiles {
+            config,
+            base_model_name_or_path: files.base_model_name_or_path.clone(),
+            tensors,
+            exact_targets: files.exact_targets,
+        }))
+    }
+
     /// For each stacked expert parameter that `adapted` says carries LoRA, the module path PEFT
     /// files its flat pair under: parameters of one module nest as wrappers in their order of
     /// definition (`gate_up_proj` inside `down_proj`), the inner ones behind `.base_layer`s
@@ -395,7 +439,12 @@ impl<B: EmberBackend> CausalLm<B> {
     /// unless all fit. Pairs on GLM-5's sparse-attention indexers (PEFT's `all-linear` adapts
     /// them; Ember does not run the indexers, which keep every key at the lengths it runs) are
     /// kept unchanged in [`CausalLm::indexer_adapters`] and written back with the adapter.
+    ///
+    /// An adapter saved for transformers 4's per-expert modules is converted first, as PEFT 0.21
+    /// converts it ([`CausalLm::peft_adapter_files`]).
     pub fn load_adapter(&mut self, files: &AdapterFiles, device: &B::Device) -> Result<LoraReport> {
+        let files = self.peft_adapter_files(files)?;
+        let files = files.as_ref();
         let mut pending: BTreeMap<String, LoraAdapter<B>> = BTreeMap::new();
         let mut known: BTreeMap<String, [usize; 2]> = BTreeMap::new();
         let mut experts: BTreeMap<String, (usize, ExpertLoraLayout, [usize; 2])> = BTreeMap::new();
@@ -665,6 +714,14 @@ pub fn merge_checkpoint(
         crate::family::ModuleNames::text_only()
     };
     let moe = config.moe.as_ref();
+    let converted;
+    let adapter = match (config.spec().peft_fused_moe, moe) {
+        (Some(fused), Some(moe)) => {
+            converted = v4_adapter_fused(adapter, &fused, moe)?;
+            converted.as_ref().unwrap_or(adapter)
+        }
+        _ => adapter,
+    };
     let checkpoint_key = |module: &str| {
         let key = names.checkpoint_key(module);
         // Mixtral's router is `mlp.gate` in transformers 5 and `block_sparse_moe.gate` on disk.
@@ -760,4 +817,43 @@ pub fn merge_checkpoint(
         }
     }
     Ok(ember_lora::merge::merge_checkpoint_slices(base, slices, out, dtype)?)
+}
+
+/// A v4 per-expert adapter converted as PEFT 0.21 converts it (see
+/// [`CausalLm::peft_adapter_files`]), for a checkpoint on disk (no model loaded): the config's
+/// rewrite reads the module paths off the adapter's own keys. `None`: nothing to convert.
+fn v4_adapter_fused(
+    adapter: &AdapterFiles,
+    fused: &ember_lora::FusedMoeTargets,
+    moe: &crate::config::MoeConfig,
+) -> Result<Option<AdapterFiles>> {
+    let experts_module = format!(".{}", moe.layout.experts_module());
+    let experts_of = |param: &str| {
+        let (container, leaf) = param.rsplit_once('.')?;
+        let gate_up = leaf == "gate_up_proj";
+        (container.ends_with(&experts_module) && (gate_up || leaf == "down_proj"))
+            .then(|| (moe.num_experts, moe.layout.expert_lora_layout(gate_up)))
+    };
+    let tensors = ember_lora::expert::fuse_v4_expert_tensors(&adapter.tensors, fused, &experts_of)?;
+    if tensors.keys().eq(adapter.tensors.keys()) {
+        return Ok(None);
+    }
+    let mut paths = ember_lora::MoeTargetPaths::default();
+    for key in tensors.keys() {
+        let container = key.trim_end_matches(".base_layer");
+        if container.ends_with(&experts_module) {
+            if !paths.expert_containers.iter().any(|c| c == container) {
+                paths.other.push(container.to_string());
+                paths.expert_containers.push(container.to_string());
+            }
+        } else {
+            paths.linear.push(key.clone());
+        }
+    }
+    Ok(Some(AdapterFiles {
+        config: adapter.config.with_fused_moe_targets(fused, &paths)?,
+        base_model_name_or_path: adapter.base_model_name_or_path.clone(),
+        tensors,
+        exact_targets: adapter.exact_targets,
+    }))
 }

@@ -708,3 +708,138 @@ fn expert_lora_refuses_half_a_fused_projection_and_dropout() {
         "nothing attached"
     );
 }
+
+/// Adapters saved for transformers 4's per-expert MoE modules (`experts.{e}.gate_proj`,
+/// Mixtral's `block_sparse_moe.experts.{e}.w1` and router `block_sparse_moe.gate`) load as PEFT
+/// 0.21.2 converts them: PEFT's logits, PEFT's converted files when written back, PEFT's
+/// merged outputs; and a regex naming the v4 expert modules resolves as in `get_peft_model`.
+/// References: `tests/fixtures/gen_v4_expert_lora.py`.
+#[test]
+fn v4_expert_adapters_and_regex_targets_convert_as_peft_does() {
+    let device = Default::default();
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("v4_expert_lora.json")).unwrap()).unwrap();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let target_names = |c: &LoraConfig| match &c.target_modules {
+        TargetModules::List(l) => sorted(l.clone()),
+        TargetModules::Pattern(p) => vec![p.clone()],
+    };
+    for arch in ["mixtral", "qwen3_moe"] {
+        let dir = fixtures().join(arch);
+        let inputs = Inputs::read(arch);
+        let v4 = AdapterFiles::read(&dir.join("adapter_v4")).unwrap();
+        assert!(
+            v4.tensors.keys().any(|k| k.contains(".experts.3.")),
+            "{arch}: the fixture holds per-expert keys"
+        );
+        let mut m = model(arch);
+        let report = m.load_adapter(&v4, &device).unwrap();
+        compare(
+            arch,
+            "v4 adapter",
+            &logits(&m, &inputs),
+            "v4_lora_logits.safetensors",
+            &inputs,
+        );
+        assert!(
+            report.targets.iter().any(|t| t.ends_with("experts.gate_up_proj")),
+            "{report:?}"
+        );
+
+        // Written back, it is what PEFT saves after converting: same keys, tensors, settings.
+        let peft = AdapterFiles::read(&dir.join("adapter_v4_peft")).unwrap();
+        let ours = m.adapter_files(&v4.config, None);
+        assert_eq!(
+            ours.tensors.keys().collect::<Vec<_>>(),
+            peft.tensors.keys().collect::<Vec<_>>(),
+            "{arch}: converted keys"
+        );
+        for (key, t) in &peft.tensors {
+            assert_eq!(
+                &ours.tensors[key], t,
+                "{arch} {key}: converted tensors (pure data movement)"
+            );
+        }
+        assert_eq!(target_names(&ours.config), target_names(&peft.config), "{arch}");
+        assert_eq!(
+            sorted(ours.config.target_parameters.clone()),
+            sorted(peft.config.target_parameters.clone()),
+            "{arch}"
+        );
+        assert_eq!(ours.config.rank_pattern, peft.config.rank_pattern, "{arch}");
+        assert_eq!(ours.config.alpha_pattern, peft.config.alpha_pattern, "{arch}");
+
+        // `ember merge` of the v4 adapter: the merged checkpoint gives PEFT's adapted logits.
+        let out = tempdir(&format!("merged-v4-{arch}"));
+        merge_checkpoint(&dir, &v4, &out, MergeDtype::Same).unwrap();
+        let merged = CausalLm::<TestBackend>::from_dir(&out, &Default::default()).unwrap();
+        compare(
+            arch,
+            "merged v4 adapter",
+            &logits(&merged, &inputs),
+            "v4_lora_logits.safetensors",
+            &inputs,
+        );
+        std::fs::remove_dir_all(&out).unwrap();
+
+        // A missing expert is refused by key, before anything is attached.
+        let mut partial = v4.clone();
+        let missing = partial
+            .tensors
+            .keys()
+            .find(|k| k.contains(".experts.3.") && (k.ends_with(".w3") || k.ends_with(".up_proj")))
+            .unwrap()
+            .clone();
+        partial.tensors.remove(&missing);
+        let mut fresh = model(arch);
+        let err = fresh.load_adapter(&partial, &device).unwrap_err().to_string();
+        let renamed = missing.replace(".block_sparse_moe.", ".mlp.");
+        assert!(
+            err.contains(&format!("base_model.model.{renamed}.lora_A.weight")),
+            "{err}"
+        );
+        assert!(fresh.adapter_files(&v4.config, None).tensors.is_empty());
+
+        // A regex naming the v4 expert modules: PEFT's adapted modules and settings.
+        let regex = record[arch]["regex"].as_str().unwrap();
+        let config = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            target_modules: TargetModules::Pattern(regex.into()),
+            ..Default::default()
+        };
+        let peft = AdapterFiles::read(&dir.join("adapter_regex")).unwrap();
+        let mut attached = model(arch);
+        attached.attach_lora(&config, &device).unwrap();
+        let ours = attached.adapter_files(&config, None);
+        assert_eq!(
+            ours.tensors.keys().collect::<Vec<_>>(),
+            peft.tensors.keys().collect::<Vec<_>>(),
+            "{arch}: modules the regex adapts"
+        );
+        for (key, t) in &peft.tensors {
+            let mine = &ours.tensors[key];
+            assert_eq!((mine.a_shape, mine.b_shape), (t.a_shape, t.b_shape), "{arch} {key}");
+        }
+        assert_eq!(target_names(&ours.config), target_names(&peft.config), "{arch} regex");
+        assert_eq!(
+            sorted(ours.config.target_parameters.clone()),
+            sorted(peft.config.target_parameters.clone()),
+            "{arch} regex"
+        );
+        assert_eq!(ours.config.rank_pattern, peft.config.rank_pattern, "{arch} regex");
+        assert_eq!(ours.config.alpha_pattern, peft.config.alpha_pattern, "{arch} regex");
+        let mut loaded = model(arch);
+        loaded.load_adapter(&peft, &device).unwrap();
+        compare(
+            arch,
+            "regex adapter",
+            &logits(&loaded, &inputs),
+            "regex_lora_logits.safetensors",
+            &inputs,
+        );
+    }
+}
