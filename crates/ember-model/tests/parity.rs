@@ -121,6 +121,7 @@ parity! {
     qwen3_5: "qwen3_5",
     qwen3_5_moe: "qwen3_5_moe",
     qwen3_5_wrapped: "qwen3_5_wrapped",
+    qwen3_5_moe_wrapped: "qwen3_5_moe_wrapped",
     qwen3_next: "qwen3_next",
     qwen3_moe_experts: "qwen3_moe_experts",
     mixtral_experts: "mixtral_experts",

@@ -176,5 +176,6 @@ training_parity! {
     qwen3_5_training_matches_peft: "qwen3_5",
     qwen3_5_moe_training_matches_peft: "qwen3_5_moe",
     qwen3_5_wrapped_training_matches_peft: "qwen3_5_wrapped",
+    qwen3_5_moe_wrapped_training_matches_peft: "qwen3_5_moe_wrapped",
     qwen3_next_training_matches_peft: "qwen3_next",
 }
