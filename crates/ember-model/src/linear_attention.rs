@@ -166,6 +166,51 @@ impl<B: EmberBackend> GatedDeltaNet<B> {
 }
 
 impl<B: EmberBackend> GatedDeltaNet<B> {
+    /// Mixes packed rows: each run of `runs` (a packed sample's positions) from an empty
+    /// state, so that no sample's convolution or recurrent state reaches the next; returns the
+    /// output and, per row, the state after its last run.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`; `padding`: `[batch, seq]`
+    /// - `runs`: `batch` rows of ranges that cover `0..seq` in order
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward_packed(
+        &self,
+        x: Tensor<B, 3>,
+        padding: Option<&Tensor<B, 2>>,
+        runs: &[Vec<std::ops::Range<usize>>],
+    ) -> (Tensor<B, 3>, RecurrentState<B>) {
+        let [batch, seq, _] = x.dims();
+        assert_eq!(runs.len(), batch, "one list of runs per row");
+        let mut rows = Vec::with_capacity(batch);
+        let (mut convs, mut states) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
+        for (b, row_runs) in runs.iter().enumerate() {
+            let row = x.clone().narrow(0, b, 1);
+            let row_padding = padding.map(|p| p.clone().narrow(0, b, 1));
+            let mut pieces = Vec::with_capacity(row_runs.len());
+            let mut last = None;
+            for run in row_runs {
+                assert!(run.end <= seq && run.start < run.end, "run {run:?} outside 0..{seq}");
+                let piece = row.clone().narrow(1, run.start, run.len());
+                let piece_padding = row_padding.as_ref().map(|p| p.clone().narrow(1, run.start, run.len()));
+                let (out, state) = self.forward_cached(piece, piece_padding.as_ref(), None);
+                pieces.push(out);
+                last = Some(state);
+            }
+            let last = last.expect("a row holds one run at least");
+            convs.push(last.conv);
+            states.push(last.state);
+            rows.push(Tensor::cat(pieces, 1));
+        }
+        (
+            Tensor::cat(rows, 0),
+            RecurrentState {
+                conv: Tensor::cat(convs, 0),
+                state: Tensor::cat(states, 0),
+            },
+        )
+    }
+
     /// The mixer's inputs: `[q | k | v]` for the convolution `[batch, seq, 2·k_heads·k_dim +
     /// v_heads·v_dim]`, the gate `z` `[batch, seq, v_heads·v_dim]`, and `b`, `a`
     /// `[batch, seq, v_heads]`; value heads in order (each key head's `r` consecutive ones).

@@ -155,6 +155,10 @@ pub struct AttentionInputs<'a, B: Backend> {
     /// The new positions' padding, 1 real and 0 pad, `[batch, seq]` (linear attention zeroes
     /// padded inputs; `None` without padding).
     pub padding: Option<Tensor<B, 2>>,
+    /// Packed rows, for linear attention (whose state must not run from one sample into the
+    /// next): per row, the position ranges of its runs of equal segment id, in order; `None`
+    /// when no row holds more than one run.
+    pub packed_runs: Option<&'a [Vec<std::ops::Range<usize>>]>,
 }
 
 /// What one layer keeps between decoding steps; one variant per attention kind.
@@ -389,7 +393,13 @@ impl<B: EmberBackend> SelfAttention<B> {
                     LayerCache::Recurrent(state) => Some(state),
                     _ => None,
                 });
-                let (out, state) = mixer.forward_cached(x, inputs.padding.as_ref(), past);
+                let (out, state) = match inputs.packed_runs {
+                    Some(runs) => {
+                        debug_assert!(past.is_none(), "packed rows start from an empty state");
+                        mixer.forward_packed(x, inputs.padding.as_ref(), runs)
+                    }
+                    None => mixer.forward_cached(x, inputs.padding.as_ref(), past),
+                };
                 (out, LayerCache::Recurrent(state))
             }
         }
@@ -1356,7 +1366,15 @@ impl<B: EmberBackend> CausalLm<B> {
                 None => mask,
             }
         };
-        self.walk(input.input_ids, position_ids, mask, padding.clone(), None, capture)
+        let packed_runs = segments
+            .as_ref()
+            .filter(|_| self.config.layer_shapes.iter().any(|s| s.linear_attention))
+            .and_then(packed_runs);
+        let rows = RowLayout {
+            padding: padding.clone(),
+            packed_runs: packed_runs.as_deref(),
+        };
+        self.walk(input.input_ids, position_ids, mask, rows, None, capture)
     }
 
     /// Embeds `input_ids` and runs every layer and the final norm, with one mask per distinct
@@ -1367,10 +1385,11 @@ impl<B: EmberBackend> CausalLm<B> {
         input_ids: Tensor<B, 2, Int>,
         position_ids: Tensor<B, 2, Int>,
         mask: impl Fn(AttentionSpan) -> Tensor<B, 4>,
-        padding: Option<Tensor<B, 2, Int>>,
+        rows: RowLayout<'_, B>,
         mut cache: Option<&mut KvCache<B>>,
         capture: bool,
     ) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
+        let RowLayout { padding, packed_runs } = rows;
         let rope = self.rope.tables(position_ids.clone());
         let local_rope = self.local_rope.as_ref().map(|r| r.tables(position_ids.clone()));
         let past = cache.as_deref().map_or(0, |c| c.len);
@@ -1449,6 +1468,7 @@ impl<B: EmberBackend> CausalLm<B> {
                 mask: layer_mask,
                 shared_kv: layer.kv_shared_from.and_then(|j| shared[j].clone()),
                 padding: new_padding.clone(),
+                packed_runs,
             };
             let mut slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let past = slot.as_mut().and_then(|s| s.take());
@@ -1555,8 +1575,11 @@ impl<B: EmberBackend> CausalLm<B> {
         let padding = attention_mask;
         let mask =
             |span: AttentionSpan| self::attention_mask::<B>(Some(padding.clone()), batch, seq, past, span, &device);
-        self.walk(input_ids, position_ids, mask, Some(padding.clone()), Some(cache), false)
-            .0
+        let rows = RowLayout {
+            padding: Some(padding.clone()),
+            packed_runs: None,
+        };
+        self.walk(input_ids, position_ids, mask, rows, Some(cache), false).0
     }
 
     /// The normalised config the model was built from.
@@ -1706,6 +1729,39 @@ pub fn segment_mask<B: EmberBackend>(mask: Tensor<B, 4>, segments: Tensor<B, 2, 
         .expand([batch, 1, seq, seq]);
     let k = segments.reshape([batch, 1, 1, seq]).expand([batch, 1, seq, seq]);
     mask.mask_fill(q.not_equal(k), MASK_VALUE)
+}
+
+/// How a batch's rows are laid out, for [`CausalLm`]'s decoder walk.
+struct RowLayout<'a, B: Backend> {
+    /// 1 real, 0 pad, `[batch, past + seq]`; `None` = all real.
+    padding: Option<Tensor<B, 2, Int>>,
+    /// Packed rows' runs of equal segment id (see [`packed_runs`]).
+    packed_runs: Option<&'a [Vec<std::ops::Range<usize>>]>,
+}
+
+/// Per row, the position ranges of its runs of equal segment id (a packed sample, or the
+/// padding after the last one); `None` when every row is one run (nothing to keep apart).
+///
+/// # Shapes
+/// - `segments`: `[batch, seq]`
+fn packed_runs<B: Backend>(segments: &Tensor<B, 2, Int>) -> Option<Vec<Vec<std::ops::Range<usize>>>> {
+    let [_, seq] = segments.dims();
+    let ids: Vec<i64> = segments.to_data().convert::<i64>().to_vec().ok()?;
+    let runs: Vec<Vec<std::ops::Range<usize>>> = ids
+        .chunks(seq.max(1))
+        .map(|row| {
+            let mut runs = Vec::new();
+            let mut start = 0;
+            for t in 1..=row.len() {
+                if t == row.len() || row[t] != row[start] {
+                    runs.push(start..t);
+                    start = t;
+                }
+            }
+            runs
+        })
+        .collect();
+    runs.iter().any(|r| r.len() > 1).then_some(runs)
 }
 
 /// Checks that a padding mask matches the ids it belongs to.

@@ -141,3 +141,87 @@ fn split_sequences_continue_exactly() {
     let first = x.narrow(1, 0, 1) * w.narrow(1, 3, 1).reshape([1, 1, 5]);
     assert!(max_diff(all.narrow(1, 0, 1), first) < 1e-6);
 }
+
+/// Packed rows on the Gated DeltaNet hybrids: every sample's logits equal those of the sample
+/// run alone (the convolution and the recurrent state restart at each sample, the full
+/// attention layers keep samples apart by the segment mask), with trailing padding too; and
+/// without the segment ids the second sample's logits do change (the check can fail).
+#[test]
+fn packed_samples_mix_as_if_run_alone() {
+    use burn::tensor::{Int, TensorData};
+    use ember_model::{CausalLm, ModelInput};
+    let device = Default::default();
+    for arch in ["qwen3_5", "qwen3_5_moe", "qwen3_next"] {
+        let model = CausalLm::<TestBackend>::from_dir(&common::fixtures().join(arch), &device).unwrap();
+        let ids: Vec<i64> = (0..16).map(|i| 3 + (i * 37 + 11) % 370).collect();
+        // Row 0: samples of 6 and 7 tokens, then 3 pads; row 1: samples of 10 and 6 tokens.
+        let rows: [&[(usize, usize)]; 2] = [&[(0, 6), (6, 13)], &[(0, 10), (10, 16)]];
+        let (seq, vocab) = (16, model.config().vocab_size);
+        let (mut input, mut mask, mut positions, mut segments) =
+            (vec![0i64; 32], vec![0i64; 32], vec![0i64; 32], vec![0i64; 32]);
+        for (r, samples) in rows.iter().enumerate() {
+            for (s, &(start, end)) in samples.iter().enumerate() {
+                for t in start..end {
+                    input[r * seq + t] = ids[(t + 5 * r) % 16];
+                    mask[r * seq + t] = 1;
+                    positions[r * seq + t] = (t - start) as i64;
+                    segments[r * seq + t] = s as i64 + 1;
+                }
+            }
+        }
+        let int = |v: &[i64]| Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(v.to_vec(), [2, seq]), &device);
+        let packed = |with_segments: bool| -> Vec<f32> {
+            let input = ModelInput {
+                input_ids: int(&input),
+                attention_mask: Some(int(&mask)),
+                position_ids: Some(int(&positions)),
+                segment_ids: with_segments.then(|| int(&segments)),
+            };
+            model.forward(input).into_data().to_vec().unwrap()
+        };
+        let (together, unsegmented) = (packed(true), packed(false));
+        let mut second_sample_moved = 0.0f32;
+        for (r, samples) in rows.iter().enumerate() {
+            for (s, &(start, end)) in samples.iter().enumerate() {
+                let alone_ids = input[r * seq + start..r * seq + end].to_vec();
+                let len = end - start;
+                let alone: Vec<f32> = model
+                    .forward(ModelInput::new(Tensor::from_data(
+                        TensorData::new(alone_ids, [1, len]),
+                        &device,
+                    )))
+                    .into_data()
+                    .to_vec()
+                    .unwrap();
+                fn at(logits: &[f32], row_start: usize, vocab: usize) -> &[f32] {
+                    &logits[row_start * vocab..][..vocab]
+                }
+                let mut worst = 0.0f32;
+                for t in 0..len {
+                    for (a, b) in at(&together, r * seq + start + t, vocab)
+                        .iter()
+                        .zip(&alone[t * vocab..(t + 1) * vocab])
+                    {
+                        worst = worst.max((a - b).abs());
+                    }
+                    if s == 1 {
+                        for (a, b) in at(&unsegmented, r * seq + start + t, vocab)
+                            .iter()
+                            .zip(&alone[t * vocab..(t + 1) * vocab])
+                        {
+                            second_sample_moved = second_sample_moved.max((a - b).abs());
+                        }
+                    }
+                }
+                assert!(
+                    worst <= 1e-5,
+                    "{arch} row {r} sample {s}: packed logits differ from alone by {worst:.3e}"
+                );
+            }
+        }
+        assert!(
+            second_sample_moved > 1e-2,
+            "{arch}: without segment ids the second sample should see the first ({second_sample_moved:.3e})"
+        );
+    }
+}

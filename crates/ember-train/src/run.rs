@@ -361,15 +361,6 @@ fn run_locked<B: EmberAutodiffBackend>(
     model_config
         .check_sequence_length(config.data.max_seq_len)
         .map_err(|e| TrainError::Config(format!("data.max_seq_len: {e}")))?;
-    if config.data.packing && model_config.linear_attention.is_some() {
-        // Packed samples are kept apart by the attention mask; a recurrent state would carry
-        // one sample into the next.
-        return Err(TrainError::Config(format!(
-            "data.packing: {} has linear-attention layers, whose recurrent state would run from one packed \
-             sample into the next; set data.packing: false",
-            model_config.model_type
-        )));
-    }
     let tokenizer = ember_model::source::read_tokenizer(&config.base_model)?;
     let data = prepare_data(config, &tokenizer, &model_config)?;
     let init_from = config
