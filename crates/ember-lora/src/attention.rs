@@ -505,7 +505,8 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     // Round to nearest by adding 1.5·2²³ (no libm `floor` call, which would stop vectorising).
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.3, 88.0);
-    let n = (xc * LOG2_E + ROUND) - ROUND;
+    let t = xc * LOG2_E + ROUND;
+    let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -514,7 +515,10 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // n as an integer, read off t's mantissa bits (t = 1.5·2²³ + n exactly): the same value
+    // as `n as i32`, whose saturating semantics would keep the loop from vectorising.
+    let n_int = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let scale = f32::from_bits(((n_int + 127) << 23) as u32);
     if x < -87.3 {
         0.0
     } else {
@@ -522,15 +526,41 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     }
 }
 
-/// `row[j] = e^(row[j] − shift)`; returns their sum (in 16 lanes, so that both loops vectorise).
-fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
-    row.iter_mut().for_each(|x| *x = fast_exp(*x - shift));
-    let mut lanes = [0f32; 16];
-    let mut chunks = row.chunks_exact(16);
-    for chunk in &mut chunks {
-        lanes.iter_mut().zip(chunk).for_each(|(l, x)| *l += x);
+crate::simd::multiversion! {
+    /// `row[j] = e^(row[j] − shift)`; returns their sum (in 16 lanes, so that both loops
+    /// vectorise; compiled for the CPU's widest vectors, see [`crate::simd`]).
+    fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+        row.iter_mut().for_each(|x| *x = fast_exp(*x - shift));
+        let mut lanes = [0f32; 16];
+        let mut chunks = row.chunks_exact(16);
+        for chunk in &mut chunks {
+            lanes.iter_mut().zip(chunk).for_each(|(l, x)| *l += x);
+        }
+        lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
     }
-    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+crate::simd::multiversion! {
+    /// The largest score of a row ([`crate::simd::lane_max`], vectorised for the CPU).
+    fn row_max(row: &[f32]) -> f32 {
+        crate::simd::lane_max(row)
+    }
+}
+
+crate::simd::multiversion! {
+    /// `row[j] *= factor` (vectorised for the CPU).
+    fn scale_row(row: &mut [f32], factor: f32) {
+        row.iter_mut().for_each(|x| *x *= factor);
+    }
+}
+
+crate::simd::multiversion! {
+    /// Softmax's backward for one row, `dS = P∘(dP − δ)` in place of `dP`, with `δ = dO·O`
+    /// (vectorised for the CPU).
+    fn softmax_grad_row(d_scores: &mut [f32], probs: &[f32], d_out: &[f32], out: &[f32]) {
+        let delta: f32 = out.iter().zip(d_out).map(|(a, b)| a * b).sum();
+        d_scores.iter_mut().zip(probs).for_each(|(d, p)| *d = p * (*d - delta));
+    }
 }
 
 /// Whether skipping the causally hidden keys of query `i` could change its row: eager attention
@@ -677,7 +707,7 @@ pub fn host_attention_forward(
                     let visible = visible_keys(i0 + r, &dims, &spec);
                     let (seen, hidden) = row.split_at_mut(visible);
                     hidden.fill(0.0);
-                    let best = seen.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                    let best = row_max(seen);
                     if best < FULLY_MASKED || may_see_hidden_keys(q_head, i0 + r, key_norm, &dims, &spec) {
                         seen.fill(0.0);
                         fallback.push(i0 + r);
@@ -685,8 +715,7 @@ pub fn host_attention_forward(
                     }
                     let max = sink.map_or(best, |s| s.max(best));
                     let sum = sink.map_or(0.0, |s| (s - max).exp()) + exp_shifted(seen, max);
-                    let inv = 1.0 / sum;
-                    seen.iter_mut().for_each(|x| *x *= inv);
+                    scale_row(seen, 1.0 / sum);
                     lse_head[i0 + r] = max + sum.ln();
                 }
                 matmul(
@@ -924,12 +953,12 @@ pub fn host_attention_backward(
                     // dS = P∘(dP − rowsum(dO∘O)), through the softcap's slope.
                     for r in 0..rows {
                         let i = i0 + r;
-                        let o = &out_head[i * value_dim..(i + 1) * value_dim];
-                        let g = &d_out_head[i * value_dim..(i + 1) * value_dim];
-                        let delta: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
-                        let p = &probs[r * width..(r + 1) * width];
-                        let ds = &mut d_scores[r * width..(r + 1) * width];
-                        ds.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - delta));
+                        softmax_grad_row(
+                            &mut d_scores[r * width..(r + 1) * width],
+                            &probs[r * width..(r + 1) * width],
+                            &d_out_head[i * value_dim..(i + 1) * value_dim],
+                            &out_head[i * value_dim..(i + 1) * value_dim],
+                        );
                     }
                     if let Some(slope) = slope {
                         d_scores.iter_mut().zip(slope.iter()).for_each(|(d, s)| *d *= s);
@@ -1423,6 +1452,15 @@ pub(crate) mod tests {
         assert_eq!(fast_exp(f32::MIN), 0.0);
         assert_eq!(fast_exp(-1e30), 0.0);
         assert_eq!(fast_exp(0.0), 1.0);
+        // The row kernels (compiled for the CPU's widest vectors) give fast_exp's values bit for bit.
+        let scores: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 * 0.19 - 150.0).collect();
+        let mut row = scores.clone();
+        exp_shifted(&mut row, 3.0);
+        for (got, x) in row.iter().zip(&scores) {
+            assert_eq!(got.to_bits(), fast_exp(x - 3.0).to_bits(), "e^({x} - 3)");
+        }
+        let best = scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        assert_eq!(row_max(&scores), best);
         let mut row: Vec<f32> = (0..37).map(|i| i as f32 * 0.1).collect();
         let sum = exp_shifted(&mut row, 1.0);
         let exact: f32 = (0..37).map(|i| (i as f32 * 0.1 - 1.0).exp()).sum();

@@ -75,6 +75,7 @@ pub fn device_rms_norm_backward<B: Backend>(
 }
 
 /// `Σ values` in 16 lanes (so that the loop vectorises).
+#[inline(always)]
 fn lane_sum(values: impl Iterator<Item = f32>) -> f32 {
     let mut lanes = [0f32; 16];
     for (i, v) in values.enumerate() {
@@ -84,6 +85,7 @@ fn lane_sum(values: impl Iterator<Item = f32>) -> f32 {
 }
 
 /// `1/√(mean(x²) + ε)` of one row.
+#[inline(always)]
 fn inverse_rms(row: &[f32], eps: f64) -> f32 {
     let mut lanes = [0f32; 16];
     let mut chunks = row.chunks_exact(16);
@@ -106,15 +108,21 @@ pub fn host_rms_norm_forward(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(dim * task_rows(dim))
         .zip(x.par_chunks(dim * task_rows(dim)))
-        .for_each(|(out, x)| {
-            for (o, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-                let r = inverse_rms(x, eps);
-                for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
-                    *o = x * r * w;
-                }
-            }
-        });
+        .for_each(|(out, x)| rms_norm_rows(out, x, weight, eps));
     out
+}
+
+crate::simd::multiversion! {
+    /// Rows of [`host_rms_norm_forward`] (vectorised for the CPU, see [`crate::simd`]).
+    fn rms_norm_rows(out: &mut [f32], x: &[f32], weight: &[f32], eps: f64) {
+        let dim = weight.len();
+        for (o, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+            let r = inverse_rms(x, eps);
+            for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+                *o = x * r * w;
+            }
+        }
+    }
 }
 
 /// The backward pass of [`host_rms_norm_forward`] (formula at [`device_rms_norm_backward`]).
@@ -127,21 +135,27 @@ pub fn host_rms_norm_backward(x: &[f32], weight: &[f32], eps: f64, d_out: &[f32]
     let task = dim * task_rows(dim);
     dx.par_chunks_mut(task)
         .zip(x.par_chunks(task).zip(d_out.par_chunks(task)))
-        .for_each(|(dx, (x, g))| {
-            for ((dx, x), g) in dx
-                .chunks_exact_mut(dim)
-                .zip(x.chunks_exact(dim))
-                .zip(g.chunks_exact(dim))
-            {
-                let r = inverse_rms(x, eps);
-                let dot = lane_sum(g.iter().zip(weight).zip(x).map(|((g, w), x)| g * w * x)) / dim as f32;
-                let c = r * r * r * dot;
-                for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(weight) {
-                    *dx = r * (g * w) - x * c;
-                }
-            }
-        });
+        .for_each(|(dx, (x, g))| rms_norm_grad_rows(dx, x, g, weight, eps));
     dx
+}
+
+crate::simd::multiversion! {
+    /// Rows of [`host_rms_norm_backward`] (vectorised for the CPU, see [`crate::simd`]).
+    fn rms_norm_grad_rows(dx: &mut [f32], x: &[f32], g: &[f32], weight: &[f32], eps: f64) {
+        let dim = weight.len();
+        for ((dx, x), g) in dx
+            .chunks_exact_mut(dim)
+            .zip(x.chunks_exact(dim))
+            .zip(g.chunks_exact(dim))
+        {
+            let r = inverse_rms(x, eps);
+            let dot = lane_sum(g.iter().zip(weight).zip(x).map(|((g, w), x)| g * w * x)) / dim as f32;
+            let c = r * r * r * dot;
+            for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(weight) {
+                *dx = r * (g * w) - x * c;
+            }
+        }
+    }
 }
 
 /// [`host_rms_norm_forward`] on a CPU backend's tensors.
@@ -379,12 +393,17 @@ pub fn host_swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; gate.len()];
     out.par_chunks_mut(TASK_ELEMENTS)
         .zip(gate.par_chunks(TASK_ELEMENTS).zip(up.par_chunks(TASK_ELEMENTS)))
-        .for_each(|(o, (g, u))| {
-            for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(*g) * u;
-            }
-        });
+        .for_each(|(o, (g, u))| swiglu_chunk(o, g, u));
     out
+}
+
+crate::simd::multiversion! {
+    /// A chunk of [`host_swiglu_forward`] (vectorised for the CPU, see [`crate::simd`]).
+    fn swiglu_chunk(out: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g * sigmoid(*g) * u;
+        }
+    }
 }
 
 /// The backward pass of [`host_swiglu_forward`] (formulas at [`device_swiglu_backward`]).
@@ -396,14 +415,19 @@ pub fn host_swiglu_backward(gate: &[f32], up: &[f32], d_out: &[f32]) -> (Vec<f32
         .zip(d_up.par_chunks_mut(TASK_ELEMENTS))
         .zip(gate.par_chunks(TASK_ELEMENTS).zip(up.par_chunks(TASK_ELEMENTS)))
         .zip(d_out.par_chunks(TASK_ELEMENTS))
-        .for_each(|(((dg, du), (gate, up)), d)| {
-            for ((((dg, du), x), u), d) in dg.iter_mut().zip(du).zip(gate).zip(up).zip(d) {
-                let s = sigmoid(*x);
-                *du = d * x * s;
-                *dg = d * u * s * (1.0 + x * (1.0 - s));
-            }
-        });
+        .for_each(|(((dg, du), (gate, up)), d)| swiglu_grad_chunk(dg, du, gate, up, d));
     (d_gate, d_up)
+}
+
+crate::simd::multiversion! {
+    /// A chunk of [`host_swiglu_backward`] (vectorised for the CPU, see [`crate::simd`]).
+    fn swiglu_grad_chunk(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) {
+        for ((((dg, du), x), u), d) in d_gate.iter_mut().zip(d_up).zip(gate).zip(up).zip(d_out) {
+            let s = sigmoid(*x);
+            *du = d * x * s;
+            *dg = d * u * s * (1.0 + x * (1.0 - s));
+        }
+    }
 }
 
 /// [`host_swiglu_forward`] on a CPU backend's tensors.
@@ -774,28 +798,7 @@ pub fn host_cross_entropy_rows(
             .ok()
             .filter(|&y| y < vocab)
             .unwrap_or_else(|| panic!("target {y} outside the vocabulary of {vocab}"));
-        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let nll_of = |total: f32| total.ln() + max - z[y];
-        match dz {
-            None => nll_of(lane_sum(z.iter().map(|&v| crate::attention::fast_exp(v - max)))),
-            Some(dz) => {
-                dz.iter_mut()
-                    .zip(z)
-                    .for_each(|(d, &v)| *d = crate::attention::fast_exp(v - max));
-                let total = lane_sum(dz.iter().copied());
-                let inv = 1.0 / total;
-                match spec.softcap {
-                    Some(cap) => dz.iter_mut().zip(z).for_each(|(d, &v)| {
-                        let t = v / cap;
-                        *d *= inv * (1.0 - t * t);
-                    }),
-                    None => dz.iter_mut().for_each(|d| *d *= inv),
-                }
-                let slope = spec.softcap.map_or(1.0, |cap| 1.0 - (z[y] / cap) * (z[y] / cap));
-                dz[y] -= slope;
-                nll_of(total)
-            }
-        }
+        cross_entropy_row(z, y, dz, spec.softcap)
     };
     if spec.gradient {
         nll.par_iter_mut()
@@ -808,6 +811,36 @@ pub fn host_cross_entropy_rows(
             .for_each(|(nll, (z, &y))| *nll = row_nll(z, y, None));
     }
     (nll, grad)
+}
+
+crate::simd::multiversion! {
+    /// One row of [`host_cross_entropy_rows`]: the negative log-likelihood of target `y`
+    /// (checked by the caller) and, with `dz`, its gradient (vectorised for the CPU, see
+    /// [`crate::simd`]).
+    fn cross_entropy_row(z: &[f32], y: usize, dz: Option<&mut [f32]>, softcap: Option<f32>) -> f32 {
+        let max = crate::simd::lane_max(z);
+        let nll_of = |total: f32| total.ln() + max - z[y];
+        match dz {
+            None => nll_of(lane_sum(z.iter().map(|&v| crate::attention::fast_exp(v - max)))),
+            Some(dz) => {
+                dz.iter_mut()
+                    .zip(z)
+                    .for_each(|(d, &v)| *d = crate::attention::fast_exp(v - max));
+                let total = lane_sum(dz.iter().copied());
+                let inv = 1.0 / total;
+                match softcap {
+                    Some(cap) => dz.iter_mut().zip(z).for_each(|(d, &v)| {
+                        let t = v / cap;
+                        *d *= inv * (1.0 - t * t);
+                    }),
+                    None => dz.iter_mut().for_each(|d| *d *= inv),
+                }
+                let slope = softcap.map_or(1.0, |cap| 1.0 - (z[y] / cap) * (z[y] / cap));
+                dz[y] -= slope;
+                nll_of(total)
+            }
+        }
+    }
 }
 
 /// [`host_cross_entropy_rows`] on a CPU backend's tensors.

@@ -24,6 +24,7 @@ pub mod fused;
 mod linear;
 pub mod merge;
 pub mod quant;
+mod simd;
 
 pub use adapter::{AdapterFiles, AdapterTensors};
 pub use attention::{attention, AttentionSpec};
