@@ -380,18 +380,7 @@ impl<B: EmberBackend> CausalLm<B> {
         let Some(fused) = self.config.spec().peft_fused_moe else {
             return Ok(std::borrow::Cow::Borrowed(files));
         };
-        let mut experts = BTreeMap::new();
-        for (_, reach, _) in self.adaptable_layers() {
-            if let LayerReach::Expert {
-                param,
-                index: 0,
-                count,
-                layout,
-            } = reach
-            {
-                experts.insert(param, (count, layout));
-            }
-        }
+        let experts = self.stacked_experts();
         let tensors = ember_lora::expert::fuse_v4_expert_tensors(&files.tensors, &fused, &|p| experts.get(p).copied())?;
         let config = self.peft_lora_config(&files.config)?;
         let same_keys = tensors.keys().eq(files.tensors.keys());
@@ -412,6 +401,24 @@ impl<B: EmberBackend> CausalLm<B> {
             tensors,
             exact_targets: files.exact_targets,
         }))
+    }
+
+    /// Every stacked expert parameter (`model.layers.1.mlp.experts.gate_up_proj`) with its
+    /// expert count and the layout of its flat PEFT pair.
+    fn stacked_experts(&self) -> BTreeMap<String, (usize, ExpertLoraLayout)> {
+        let mut experts = BTreeMap::new();
+        for (_, reach, _) in self.adaptable_layers() {
+            if let LayerReach::Expert {
+                param,
+                index: 0,
+                count,
+                layout,
+            } = reach
+            {
+                experts.insert(param, (count, layout));
+            }
+        }
+        experts
     }
 
     /// For each stacked expert parameter that `adapted` says carries LoRA, the module path PEFT
@@ -613,18 +620,7 @@ impl<B: EmberBackend> CausalLm<B> {
     /// its experts' `{param}.{index}` pairs (by the file config's target_parameters). Pairs
     /// on sparse-attention indexers (not layers Ember runs) are left out.
     pub fn layer_tensors(&self, files: &AdapterFiles) -> Result<BTreeMap<String, AdapterTensors>> {
-        let mut counts: BTreeMap<String, (usize, ExpertLoraLayout)> = BTreeMap::new();
-        for (_, reach, _) in self.adaptable_layers() {
-            if let LayerReach::Expert {
-                param,
-                index: 0,
-                count,
-                layout,
-            } = reach
-            {
-                counts.insert(param, (count, layout));
-            }
-        }
+        let counts = self.stacked_experts();
         let keys = self.expert_file_keys(&|param| files.config.targets_parameter(param));
         let mut out = BTreeMap::new();
         for (path, t) in &files.tensors {
