@@ -20,12 +20,13 @@ pub trait BackendJob {
 }
 
 /// Runs `job` on the backend for `kind` with a frozen base in `dtype`: burn-ndarray for an
-/// f32 base on the CPU, burn-flex for a half-precision one (or for `flex`), burn-cuda, burn-wgpu.
+/// f32 or bf16 base on the CPU (bf16 weights as host blocks, multiplied on AMX tiles where the
+/// CPU has them), burn-flex for an f16 one (or for `flex`), burn-cuda, burn-wgpu.
 /// A backend missing from this build, or one that cannot hold `dtype`, is an error that says
 /// what to do.
 pub fn on_device<J: BackendJob>(kind: DeviceKind, dtype: BaseDtype, job: J) -> Result<J::Output> {
     match kind {
-        DeviceKind::Cpu if !dtype.is_half() => checked::<burn::backend::NdArray<f32>, J>(kind, dtype, job),
+        DeviceKind::Cpu if dtype != BaseDtype::Float16 => checked::<burn::backend::NdArray<f32>, J>(kind, dtype, job),
         DeviceKind::Cpu | DeviceKind::Flex => checked::<burn::backend::Flex, J>(kind, dtype, job),
         DeviceKind::Cuda => cuda(dtype, job),
         DeviceKind::Wgpu => wgpu(dtype, job),
@@ -35,7 +36,8 @@ pub fn on_device<J: BackendJob>(kind: DeviceKind, dtype: BaseDtype, job: J) -> R
 /// `job` on `B`'s default device, after checking that `B` can store `dtype` there.
 fn checked<B: EmberBackend, J: BackendJob>(kind: DeviceKind, dtype: BaseDtype, job: J) -> Result<J::Output> {
     let device = B::Device::default();
-    if !B::supports_dtype(&device, DType::from(dtype.float_dtype())) {
+    let host_bf16 = dtype == BaseDtype::Bfloat16 && B::bf16_base_on_host(&device);
+    if !host_bf16 && !B::supports_dtype(&device, DType::from(dtype.float_dtype())) {
         bail!(
             "--device {kind} ({}) cannot store {dtype} tensors on this machine; use another dtype or device",
             B::name(&device)

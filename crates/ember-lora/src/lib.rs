@@ -8,6 +8,7 @@
 //! - [`expert`]: LoRA on stacked expert weights (PEFT's `target_parameters`), flat ↔ per expert;
 //! - [`merge`]: a streaming merge of an adapter into safetensors shards;
 //! - [`quant`]: quantized frozen weights (QLoRA) and [`EmberBackend`], Ember's own burn ops;
+//! - [`amx`]: bf16 products on Intel AMX tiles (a bf16 frozen base on the CPU);
 //! - [`attention`]: fused attention with its own backward pass (one of those ops).
 //!
 //! Weight paths such as `model.layers.3.self_attn.q_proj` are born in `ember-model` and handed
@@ -15,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod amx;
 pub mod atomic;
 pub mod attention;
 pub mod config;

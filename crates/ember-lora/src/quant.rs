@@ -73,10 +73,14 @@ pub enum QuantFormat {
     /// bitsandbytes NF4: 64 values, an f32 absmax and 32 bytes of code-book indices, the first
     /// value of each pair in the high nibble (36 bytes; bitsandbytes keeps the absmax apart).
     Nf4,
+    /// bfloat16 values, 32 to a block (64 bytes, little-endian; GGUF's BF16 layout): a bf16
+    /// frozen base on a CPU backend without bf16 tensors (burn-ndarray). Multiplied on AMX
+    /// tiles where the CPU has them ([`crate::amx`], activations rounded to bf16), else as f32.
+    Bf16,
 }
 
 impl QuantFormat {
-    /// Every format.
+    /// Every quantized format (not [`QuantFormat::Bf16`], which only rounds).
     pub const ALL: [QuantFormat; 6] = [
         QuantFormat::Q8_0,
         QuantFormat::Q4_0,
@@ -92,6 +96,7 @@ impl QuantFormat {
             QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1 => 32,
             QuantFormat::Q4K | QuantFormat::Q6K => 256,
             QuantFormat::Nf4 => 64,
+            QuantFormat::Bf16 => 32,
         }
     }
 
@@ -104,6 +109,7 @@ impl QuantFormat {
             QuantFormat::Q4K => 144,
             QuantFormat::Q6K => 210,
             QuantFormat::Nf4 => 36,
+            QuantFormat::Bf16 => 64,
         }
     }
 
@@ -116,6 +122,7 @@ impl QuantFormat {
             QuantFormat::Q4K => "Q4_K",
             QuantFormat::Q6K => "Q6_K",
             QuantFormat::Nf4 => "NF4",
+            QuantFormat::Bf16 => "BF16",
         }
     }
 
@@ -140,6 +147,7 @@ impl QuantFormat {
             QuantFormat::Q4K => Some(12),
             QuantFormat::Q6K => Some(14),
             QuantFormat::Nf4 => None,
+            QuantFormat::Bf16 => Some(30),
         }
     }
 
@@ -150,7 +158,10 @@ impl QuantFormat {
 
     /// Whether [`QuantMatrix::quantize`] can write this format (the others are read from GGUF).
     pub const fn can_quantize(self) -> bool {
-        matches!(self, QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Nf4)
+        matches!(
+            self,
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Nf4 | QuantFormat::Bf16
+        )
     }
 
     /// Values sharing one scale (and minimum) in the device layout ([`DeviceBlocks`]).
@@ -188,6 +199,11 @@ fn f16_at(b: &[u8]) -> f32 {
 /// Decodes one block of `format` into `out` (`format.block_values()` values).
 fn decode_block(format: QuantFormat, b: &[u8], out: &mut [f32]) {
     match format {
+        QuantFormat::Bf16 => {
+            for (o, v) in out.iter_mut().zip(b.chunks_exact(2)) {
+                *o = crate::amx::bf16_value(u16::from_le_bytes([v[0], v[1]]));
+            }
+        }
         QuantFormat::Q8_0 => {
             let d = f16_at(&b[0..2]);
             for (o, &q) in out.iter_mut().zip(&b[2..34]) {
@@ -386,6 +402,7 @@ impl QuantMatrix {
             QuantFormat::Q8_0 => quantize_q8_0,
             QuantFormat::Q4_0 => quantize_q4_0,
             QuantFormat::Nf4 => quantize_nf4,
+            QuantFormat::Bf16 => quantize_bf16,
             other => {
                 return Err(LoraError::InvalidQuantized {
                     message: format!(
@@ -475,6 +492,18 @@ impl QuantMatrix {
         out
     }
 
+    /// A bf16 weight's values as 16-bit words, when the CPU multiplies them on AMX tiles
+    /// (and the stored bytes are 2-aligned, as owned blocks are).
+    fn amx_bf16(&self) -> Option<&[u16]> {
+        if self.format != QuantFormat::Bf16 || !crate::amx::available() {
+            return None;
+        }
+        // SAFETY: every bit pattern is a valid u16.
+        let (head, words, _) = unsafe { self.blocks().align_to::<u16>() };
+        let values = self.shape[0] * self.shape[1];
+        (head.is_empty() && words.len() >= values).then(|| &words[..values])
+    }
+
     /// Dequantizes rows `rows` × columns `cols` into `tile`, row-major `[rows.len(), cols.len()]`.
     fn dequantize_tile(&self, rows: Range<usize>, cols: Range<usize>, tile: &mut [f32]) {
         let width = cols.len();
@@ -491,6 +520,9 @@ impl QuantMatrix {
     pub fn matmul_transposed(&self, x: &[f32], m: usize) -> Vec<f32> {
         let [n, k] = self.shape;
         assert_eq!(x.len(), m * k, "x is [m, in]");
+        if let Some(w) = self.amx_bf16() {
+            return crate::amx::matmul_transposed(x, m, w, self.shape);
+        }
         let mut y = vec![0f32; m * n];
         let panels = n.div_ceil(PANEL_ROWS);
         let y_ptr = SendPtr(y.as_mut_ptr());
@@ -539,6 +571,9 @@ impl QuantMatrix {
     pub fn matmul(&self, g: &[f32], m: usize) -> Vec<f32> {
         let [n, k] = self.shape;
         assert_eq!(g.len(), m * n, "g is [m, out]");
+        if let Some(w) = self.amx_bf16() {
+            return crate::amx::matmul(g, m, w, self.shape);
+        }
         let mut dx = vec![0f32; m * k];
         let strip = STRIP_COLS.div_ceil(self.format.block_values()) * self.format.block_values();
         let strips = k.div_ceil(strip);
@@ -610,6 +645,7 @@ impl QuantMatrix {
             QuantFormat::Q4_1 | QuantFormat::Q4K => table.iter_mut().enumerate().for_each(|(c, t)| *t = c as f32),
             QuantFormat::Q6K => table.iter_mut().enumerate().for_each(|(c, t)| *t = c as f32 - 32.0),
             QuantFormat::Nf4 => table[..16].copy_from_slice(&NF4_CODE_BOOK),
+            QuantFormat::Bf16 => unreachable!("bf16 blocks go to a device as f32 values (device_dequantize)"),
         }
         for (i, b) in self.blocks().chunks_exact(bb).enumerate() {
             let codes = &mut codes[i * bv..(i + 1) * bv];
@@ -672,6 +708,7 @@ impl QuantMatrix {
                         codes[2 * j + 1] = q & 0x0F;
                     }
                 }
+                QuantFormat::Bf16 => unreachable!("checked above"),
             }
         }
         let words = codes
@@ -702,6 +739,12 @@ fn f16_bytes(v: f32) -> [u8; 2] {
 }
 
 /// llama.cpp's `quantize_row_q8_0_ref`: `d = max|x| / 127`, `q = round(x / d)`.
+fn quantize_bf16(x: &[f32], out: &mut [u8]) {
+    for (o, &v) in out.chunks_exact_mut(2).zip(x) {
+        o.copy_from_slice(&crate::amx::bf16_bits(v).to_le_bytes());
+    }
+}
+
 fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -814,6 +857,10 @@ impl<B: Backend> DeviceBlocks<B> {
 /// `deq(W)` of `w` on `B`'s device: the device layout is uploaded the first time and kept with
 /// the weight (for the first backend that asks; others upload a temporary copy).
 fn device_dequantize<B: Backend>(w: &QuantMatrix, device: &B::Device) -> Tensor<B, 2> {
+    if w.format == QuantFormat::Bf16 {
+        // Loaders make bf16 blocks for CPU backends only; a device gets the values in f32.
+        return Tensor::from_data(TensorData::new(w.dequantize(), w.shape), device);
+    }
     let group = w.format.group();
     if w.device.get().is_none() {
         let _ = w.device.set(Box::new(DeviceBlocks::<B>::upload(w, device)));
@@ -889,6 +936,14 @@ pub trait EmberBackend: Backend {
     /// computed from one (burn's `is_require_grad` is true for such leaves only).
     fn is_tracked(t: &FloatTensor<Self>) -> bool {
         let _ = t;
+        false
+    }
+
+    /// Whether a bf16 frozen base is held as host blocks ([`QuantFormat::Bf16`]) on `device`:
+    /// CPU backends without bf16 tensors (burn-ndarray), whose bf16 products then run on AMX
+    /// tiles where the CPU has them. Other backends store bf16 tensors.
+    fn bf16_base_on_host(device: &Self::Device) -> bool {
+        let _ = device;
         false
     }
 
@@ -1082,6 +1137,10 @@ impl<B> EmberAutodiffBackend for B where
 macro_rules! host_ember_backend {
     ($($backend:ty),*) => {$(
         impl EmberBackend for $backend {
+            fn bf16_base_on_host(device: &Self::Device) -> bool {
+                !<Self as Backend>::supports_dtype(device, burn::tensor::DType::BF16)
+            }
+
             fn fused_attention_forward(
                 q: FloatTensor<Self>,
                 k: FloatTensor<Self>,
@@ -1420,7 +1479,7 @@ mod tests {
             QuantFormat::Q8_0 | QuantFormat::Q4_0 => &[0],
             QuantFormat::Q4_1 | QuantFormat::Q4K => &[0, 2],
             QuantFormat::Q6K => &[208],
-            QuantFormat::Nf4 => &[],
+            QuantFormat::Nf4 | QuantFormat::Bf16 => &[],
         };
         for (i, block) in blocks.chunks_exact_mut(format.block_bytes()).enumerate() {
             for &at in scale_fields {
@@ -1436,6 +1495,43 @@ mod tests {
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// bf16 blocks: values rounded to nearest even on quantizing; products with their values
+    /// on AMX tiles where the CPU has them (activations rounded to bf16, f32 sums), as f32
+    /// otherwise. Shapes pad every tile dimension (rows, columns, k) and span several k chunks.
+    #[test]
+    fn bf16_blocks_multiply_as_their_values() {
+        use crate::amx::{bf16_bits, bf16_value};
+        let amx = crate::amx::available();
+        println!("AMX: {amx}");
+        let operand = |v: &[f32]| -> Vec<f32> {
+            v.iter().map(|&x| if amx { bf16_value(bf16_bits(x)) } else { x }).collect()
+        };
+        for (m, n, k) in [(1, 1, 1), (33, 47, 70), (64, 32, 1056), (5, 100, 2080), (70, 1100, 40)] {
+            let values = random(n * k, 1);
+            let w = QuantMatrix::quantize(QuantFormat::Bf16, &values, [n, k]).unwrap();
+            assert_eq!(w.bytes(), (n * k).div_ceil(32) * 64);
+            let deq = w.dequantize();
+            for (d, v) in deq.iter().zip(&values) {
+                assert!((d - v).abs() <= v.abs() / 256.0, "{v} rounded to {d}");
+            }
+            let x = random(m * k, 2);
+            let y = w.matmul_transposed(&x, m);
+            let bound = 1e-6 * k.max(n) as f32;
+            let diff = max_diff(&y, &reference_matmul_t(&operand(&x), m, &deq, n, k));
+            assert!(diff <= bound, "x·Wᵀ [{m}, {n}, {k}]: {diff} > {bound}");
+            let g = random(m * n, 3);
+            let dx = w.matmul(&g, m);
+            let mut wt = vec![0f32; n * k];
+            for r in 0..n {
+                for c in 0..k {
+                    wt[c * n + r] = deq[r * k + c];
+                }
+            }
+            let diff = max_diff(&dx, &reference_matmul_t(&operand(&g), m, &wt, k, n));
+            assert!(diff <= bound, "g·W [{m}, {n}, {k}]: {diff} > {bound}");
+        }
     }
 
     #[test]

@@ -944,13 +944,34 @@ impl<B: EmberBackend> CausalLm<B> {
     /// `q8_0`, `q4_0` or `nf4` the decoder's linear layers are quantized here, one at a time.
     pub fn load_as(config: DecoderConfig, weights: &Weights, device: &B::Device, dtype: BaseDtype) -> Result<Self> {
         let c = &config;
-        let base_dtype = dtype.float_dtype();
+        // A backend without bf16 tensors (burn-ndarray) holds a bf16 base's linear weights and
+        // embedding as host bf16 blocks (multiplied on AMX tiles where the CPU has them); its
+        // other frozen tensors (stacked experts, per-layer tables) stay f32 there.
+        let host_bf16 = dtype == BaseDtype::Bfloat16 && B::bf16_base_on_host(device);
+        let base_dtype = if host_bf16 {
+            burn::tensor::FloatDType::F32
+        } else {
+            dtype.float_dtype()
+        };
+        let bf16_blocks = |key: &str, shape: [usize; 2]| -> Result<FrozenWeight<B>> {
+            let values = weights.read_f32(key, &shape)?;
+            let blocks = ember_lora::QuantMatrix::quantize(ember_lora::QuantFormat::Bf16, &values, shape).map_err(|e| {
+                ModelError::CorruptWeights {
+                    path: weights.source().to_path_buf(),
+                    message: format!("`{key}`: {e}"),
+                }
+            })?;
+            Ok(FrozenWeight::from_quantized(blocks))
+        };
         let names = ModuleNames::for_checkpoint(c, weights.keys().map(String::as_str));
         let decoder = names.checkpoint_decoder.as_str();
         let mlp = c.spec().mlp_module;
         let frozen = |key: &str, out: usize, inp: usize, quantize: bool| -> Result<FrozenWeight<B>> {
             if let Some(blocks) = weights.take_quantized(key, [out, inp])? {
                 return Ok(FrozenWeight::from_quantized(blocks));
+            }
+            if host_bf16 {
+                return bf16_blocks(key, [out, inp]);
             }
             match dtype.quantize_on_load().filter(|_| quantize) {
                 Some(format) => {
@@ -1240,6 +1261,7 @@ impl<B: EmberBackend> CausalLm<B> {
         let embed_key = &format!("{decoder}.embed_tokens.weight");
         let embed = match weights.take_quantized(embed_key, [c.vocab_size, h])? {
             Some(blocks) => FrozenWeight::from_quantized(blocks),
+            None if host_bf16 => bf16_blocks(embed_key, [c.vocab_size, h])?,
             None => {
                 let embed = weights.tensor_as::<B, 2>(embed_key, [c.vocab_size, h], device, base_dtype)?;
                 // A tied table is also the output head: laid out for its `h·Eᵀ` (lookups read

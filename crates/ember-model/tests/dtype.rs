@@ -1,5 +1,7 @@
-//! Half-precision frozen bases on the CPU (burn-flex): stored in bf16/f16, multiplied in that
-//! dtype with f32 activations, against transformers 5.24's references for `llama/bf16/`.
+//! Half-precision frozen bases on the CPU (burn-flex: stored in bf16/f16, multiplied in that
+//! dtype with f32 activations; burn-ndarray: bf16 host blocks, multiplied on AMX tiles with the
+//! activations rounded to bf16 where the CPU has them), against transformers 5.24's references
+//! for `llama/bf16/`.
 //!
 //! `logits_bf16_weights_f32_compute` is transformers with the bf16 weights upcast to f32;
 //! `logits_bf16_compute` is transformers computing wholly in bf16 (autocast-free `dtype=bf16`).
@@ -9,7 +11,7 @@
 
 mod common;
 
-use burn::backend::Flex;
+use burn::backend::{Flex, NdArray};
 use burn::tensor::{DType, Tensor};
 use common::*;
 use ember_model::{BaseDtype, CausalLm};
@@ -97,4 +99,46 @@ fn adapters_on_a_bf16_base_match_the_f32_base() {
     }
     assert_eq!(adapted, files.tensors.len());
     assert!(diff <= bound, "{diff:.3e} > {bound:.3e}");
+}
+
+/// burn-ndarray has no bf16 tensors: a bf16 base is held as host bf16 blocks (half the bytes of
+/// f32), multiplied on AMX tiles where the CPU has them (else as f32 values); its logits, with
+/// and without an adapter, sit as close to the f32-compute reference as transformers' bf16.
+#[test]
+fn a_bf16_base_on_burn_ndarray_is_host_blocks_as_close_as_transformers_bf16() {
+    type Host = NdArray<f32>;
+    let dir = fixtures().join("llama");
+    let reference_file = dir.join("logits_bf16.safetensors");
+    let (f32_compute, shape) = reference(&reference_file, "logits_bf16_weights_f32_compute");
+    let (bf16_compute, _) = reference(&reference_file, "logits_bf16_compute");
+    let mask = Inputs::read("llama").attention_mask;
+    let (bound, _) = masked_max_diff(&bf16_compute, &f32_compute, &shape, &mask);
+    let (lora_expected, _) = reference(&dir.join("lora_logits.safetensors"), "logits");
+    let files = ember_lora::AdapterFiles::read(&dir.join("adapter_random_b")).unwrap();
+    let device = Default::default();
+    let amx = ember_lora::amx::available();
+    for adapter in [false, true] {
+        let mut model = CausalLm::<Host>::from_path_as(&dir.join("bf16"), &device, BaseDtype::Bfloat16).unwrap();
+        for (path, layer) in model.linear_layers() {
+            let blocks = layer.weight.quantized().unwrap_or_else(|| panic!("{path}: not host blocks"));
+            assert_eq!(blocks.format(), ember_lora::QuantFormat::Bf16, "{path}");
+            let [out, inp] = blocks.shape();
+            assert_eq!(layer.weight.bytes(), 2 * out * inp, "{path}: two bytes a value");
+        }
+        assert_eq!(model.model.embed_tokens.weight.storage(), "BF16");
+        assert_eq!(model.model.norm.weight.val().dtype(), DType::F32, "norms stay f32");
+        let expected = if adapter {
+            model.load_adapter(&files, &device).unwrap();
+            &lora_expected
+        } else {
+            &f32_compute
+        };
+        let inputs = Inputs::read("llama");
+        let logits: Tensor<Host, 3> = model.forward(inputs.model_input(&device));
+        let actual = logits.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let (diff, at) = masked_max_diff(&actual, expected, &shape, &mask);
+        println!("ndarray bf16 blocks (AMX: {amx}), adapter {adapter}: {diff:.3e} at {at} (bound {bound:.3e})");
+        assert!(diff > 0.0, "the bf16 weights should round");
+        assert!(diff <= bound, "adapter {adapter}: {diff:.3e} > {bound:.3e}");
+    }
 }

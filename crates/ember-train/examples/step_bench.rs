@@ -6,7 +6,8 @@
 //! r 16, alpha 32, all linear layers, AdamW; TARGETS_PER_ROW = 0 trains every token.
 //! `EMBER_DEVICE=cuda` (built with `--features cuda`) runs on the first GPU, `wgpu` (with
 //! `--features wgpu`) on the first wgpu adapter, `flex` on burn-flex; `EMBER_DTYPE=bfloat16`
-//! (or `float16`) stores the frozen base in that dtype (burn-flex on the CPU); `gguf` keeps a
+//! (or `float16`) stores the frozen base in that dtype (on the CPU: bf16 as host blocks on
+//! burn-ndarray, multiplied on AMX tiles where the CPU has them; f16 on burn-flex); `gguf` keeps a
 //! GGUF's quantized blocks. `EMBER_CHECKPOINT=1` recomputes activations in the backward pass
 //! (burn-ndarray with balanced checkpointing).
 
@@ -33,7 +34,7 @@ fn main() -> Run {
         _ if std::env::var("EMBER_CHECKPOINT").is_ok_and(|v| v == "1") => {
             bench::<Autodiff<NdArray<f32>, BalancedCheckpointing>>(dtype)
         }
-        _ if dtype.is_half() => bench::<Autodiff<Flex>>(dtype),
+        _ if dtype == BaseDtype::Float16 => bench::<Autodiff<Flex>>(dtype),
         _ => bench::<Autodiff<NdArray<f32>>>(dtype),
     }
 }

@@ -1,0 +1,446 @@
+//! bf16 matrix products on Intel AMX tiles (Sapphire Rapids and later), f32 accumulation.
+//!
+//! A frozen weight stored in bf16 ([`crate::QuantFormat::Bf16`]) multiplies activations rounded
+//! to bf16 (to nearest, ties to even), as PyTorch's bf16 matmuls on CPU (oneDNN) and GPUs do.
+//! One `tdpbf16ps` multiplies a 16 × 32 bf16 tile by a 32 × 16 one into 16 × 16 f32 sums; the
+//! kernel keeps a 32 × 32 block of the output in four tile registers while it walks `k`.
+//!
+//! The right operand is packed per call into the tiles' pair-interleaved layout (`[k/2, n, 2]`
+//! per 16-column panel), straight from the weight's stored `[out, in]` bf16 values: as `Wᵀ`
+//! for the forward product `x·Wᵀ` and as `W` for the input gradient `g·W`, so one stored copy
+//! serves both. Dimensions that are not multiples of the tiles are padded with zeros.
+//!
+//! [`available`] says whether the CPU and the OS allow AMX (Linux needs the process to ask for
+//! the tile state once: `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); callers fall
+//! back to f32 products elsewhere.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// Rows of the output kept in tiles at once (two tiles of 16).
+const BLOCK_M: usize = 32;
+/// Columns of the output kept in tiles at once (two tiles of 16).
+const BLOCK_N: usize = 32;
+/// bf16 values of `k` per tile step.
+const TILE_K: usize = 32;
+/// Tile steps of `k` per pass over the rows (the packed panel slice stays in L2).
+const CHUNK_K_TILES: usize = 32;
+
+/// Whether this CPU and OS run AMX bf16 tiles (checked once per process; the first call asks
+/// Linux for the tile state). `EMBER_NO_AMX=1` turns it off.
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| std::env::var("EMBER_NO_AMX").map_or(true, |v| v != "1") && detect())
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    use std::arch::x86_64::{__cpuid_count, _xgetbv};
+    let leaf7 = __cpuid_count(7, 0);
+    let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+    let leaf1 = __cpuid_count(1, 0);
+    let osxsave = leaf1.ecx & (1 << 27) != 0;
+    if !(amx_bf16 && amx_tile && osxsave) {
+        return false;
+    }
+    // SAFETY: OSXSAVE is set, so xgetbv is enabled.
+    let xcr0 = unsafe { _xgetbv(0) };
+    if xcr0 & (0b11 << 17) != 0b11 << 17 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// `x` rounded to bf16 (nearest, ties to even; NaN stays NaN), as its 16 bits.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+#[inline(always)]
+pub fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+crate::simd::multiversion! {
+    /// Rows `[rows ≤ 32, cols]` of `x` rounded to bf16 into one row block of left tiles: per
+    /// 32 columns two 16 × 32 tiles (rows 0–15, then 16–31), zero past `rows` and `cols`.
+    fn round_block(x: &[f32], cols: usize, out: &mut [u16]) {
+        let rows = x.len() / cols;
+        out.fill(0);
+        for (r, src) in x.chunks_exact(cols).enumerate() {
+            let (half, row) = (r / 16, r % 16);
+            for (t, chunk) in src.chunks(TILE_K).enumerate() {
+                let dst = &mut out[(t * 2 + half) * 512 + row * TILE_K..][..chunk.len()];
+                dst.iter_mut().zip(chunk).for_each(|(d, &s)| *d = bf16_bits(s));
+            }
+        }
+        debug_assert!(rows <= BLOCK_M);
+    }
+}
+
+/// The left operand in bf16, `[m, k]` f32 rows rounded and laid out as tiles: per block of 32
+/// rows, per 32 values of `k`, two contiguous 16 × 32 tiles (1 KiB each), zero padded.
+struct LeftOperand {
+    bits: Vec<u16>,
+    /// Tile steps of `k` (`⌈k / 32⌉`).
+    k_tiles: usize,
+}
+
+impl LeftOperand {
+    fn round(x: &[f32], m: usize, k: usize) -> Self {
+        let k_tiles = k.div_ceil(TILE_K);
+        let block = k_tiles * 2 * 512;
+        let mut bits = vec![0u16; m.div_ceil(BLOCK_M) * block];
+        bits.par_chunks_mut(block)
+            .zip(x.par_chunks(BLOCK_M * k))
+            .for_each(|(dst, src)| round_block(src, k, dst));
+        Self { bits, k_tiles }
+    }
+
+    /// The first tile of row block `mb`.
+    fn block(&self, mb: usize) -> *const u16 {
+        self.bits[mb * self.k_tiles * 1024..].as_ptr()
+    }
+}
+
+/// How the right operand `B` `[k, n]` is read from a stored `[rows, cols]` bf16 matrix `W`.
+#[derive(Clone, Copy)]
+enum RightOperand<'a> {
+    /// `B = Wᵀ` (`k` = W's columns, `n` = W's rows): the forward product `x·Wᵀ`.
+    Transposed { w: &'a [u16], cols: usize },
+    /// `B = W` (`k` = W's rows, `n` = W's columns): the input gradient `g·W`.
+    Direct { w: &'a [u16], cols: usize },
+}
+
+impl RightOperand<'_> {
+    /// Packs columns `n0..n0 + 16` of `B` (zero past `n` or `k`) into `panel`, one
+    /// 1024-byte tile per 32 values of `k`: tile row `r`, column `j` holds
+    /// `(B[2r, j], B[2r + 1, j])` as one 32-bit word.
+    fn pack_panel(self, n0: usize, n: usize, k: usize, panel: &mut [u32]) {
+        let k_tiles = k.div_ceil(TILE_K);
+        let panel = &mut panel[..k_tiles * 256];
+        let pair = |lo: u16, hi: u16| lo as u32 | (hi as u32) << 16;
+        match self {
+            RightOperand::Transposed { w, cols } => {
+                let full_rows = n0 + 16 <= n;
+                for t in 0..k_tiles {
+                    let tile = &mut panel[t * 256..(t + 1) * 256];
+                    if full_rows && (t + 1) * TILE_K <= k {
+                        // SAFETY: rows n0..n0 + 16 of W hold columns t·32..t·32 + 32 (checked just
+                        // above), the tile 256 words; the CPU has AVX-512F (AMX implies it).
+                        unsafe { transpose_tile(w[n0 * cols + t * TILE_K..].as_ptr(), cols, tile.as_mut_ptr()) };
+                        continue;
+                    }
+                    tile.fill(0);
+                    // B's column j is W's row n0 + j: its pairs of k go down the tile rows.
+                    for j in 0..16.min(n.saturating_sub(n0)) {
+                        let row = &w[(n0 + j) * cols..(n0 + j) * cols + k];
+                        for r in 0..16 {
+                            let lo = t * TILE_K + 2 * r;
+                            if lo < k {
+                                tile[r * 16 + j] = pair(row[lo], if lo + 1 < k { row[lo + 1] } else { 0 });
+                            }
+                        }
+                    }
+                }
+            }
+            RightOperand::Direct { w, cols } => {
+                // Tile row r of pair p interleaves W's rows 2p and 2p + 1 at columns n0..n0 + 16.
+                let width = 16.min(n.saturating_sub(n0));
+                for p in 0..k_tiles * 16 {
+                    let dst = &mut panel[(p / 16) * 256 + (p % 16) * 16..][..16];
+                    let (lo, hi) = (2 * p, 2 * p + 1);
+                    if hi < k && width == 16 {
+                        let (a, b) = (&w[lo * cols + n0..][..16], &w[hi * cols + n0..][..16]);
+                        // SAFETY: 16 values in each row and 16 words in `dst` (sliced just above);
+                        // the CPU has AVX-512F (AMX implies it).
+                        unsafe { interleave_rows(a.as_ptr(), b.as_ptr(), dst.as_mut_ptr()) };
+                    } else {
+                        for (j, d) in dst.iter_mut().enumerate() {
+                            *d = if j < width && lo < k {
+                                pair(w[lo * cols + n0 + j], if hi < k { w[hi * cols + n0 + j] } else { 0 })
+                            } else {
+                                0
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes the 16 × 16 transpose of the 32-bit words `src[j·stride + 2i ..][..2]` (16 rows of
+/// 32 bf16, `stride` bf16 apart) to `dst[i·16 + j]`: four rounds of AVX-512 shuffles.
+///
+/// # Safety
+/// 16 rows of 32 bf16 readable at `src` (`stride` apart), 256 words writable at `dst`, and the
+/// CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_tile(src: *const u16, stride: usize, dst: *mut u32) {
+    use std::arch::x86_64::*;
+    // SAFETY: within the bounds the caller guarantees.
+    unsafe {
+        let r: [__m512i; 16] = std::array::from_fn(|j| _mm512_loadu_si512(src.add(j * stride).cast()));
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4i + c], 128-bit lane L: column 4L + c of rows 4i..4i + 4.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        for c in 0..4 {
+            let x_lo = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
+            let x_hi = _mm512_shuffle_i32x4::<0xDD>(u[c], u[4 + c]);
+            let y_lo = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
+            let y_hi = _mm512_shuffle_i32x4::<0xDD>(u[8 + c], u[12 + c]);
+            _mm512_storeu_si512(dst.add(c * 16).cast(), _mm512_shuffle_i32x4::<0x88>(x_lo, y_lo));
+            _mm512_storeu_si512(dst.add((4 + c) * 16).cast(), _mm512_shuffle_i32x4::<0x88>(x_hi, y_hi));
+            _mm512_storeu_si512(dst.add((8 + c) * 16).cast(), _mm512_shuffle_i32x4::<0xDD>(x_lo, y_lo));
+            _mm512_storeu_si512(dst.add((12 + c) * 16).cast(), _mm512_shuffle_i32x4::<0xDD>(x_hi, y_hi));
+        }
+    }
+}
+
+/// `dst[j] = a[j] | b[j] << 16` for 16 values: two weight rows as one tile row of pairs.
+///
+/// # Safety
+/// 16 values readable at `a` and `b`, 16 words writable at `dst`; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn interleave_rows(a: *const u16, b: *const u16, dst: *mut u32) {
+    use std::arch::x86_64::*;
+    // SAFETY: within the bounds the caller guarantees.
+    unsafe {
+        let lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(a.cast()));
+        let hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(b.cast()));
+        _mm512_storeu_si512(dst.cast(), _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)));
+    }
+}
+
+/// The 64-byte tile configuration: palette 1; tiles 0–3 the 16 × 16 f32 output blocks, 4–5
+/// the 16 × 32 bf16 left tiles, 6–7 the 16 pair-rows × 16 right tiles; all 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new() -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        for t in 0..8 {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            c[48 + t] = 16;
+        }
+        Self(c)
+    }
+}
+
+/// Tiles configured on this thread for the length of one task, released when dropped.
+struct TileSession;
+
+impl TileSession {
+    /// # Safety
+    /// [`available`] must have returned true.
+    unsafe fn start() -> Self {
+        let config = TileConfig::new();
+        // SAFETY: AMX is available (the caller's contract); the config is 64 aligned bytes.
+        unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack)) };
+        TileSession
+    }
+}
+
+impl Drop for TileSession {
+    fn drop(&mut self) {
+        // SAFETY: tiles were configured by `start`.
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// One 32 × 32 output block over tile steps `ts` of `k`: `C (+)= A[rows] · B[panels]`.
+///
+/// # Safety
+/// Tiles configured ([`TileSession`]); `a` points at a row block of [`LeftOperand`] with
+/// `ts.end` tile steps; `b0`/`b1` at packed panels with
+/// `ts.end` tiles; `c` at 32 rows of 32 f32, `c_stride` bytes apart.
+#[inline(always)]
+unsafe fn block(
+    a: *const u16,
+    b0: *const u32,
+    b1: *const u32,
+    ts: std::ops::Range<usize>,
+    c: *mut f32,
+    c_stride: usize,
+    accumulate: bool,
+) {
+    use std::arch::asm;
+    // SAFETY (all blocks below): pointers and strides as the function's contract states.
+    unsafe {
+        let c_lo = c.cast::<u8>().add(16 * c_stride).cast::<f32>();
+        if accumulate {
+            asm!("tileloadd tmm0, [{p} + {s}*1]", p = in(reg) c, s = in(reg) c_stride, options(nostack, readonly));
+            asm!("tileloadd tmm1, [{p} + {s}*1]", p = in(reg) c.add(16), s = in(reg) c_stride, options(nostack, readonly));
+            asm!("tileloadd tmm2, [{p} + {s}*1]", p = in(reg) c_lo, s = in(reg) c_stride, options(nostack, readonly));
+            asm!("tileloadd tmm3, [{p} + {s}*1]", p = in(reg) c_lo.add(16), s = in(reg) c_stride, options(nostack, readonly));
+        } else {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        }
+        for t in ts {
+            asm!(
+                // Loads between the products, so that they overlap the previous product.
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a.add(t * 1024),
+                a1 = in(reg) a.add(t * 1024 + 512),
+                b0 = in(reg) b0.add(t * 256),
+                b1 = in(reg) b1.add(t * 256),
+                sa = in(reg) 64usize,
+                sb = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) c, s = in(reg) c_stride, options(nostack));
+        asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) c.add(16), s = in(reg) c_stride, options(nostack));
+        asm!("tilestored [{p} + {s}*1], tmm2", p = in(reg) c_lo, s = in(reg) c_stride, options(nostack));
+        asm!("tilestored [{p} + {s}*1], tmm3", p = in(reg) c_lo.add(16), s = in(reg) c_stride, options(nostack));
+    }
+}
+
+/// A raw pointer handed to rayon tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: each task writes its own columns of the output (see `product`).
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+/// `A·B` into a new row-major `[m, n]` f32 buffer: `a` `[m, k]` f32 rows, rounded to bf16.
+///
+/// # Panics
+/// If AMX is not [`available`].
+fn product(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<f32> {
+    assert!(available(), "AMX bf16 tiles are not available on this CPU");
+    assert_eq!(a.len(), m * k, "a is [m, k]");
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return out;
+    }
+    let left = LeftOperand::round(a, m, k);
+    let k_tiles = left.k_tiles;
+    let m_blocks = m.div_ceil(BLOCK_M);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..n.div_ceil(BLOCK_N))
+        .into_par_iter()
+        .for_each_init(Vec::new, |panel: &mut Vec<u32>, nb| {
+            let n0 = nb * BLOCK_N;
+            panel.resize(2 * k_tiles * 256, 0);
+            let (p0, p1) = panel.split_at_mut(k_tiles * 256);
+            b.pack_panel(n0, n, k, p0);
+            b.pack_panel(n0 + 16, n, k, p1);
+            let full_cols = n0 + BLOCK_N <= n;
+            let mut scratch = [0f32; BLOCK_M * BLOCK_N];
+            let out_ptr = &out_ptr;
+            // SAFETY: AMX is available (asserted above).
+            let _tiles = unsafe { TileSession::start() };
+            for t0 in (0..k_tiles).step_by(CHUNK_K_TILES) {
+                let ts = t0..(t0 + CHUNK_K_TILES).min(k_tiles);
+                for mb in 0..m_blocks {
+                    let m0 = mb * BLOCK_M;
+                    let rows = BLOCK_M.min(m - m0);
+                    let a_ptr = left.block(mb);
+                    // SAFETY: `left` holds m_blocks row blocks of k_tiles tile steps, the
+                    // panels k_tiles tiles each; the output block is either 32 × 32 inside `out`
+                    // (this task's columns only) or the local scratch, copied back below.
+                    unsafe {
+                        if rows == BLOCK_M && full_cols {
+                            let c = out_ptr.0.add(m0 * n + n0);
+                            block(a_ptr, p0.as_ptr(), p1.as_ptr(), ts.clone(), c, n * 4, t0 > 0);
+                        } else {
+                            let cols = BLOCK_N.min(n - n0);
+                            if t0 > 0 {
+                                for r in 0..rows {
+                                    let src = std::slice::from_raw_parts(out_ptr.0.add((m0 + r) * n + n0), cols);
+                                    scratch[r * BLOCK_N..r * BLOCK_N + cols].copy_from_slice(src);
+                                }
+                            }
+                            let c = scratch.as_mut_ptr();
+                            block(a_ptr, p0.as_ptr(), p1.as_ptr(), ts.clone(), c, BLOCK_N * 4, t0 > 0);
+                            for r in 0..rows {
+                                let dst = std::slice::from_raw_parts_mut(out_ptr.0.add((m0 + r) * n + n0), cols);
+                                dst.copy_from_slice(&scratch[r * BLOCK_N..r * BLOCK_N + cols]);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// `x·Wᵀ` with `W` `[out, in]` stored as bf16 bits and `x` rounded to bf16; f32 sums.
+///
+/// # Shapes
+/// - `x`: row-major `[m, in]`; `w`: row-major `[out, in]`; output: row-major `[m, out]`
+///
+/// # Panics
+/// If AMX is not [`available`].
+pub fn matmul_transposed(x: &[f32], m: usize, w: &[u16], shape: [usize; 2]) -> Vec<f32> {
+    let [out, inp] = shape;
+    assert_eq!(w.len(), out * inp, "w is [out, in]");
+    product(x, m, inp, out, RightOperand::Transposed { w, cols: inp })
+}
+
+/// `g·W` with `W` `[out, in]` stored as bf16 bits and `g` rounded to bf16; f32 sums.
+///
+/// # Shapes
+/// - `g`: row-major `[m, out]`; `w`: row-major `[out, in]`; output: row-major `[m, in]`
+///
+/// # Panics
+/// If AMX is not [`available`].
+pub fn matmul(g: &[f32], m: usize, w: &[u16], shape: [usize; 2]) -> Vec<f32> {
+    let [out, inp] = shape;
+    assert_eq!(w.len(), out * inp, "w is [out, in]");
+    product(g, m, out, inp, RightOperand::Direct { w, cols: inp })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3F80);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties to the even 1.
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3F80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3F82);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_value(bf16_bits(f32::INFINITY)), f32::INFINITY);
+    }
+}
