@@ -26,7 +26,8 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use crate::attention::{
-    device_attention_backward, device_attention_forward, host_backward, host_forward, AttentionSpec,
+    device_attention_backward, device_attention_forward, host_backward, host_forward, place_of, to_device,
+    AttentionSpec, HostTensors,
 };
 use crate::error::{LoraError, Result};
 use crate::fused::{
@@ -905,6 +906,29 @@ pub fn host_quant_input_grad<B: Backend>(g: FloatTensor<B>, w: &QuantMatrix) -> 
         .tensor()
 }
 
+/// [`host_quant_linear`] reading the input in place where the backend's storage allows
+/// (burn-ndarray: `into_data` copied element by element, half of a bf16 step).
+///
+/// # Shapes
+/// - `x`: `[m, in]`; output: `[m, out]`
+pub fn host_tensor_quant_linear<B: HostTensors>(x: FloatTensor<B>, w: &QuantMatrix) -> FloatTensor<B> {
+    let place = place_of::<B>(&x);
+    let (values, [m, _]) = B::host_f32::<2>(&x);
+    let y = w.matmul_transposed(&values, m);
+    to_device::<B, 2>(y, [m, w.shape[0]], &place)
+}
+
+/// [`host_quant_input_grad`] reading the gradient in place where the backend's storage allows.
+///
+/// # Shapes
+/// - `g`: `[m, out]`; output: `[m, in]`
+pub fn host_tensor_quant_input_grad<B: HostTensors>(g: FloatTensor<B>, w: &QuantMatrix) -> FloatTensor<B> {
+    let place = place_of::<B>(&g);
+    let (values, [m, _]) = B::host_f32::<2>(&g);
+    let dx = w.matmul(&values, m);
+    to_device::<B, 2>(dx, [m, w.shape[1]], &place)
+}
+
 /// `x·deq(W)ᵀ` on the device: dequantize (the packed codes stay on the device between calls),
 /// then one matmul. The dequantized weight is a temporary of this call.
 ///
@@ -1141,6 +1165,14 @@ macro_rules! host_ember_backend {
                 !<Self as Backend>::supports_dtype(device, burn::tensor::DType::BF16)
             }
 
+            fn quant_linear(x: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self> {
+                host_tensor_quant_linear::<Self>(x, w)
+            }
+
+            fn quant_input_grad(g: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self> {
+                host_tensor_quant_input_grad::<Self>(g, w)
+            }
+
             fn fused_attention_forward(
                 q: FloatTensor<Self>,
                 k: FloatTensor<Self>,
@@ -1289,6 +1321,10 @@ mod autodiff {
     impl<B: EmberBackend, C: CheckpointStrategy> EmberBackend for Autodiff<B, C> {
         fn is_tracked(t: &FloatTensor<Self>) -> bool {
             !t.node.requirement.is_none()
+        }
+
+        fn bf16_base_on_host(device: &Self::Device) -> bool {
+            B::bf16_base_on_host(device)
         }
 
         fn quant_linear(x: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self> {
