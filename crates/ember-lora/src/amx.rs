@@ -162,25 +162,45 @@ impl RightOperand<'_> {
             RightOperand::Direct { w, cols } => {
                 // Tile row r of pair p interleaves W's rows 2p and 2p + 1 at columns n0..n0 + 16.
                 let width = 16.min(n.saturating_sub(n0));
-                for p in 0..k_tiles * 16 {
+                let fast = if width == 16 { k / 2 } else { 0 };
+                if fast > 0 {
+                    // SAFETY: pairs 0..fast read rows < k at columns n0..n0 + 16 < n + 1 of W
+                    // `[k, cols]`, and write inside the panel; AMX implies AVX-512F.
+                    unsafe { interleave_panel(w[n0..].as_ptr(), cols, fast, panel.as_mut_ptr()) };
+                }
+                for p in fast..k_tiles * 16 {
                     let dst = &mut panel[(p / 16) * 256 + (p % 16) * 16..][..16];
                     let (lo, hi) = (2 * p, 2 * p + 1);
-                    if hi < k && width == 16 {
-                        let (a, b) = (&w[lo * cols + n0..][..16], &w[hi * cols + n0..][..16]);
-                        // SAFETY: 16 values in each row and 16 words in `dst` (sliced just above);
-                        // the CPU has AVX-512F (AMX implies it).
-                        unsafe { interleave_rows(a.as_ptr(), b.as_ptr(), dst.as_mut_ptr()) };
-                    } else {
-                        for (j, d) in dst.iter_mut().enumerate() {
-                            *d = if j < width && lo < k {
-                                pair(w[lo * cols + n0 + j], if hi < k { w[hi * cols + n0 + j] } else { 0 })
-                            } else {
-                                0
-                            };
-                        }
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d = if j < width && lo < k {
+                            pair(w[lo * cols + n0 + j], if hi < k { w[hi * cols + n0 + j] } else { 0 })
+                        } else {
+                            0
+                        };
                     }
                 }
             }
+        }
+    }
+}
+
+/// Tile rows of pairs `0..pairs`: row `p` (at word `(p / 16)·256 + (p % 16)·16`) holds
+/// `w[2p·stride + j] | w[(2p + 1)·stride + j] << 16` for `j < 16`.
+///
+/// # Safety
+/// Rows `0..2·pairs` of 16 values readable at `w` (`stride` apart), the panel writable up to
+/// pair `pairs`; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn interleave_panel(w: *const u16, stride: usize, pairs: usize, panel: *mut u32) {
+    use std::arch::x86_64::*;
+    for p in 0..pairs {
+        // SAFETY: within the bounds the caller guarantees.
+        unsafe {
+            let lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(w.add(2 * p * stride).cast()));
+            let hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(w.add((2 * p + 1) * stride).cast()));
+            let dst = panel.add((p / 16) * 256 + (p % 16) * 16);
+            _mm512_storeu_si512(dst.cast(), _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)));
         }
     }
 }
@@ -221,22 +241,6 @@ unsafe fn transpose_tile(src: *const u16, stride: usize, dst: *mut u32) {
             _mm512_storeu_si512(dst.add((8 + c) * 16).cast(), _mm512_shuffle_i32x4::<0xDD>(x_lo, y_lo));
             _mm512_storeu_si512(dst.add((12 + c) * 16).cast(), _mm512_shuffle_i32x4::<0xDD>(x_hi, y_hi));
         }
-    }
-}
-
-/// `dst[j] = a[j] | b[j] << 16` for 16 values: two weight rows as one tile row of pairs.
-///
-/// # Safety
-/// 16 values readable at `a` and `b`, 16 words writable at `dst`; the CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn interleave_rows(a: *const u16, b: *const u16, dst: *mut u32) {
-    use std::arch::x86_64::*;
-    // SAFETY: within the bounds the caller guarantees.
-    unsafe {
-        let lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(a.cast()));
-        let hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(b.cast()));
-        _mm512_storeu_si512(dst.cast(), _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)));
     }
 }
 
@@ -348,14 +352,17 @@ unsafe impl Sync for SendPtr {}
 fn product(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<f32> {
     assert!(available(), "AMX bf16 tiles are not available on this CPU");
     assert_eq!(a.len(), m * k, "a is [m, k]");
-    let mut out = vec![0f32; m * n];
     if m == 0 || n == 0 || k == 0 {
-        return out;
+        return vec![0f32; m * n];
     }
+    // Every element is written by the first pass over k before any is read (no zeroing pass).
+    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
+    // SAFETY: MaybeUninit needs no initialisation; the capacity is m·n.
+    unsafe { out.set_len(m * n) };
     let left = LeftOperand::round(a, m, k);
     let k_tiles = left.k_tiles;
     let m_blocks = m.div_ceil(BLOCK_M);
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
     (0..n.div_ceil(BLOCK_N))
         .into_par_iter()
         .for_each_init(Vec::new, |panel: &mut Vec<u32>, nb| {
@@ -401,7 +408,10 @@ fn product(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<
                 }
             }
         });
-    out
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: every one of the m·n values was written above (blocks cover all rows and columns
+    // in the first k pass); MaybeUninit<f32> has f32's layout.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), m * n, out.capacity()) }
 }
 
 /// `x·Wᵀ` with `W` `[out, in]` stored as bf16 bits and `x` rounded to bf16; f32 sums.
