@@ -308,7 +308,13 @@ unsafe fn block(
             asm!("tileloadd tmm2, [{p} + {s}*1]", p = in(reg) c_lo, s = in(reg) c_stride, options(nostack, readonly));
             asm!("tileloadd tmm3, [{p} + {s}*1]", p = in(reg) c_lo.add(16), s = in(reg) c_stride, options(nostack, readonly));
         } else {
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
         }
         for t in ts {
             asm!(

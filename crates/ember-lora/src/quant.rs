@@ -1542,7 +1542,9 @@ mod tests {
         let amx = crate::amx::available();
         println!("AMX: {amx}");
         let operand = |v: &[f32]| -> Vec<f32> {
-            v.iter().map(|&x| if amx { bf16_value(bf16_bits(x)) } else { x }).collect()
+            v.iter()
+                .map(|&x| if amx { bf16_value(bf16_bits(x)) } else { x })
+                .collect()
         };
         for (m, n, k) in [(1, 1, 1), (33, 47, 70), (64, 32, 1056), (5, 100, 2080), (70, 1100, 40)] {
             let values = random(n * k, 1);

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 /// and the embedding table. Norm weights, biases, attention sinks and MoE routers stay f32, as do
 /// the activations, LoRA A/B, optimizer moments, the loss and the gradient norm. A half-precision
 /// weight multiplies its input cast to that dtype ([`ember_lora::linear`]), so the frozen
-/// weights take half the memory of f32 and GPUs multiply them on their bf16/f16 units.
+/// weights take half the memory of f32 and GPUs multiply them on their bf16/f16 units. A
+/// backend without bf16 tensors (burn-ndarray) holds a bf16 base's linear weights and
+/// embedding as host blocks ([`ember_lora::QuantFormat::Bf16`], multiplied on AMX tiles where
+/// the CPU has them) and its stacked experts in f32.
 ///
 /// The quantized choices keep the frozen base as blocks ([`ember_lora::quant`], QLoRA):
 /// `gguf` keeps a GGUF file's quantized tensors as they are stored (all of them, the embedding

@@ -955,12 +955,13 @@ impl<B: EmberBackend> CausalLm<B> {
         };
         let bf16_blocks = |key: &str, shape: [usize; 2]| -> Result<FrozenWeight<B>> {
             let values = weights.read_f32(key, &shape)?;
-            let blocks = ember_lora::QuantMatrix::quantize(ember_lora::QuantFormat::Bf16, &values, shape).map_err(|e| {
-                ModelError::CorruptWeights {
-                    path: weights.source().to_path_buf(),
-                    message: format!("`{key}`: {e}"),
-                }
-            })?;
+            let blocks =
+                ember_lora::QuantMatrix::quantize(ember_lora::QuantFormat::Bf16, &values, shape).map_err(|e| {
+                    ModelError::CorruptWeights {
+                        path: weights.source().to_path_buf(),
+                        message: format!("`{key}`: {e}"),
+                    }
+                })?;
             Ok(FrozenWeight::from_quantized(blocks))
         };
         let names = ModuleNames::for_checkpoint(c, weights.keys().map(String::as_str));

@@ -120,7 +120,10 @@ fn a_bf16_base_on_burn_ndarray_is_host_blocks_as_close_as_transformers_bf16() {
     for adapter in [false, true] {
         let mut model = CausalLm::<Host>::from_path_as(&dir.join("bf16"), &device, BaseDtype::Bfloat16).unwrap();
         for (path, layer) in model.linear_layers() {
-            let blocks = layer.weight.quantized().unwrap_or_else(|| panic!("{path}: not host blocks"));
+            let blocks = layer
+                .weight
+                .quantized()
+                .unwrap_or_else(|| panic!("{path}: not host blocks"));
             assert_eq!(blocks.format(), ember_lora::QuantFormat::Bf16, "{path}");
             let [out, inp] = blocks.shape();
             assert_eq!(layer.weight.bytes(), 2 * out * inp, "{path}: two bytes a value");

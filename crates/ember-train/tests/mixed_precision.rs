@@ -89,7 +89,10 @@ fn half_precision_bases_train_within_2e_2_of_the_f32_trace() {
             assert_trace(&format!("{arch} {dtype}"), &got, &want, 2e-2);
         }
         let got = trace::<Autodiff<NdArray<f32>>>(arch, BaseDtype::Bfloat16);
-        assert!(got.iter().zip(&want).any(|(g, w)| g != w), "{arch} ndarray bf16: no rounding at all?");
+        assert!(
+            got.iter().zip(&want).any(|(g, w)| g != w),
+            "{arch} ndarray bf16: no rounding at all?"
+        );
         let amx = ember_lora::amx::available();
         assert_trace(&format!("{arch} ndarray bf16 (AMX: {amx})"), &got, &want, 2e-2);
     }
