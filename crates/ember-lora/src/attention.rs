@@ -192,6 +192,21 @@ impl HostMatrix<'_> {
     fn strides(&self) -> (usize, usize) {
         (self.strides[0], self.strides[1])
     }
+
+    /// The values in row-major order: borrowed when already so, else copied.
+    pub fn row_major_values(&self) -> Cow<'_, [f32]> {
+        let [rows, cols] = self.dims;
+        if self.strides == [cols, 1] || rows * cols <= 1 {
+            return Cow::Borrowed(&self.values[..rows * cols]);
+        }
+        let (rs, cs) = self.strides();
+        Cow::Owned(
+            (0..rows)
+                .flat_map(|i| (0..cols).map(move |j| (i, j)))
+                .map(|(i, j)| self.values[i * rs + j * cs])
+                .collect(),
+        )
+    }
 }
 
 /// `dst = (accumulate ? dst : 0) + alpha·lhs·rhs` on the whole thread pool, `dst` row-major.

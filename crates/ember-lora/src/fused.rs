@@ -12,13 +12,15 @@
 //!
 //! Constants of the frozen base (the norm weight, the rotary tables) get no gradient.
 
+use std::sync::Arc;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::attention::{matmul_into, place_of, prim, to_device, HostMatrix, HostTensors};
-use crate::quant::{float, EmberBackend};
+use crate::quant::{float, EmberBackend, QuantMatrix};
 
 /// Elements per parallel task of the host kernels (smaller tensors run on one thread).
 const TASK_ELEMENTS: usize = 1 << 14;
@@ -478,8 +480,26 @@ pub fn lora_linear<B: EmberBackend>(
     lora_b: Tensor<B, 2>,
     scaling: f32,
 ) -> Tensor<B, 2> {
+    let weight = LoraBase::Dense(prim(weight.detach()));
+    lora_linear_on(x, x_adapter, weight, bias, lora_a, lora_b, scaling)
+}
+
+/// [`lora_linear`] on a base weight of either kind ([`LoraBase`]): host blocks are multiplied
+/// by their own kernels (the AMX tiles for bf16 where the CPU has them), inside the same op.
+///
+/// # Shapes
+/// As [`lora_linear`].
+pub fn lora_linear_on<B: EmberBackend>(
+    x: Tensor<B, 2>,
+    x_adapter: Option<Tensor<B, 2>>,
+    weight: LoraBase<B>,
+    bias: Option<Tensor<B, 1>>,
+    lora_a: Tensor<B, 2>,
+    lora_b: Tensor<B, 2>,
+    scaling: f32,
+) -> Tensor<B, 2> {
     let operands = LoraOperands {
-        weight: prim(weight.detach()),
+        weight,
         bias: bias.map(|b| prim(b.detach())),
         scaling,
     };
@@ -492,16 +512,34 @@ pub fn lora_linear<B: EmberBackend>(
     ))
 }
 
+/// The frozen base weight `[out, in]` of a [`lora_linear`] call.
+#[derive(Debug, Clone)]
+pub enum LoraBase<B: Backend> {
+    /// A float tensor in the activations' dtype.
+    Dense(FloatTensor<B>),
+    /// Host blocks (quantized, or bf16 on a CPU backend without bf16 tensors): multiplied by
+    /// their own kernels on CPU backends, dequantized on devices.
+    Blocks(Arc<QuantMatrix>),
+}
+
 /// The constants of a [`lora_linear`] call: the frozen base weight `[out, in]` and bias
 /// `[out]`, and the adapter's scale.
 #[derive(Debug, Clone)]
 pub struct LoraOperands<B: Backend> {
-    /// `[out, in]`, in the activations' dtype.
-    pub weight: FloatTensor<B>,
+    /// `[out, in]`.
+    pub weight: LoraBase<B>,
     /// `[out]`.
     pub bias: Option<FloatTensor<B>>,
     /// `s`.
     pub scaling: f32,
+}
+
+/// The base weight as a tensor on `like`'s device, in its dtype (blocks dequantized there).
+fn device_weight<B: Backend>(weight: &LoraBase<B>, like: &Tensor<B, 2>) -> Tensor<B, 2> {
+    match weight {
+        LoraBase::Dense(w) => float::<B, 2>(w.clone()),
+        LoraBase::Blocks(q) => crate::quant::device_dequantize::<B>(q, &like.device()).cast(like.dtype()),
+    }
 }
 
 /// [`lora_linear`]'s output and `x_a·Aᵀ` `[rows, r]` (what its backward pass keeps),
@@ -515,7 +553,7 @@ pub fn device_lora_linear<B: Backend>(
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let x = float::<B, 2>(x);
     let x_adapter = x_adapter.map(float::<B, 2>).unwrap_or_else(|| x.clone());
-    let weight = float::<B, 2>(operands.weight.clone());
+    let weight = device_weight(&operands.weight, &x);
     let mut out = x.matmul(weight.transpose());
     if let Some(bias) = &operands.bias {
         out = out + float::<B, 1>(bias.clone()).unsqueeze::<2>();
@@ -565,7 +603,7 @@ pub fn device_lora_linear_backward<B: Backend>(
     let g_b = g.clone().matmul(b).mul_scalar(s);
     let d_lora_a = g_b.clone().transpose().matmul(float::<B, 2>(x_adapter));
     let d_lora_b = g.clone().transpose().matmul(float::<B, 2>(low)).mul_scalar(s);
-    let base = || g.clone().matmul(float::<B, 2>(operands.weight.clone()));
+    let base = || g.clone().matmul(device_weight(&operands.weight, &g));
     let (x, x_adapter) = match input {
         InputGrad::None => (None, None),
         InputGrad::Sum => (Some(prim(base() + g_b.matmul(a))), None),
@@ -579,33 +617,78 @@ pub fn device_lora_linear_backward<B: Backend>(
     }
 }
 
+/// A [`LoraBase`] read on the host.
+#[derive(Debug)]
+pub enum HostBase<'a> {
+    /// A float matrix `[out, in]`.
+    Matrix(HostMatrix<'a>),
+    /// Host blocks `[out, in]`.
+    Blocks(&'a QuantMatrix),
+}
+
+impl HostBase<'_> {
+    /// `base` of a CPU backend, read in place where its storage allows.
+    pub fn of<B: HostTensors>(base: &LoraBase<B>) -> HostBase<'_> {
+        match base {
+            LoraBase::Dense(w) => HostBase::Matrix(B::host_matrix(w)),
+            LoraBase::Blocks(q) => HostBase::Blocks(q),
+        }
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            HostBase::Matrix(w) => w.dims,
+            HostBase::Blocks(q) => q.shape(),
+        }
+    }
+}
+
 /// [`lora_linear`] on host values: `(out, x_a·Aᵀ)`. The base and adapter products run on the
 /// whole thread pool; the adapter's is added into the base's by the matmul (no pass of its own).
 pub fn host_lora_linear_forward(
     x: &HostMatrix<'_>,
     x_adapter: Option<&HostMatrix<'_>>,
-    weight: &HostMatrix<'_>,
+    weight: &HostBase<'_>,
     bias: Option<&[f32]>,
     lora_a: &HostMatrix<'_>,
     lora_b: &HostMatrix<'_>,
     scaling: f32,
 ) -> (Vec<f32>, Vec<f32>) {
     let [rows, _] = x.dims;
-    let [out_dim, _] = weight.dims;
+    let out_dim = weight.dims()[0];
     let r = lora_a.dims[0];
-    let mut out = vec![0f32; rows * out_dim];
-    let mut accumulate = false;
-    if let Some(bias) = bias {
-        assert_eq!(bias.len(), out_dim, "bias of {} for {out_dim} outputs", bias.len());
-        out.par_chunks_mut(out_dim.max(1) * task_rows(out_dim))
-            .for_each(|rows| {
-                for row in rows.chunks_exact_mut(out_dim) {
-                    row.copy_from_slice(bias);
-                }
-            });
-        accumulate = true;
-    }
-    matmul_into(&mut out, accumulate, x, &weight.t(), 1.0);
+    let mut out = match weight {
+        HostBase::Matrix(weight) => {
+            let mut out = vec![0f32; rows * out_dim];
+            let mut accumulate = false;
+            if let Some(bias) = bias {
+                assert_eq!(bias.len(), out_dim, "bias of {} for {out_dim} outputs", bias.len());
+                out.par_chunks_mut(out_dim.max(1) * task_rows(out_dim))
+                    .for_each(|rows| {
+                        for row in rows.chunks_exact_mut(out_dim) {
+                            row.copy_from_slice(bias);
+                        }
+                    });
+                accumulate = true;
+            }
+            matmul_into(&mut out, accumulate, x, &weight.t(), 1.0);
+            out
+        }
+        HostBase::Blocks(blocks) => {
+            let mut out = blocks.matmul_transposed(&x.row_major_values(), rows);
+            if let Some(bias) = bias {
+                assert_eq!(bias.len(), out_dim, "bias of {} for {out_dim} outputs", bias.len());
+                out.par_chunks_mut(out_dim.max(1) * task_rows(out_dim))
+                    .for_each(|rows| {
+                        for row in rows.chunks_exact_mut(out_dim) {
+                            row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+                        }
+                    });
+            }
+            out
+        }
+    };
     let mut low = vec![0f32; rows * r];
     matmul_into(&mut low, false, x_adapter.unwrap_or(x), &lora_a.t(), 1.0);
     matmul_into(
@@ -622,7 +705,7 @@ pub fn host_lora_linear_forward(
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn host_lora_linear_backward(
     x_adapter: &HostMatrix<'_>,
-    weight: &HostMatrix<'_>,
+    weight: &HostBase<'_>,
     lora_a: &HostMatrix<'_>,
     lora_b: &HostMatrix<'_>,
     low: &[f32],
@@ -639,19 +722,26 @@ pub fn host_lora_linear_backward(
     let product = |dst: &mut Vec<f32>, accumulate: bool, lhs: &HostMatrix<'_>, rhs: &HostMatrix<'_>| {
         matmul_into(dst, accumulate, lhs, rhs, 1.0)
     };
+    // g·W
+    let base_grad = || match weight {
+        HostBase::Matrix(weight) => {
+            let mut d_x = vec![0f32; rows * in_dim];
+            product(&mut d_x, false, d_out, weight);
+            d_x
+        }
+        HostBase::Blocks(blocks) => blocks.matmul(&d_out.row_major_values(), rows),
+    };
     let (d_x, d_adapter) = match input {
         InputGrad::None => (None, None),
         InputGrad::Sum => {
-            let mut d_x = vec![0f32; rows * in_dim];
-            product(&mut d_x, false, d_out, weight);
+            let mut d_x = base_grad();
             product(&mut d_x, true, &g_b, lora_a);
             (Some(d_x), None)
         }
         InputGrad::Separate => {
-            let (mut d_x, mut d_adapter) = (vec![0f32; rows * in_dim], vec![0f32; rows * in_dim]);
-            product(&mut d_x, false, d_out, weight);
+            let mut d_adapter = vec![0f32; rows * in_dim];
             product(&mut d_adapter, false, &g_b, lora_a);
-            (Some(d_x), Some(d_adapter))
+            (Some(base_grad()), Some(d_adapter))
         }
     };
     let mut d_lora_a = vec![0f32; r * in_dim];
@@ -678,10 +768,10 @@ pub fn host_lora_linear<B: HostTensors>(
     let place = place_of::<B>(&x);
     let xh = B::host_matrix(&x);
     let xa = x_adapter.as_ref().map(B::host_matrix);
-    let w = B::host_matrix(&operands.weight);
+    let w = HostBase::of::<B>(&operands.weight);
     let bias = operands.bias.as_ref().map(B::host_f32::<1>);
     let (a, b) = (B::host_matrix(&lora_a), B::host_matrix(&lora_b));
-    let (rows, out_dim, r) = (xh.dims[0], w.dims[0], a.dims[0]);
+    let (rows, out_dim, r) = (xh.dims[0], w.dims()[0], a.dims[0]);
     let (out, low) = host_lora_linear_forward(
         &xh,
         xa.as_ref(),
@@ -709,7 +799,7 @@ pub fn host_lora_linear_grad<B: HostTensors>(
 ) -> LoraGrads<B> {
     let place = place_of::<B>(&x_adapter);
     let xa = B::host_matrix(&x_adapter);
-    let w = B::host_matrix(&operands.weight);
+    let w = HostBase::of::<B>(&operands.weight);
     let (a, b) = (B::host_matrix(&lora_a), B::host_matrix(&lora_b));
     let (low, _) = B::host_f32::<2>(&low);
     let g = B::host_matrix(&d_out);
@@ -869,7 +959,7 @@ pub(crate) mod autodiff {
     use burn::tensor::backend::AutodiffBackend;
     use burn::tensor::ops::FloatTensor;
 
-    use super::{InputGrad, LoraOperands, RotaryPairs};
+    use super::{InputGrad, LoraBase, LoraOperands, RotaryPairs};
     use crate::quant::EmberBackend;
 
     #[derive(Debug)]
@@ -1032,7 +1122,10 @@ pub(crate) mod autodiff {
         operands: LoraOperands<Autodiff<B, C>>,
     ) -> FloatTensor<Autodiff<B, C>> {
         let operands = LoraOperands {
-            weight: Autodiff::<B, C>::inner(operands.weight),
+            weight: match operands.weight {
+                LoraBase::Dense(w) => LoraBase::Dense(Autodiff::<B, C>::inner(w)),
+                LoraBase::Blocks(q) => LoraBase::Blocks(q),
+            },
             bias: operands.bias.map(Autodiff::<B, C>::inner),
             scaling: operands.scaling,
         };
@@ -1441,7 +1534,7 @@ mod tests {
             // The burn-op composition (GPU backends' path) on the same values.
             let p = |v: &Vec<f32>, dims: [usize; 2]| prim(tensor::<Cpu, 2>(v.clone(), dims));
             let operands = LoraOperands::<Cpu> {
-                weight: prim(crate::matmul_layout(tensor::<Cpu, 2>(wv.clone(), [out, inp]))),
+                weight: LoraBase::Dense(prim(crate::matmul_layout(tensor::<Cpu, 2>(wv.clone(), [out, inp])))),
                 bias: Some(prim(tensor::<Cpu, 1>(biasv.clone(), [out]))),
                 scaling: s,
             };
@@ -1495,6 +1588,80 @@ mod tests {
             } else {
                 assert!(d.x.is_none() && d.x_adapter.is_none(), "{case}");
             }
+        }
+    }
+
+    /// Host blocks as the base (a QLoRA format, and bf16 on AMX where the CPU has it): the op
+    /// equals the composition `LoraLinear` runs otherwise (the blocks' own product, the bias,
+    /// the adapter branch), value and gradients; the device path (dequantize, matmul) too.
+    #[test]
+    fn lora_linear_on_host_blocks_matches_the_composition() {
+        use crate::quant::{QuantFormat, QuantMatrix};
+        let (rows, inp, out, r, s) = (37, 64, 19, 4, 1.75f32);
+        let xv = random(rows * inp, 31, 1.0);
+        let wv = random(out * inp, 32, 0.5);
+        let (av, bv) = (random(r * inp, 33, 0.5), random(out * r, 34, 0.5));
+        let biasv = random(out, 35, 1.0);
+        let keep: Vec<f32> = random(rows * inp, 36, 1.0)
+            .iter()
+            .map(|v| if *v > -0.4 { 1.4 } else { 0.0 })
+            .collect();
+        let g = random(rows * out, 37, 1.0);
+        for format in [QuantFormat::Q8_0, QuantFormat::Bf16] {
+            let q = Arc::new(QuantMatrix::quantize(format, &wv, [out, inp]).unwrap());
+            for separate in [false, true] {
+                let run = |fused: bool| {
+                    let x = tensor::<Grad, 2>(xv.clone(), [rows, inp]).require_grad();
+                    let bias = tensor::<Grad, 1>(biasv.clone(), [out]);
+                    let a = tensor::<Grad, 2>(av.clone(), [r, inp]).require_grad();
+                    let b = tensor::<Grad, 2>(bv.clone(), [out, r]).require_grad();
+                    let x_adapter = separate.then(|| x.clone() * tensor::<Grad, 2>(keep.clone(), [rows, inp]));
+                    let y = if fused {
+                        let base = LoraBase::Blocks(q.clone());
+                        lora_linear_on(x.clone(), x_adapter, base, Some(bias), a.clone(), b.clone(), s)
+                    } else {
+                        let xa = x_adapter.unwrap_or_else(|| x.clone());
+                        let low = xa.matmul(a.clone().transpose()).matmul(b.clone().transpose());
+                        crate::quant::quant_linear(x.clone(), &q) + bias.unsqueeze::<2>() + low.mul_scalar(s)
+                    };
+                    let grads = (y.clone() * tensor::<Grad, 2>(g.clone(), [rows, out])).sum().backward();
+                    (
+                        values(y),
+                        values(x.grad(&grads).unwrap()),
+                        values(a.grad(&grads).unwrap()),
+                        values(b.grad(&grads).unwrap()),
+                    )
+                };
+                let (want, want_dx, want_da, want_db) = run(false);
+                let (got, got_dx, got_da, got_db) = run(true);
+                let case = format!("{format}, separate {separate}");
+                assert_rel(&format!("{case}: value"), &got, &want, 1e-5);
+                assert_rel(&format!("{case}: dx"), &got_dx, &want_dx, 1e-5);
+                assert_rel(&format!("{case}: dA"), &got_da, &want_da, 1e-5);
+                assert_rel(&format!("{case}: dB"), &got_db, &want_db, 1e-5);
+            }
+            // The device path multiplies the dequantized weight in f32 (no bf16 rounding of x).
+            let operands = LoraOperands::<Cpu> {
+                weight: LoraBase::Blocks(q.clone()),
+                bias: None,
+                scaling: s,
+            };
+            let p = |v: &Vec<f32>, dims: [usize; 2]| prim(tensor::<Cpu, 2>(v.clone(), dims));
+            let (y, _) =
+                device_lora_linear::<Cpu>(p(&xv, [rows, inp]), None, p(&av, [r, inp]), p(&bv, [out, r]), &operands);
+            let w = tensor::<Cpu, 2>(q.dequantize(), [out, inp]);
+            let (x, a, b) = (
+                tensor::<Cpu, 2>(xv.clone(), [rows, inp]),
+                tensor::<Cpu, 2>(av.clone(), [r, inp]),
+                tensor::<Cpu, 2>(bv.clone(), [out, r]),
+            );
+            let want = x.clone().matmul(w.transpose()) + x.matmul(a.transpose()).matmul(b.transpose()).mul_scalar(s);
+            assert_rel(
+                &format!("{format}: device value"),
+                &values(float::<Cpu, 2>(y)),
+                &values(want),
+                1e-5,
+            );
         }
     }
 }

@@ -358,16 +358,24 @@ impl<B: EmberBackend> LoraLinear<B> {
         // Dropout is active only under autodiff, i.e. while training.
         let dropped = (adapter.dropout > 0.0 && B::ad_enabled(&x.device()))
             .then(|| burn::nn::DropoutConfig::new(adapter.dropout).init().forward(x.clone()));
-        match self
-            .weight
-            .dense()
-            .filter(|w| w.dtype() == x.dtype() && !crate::quant::is_tracked(w))
-        {
+        // The base as one op with the adapter: a float weight in x's dtype, or host blocks
+        // (quantized, or a bf16 base on a CPU backend) under f32 activations.
+        let fused_base = match &self.weight {
+            FrozenWeight::Dense(w) => {
+                let w = w.val();
+                (w.dtype() == x.dtype() && !crate::quant::is_tracked(&w))
+                    .then(|| crate::fused::LoraBase::Dense(w.into_primitive().tensor()))
+            }
+            FrozenWeight::Quantized(q) => {
+                (x.dtype() == burn::tensor::DType::F32).then(|| crate::fused::LoraBase::Blocks(q.0.clone()))
+            }
+        };
+        match fused_base {
             Some(weight) => {
                 let (dims, dtype) = (x.dims(), x.dtype());
-                let [out, inp] = weight.dims();
+                let [out, inp] = self.dims();
                 let rows = dims[..D - 1].iter().product::<usize>();
-                let y = crate::fused::lora_linear(
+                let y = crate::fused::lora_linear_on(
                     x.reshape([rows, inp]),
                     dropped.map(|x| x.reshape([rows, inp])),
                     weight,

@@ -857,7 +857,7 @@ impl<B: Backend> DeviceBlocks<B> {
 
 /// `deq(W)` of `w` on `B`'s device: the device layout is uploaded the first time and kept with
 /// the weight (for the first backend that asks; others upload a temporary copy).
-fn device_dequantize<B: Backend>(w: &QuantMatrix, device: &B::Device) -> Tensor<B, 2> {
+pub(crate) fn device_dequantize<B: Backend>(w: &QuantMatrix, device: &B::Device) -> Tensor<B, 2> {
     if w.format == QuantFormat::Bf16 {
         // Loaders make bf16 blocks for CPU backends only; a device gets the values in f32.
         return Tensor::from_data(TensorData::new(w.dequantize(), w.shape), device);
