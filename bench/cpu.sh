@@ -6,6 +6,7 @@
 #   2. merge: `ember merge` of the PEFT-trained adapter vs `cp -r` of the same base folder.
 #   3. greedy generation with the KV cache: 128 new tokens after a 32-token prompt, batch 1.
 #   4. long context: the training step of 1 at seq 2048, batch 1 (LONG_STEPS steps).
+#   5. rows 1 and 4 with a bf16 frozen base on both sides (BF16=0 skips them).
 # With MLX_PYTHON=/path/to/python (pip install "mlx[cpu]" mlx-lm), mlx-lm's LoRA trainer joins
 # rows 1 (and 4 with MLX_LONG=1) on the same model: Austen's text cut to the sequence length,
 # MLX_STEPS steps (it is slow on this CPU: about 5 tokens/s, 2026-12-05).
@@ -69,6 +70,24 @@ if [ -n "${MLX_PYTHON:-}" ] && [ -n "${MLX_LONG:-}" ]; then
     ml_tps=$(json tokens_per_s < "$OUT/mlx_long.log"); ml_rss=$(rss_mib "$OUT/mlx_long.rss")
 fi
 
+# bf16 frozen base on both sides (BF16=0 skips): Ember's bf16 host blocks (AMX tiles where the
+# CPU has them, activations rounded to bf16, f32 sums) vs transformers with dtype=bfloat16 (PEFT
+# keeps the adapter in f32; torch multiplies bf16 on oneDNN, AMX where present).
+b_tps=""
+if [ "${BF16:-1}" != 0 ]; then
+    echo "== bf16 frozen base: training step (seq 256 x 4, then 2048 x 1)"
+    EMBER_DTYPE=bfloat16 /usr/bin/time -f %M -o "$OUT/ember_bf16.rss" "$BIN/examples/step_bench" "$OUT/base-hf" 256 4 \
+        "$STEPS" 0 > "$OUT/ember_bf16.json"
+    /usr/bin/time -f %M -o "$OUT/peft_bf16.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" --seq 256 \
+        --batch 4 --steps "$STEPS" --dtype bfloat16 > "$OUT/peft_bf16.log"
+    EMBER_DTYPE=bfloat16 /usr/bin/time -f %M -o "$OUT/ember_bf16_long.rss" "$BIN/examples/step_bench" "$OUT/base-hf" \
+        2048 1 "$LONG_STEPS" 0 > "$OUT/ember_bf16_long.json"
+    /usr/bin/time -f %M -o "$OUT/peft_bf16_long.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" \
+        --seq 2048 --batch 1 --steps "$LONG_STEPS" --dtype bfloat16 > "$OUT/peft_bf16_long.log"
+    b_tps=$(json tokens_per_s < "$OUT/ember_bf16.json"); pb_tps=$(json tokens_per_s < "$OUT/peft_bf16.log")
+    bl_tps=$(json tokens_per_s < "$OUT/ember_bf16_long.json"); pbl_tps=$(json tokens_per_s < "$OUT/peft_bf16_long.log")
+fi
+
 echo "== merge vs cp"
 t0=$(date +%s.%N); cp -r "$OUT/base-hf" "$OUT/copy"; t1=$(date +%s.%N)
 "$BIN/ember" merge --base "$OUT/base-hf" --adapter "$OUT/peft-adapter" --out "$OUT/merged" > /dev/null; t2=$(date +%s.%N)
@@ -90,6 +109,20 @@ printf "| greedy tokens/s | %.1f | %.1f | %.2f |\n" "$e_gen" "$h_gen" "$(echo "$
 printf "| train tokens/s, seq 2048 x 1 | %.1f | %.1f | %.2f |\n" "$el_tps" "$pl_tps" "$(echo "$el_tps / $pl_tps" | bc -l)"
 printf "| train peak RSS MiB, seq 2048 x 1 | %s | %s | %.2f |\n" "$(rss_mib "$OUT/ember_long.rss")" \
     "$(rss_mib "$OUT/peft_long.rss")" "$(echo "$(cat "$OUT/ember_long.rss") / $(cat "$OUT/peft_long.rss")" | bc -l)"
+if [ -n "$b_tps" ]; then
+    echo
+    echo "| bf16 frozen base | Ember | transformers + PEFT | Ember / reference |"
+    echo "|---|---:|---:|---:|"
+    printf "| train tokens/s, 256 x 4 | %.1f | %.1f | %.2f |\n" "$b_tps" "$pb_tps" "$(echo "$b_tps / $pb_tps" | bc -l)"
+    printf "| train peak RSS MiB, 256 x 4 | %s | %s | %.2f |\n" "$(rss_mib "$OUT/ember_bf16.rss")" \
+        "$(rss_mib "$OUT/peft_bf16.rss")" "$(echo "$(cat "$OUT/ember_bf16.rss") / $(cat "$OUT/peft_bf16.rss")" | bc -l)"
+    printf "| train tokens/s, 2048 x 1 | %.1f | %.1f | %.2f |\n" "$bl_tps" "$pbl_tps" "$(echo "$bl_tps / $pbl_tps" | bc -l)"
+    printf "| train peak RSS MiB, 2048 x 1 | %s | %s | %.2f |\n" "$(rss_mib "$OUT/ember_bf16_long.rss")" \
+        "$(rss_mib "$OUT/peft_bf16_long.rss")" \
+        "$(echo "$(cat "$OUT/ember_bf16_long.rss") / $(cat "$OUT/peft_bf16_long.rss")" | bc -l)"
+    printf "| Ember bf16 / PEFT f32 tokens/s, 256 x 4 | %.1f | %.1f | %.2f |\n" "$b_tps" "$p_tps" \
+        "$(echo "$b_tps / $p_tps" | bc -l)"
+fi
 if [ -n "$m_tps" ]; then
     echo
     echo "| mlx-lm (reference) | Ember | mlx-lm | Ember / mlx-lm |"

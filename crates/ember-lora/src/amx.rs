@@ -420,6 +420,53 @@ fn product(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<
     unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), m * n, out.capacity()) }
 }
 
+/// Rows of `x` below which [`matmul_transposed`] reads the weight in place, row by row (one
+/// token per call while decoding) instead of packing it into tiles, which would cost as much as
+/// the product itself.
+const SMALL_M: usize = 16;
+
+crate::simd::multiversion! {
+    /// `out[j·m + i] = Σ_l x[i·k + l]·w[j·k + l]` for the weight rows `w` `[rows, k]` (bf16 bits),
+    /// `x` `[m, k]` already rounded to bf16 values: each weight row is read once for all `m`.
+    fn dot_rows(x: &[f32], m: usize, k: usize, w: &[u16], out: &mut [f32]) {
+        for (row, dst) in w.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
+            for (i, d) in dst.iter_mut().enumerate() {
+                let xi = &x[i * k..(i + 1) * k];
+                let mut lanes = [0f32; 16];
+                let mut wc = row.chunks_exact(16);
+                let mut xc = xi.chunks_exact(16);
+                for (wv, xv) in (&mut wc).zip(&mut xc) {
+                    for l in 0..16 {
+                        lanes[l] += xv[l] * bf16_value(wv[l]);
+                    }
+                }
+                let tail: f32 = wc.remainder().iter().zip(xc.remainder()).map(|(&w, &x)| x * bf16_value(w)).sum();
+                *d = lanes.iter().sum::<f32>() + tail;
+            }
+        }
+    }
+}
+
+/// `x·Wᵀ` for a few rows of `x` (`m` < [`SMALL_M`]): the weight read in place, rows of it spread
+/// over the threads; `x` rounded to bf16 as the tiles do.
+fn small_matmul_transposed(x: &[f32], m: usize, w: &[u16], [n, k]: [usize; 2]) -> Vec<f32> {
+    let rounded: Vec<f32> = x.iter().map(|&v| bf16_value(bf16_bits(v))).collect();
+    // out transposed, [n, m]: each task writes whole rows of it.
+    let mut transposed = vec![0f32; n * m];
+    const ROWS_PER_TASK: usize = 64;
+    transposed
+        .par_chunks_mut(ROWS_PER_TASK * m)
+        .zip(w.par_chunks(ROWS_PER_TASK * k))
+        .for_each(|(dst, rows)| dot_rows(&rounded, m, k, rows, dst));
+    let mut out = vec![0f32; m * n];
+    for (j, col) in transposed.chunks_exact(m).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+    out
+}
+
 /// `x·Wᵀ` with `W` `[out, in]` stored as bf16 bits and `x` rounded to bf16; f32 sums.
 ///
 /// # Shapes
@@ -430,6 +477,9 @@ fn product(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<
 pub fn matmul_transposed(x: &[f32], m: usize, w: &[u16], shape: [usize; 2]) -> Vec<f32> {
     let [out, inp] = shape;
     assert_eq!(w.len(), out * inp, "w is [out, in]");
+    if m < SMALL_M && inp > 0 {
+        return small_matmul_transposed(x, m, w, shape);
+    }
     product(x, m, inp, out, RightOperand::Transposed { w, cols: inp })
 }
 

@@ -1546,7 +1546,15 @@ mod tests {
                 .map(|&x| if amx { bf16_value(bf16_bits(x)) } else { x })
                 .collect()
         };
-        for (m, n, k) in [(1, 1, 1), (33, 47, 70), (64, 32, 1056), (5, 100, 2080), (70, 1100, 40)] {
+        // m < 16 reads the weight row by row (decoding), m ≥ 16 packs it into tiles.
+        for (m, n, k) in [
+            (1, 1, 1),
+            (3, 70, 33),
+            (33, 47, 70),
+            (64, 32, 1056),
+            (5, 100, 2080),
+            (70, 1100, 40),
+        ] {
             let values = random(n * k, 1);
             let w = QuantMatrix::quantize(QuantFormat::Bf16, &values, [n, k]).unwrap();
             assert_eq!(w.bytes(), (n * k).div_ceil(32) * 64);

@@ -36,10 +36,12 @@ fn trace<B: ember_lora::EmberAutodiffBackend>(arch: &str, dtype: BaseDtype) -> V
     for (path, layer) in t.model.linear_layers() {
         // MoE routers stay f32 whatever the base dtype (top-k choices must not flip).
         let router = path.ends_with(".gate") || path.contains("router");
-        // burn-ndarray has no bf16 tensors: a bf16 base is held there as host bf16 blocks.
-        let want = if router {
+        // burn-ndarray has no bf16 tensors: a bf16 base is held there as host bf16 blocks, its
+        // stacked experts in f32.
+        let host_bf16 = dtype == BaseDtype::Bfloat16 && B::bf16_base_on_host(&Default::default());
+        let want = if router || (host_bf16 && path.contains(".experts.")) {
             "float32".to_string()
-        } else if dtype == BaseDtype::Bfloat16 && B::bf16_base_on_host(&Default::default()) {
+        } else if host_bf16 {
             "BF16".to_string()
         } else {
             dtype.to_string()
