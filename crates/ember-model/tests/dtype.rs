@@ -24,6 +24,17 @@ fn logits(model: &CausalLm<Cpu>, arch: &str) -> Vec<f32> {
     logits.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
+/// llama's bf16 references: transformers' f32-compute logits, their shape, and the distance
+/// of transformers' own bf16 compute from them (over attended positions): the bf16 bound.
+fn bf16_reference() -> (Vec<f32>, Vec<usize>, f32) {
+    let reference_file = fixtures().join("llama").join("logits_bf16.safetensors");
+    let (f32_compute, shape) = reference(&reference_file, "logits_bf16_weights_f32_compute");
+    let (bf16_compute, _) = reference(&reference_file, "logits_bf16_compute");
+    let mask = Inputs::read("llama").attention_mask;
+    let (bound, _) = masked_max_diff(&bf16_compute, &f32_compute, &shape, &mask);
+    (f32_compute, shape, bound)
+}
+
 /// burn-flex in f32 is a golden backend too: every family's logits within 1e-4.
 #[test]
 fn flex_f32_matches_transformers_on_every_family() {
@@ -41,11 +52,8 @@ fn flex_f32_matches_transformers_on_every_family() {
 #[test]
 fn half_precision_bases_are_stored_half_and_as_close_as_transformers_bf16() {
     let dir = fixtures().join("llama");
-    let reference_file = dir.join("logits_bf16.safetensors");
-    let (f32_compute, shape) = reference(&reference_file, "logits_bf16_weights_f32_compute");
-    let (bf16_compute, _) = reference(&reference_file, "logits_bf16_compute");
+    let (f32_compute, shape, transformers_bf16) = bf16_reference();
     let mask = Inputs::read("llama").attention_mask;
-    let (transformers_bf16, _) = masked_max_diff(&bf16_compute, &f32_compute, &shape, &mask);
     println!("transformers bf16 compute vs f32 compute: {transformers_bf16:.3e}");
     assert!(transformers_bf16 > 1e-3, "the reference should show bf16 rounding");
 
@@ -84,10 +92,7 @@ fn adapters_on_a_bf16_base_match_the_f32_base() {
     let mask = Inputs::read("llama").attention_mask;
     let (diff, at) = masked_max_diff(&logits(&half, "llama"), &expected, &shape, &mask);
     // The same bound as the base: transformers' own bf16 rounding of this model.
-    let reference_file = dir.join("logits_bf16.safetensors");
-    let (f32_compute, _) = reference(&reference_file, "logits_bf16_weights_f32_compute");
-    let (bf16_compute, _) = reference(&reference_file, "logits_bf16_compute");
-    let (bound, _) = masked_max_diff(&bf16_compute, &f32_compute, &shape, &mask);
+    let (_, _, bound) = bf16_reference();
     println!("bf16 base + adapter vs PEFT f32: {diff:.3e} at {at} (bound {bound:.3e})");
     let mut adapted = 0;
     for (path, layer) in half.linear_layers() {
@@ -108,11 +113,8 @@ fn adapters_on_a_bf16_base_match_the_f32_base() {
 fn a_bf16_base_on_burn_ndarray_is_host_blocks_as_close_as_transformers_bf16() {
     type Host = NdArray<f32>;
     let dir = fixtures().join("llama");
-    let reference_file = dir.join("logits_bf16.safetensors");
-    let (f32_compute, shape) = reference(&reference_file, "logits_bf16_weights_f32_compute");
-    let (bf16_compute, _) = reference(&reference_file, "logits_bf16_compute");
+    let (f32_compute, shape, bound) = bf16_reference();
     let mask = Inputs::read("llama").attention_mask;
-    let (bound, _) = masked_max_diff(&bf16_compute, &f32_compute, &shape, &mask);
     let (lora_expected, _) = reference(&dir.join("lora_logits.safetensors"), "logits");
     let files = ember_lora::AdapterFiles::read(&dir.join("adapter_random_b")).unwrap();
     let device = Default::default();
