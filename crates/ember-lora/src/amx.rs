@@ -77,19 +77,63 @@ pub fn bf16_value(bits: u16) -> f32 {
 }
 
 crate::simd::multiversion! {
-    /// Rows `[rows ≤ 32, cols]` of `x` rounded to bf16 into one row block of left tiles: per
-    /// 32 columns two 16 × 32 tiles (rows 0–15, then 16–31), zero past `rows` and `cols`.
-    fn round_block(x: &[f32], cols: usize, out: &mut [u16]) {
-        let rows = x.len() / cols;
+    /// Rows `[rows ≤ 32, cols]` of `x` (`stride` apart) rounded to bf16 into one row block of
+    /// left tiles: per 32 columns two 16 × 32 tiles (rows 0–15, then 16–31), zero past `rows`
+    /// and `cols`.
+    fn round_block(x: &[f32], rows: usize, cols: usize, stride: usize, out: &mut [u16]) {
+        debug_assert!(rows <= BLOCK_M);
         out.fill(0);
-        for (r, src) in x.chunks_exact(cols).enumerate() {
+        for r in 0..rows {
+            let src = &x[r * stride..r * stride + cols];
             let (half, row) = (r / 16, r % 16);
             for (t, chunk) in src.chunks(TILE_K).enumerate() {
                 let dst = &mut out[(t * 2 + half) * 512 + row * TILE_K..][..chunk.len()];
                 dst.iter_mut().zip(chunk).for_each(|(d, &s)| *d = bf16_bits(s));
             }
         }
-        debug_assert!(rows <= BLOCK_M);
+    }
+}
+
+crate::simd::multiversion! {
+    /// Rows `[rows, cols]` of `x` (`stride` apart) rounded to bf16 into `out` `[rows, cols]`.
+    fn round_rows(x: &[f32], rows: usize, cols: usize, stride: usize, out: &mut [u16]) {
+        for r in 0..rows {
+            let src = &x[r * stride..r * stride + cols];
+            let dst = &mut out[r * cols..(r + 1) * cols];
+            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = bf16_bits(s));
+        }
+    }
+}
+
+crate::simd::multiversion! {
+    /// `src` `[k, n]` (rows `stride` apart) rounded to bf16 into right panels of 16 columns
+    /// (`k_tiles` tiles each): tile row `r` of tile `t`, column `j` of panel `p` holds
+    /// `(B[32t + 2r, 16p + j], B[32t + 2r + 1, 16p + j])` as one word; zero past `k` and `n`.
+    fn pack_pairs(src: &[f32], k: usize, n: usize, stride: usize, k_tiles: usize, out: &mut [u32]) {
+        let word = |lo: f32, hi: f32| bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16;
+        for (p, panel) in out.chunks_exact_mut(k_tiles * 256).enumerate() {
+            let n0 = p * 16;
+            let width = 16.min(n.saturating_sub(n0));
+            for pair in 0..k_tiles * 16 {
+                let dst = &mut panel[(pair / 16) * 256 + (pair % 16) * 16..][..16];
+                let (lo, hi) = (2 * pair, 2 * pair + 1);
+                if width == 16 && hi < k {
+                    let a = &src[lo * stride + n0..][..16];
+                    let b = &src[hi * stride + n0..][..16];
+                    for j in 0..16 {
+                        dst[j] = word(a[j], b[j]);
+                    }
+                } else {
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d = match (j < width && lo < k, hi < k) {
+                            (true, true) => word(src[lo * stride + n0 + j], src[hi * stride + n0 + j]),
+                            (true, false) => word(src[lo * stride + n0 + j], 0.0),
+                            (false, _) => 0,
+                        };
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -108,7 +152,7 @@ impl LeftOperand {
         let mut bits = vec![0u16; m.div_ceil(BLOCK_M) * block];
         bits.par_chunks_mut(block)
             .zip(x.par_chunks(BLOCK_M * k))
-            .for_each(|(dst, src)| round_block(src, k, dst));
+            .for_each(|(dst, src)| round_block(src, src.len() / k, k, k, dst));
         Self { bits, k_tiles }
     }
 
@@ -340,6 +384,140 @@ unsafe fn block(
         asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) c.add(16), s = in(reg) c_stride, options(nostack));
         asm!("tilestored [{p} + {s}*1], tmm2", p = in(reg) c_lo, s = in(reg) c_stride, options(nostack));
         asm!("tilestored [{p} + {s}*1], tmm3", p = in(reg) c_lo.add(16), s = in(reg) c_stride, options(nostack));
+    }
+}
+
+/// A left operand `A` `[m, k]` rounded to bf16 and packed as [`LeftOperand`]'s tiles, for
+/// products that run on the caller's thread (one attention head per task); the buffer is
+/// reused from call to call.
+#[derive(Debug, Default)]
+pub(crate) struct LeftTiles {
+    bits: Vec<u16>,
+    /// Tile steps of `k`.
+    k_tiles: usize,
+    /// Blocks of 32 rows.
+    m_blocks: usize,
+}
+
+impl LeftTiles {
+    /// Packs `A` `[m, k]` with element `(i, l)` at `src[i·rs + l·cs]`, rounded to bf16.
+    pub(crate) fn pack(&mut self, src: &[f32], m: usize, k: usize, (rs, cs): (usize, usize)) {
+        self.k_tiles = k.div_ceil(TILE_K);
+        self.m_blocks = m.div_ceil(BLOCK_M);
+        let block = self.k_tiles * 1024;
+        self.bits.clear();
+        self.bits.resize(self.m_blocks * block, 0);
+        if m == 0 || k == 0 {
+            return;
+        }
+        assert!((m - 1) * rs + (k - 1) * cs < src.len(), "left operand out of bounds");
+        if cs == 1 {
+            for (mb, dst) in self.bits.chunks_exact_mut(block).enumerate() {
+                let rows = BLOCK_M.min(m - mb * BLOCK_M);
+                round_block(&src[mb * BLOCK_M * rs..], rows, k, rs, dst);
+            }
+        } else {
+            // A transposed read (a 64 × 64 block in the attention kernels): element by element.
+            for i in 0..m {
+                let (mb, half, row) = (i / BLOCK_M, (i % BLOCK_M) / 16, i % 16);
+                for l in 0..k {
+                    let tile = mb * self.k_tiles * 2 + (l / TILE_K) * 2 + half;
+                    self.bits[tile * 512 + row * TILE_K + l % TILE_K] = bf16_bits(src[i * rs + l * cs]);
+                }
+            }
+        }
+    }
+
+    fn block(&self, mb: usize) -> *const u16 {
+        self.bits[mb * self.k_tiles * 1024..].as_ptr()
+    }
+}
+
+/// A right operand `B` `[k, n]` rounded to bf16 and packed as 16-column panels (an even number
+/// of them, zero padded), for products on the caller's thread; buffers reused between calls.
+#[derive(Debug, Default)]
+pub(crate) struct RightTiles {
+    words: Vec<u32>,
+    rounded: Vec<u16>,
+    /// Tile steps of `k` per panel.
+    k_tiles: usize,
+    /// Panels of 16 columns (even).
+    panels: usize,
+}
+
+impl RightTiles {
+    /// Packs `src` `[rows, cols]` (rows `stride` apart) as `B = src` (`k` = rows, `n` = cols)
+    /// or, `transposed`, as `B = srcᵀ` (`k` = cols, `n` = rows), rounded to bf16.
+    pub(crate) fn pack(&mut self, src: &[f32], rows: usize, cols: usize, stride: usize, transposed: bool) {
+        let (k, n) = if transposed { (cols, rows) } else { (rows, cols) };
+        self.k_tiles = k.div_ceil(TILE_K);
+        self.panels = n.div_ceil(BLOCK_N) * 2;
+        self.words.clear();
+        self.words.resize(self.panels * self.k_tiles * 256, 0);
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        assert!((rows - 1) * stride + cols <= src.len(), "right operand out of bounds");
+        if !transposed {
+            pack_pairs(src, k, n, stride, self.k_tiles, &mut self.words);
+            return;
+        }
+        self.rounded.clear();
+        self.rounded.resize(rows * cols, 0);
+        round_rows(src, rows, cols, stride, &mut self.rounded);
+        let b = RightOperand::Transposed { w: &self.rounded, cols };
+        let panel_len = self.k_tiles * 256;
+        for (p, panel) in self.words.chunks_exact_mut(panel_len).enumerate() {
+            b.pack_panel(p * 16, n, k, panel);
+        }
+    }
+
+    fn panel(&self, p: usize) -> *const u32 {
+        self.words[p * self.k_tiles * 256..].as_ptr()
+    }
+}
+
+/// `C (+)= A·B` for the first `n` columns of `B`, on the caller's thread, over `A`'s `k` (`B`
+/// may hold more rows of `k`: they meet `A`'s zero padding). `c` holds `A`'s rows rounded up
+/// to 32 and `n` rounded up to 32 columns, rows `c_stride` floats apart; the padding is
+/// written too.
+///
+/// # Panics
+/// If AMX is not [`available`] or the operands do not fit.
+pub(crate) fn tile_product(a: &LeftTiles, b: &RightTiles, n: usize, c: &mut [f32], c_stride: usize, accumulate: bool) {
+    assert!(available(), "AMX bf16 tiles are not available on this CPU");
+    let n_blocks = n.div_ceil(BLOCK_N);
+    assert!(
+        b.k_tiles >= a.k_tiles && 2 * n_blocks <= b.panels,
+        "right operand too small"
+    );
+    assert!(c_stride >= n_blocks * BLOCK_N, "output stride below the padded width");
+    if a.m_blocks == 0 || n_blocks == 0 {
+        return;
+    }
+    assert!(
+        (a.m_blocks * BLOCK_M - 1) * c_stride + n_blocks * BLOCK_N <= c.len(),
+        "output too small for the padded product"
+    );
+    if a.k_tiles == 0 {
+        if !accumulate {
+            for r in 0..a.m_blocks * BLOCK_M {
+                c[r * c_stride..r * c_stride + n_blocks * BLOCK_N].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: AMX is available (asserted); every block lies inside `c` (asserted), the
+    // operands hold `a.k_tiles` tile steps per row block and panel.
+    unsafe {
+        let _tiles = TileSession::start();
+        for nb in 0..n_blocks {
+            for mb in 0..a.m_blocks {
+                let out = c.as_mut_ptr().add(mb * BLOCK_M * c_stride + nb * BLOCK_N);
+                let (b0, b1) = (b.panel(2 * nb), b.panel(2 * nb + 1));
+                block(a.block(mb), b0, b1, 0..a.k_tiles, out, c_stride * 4, accumulate);
+            }
+        }
     }
 }
 

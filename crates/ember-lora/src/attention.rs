@@ -23,10 +23,15 @@ use burn::tensor::{Tensor, TensorData};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::amx::{tile_product, LeftTiles, RightTiles};
 use crate::quant::{float, EmberBackend};
 
 /// Query rows per block of the CPU kernels.
 const BLOCK_ROWS: usize = 64;
+
+/// Queries below which a call with [`AttentionSpec::bf16_products`] keeps f32 products (one
+/// token per call while decoding: a tile product would pad its one row to 32).
+pub const TILE_MIN_ROWS: usize = 32;
 
 /// A row whose best visible score lies below this saw only masked keys (a padded query: the
 /// model's mask adds the dtype's minimum). Eager attention then spreads the row uniformly over
@@ -45,6 +50,11 @@ pub struct AttentionSpec {
     /// `j > i + keys − seq`): the CPU kernels then skip those keys without reading the mask.
     /// The mask must hide them too (GPU backends apply only the mask).
     pub causal: bool,
+    /// Multiply in bf16 where the CPU has AMX tiles ([`crate::amx`]): q, k, v, the
+    /// probabilities and the gradients rounded to bf16 as the products' operands, f32 sums,
+    /// softmax in f32, as PyTorch's bf16 attention on CPU. Set for a bf16 base held on the host;
+    /// without AMX, and for fewer than [`TILE_MIN_ROWS`] queries, the products stay f32.
+    pub bf16_products: bool,
 }
 
 /// The sizes of an attention call.
@@ -414,6 +424,21 @@ impl<'a> HostMask<'a> {
         }
     }
 
+    /// `None` when the mask adds zero to every key the causal rule shows (a plain causal
+    /// mask): the kernels skip the hidden keys themselves, so reading the mask per head and
+    /// pass would add nothing.
+    fn unless_plain_causal(self, dims: &AttentionDims, spec: &AttentionSpec) -> Option<Self> {
+        if !spec.causal {
+            return Some(self);
+        }
+        let sequences = if self.per_sequence { dims.batch } else { 1 };
+        let plain = (0..sequences).all(|b| {
+            let m = self.of_sequence(b, dims.seq, dims.keys);
+            (0..dims.seq).all(|i| all_zero(&m[i * dims.keys..i * dims.keys + visible_keys(i, dims, spec)]))
+        });
+        (!plain).then_some(self)
+    }
+
     fn of_sequence(&self, b: usize, seq: usize, keys: usize) -> &'a [f32] {
         let b = if self.per_sequence { b } else { 0 };
         &self.values[b * seq * keys..(b + 1) * seq * keys]
@@ -563,6 +588,20 @@ crate::simd::multiversion! {
 }
 
 crate::simd::multiversion! {
+    /// `row[j] = row[j]·scale + mask[j]` (vectorised for the CPU; `scale` 1 adds exactly).
+    fn scale_add_row(row: &mut [f32], scale: f32, mask: &[f32]) {
+        row.iter_mut().zip(mask).for_each(|(x, m)| *x = *x * scale + m);
+    }
+}
+
+crate::simd::multiversion! {
+    /// Whether every value of `row` is ±0 (vectorised for the CPU).
+    fn all_zero(row: &[f32]) -> bool {
+        row.iter().fold(0u32, |bits, &x| bits | (x.to_bits() & 0x7FFF_FFFF)) == 0
+    }
+}
+
+crate::simd::multiversion! {
     /// `row[j] *= factor` (vectorised for the CPU).
     fn scale_row(row: &mut [f32], factor: f32) {
         row.iter_mut().for_each(|x| *x *= factor);
@@ -617,49 +656,237 @@ fn visible_keys(i: usize, dims: &AttentionDims, spec: &AttentionSpec) -> usize {
 }
 
 /// Scaled (and softcapped) scores of query rows `i0..i0 + rows` of one head against keys
-/// `0..width`, plus the mask, into `scores` (`[rows, width]`); with a softcap, `slope` gets
-/// `d capped / d scaled` = `1 − tanh²`.
+/// `0..width`, plus the mask, into `scores` (`[rows, width]`, rows `stride` apart); with a
+/// softcap, `slope` gets `d capped / d scaled` = `1 − tanh²`.
 #[allow(clippy::too_many_arguments)]
 fn block_scores(
     q_head: &[f32],
     k_head: &[f32],
     mask: Option<&[f32]>,
-    (i0, rows, width): (usize, usize, usize),
+    (i0, rows, width, stride): (usize, usize, usize, usize),
     dims: &AttentionDims,
     spec: &AttentionSpec,
+    tiles: Option<&mut HeadTiles>,
     scores: &mut [f32],
     mut slope: Option<&mut [f32]>,
 ) {
     let d = dims.head_dim;
-    matmul(
-        (rows, width, d),
-        scores,
-        (width, 1),
-        false,
-        &q_head[i0 * d..],
-        (d, 1),
-        k_head,
-        (1, d),
-        spec.scale,
-    );
+    // Tiles write the plain products; the scale goes into the row pass below.
+    let prescale = if tiles.is_some() { spec.scale } else { 1.0 };
+    match tiles {
+        Some(tiles) => tiles.scores(q_head, (i0, rows, width, stride), d, scores),
+        None => matmul(
+            (rows, width, d),
+            scores,
+            (stride, 1),
+            false,
+            &q_head[i0 * d..],
+            (d, 1),
+            k_head,
+            (1, d),
+            spec.scale,
+        ),
+    }
     for r in 0..rows {
-        let row = &mut scores[r * width..(r + 1) * width];
-        if let Some(cap) = spec.softcap {
-            let slope_row = slope.as_mut().map(|s| &mut s[r * width..(r + 1) * width]);
-            match slope_row {
-                Some(slope_row) => {
-                    for (x, s) in row.iter_mut().zip(slope_row) {
-                        let t = (*x / cap).tanh();
-                        *x = cap * t;
-                        *s = 1.0 - t * t;
-                    }
-                }
-                None => row.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh()),
+        let row = &mut scores[r * stride..r * stride + width];
+        let mask_row = mask.map(|m| &m[(i0 + r) * dims.keys..][..width]);
+        let Some(cap) = spec.softcap else {
+            match mask_row {
+                Some(mask_row) => scale_add_row(row, prescale, mask_row),
+                None if prescale != 1.0 => scale_row(row, prescale),
+                None => {}
             }
+            continue;
+        };
+        if prescale != 1.0 {
+            scale_row(row, prescale);
         }
-        if let Some(mask) = mask {
-            let mask_row = &mask[(i0 + r) * dims.keys..][..width];
-            row.iter_mut().zip(mask_row).for_each(|(x, m)| *x += m);
+        let slope_row = slope.as_mut().map(|s| &mut s[r * stride..r * stride + width]);
+        match slope_row {
+            Some(slope_row) => {
+                for (x, s) in row.iter_mut().zip(slope_row) {
+                    let t = (*x / cap).tanh();
+                    *x = cap * t;
+                    *s = 1.0 - t * t;
+                }
+            }
+            None => row.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh()),
+        }
+        if let Some(mask_row) = mask_row {
+            scale_add_row(row, 1.0, mask_row);
+        }
+    }
+}
+
+/// Row stride of a block's score strip over `width` keys: tile products write whole 32-column
+/// blocks.
+fn strip_stride(width: usize, on_tiles: bool) -> usize {
+    if on_tiles {
+        width.next_multiple_of(32)
+    } else {
+        width
+    }
+}
+
+/// Floats of one block's score strip (tile products write rows up to a multiple of 32).
+fn strip_len(seq: usize, keys: usize, on_tiles: bool) -> usize {
+    let rows = BLOCK_ROWS.min(seq);
+    if on_tiles {
+        rows.next_multiple_of(32) * keys.next_multiple_of(32)
+    } else {
+        rows * keys
+    }
+}
+
+/// One head's products on bf16 tiles ([`AttentionSpec::bf16_products`]): keys and values packed
+/// once per head, the query block, probabilities and score gradients per block. The key and
+/// value gradients gather transposed (`dKᵀ += Qᵀ·dS`, `dVᵀ += dOᵀ·P`: the block's rows are
+/// `k`, so that the wide operand is packed the cheap way) and are added at [`HeadTiles::finish`].
+struct HeadTiles {
+    /// `Kᵀ`, right operand of the scores.
+    keys_t: RightTiles,
+    /// `V`, right operand of `P·V` (forward).
+    values: RightTiles,
+    /// `K`, right operand of `dQ = dS·K` (backward).
+    keys: RightTiles,
+    /// `Vᵀ`, right operand of `dP = dO·Vᵀ` (backward).
+    values_t: RightTiles,
+    /// The block's left operand.
+    left: LeftTiles,
+    /// The block's right operand (backward).
+    right: RightTiles,
+    /// `[64, max(head_dim, value_dim)]` padded to 32: one block's product before it is copied out.
+    block_out: Vec<f32>,
+    /// Width of `block_out`'s rows.
+    block_stride: usize,
+    /// `dKᵀ` `[head_dim, keys]`, rows padded to 32, `keys_stride` apart (backward).
+    dk_t: Vec<f32>,
+    /// `dVᵀ` `[value_dim, keys]`, likewise.
+    dv_t: Vec<f32>,
+    /// Keys rounded up to 32.
+    keys_stride: usize,
+}
+
+impl HeadTiles {
+    /// Whether a call runs its products on tiles.
+    fn used(spec: &AttentionSpec, seq: usize) -> bool {
+        spec.bf16_products && seq >= TILE_MIN_ROWS && crate::amx::available()
+    }
+
+    fn new(k_head: &[f32], v_head: &[f32], dims: &AttentionDims, backward: bool) -> Self {
+        let (keys, d, dv) = (dims.keys, dims.head_dim, dims.value_dim);
+        let mut tiles = HeadTiles {
+            keys_t: RightTiles::default(),
+            values: RightTiles::default(),
+            keys: RightTiles::default(),
+            values_t: RightTiles::default(),
+            left: LeftTiles::default(),
+            right: RightTiles::default(),
+            block_stride: d.max(dv).next_multiple_of(32),
+            block_out: Vec::new(),
+            dk_t: Vec::new(),
+            dv_t: Vec::new(),
+            keys_stride: keys.next_multiple_of(32),
+        };
+        tiles.block_out = vec![0f32; BLOCK_ROWS * tiles.block_stride];
+        tiles.keys_t.pack(k_head, keys, d, d, true);
+        if backward {
+            tiles.keys.pack(k_head, keys, d, d, false);
+            tiles.values_t.pack(v_head, keys, dv, dv, true);
+            tiles.dk_t = vec![0f32; d.next_multiple_of(32) * tiles.keys_stride];
+            tiles.dv_t = vec![0f32; dv.next_multiple_of(32) * tiles.keys_stride];
+        } else {
+            tiles.values.pack(v_head, keys, dv, dv, false);
+        }
+        tiles
+    }
+
+    /// `scores[..rows, ..width] = Q[i0..i0 + rows]·Kᵀ` (rows `stride` apart; unscaled).
+    fn scores(
+        &mut self,
+        q_head: &[f32],
+        (i0, rows, width, stride): (usize, usize, usize, usize),
+        d: usize,
+        scores: &mut [f32],
+    ) {
+        self.left.pack(&q_head[i0 * d..], rows, d, (d, 1));
+        tile_product(&self.left, &self.keys_t, width, scores, stride, false);
+    }
+
+    /// `out = P·V` for the block's probabilities `probs` `[rows, width]`.
+    fn weighted_values(
+        &mut self,
+        probs: &[f32],
+        (rows, width, stride): (usize, usize, usize),
+        dv: usize,
+        out: &mut [f32],
+    ) {
+        self.left.pack(probs, rows, width, (stride, 1));
+        tile_product(
+            &self.left,
+            &self.values,
+            dv,
+            &mut self.block_out,
+            self.block_stride,
+            false,
+        );
+        self.copy_out(rows, dv, out);
+    }
+
+    /// `dVᵀ += dOᵀ·P` over the block's rows.
+    fn add_value_grad(
+        &mut self,
+        probs: &[f32],
+        (rows, width, stride): (usize, usize, usize),
+        d_out: &[f32],
+        dv: usize,
+    ) {
+        self.left.pack(d_out, dv, rows, (1, dv));
+        self.right.pack(probs, rows, width, stride, false);
+        tile_product(&self.left, &self.right, width, &mut self.dv_t, self.keys_stride, true);
+    }
+
+    /// `d_scores = dO·Vᵀ` over the block's visible keys.
+    fn prob_grad(
+        &mut self,
+        d_out: &[f32],
+        (rows, width, stride): (usize, usize, usize),
+        dv: usize,
+        d_scores: &mut [f32],
+    ) {
+        self.left.pack(d_out, rows, dv, (dv, 1));
+        tile_product(&self.left, &self.values_t, width, d_scores, stride, false);
+    }
+
+    /// `dq = dS·K` (`d_scores` already scaled).
+    fn query_grad(&mut self, d_scores: &[f32], (rows, width, stride): (usize, usize, usize), d: usize, dq: &mut [f32]) {
+        self.left.pack(d_scores, rows, width, (stride, 1));
+        tile_product(&self.left, &self.keys, d, &mut self.block_out, self.block_stride, false);
+        self.copy_out(rows, d, dq);
+    }
+
+    /// `dKᵀ += Qᵀ·dS` over the block's rows (`d_scores` already scaled).
+    fn add_key_grad(&mut self, d_scores: &[f32], (rows, width, stride): (usize, usize, usize), q: &[f32], d: usize) {
+        self.left.pack(q, d, rows, (1, d));
+        self.right.pack(d_scores, rows, width, stride, false);
+        tile_product(&self.left, &self.right, width, &mut self.dk_t, self.keys_stride, true);
+    }
+
+    /// Copies `[rows, cols]` of the block's product into `out` (rows `cols` apart).
+    fn copy_out(&self, rows: usize, cols: usize, out: &mut [f32]) {
+        for (r, dst) in out.chunks_exact_mut(cols).take(rows).enumerate() {
+            dst.copy_from_slice(&self.block_out[r * self.block_stride..r * self.block_stride + cols]);
+        }
+    }
+
+    /// Adds the gathered `dKᵀ`, `dVᵀ` to the head's `dk` `[keys, head_dim]`, `dv` `[keys, value_dim]`.
+    fn finish(&self, dims: &AttentionDims, dk: &mut [f32], dv: &mut [f32]) {
+        for (gathered, out, width) in [(&self.dk_t, dk, dims.head_dim), (&self.dv_t, dv, dims.value_dim)] {
+            for (j, row) in out.chunks_exact_mut(width).take(dims.keys).enumerate() {
+                for (c, g) in row.iter_mut().enumerate() {
+                    *g += gathered[c * self.keys_stride + j];
+                }
+            }
         }
     }
 }
@@ -698,6 +925,8 @@ pub fn host_attention_forward(
     if seq == 0 || out.is_empty() {
         return (out, lse);
     }
+    let on_tiles = HeadTiles::used(&spec, seq);
+    let mask = mask.and_then(|m| m.unless_plain_causal(&dims, &spec));
     out.par_chunks_mut(seq * value_dim)
         .zip(lse.par_chunks_mut(seq))
         .enumerate()
@@ -709,16 +938,28 @@ pub fn host_attention_forward(
             let v_head = &v[kvh * keys * value_dim..(kvh + 1) * keys * value_dim];
             let mask = mask.map(|m| m.of_sequence(b, seq, keys));
             let sink = sinks.map(|s| s[h]);
-            let mut scores = vec![0f32; BLOCK_ROWS.min(seq) * keys];
+            let mut tiles = on_tiles.then(|| HeadTiles::new(k_head, v_head, &dims, false));
+            let mut scores = vec![0f32; strip_len(seq, keys, on_tiles)];
             let mut fallback = Vec::new();
             let key_norm = max_key_norm(k_head, head_dim);
             for i0 in (0..seq).step_by(BLOCK_ROWS) {
                 let rows = BLOCK_ROWS.min(seq - i0);
                 let width = visible_keys(i0 + rows - 1, &dims, &spec);
-                let scores = &mut scores[..rows * width];
-                block_scores(q_head, k_head, mask, (i0, rows, width), &dims, &spec, scores, None);
+                let stride = strip_stride(width, on_tiles);
+                let block = (i0, rows, width, stride);
+                block_scores(
+                    q_head,
+                    k_head,
+                    mask,
+                    block,
+                    &dims,
+                    &spec,
+                    tiles.as_mut(),
+                    &mut scores,
+                    None,
+                );
                 for r in 0..rows {
-                    let row = &mut scores[r * width..(r + 1) * width];
+                    let row = &mut scores[r * stride..r * stride + width];
                     let visible = visible_keys(i0 + r, &dims, &spec);
                     let (seen, hidden) = row.split_at_mut(visible);
                     hidden.fill(0.0);
@@ -733,17 +974,21 @@ pub fn host_attention_forward(
                     scale_row(seen, 1.0 / sum);
                     lse_head[i0 + r] = max + sum.ln();
                 }
-                matmul(
-                    (rows, value_dim, width),
-                    &mut out_head[i0 * value_dim..],
-                    (value_dim, 1),
-                    false,
-                    scores,
-                    (width, 1),
-                    v_head,
-                    (value_dim, 1),
-                    1.0,
-                );
+                let out_block = &mut out_head[i0 * value_dim..(i0 + rows) * value_dim];
+                match tiles.as_mut() {
+                    Some(tiles) => tiles.weighted_values(&scores, (rows, width, stride), value_dim, out_block),
+                    None => matmul(
+                        (rows, value_dim, width),
+                        out_block,
+                        (value_dim, 1),
+                        false,
+                        &scores,
+                        (stride, 1),
+                        v_head,
+                        (value_dim, 1),
+                        1.0,
+                    ),
+                }
                 for i in fallback.drain(..) {
                     let row = FullRow::new(q_head, k_head, mask, i, &dims, &spec);
                     lse_head[i] = row.forward(v_head, sink, &dims, &mut out_head[i * value_dim..(i + 1) * value_dim]);
@@ -890,6 +1135,8 @@ pub fn host_attention_backward(
     // Per query head, summed over each group afterwards (more parallel work than per kv head).
     let mut dk_heads = vec![0f32; batch * heads * keys * head_dim];
     let mut dv_heads = vec![0f32; batch * heads * keys * value_dim];
+    let on_tiles = HeadTiles::used(&spec, seq);
+    let mask = mask.and_then(|m| m.unless_plain_causal(&dims, &spec));
     if seq > 0 && keys > 0 {
         dq.par_chunks_mut(seq * head_dim)
             .zip(dk_heads.par_chunks_mut(keys * head_dim))
@@ -905,7 +1152,8 @@ pub fn host_attention_backward(
                 let d_out_head = &d_out[bh * seq * value_dim..(bh + 1) * seq * value_dim];
                 let lse_head = &lse[bh * seq..(bh + 1) * seq];
                 let mask = mask.map(|m| m.of_sequence(b, seq, keys));
-                let strip = BLOCK_ROWS.min(seq) * keys;
+                let strip = strip_len(seq, keys, on_tiles);
+                let mut tiles = on_tiles.then(|| HeadTiles::new(k_head, v_head, &dims, true));
                 let mut probs = vec![0f32; strip];
                 let mut d_scores = vec![0f32; strip];
                 let mut slope = vec![0f32; if spec.softcap.is_some() { strip } else { 0 }];
@@ -914,23 +1162,26 @@ pub fn host_attention_backward(
                 for i0 in (0..seq).step_by(BLOCK_ROWS) {
                     let rows = BLOCK_ROWS.min(seq - i0);
                     let width = visible_keys(i0 + rows - 1, &dims, &spec);
-                    let probs = &mut probs[..rows * width];
-                    let d_scores = &mut d_scores[..rows * width];
-                    let mut slope = spec.softcap.map(|_| &mut slope[..rows * width]);
+                    let stride = strip_stride(width, on_tiles);
+                    let block = (i0, rows, width, stride);
+                    let probs = &mut probs[..];
+                    let d_scores = &mut d_scores[..];
+                    let mut slope = spec.softcap.map(|_| &mut slope[..]);
                     block_scores(
                         q_head,
                         k_head,
                         mask,
-                        (i0, rows, width),
+                        block,
                         &dims,
                         &spec,
+                        tiles.as_mut(),
                         probs,
                         slope.as_deref_mut(),
                     );
                     for r in 0..rows {
                         let visible = visible_keys(i0 + r, &dims, &spec);
                         let lse_row = lse_head[i0 + r];
-                        let (seen, hidden) = probs[r * width..(r + 1) * width].split_at_mut(visible);
+                        let (seen, hidden) = probs[r * stride..r * stride + width].split_at_mut(visible);
                         hidden.fill(0.0);
                         if lse_row < FULLY_MASKED || may_see_hidden_keys(q_head, i0 + r, key_norm, &dims, &spec) {
                             // Done over all keys below (its log-sum-exp is the minimum's order).
@@ -940,68 +1191,88 @@ pub fn host_attention_backward(
                             exp_shifted(seen, lse_row);
                         }
                     }
-                    let d_out_block = &d_out_head[i0 * value_dim..];
-                    // dV += Pᵀ·dO
-                    matmul(
-                        (width, value_dim, rows),
-                        dv_head,
-                        (value_dim, 1),
-                        true,
-                        probs,
-                        (1, width),
-                        d_out_block,
-                        (value_dim, 1),
-                        1.0,
-                    );
-                    // dP = dO·Vᵀ
-                    matmul(
-                        (rows, width, value_dim),
-                        d_scores,
-                        (width, 1),
-                        false,
-                        d_out_block,
-                        (value_dim, 1),
-                        v_head,
-                        (1, value_dim),
-                        1.0,
-                    );
+                    let d_out_block = &d_out_head[i0 * value_dim..(i0 + rows) * value_dim];
+                    let q_block = &q_head[i0 * head_dim..(i0 + rows) * head_dim];
+                    let dq_block = &mut dq_head[i0 * head_dim..(i0 + rows) * head_dim];
+                    if let Some(tiles) = tiles.as_mut() {
+                        tiles.add_value_grad(probs, (rows, width, stride), d_out_block, value_dim);
+                        tiles.prob_grad(d_out_block, (rows, width, stride), value_dim, d_scores);
+                    } else {
+                        // dV += Pᵀ·dO
+                        matmul(
+                            (width, value_dim, rows),
+                            dv_head,
+                            (value_dim, 1),
+                            true,
+                            probs,
+                            (1, stride),
+                            d_out_block,
+                            (value_dim, 1),
+                            1.0,
+                        );
+                        // dP = dO·Vᵀ
+                        matmul(
+                            (rows, width, value_dim),
+                            d_scores,
+                            (stride, 1),
+                            false,
+                            d_out_block,
+                            (value_dim, 1),
+                            v_head,
+                            (1, value_dim),
+                            1.0,
+                        );
+                    }
                     // dS = P∘(dP − rowsum(dO∘O)), through the softcap's slope.
                     for r in 0..rows {
                         let i = i0 + r;
+                        let row = r * stride..r * stride + width;
                         softmax_grad_row(
-                            &mut d_scores[r * width..(r + 1) * width],
-                            &probs[r * width..(r + 1) * width],
+                            &mut d_scores[row.clone()],
+                            &probs[row.clone()],
                             &d_out_head[i * value_dim..(i + 1) * value_dim],
                             &out_head[i * value_dim..(i + 1) * value_dim],
                         );
+                        if let Some(slope) = slope.as_deref() {
+                            d_scores[row.clone()]
+                                .iter_mut()
+                                .zip(&slope[row])
+                                .for_each(|(d, s)| *d *= s);
+                        }
                     }
-                    if let Some(slope) = slope {
-                        d_scores.iter_mut().zip(slope.iter()).for_each(|(d, s)| *d *= s);
+                    if let Some(tiles) = tiles.as_mut() {
+                        // The scale goes into dS before it is rounded (both products use it).
+                        for r in 0..rows {
+                            scale_row(&mut d_scores[r * stride..r * stride + width], spec.scale);
+                        }
+                        tiles.query_grad(d_scores, (rows, width, stride), head_dim, dq_block);
+                        tiles.add_key_grad(d_scores, (rows, width, stride), q_block, head_dim);
+                    } else {
+                        // dQ = dS·K·scale
+                        matmul(
+                            (rows, head_dim, width),
+                            dq_block,
+                            (head_dim, 1),
+                            false,
+                            d_scores,
+                            (stride, 1),
+                            k_head,
+                            (head_dim, 1),
+                            spec.scale,
+                        );
+                        // dK += dSᵀ·Q·scale
+                        matmul(
+                            (width, head_dim, rows),
+                            dk_head,
+                            (head_dim, 1),
+                            true,
+                            d_scores,
+                            (1, stride),
+                            q_block,
+                            (head_dim, 1),
+                            spec.scale,
+                        );
                     }
-                    // dQ = dS·K·scale
-                    matmul(
-                        (rows, head_dim, width),
-                        &mut dq_head[i0 * head_dim..],
-                        (head_dim, 1),
-                        false,
-                        d_scores,
-                        (width, 1),
-                        k_head,
-                        (head_dim, 1),
-                        spec.scale,
-                    );
-                    // dK += dSᵀ·Q·scale
-                    matmul(
-                        (width, head_dim, rows),
-                        dk_head,
-                        (head_dim, 1),
-                        true,
-                        d_scores,
-                        (1, width),
-                        &q_head[i0 * head_dim..],
-                        (head_dim, 1),
-                        spec.scale,
-                    );
                     for i in fallback.drain(..) {
                         let row = FullRow::new(q_head, k_head, mask, i, &dims, &spec);
                         let g = &d_out_head[i * value_dim..(i + 1) * value_dim];
@@ -1010,6 +1281,9 @@ pub fn host_attention_backward(
                         let dq_row = &mut dq_head[i * head_dim..(i + 1) * head_dim];
                         row.backward(k_head, v_head, delta, g, &dims, &spec, dq_row, dk_head, dv_head);
                     }
+                }
+                if let Some(tiles) = tiles {
+                    tiles.finish(&dims, dk_head, dv_head);
                 }
             });
     }
@@ -1347,6 +1621,7 @@ pub(crate) mod tests {
             scale: 1.0 / (head_dim as f32).sqrt(),
             softcap: case.softcap,
             causal: true,
+            bf16_products: false,
         };
         let mask_values = mask(&case.pads, seq, past, case.window);
         let q = random(batch * heads * seq * head_dim, 1, 1.5);
@@ -1436,6 +1711,20 @@ pub(crate) mod tests {
                 softcap: Some(5.0),
                 sinks: false,
             },
+            // A plain causal mask (no pads, no window): the kernels drop it and skip by position.
+            Case {
+                batch: 2,
+                heads: 2,
+                kv_heads: 1,
+                seq: 40,
+                past: 3,
+                head_dim: 8,
+                value_dim: 8,
+                pads: vec![0, 0],
+                window: None,
+                softcap: None,
+                sinks: false,
+            },
             // Sinks, MLA-like value width, softcap, one block.
             Case {
                 batch: 2,
@@ -1499,6 +1788,34 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn only_a_plain_causal_mask_is_dropped() {
+        let (seq, past) = (5, 2);
+        let dims = AttentionDims {
+            batch: 2,
+            heads: 1,
+            kv_heads: 1,
+            seq,
+            keys: seq + past,
+            head_dim: 4,
+            value_dim: 4,
+        };
+        let spec = AttentionSpec {
+            scale: 1.0,
+            softcap: None,
+            causal: true,
+            bf16_products: false,
+        };
+        let shape = [2, 1, seq, seq + past];
+        let plain = mask(&[0, 0], seq, past, None);
+        assert!(HostMask::new(&plain, &shape, &dims).unless_plain_causal(&dims, &spec).is_none());
+        for other in [mask(&[0, 1], seq, past, None), mask(&[0, 0], seq, past, Some(3))] {
+            assert!(HostMask::new(&other, &shape, &dims).unless_plain_causal(&dims, &spec).is_some());
+        }
+        let not_causal = AttentionSpec { causal: false, ..spec };
+        assert!(HostMask::new(&plain, &shape, &dims).unless_plain_causal(&dims, &not_causal).is_some());
+    }
+
+    #[test]
     fn the_cpu_kernels_match_autodiff_of_eager_attention() {
         for case in cases() {
             check(case, false);
@@ -1522,6 +1839,7 @@ pub(crate) mod tests {
             scale: 0.3,
             softcap: Some(4.0),
             causal: true,
+            bf16_products: false,
         };
         let q = tensor::<Cpu, 4>(random(batch * heads * seq * d, 7, 1.0), [batch, heads, seq, d]);
         let k = tensor::<Cpu, 4>(random(batch * kv_heads * keys * d, 8, 1.0), [batch, kv_heads, keys, d]);
@@ -1589,5 +1907,214 @@ pub(crate) mod tests {
         close(host.0, device.0, "dq", 4);
         close(host.1, device.1, "dk", 4);
         close(host.2, device.2, "dv", 4);
+    }
+
+    /// The tile path's formulas in f64 (see [`AttentionSpec::bf16_products`]): `r(·)` rounds to
+    /// bf16; `S = scale·r(Q)·r(K)ᵀ`, `P` softmax in full precision, `O = r(P)·r(V)`;
+    /// `dV = r(P)ᵀ·r(dO)`, `dP = r(dO)·r(V)ᵀ`, `dS = scale·P∘(dP − δ)`, `dQ = r(dS)·r(K)`,
+    /// `dK = r(dS)ᵀ·r(Q)`. Rows that see only masked keys go over all keys unrounded (the
+    /// kernels' exact path). Returns `[out, dq, dk, dv]` and, per element, what one rounding
+    /// step (one bf16 ulp) of its largest rounded probability or score gradient term would
+    /// move it: `P` and `dS` are computed in f32 by the kernels, and a value that close to a
+    /// rounding boundary may round the other way there.
+    #[allow(clippy::too_many_arguments)]
+    fn rounded_reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &[f32],
+        sinks: Option<&[f32]>,
+        dims: AttentionDims,
+        spec: AttentionSpec,
+        d_out: &[f32],
+    ) -> ([Vec<f32>; 4], [Vec<f32>; 4]) {
+        let AttentionDims {
+            batch,
+            heads,
+            kv_heads,
+            seq,
+            keys,
+            head_dim: d,
+            value_dim: dv,
+        } = dims;
+        let r = |x: f32, round: bool| {
+            if round {
+                crate::amx::bf16_value(crate::amx::bf16_bits(x)) as f64
+            } else {
+                x as f64
+            }
+        };
+        let mut out = vec![0f64; batch * heads * seq * dv];
+        let (mut dq, mut dk, mut dvv) = (
+            vec![0f64; q.len()],
+            vec![0f64; batch * kv_heads * keys * d],
+            vec![0f64; batch * kv_heads * keys * dv],
+        );
+        let mut flips = [out.clone(), dq.clone(), dk.clone(), dvv.clone()];
+        let ulp = |x: f64| x.abs() / 128.0;
+        let scale = spec.scale as f64;
+        for b in 0..batch {
+            for h in 0..heads {
+                let kvh = b * kv_heads + h / (heads / kv_heads);
+                let bh = b * heads + h;
+                for i in 0..seq {
+                    let qi = &q[(bh * seq + i) * d..][..d];
+                    let visible = i + 1 + keys - seq;
+                    let raw: Vec<(f64, f64)> = (0..keys)
+                        .map(|j| {
+                            let kj = &k[(kvh * keys + j) * d..][..d];
+                            let dot: f64 = qi.iter().zip(kj).map(|(&a, &c)| r(a, true) * r(c, true)).sum();
+                            let mut x = dot * scale;
+                            let mut slope = 1.0;
+                            if let Some(cap) = spec.softcap {
+                                let t = (x / cap as f64).tanh();
+                                x = cap as f64 * t;
+                                slope = 1.0 - t * t;
+                            }
+                            (x + mask[(b * seq + i) * keys + j] as f64, slope)
+                        })
+                        .collect();
+                    let exact = raw[..visible].iter().all(|&(x, _)| x < FULLY_MASKED as f64);
+                    let row_keys = if exact { keys } else { visible };
+                    let round = !exact;
+                    // The exact path's scores are the unrounded ones.
+                    let scores: Vec<(f64, f64)> = if exact {
+                        (0..keys)
+                            .map(|j| {
+                                let kj = &k[(kvh * keys + j) * d..][..d];
+                                let dot: f64 = qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum();
+                                let mut x = dot * scale;
+                                let mut slope = 1.0;
+                                if let Some(cap) = spec.softcap {
+                                    let t = (x / cap as f64).tanh();
+                                    x = cap as f64 * t;
+                                    slope = 1.0 - t * t;
+                                }
+                                (x + mask[(b * seq + i) * keys + j] as f64, slope)
+                            })
+                            .collect()
+                    } else {
+                        raw
+                    };
+                    let sink = sinks.map(|s| s[h] as f64);
+                    let max = scores[..row_keys]
+                        .iter()
+                        .fold(sink.unwrap_or(f64::NEG_INFINITY), |a, &(x, _)| a.max(x));
+                    let sum: f64 = scores[..row_keys].iter().map(|&(x, _)| (x - max).exp()).sum::<f64>()
+                        + sink.map_or(0.0, |s| (s - max).exp());
+                    let p: Vec<f64> = scores[..row_keys].iter().map(|&(x, _)| (x - max).exp() / sum).collect();
+                    let oi = &mut out[(bh * seq + i) * dv..][..dv];
+                    for (j, &pj) in p.iter().enumerate() {
+                        let vj = &v[(kvh * keys + j) * dv..][..dv];
+                        let pr = r(pj as f32, round);
+                        oi.iter_mut().zip(vj).for_each(|(o, &x)| *o += pr * r(x, round));
+                        let flip = &mut flips[0][(bh * seq + i) * dv..][..dv];
+                        flip.iter_mut()
+                            .zip(vj)
+                            .for_each(|(f, &x)| *f = f.max(ulp(pr * x as f64)));
+                    }
+                    let gi = &d_out[(bh * seq + i) * dv..][..dv];
+                    let delta: f64 = oi.iter().zip(gi).map(|(&o, &g)| o * g as f64).sum();
+                    for (j, &pj) in p.iter().enumerate() {
+                        let vj = &v[(kvh * keys + j) * dv..][..dv];
+                        let d_p: f64 = gi.iter().zip(vj).map(|(&g, &x)| r(g, round) * r(x, round)).sum();
+                        let ds = r((pj * (d_p - delta) * scores[j].1 * scale) as f32, round);
+                        let pr = r(pj as f32, round);
+                        let dvj = &mut dvv[(kvh * keys + j) * dv..][..dv];
+                        dvj.iter_mut().zip(gi).for_each(|(o, &g)| *o += pr * r(g, round));
+                        let kj = &k[(kvh * keys + j) * d..][..d];
+                        let dqi = &mut dq[(bh * seq + i) * d..][..d];
+                        dqi.iter_mut().zip(kj).for_each(|(o, &x)| *o += ds * r(x, round));
+                        let dkj = &mut dk[(kvh * keys + j) * d..][..d];
+                        dkj.iter_mut().zip(qi).for_each(|(o, &x)| *o += ds * r(x, round));
+                        for c in 0..d {
+                            let f = &mut flips[1][(bh * seq + i) * d + c];
+                            *f = f.max(ulp(ds * kj[c] as f64));
+                            let f = &mut flips[2][(kvh * keys + j) * d + c];
+                            *f = f.max(ulp(ds * qi[c] as f64));
+                        }
+                        for c in 0..dv {
+                            let f = &mut flips[3][(kvh * keys + j) * dv + c];
+                            *f = f.max(ulp(pr * gi[c] as f64));
+                        }
+                    }
+                }
+            }
+        }
+        let f32s = |t: Vec<f64>| t.into_iter().map(|x| x as f32).collect();
+        ([out, dq, dk, dvv].map(f32s), flips.map(f32s))
+    }
+
+    #[test]
+    fn bf16_products_round_their_operands_as_the_reference_formulas_say() {
+        // Two query blocks (the second 44 rows: padded tiles), head widths off the tile sizes,
+        // GQA, a padded sequence (its first rows take the exact path), sinks; then softcap, a
+        // sliding window and a cache (keys ≠ queries).
+        let cases = [
+            (2, 4, 2, BLOCK_ROWS + 44, 0, 40, 24, vec![0, 7], None, None, true),
+            (1, 2, 1, 70, 10, 64, 64, vec![3], Some(30), Some(5.0), false),
+        ];
+        for (batch, heads, kv_heads, seq, past, d, dv, pads, window, softcap, with_sinks) in cases {
+            let keys = seq + past;
+            let dims = AttentionDims {
+                batch,
+                heads,
+                kv_heads,
+                seq,
+                keys,
+                head_dim: d,
+                value_dim: dv,
+            };
+            let spec = AttentionSpec {
+                scale: 1.0 / (d as f32).sqrt(),
+                softcap,
+                causal: true,
+                bf16_products: true,
+            };
+            let m = mask(&pads, seq, past, window);
+            let q = random(batch * heads * seq * d, 21, 1.5);
+            let k = random(batch * kv_heads * keys * d, 22, 1.5);
+            let v = random(batch * kv_heads * keys * dv, 23, 1.0);
+            let g = random(batch * heads * seq * dv, 24, 1.0);
+            let sinks = with_sinks.then(|| random(heads, 25, 2.0));
+            let host_mask = HostMask::new(&m, &[batch, 1, seq, keys], &dims);
+            let run = |spec: AttentionSpec| {
+                let (out, lse) = host_attention_forward(&q, &k, &v, Some(host_mask), sinks.as_deref(), dims, spec);
+                let (dq, dk, dv) = host_attention_backward(&q, &k, &v, Some(host_mask), dims, spec, &out, &lse, &g);
+                [out, dq, dk, dv]
+            };
+            let tiles = run(spec);
+            let f32_products = run(AttentionSpec {
+                bf16_products: false,
+                ..spec
+            });
+            let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            for (n, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+                let scale = f32_products[n].iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(scale > 0.0, "{name}: zero");
+                if !crate::amx::available() {
+                    // Without AMX the products stay f32: the same kernels, bit for bit.
+                    assert_eq!(tiles[n], f32_products[n], "{name} without AMX");
+                    continue;
+                }
+                let (reference, flips) = rounded_reference(&q, &k, &v, &m, sinks.as_deref(), dims, spec, &g);
+                let tight = 2e-5 * scale;
+                let mut flipped = 0;
+                for (i, ((a, e), f)) in tiles[n].iter().zip(&reference[n]).zip(&flips[n]).enumerate() {
+                    let diff = (a - e).abs();
+                    flipped += usize::from(diff > tight);
+                    assert!(diff <= tight + f, "{name}[{i}]: {a} vs {e} (one rounding step: {f})");
+                }
+                let to_f32 = max_diff(&tiles[n], &f32_products[n]) / scale;
+                // One flipped score gradient moves a whole row of dQ and one of dK: a few rows.
+                assert!(
+                    flipped * 20 <= tiles[n].len(),
+                    "{name}: {flipped} of {} values beyond 2e-5 of the rounded formulas",
+                    tiles[n].len()
+                );
+                // The rounding is there: f32 products differ by a bf16 rounding's order.
+                assert!(to_f32 > 1e-4 && to_f32 < 2e-2, "{name}: {to_f32:.3e} from f32 products");
+            }
+        }
     }
 }

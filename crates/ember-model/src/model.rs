@@ -137,6 +137,10 @@ pub struct Attention<B: Backend> {
     /// multiplied by its sigmoid (Qwen 3.5's full-attention layers).
     #[module(skip)]
     pub output_gate: bool,
+    /// Attention's products in bf16 on the CPU's AMX tiles (a bf16 base held on the host; see
+    /// [`AttentionSpec::bf16_products`]).
+    #[module(skip)]
+    pub bf16_products: bool,
 }
 
 /// What a layer's attention needs besides its input: positions as RoPE tables and query
@@ -275,6 +279,10 @@ pub struct LatentAttention<B: Backend> {
     /// refused ([`DecoderConfig::check_sequence_length`] says so before a run starts).
     #[module(skip)]
     pub max_keys: Option<usize>,
+    /// Attention's products in bf16 on the CPU's AMX tiles (a bf16 base held on the host; see
+    /// [`AttentionSpec::bf16_products`]).
+    #[module(skip)]
+    pub bf16_products: bool,
 }
 
 impl<B: EmberBackend> LatentAttention<B> {
@@ -347,6 +355,7 @@ impl<B: EmberBackend> LatentAttention<B> {
             scale: self.scale as f32,
             softcap: None,
             causal: true,
+            bf16_products: self.bf16_products,
         };
         let out = attention(q, keys, values, Some(inputs.mask.clone()), None, spec)
             .swap_dims(1, 2)
@@ -514,6 +523,7 @@ impl<B: EmberBackend> Attention<B> {
             scale: self.scale as f32,
             softcap: self.softcap.map(|c| c as f32),
             causal: true,
+            bf16_products: self.bf16_products,
         };
         // The sink is one more key per head whose probability mass is thrown away.
         let sinks = self.sinks.as_ref().map(|s| s.val());
@@ -1062,6 +1072,7 @@ impl<B: EmberBackend> CausalLm<B> {
                         v_dim: mla.v_dim,
                         scale: c.attn_scale,
                         max_keys: mla.index_topk,
+                        bf16_products: host_bf16,
                     }))
                 })
                 .transpose()?;
@@ -1173,6 +1184,7 @@ impl<B: EmberBackend> CausalLm<B> {
                         norm_eps: c.rms_norm_eps,
                         value_norm: c.value_norm,
                         output_gate: c.attention_output_gate,
+                        bf16_products: host_bf16,
                     })
                 }
             };
