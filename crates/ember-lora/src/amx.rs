@@ -419,10 +419,13 @@ impl LeftTiles {
         } else {
             // A transposed read (a 64 × 64 block in the attention kernels): element by element.
             for i in 0..m {
-                let (mb, half, row) = (i / BLOCK_M, (i % BLOCK_M) / 16, i % 16);
-                for l in 0..k {
-                    let tile = mb * self.k_tiles * 2 + (l / TILE_K) * 2 + half;
-                    self.bits[tile * 512 + row * TILE_K + l % TILE_K] = bf16_bits(src[i * rs + l * cs]);
+                let row = (i / BLOCK_M) * block + ((i % BLOCK_M) / 16) * 512 + (i % 16) * TILE_K;
+                for t in 0..self.k_tiles {
+                    let l0 = t * TILE_K;
+                    let dst = &mut self.bits[row + t * 1024..][..TILE_K.min(k - l0)];
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d = bf16_bits(src[i * rs + (l0 + j) * cs]);
+                    }
                 }
             }
         }

@@ -1807,12 +1807,18 @@ pub(crate) mod tests {
         };
         let shape = [2, 1, seq, seq + past];
         let plain = mask(&[0, 0], seq, past, None);
-        assert!(HostMask::new(&plain, &shape, &dims).unless_plain_causal(&dims, &spec).is_none());
+        assert!(HostMask::new(&plain, &shape, &dims)
+            .unless_plain_causal(&dims, &spec)
+            .is_none());
         for other in [mask(&[0, 1], seq, past, None), mask(&[0, 0], seq, past, Some(3))] {
-            assert!(HostMask::new(&other, &shape, &dims).unless_plain_causal(&dims, &spec).is_some());
+            assert!(HostMask::new(&other, &shape, &dims)
+                .unless_plain_causal(&dims, &spec)
+                .is_some());
         }
         let not_causal = AttentionSpec { causal: false, ..spec };
-        assert!(HostMask::new(&plain, &shape, &dims).unless_plain_causal(&dims, &not_causal).is_some());
+        assert!(HostMask::new(&plain, &shape, &dims)
+            .unless_plain_causal(&dims, &not_causal)
+            .is_some());
     }
 
     #[test]

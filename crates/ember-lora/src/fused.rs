@@ -644,6 +644,21 @@ impl HostBase<'_> {
     }
 }
 
+/// Every row of `out` (`[rows, bias.len()]`) set to `bias`, or `bias` added to it
+/// (`accumulate`), on the whole thread pool.
+fn add_bias_rows(out: &mut [f32], bias: &[f32], accumulate: bool) {
+    let width = bias.len();
+    out.par_chunks_mut(width.max(1) * task_rows(width)).for_each(|rows| {
+        for row in rows.chunks_exact_mut(width.max(1)) {
+            if accumulate {
+                row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+            } else {
+                row.copy_from_slice(bias);
+            }
+        }
+    });
+}
+
 /// [`lora_linear`] on host values: `(out, x_a·Aᵀ)`. The base and adapter products run on the
 /// whole thread pool; the adapter's is added into the base's by the matmul (no pass of its own).
 pub fn host_lora_linear_forward(
@@ -658,33 +673,22 @@ pub fn host_lora_linear_forward(
     let [rows, _] = x.dims;
     let out_dim = weight.dims()[0];
     let r = lora_a.dims[0];
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), out_dim, "bias of {} for {out_dim} outputs", bias.len());
+    }
     let mut out = match weight {
         HostBase::Matrix(weight) => {
             let mut out = vec![0f32; rows * out_dim];
-            let mut accumulate = false;
             if let Some(bias) = bias {
-                assert_eq!(bias.len(), out_dim, "bias of {} for {out_dim} outputs", bias.len());
-                out.par_chunks_mut(out_dim.max(1) * task_rows(out_dim))
-                    .for_each(|rows| {
-                        for row in rows.chunks_exact_mut(out_dim) {
-                            row.copy_from_slice(bias);
-                        }
-                    });
-                accumulate = true;
+                add_bias_rows(&mut out, bias, false);
             }
-            matmul_into(&mut out, accumulate, x, &weight.t(), 1.0);
+            matmul_into(&mut out, bias.is_some(), x, &weight.t(), 1.0);
             out
         }
         HostBase::Blocks(blocks) => {
             let mut out = blocks.matmul_transposed(&x.row_major_values(), rows);
             if let Some(bias) = bias {
-                assert_eq!(bias.len(), out_dim, "bias of {} for {out_dim} outputs", bias.len());
-                out.par_chunks_mut(out_dim.max(1) * task_rows(out_dim))
-                    .for_each(|rows| {
-                        for row in rows.chunks_exact_mut(out_dim) {
-                            row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
-                        }
-                    });
+                add_bias_rows(&mut out, bias, true);
             }
             out
         }

@@ -1569,15 +1569,20 @@ mod tests {
             assert!(diff <= bound, "x·Wᵀ [{m}, {n}, {k}]: {diff} > {bound}");
             let g = random(m * n, 3);
             let dx = w.matmul(&g, m);
-            let mut wt = vec![0f32; n * k];
-            for r in 0..n {
-                for c in 0..k {
-                    wt[c * n + r] = deq[r * k + c];
-                }
-            }
-            let diff = max_diff(&dx, &reference_matmul_t(&operand(&g), m, &wt, k, n));
+            let diff = max_diff(&dx, &reference_matmul_t(&operand(&g), m, &transposed(&deq, n, k), k, n));
             assert!(diff <= bound, "g·W [{m}, {n}, {k}]: {diff} > {bound}");
         }
+    }
+
+    /// `[rows, cols]` row-major values transposed to `[cols, rows]`.
+    fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let mut t = vec![0f32; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                t[c * rows + r] = values[r * cols + c];
+            }
+        }
+        t
     }
 
     #[test]
@@ -1600,13 +1605,10 @@ mod tests {
             let g = random(m * n, 3);
             let dx = w.matmul(&g, m);
             // g·W = (Wᵀ·gᵀ)ᵀ: the reference with W transposed.
-            let mut wt = vec![0f32; n * k];
-            for r in 0..n {
-                for c in 0..k {
-                    wt[c * n + r] = deq[r * k + c];
-                }
-            }
-            assert!(max_diff(&dx, &reference_matmul_t(&g, m, &wt, k, n)) < 1e-5, "{format}");
+            assert!(
+                max_diff(&dx, &reference_matmul_t(&g, m, &transposed(&deq, n, k), k, n)) < 1e-5,
+                "{format}"
+            );
         }
     }
 
