@@ -75,7 +75,7 @@ fi
 # keeps the adapter in f32; torch multiplies bf16 on oneDNN, AMX where present).
 b_tps=""
 if [ "${BF16:-1}" != 0 ]; then
-    echo "== bf16 frozen base: training step (seq 256 x 4, then 2048 x 1)"
+    echo "== bf16 frozen base: training step (seq 256 x 4, then 2048 x 1), greedy generation"
     EMBER_DTYPE=bfloat16 /usr/bin/time -f %M -o "$OUT/ember_bf16.rss" "$BIN/examples/step_bench" "$OUT/base-hf" 256 4 \
         "$STEPS" 0 > "$OUT/ember_bf16.json"
     /usr/bin/time -f %M -o "$OUT/peft_bf16.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" --seq 256 \
@@ -84,6 +84,10 @@ if [ "${BF16:-1}" != 0 ]; then
         2048 1 "$LONG_STEPS" 0 > "$OUT/ember_bf16_long.json"
     /usr/bin/time -f %M -o "$OUT/peft_bf16_long.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" \
         --seq 2048 --batch 1 --steps "$LONG_STEPS" --dtype bfloat16 > "$OUT/peft_bf16_long.log"
+    EMBER_DTYPE=bfloat16 "$BIN/examples/generate_bench" "$OUT/base-hf" 32 128 > "$OUT/ember_bf16_gen.json"
+    "$PYTHON" bench/peft_reference.py generate "$OUT/base-hf" --prompt-len 32 --new-tokens 128 --dtype bfloat16 \
+        > "$OUT/hf_bf16_gen.log"
+    bg=$(json tokens_per_s < "$OUT/ember_bf16_gen.json"); hbg=$(json tokens_per_s < "$OUT/hf_bf16_gen.log")
     b_tps=$(json tokens_per_s < "$OUT/ember_bf16.json"); pb_tps=$(json tokens_per_s < "$OUT/peft_bf16.log")
     bl_tps=$(json tokens_per_s < "$OUT/ember_bf16_long.json"); pbl_tps=$(json tokens_per_s < "$OUT/peft_bf16_long.log")
 fi
@@ -120,6 +124,7 @@ if [ -n "$b_tps" ]; then
     printf "| train peak RSS MiB, 2048 x 1 | %s | %s | %.2f |\n" "$(rss_mib "$OUT/ember_bf16_long.rss")" \
         "$(rss_mib "$OUT/peft_bf16_long.rss")" \
         "$(echo "$(cat "$OUT/ember_bf16_long.rss") / $(cat "$OUT/peft_bf16_long.rss")" | bc -l)"
+    printf "| greedy tokens/s (32 + 128) | %.1f | %.1f | %.2f |\n" "$bg" "$hbg" "$(echo "$bg / $hbg" | bc -l)"
     printf "| Ember bf16 / PEFT f32 tokens/s, 256 x 4 | %.1f | %.1f | %.2f |\n" "$b_tps" "$p_tps" \
         "$(echo "$b_tps / $p_tps" | bc -l)"
 fi

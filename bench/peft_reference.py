@@ -79,7 +79,8 @@ def train(args):
 
 
 def generate(args):
-    model = load(args.model, args.device, torch.float32).eval()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = load(args.model, args.device, dtype).eval()
     vocab = model.config.vocab_size
     ids = torch.tensor([[(i * 7919) % vocab for i in range(args.prompt_len)]], device=args.device)
     times = []

@@ -4,12 +4,14 @@
 //! cargo run --release -p ember-model --example generate_bench -- MODEL[.gguf] [PROMPT_LEN] [NEW_TOKENS]
 //! ```
 //! Prompt: `(i·7919) mod vocab`, batch 1, eos ignored; median of 2 runs after a warm-up, as JSON.
+//! `EMBER_DTYPE=bfloat16` holds the base in bf16 (host bf16 blocks on burn-ndarray, multiplied
+//! on AMX tiles where the CPU has them).
 
 use std::time::Instant;
 
 use burn::backend::NdArray;
 use ember_model::generate::{generate, GenerationConfig};
-use ember_model::CausalLm;
+use ember_model::{BaseDtype, CausalLm};
 
 type B = NdArray<f32>;
 
@@ -22,7 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (prompt_len, new_tokens) = (arg(1, 32), arg(2, 128));
-    let model = CausalLm::<B>::from_path(&path, &Default::default())?;
+    let dtype: BaseDtype = std::env::var("EMBER_DTYPE").as_deref().unwrap_or("float32").parse()?;
+    let model = CausalLm::<B>::from_path_as(&path, &Default::default(), dtype)?;
     let vocab = model.config().vocab_size as u32;
     let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 7919) % vocab).collect();
     let config = GenerationConfig {
