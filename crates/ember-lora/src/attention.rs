@@ -745,10 +745,9 @@ fn strip_len(seq: usize, keys: usize, on_tiles: bool) -> usize {
 struct HeadTiles {
     /// `Kᵀ`, right operand of the scores.
     keys_t: RightTiles,
-    /// `V`, right operand of `P·V` (forward).
-    values: RightTiles,
-    /// `K`, right operand of `dQ = dS·K` (backward).
-    keys: RightTiles,
+    /// Right operand of the strip products ([`HeadTiles::strip_times`]): `V` for `P·V`
+    /// (forward), `K` for `dQ = dS·K` (backward).
+    strip_right: RightTiles,
     /// `Vᵀ`, right operand of `dP = dO·Vᵀ` (backward).
     values_t: RightTiles,
     /// The block's left operand.
@@ -777,8 +776,7 @@ impl HeadTiles {
         let (keys, d, dv) = (dims.keys, dims.head_dim, dims.value_dim);
         let mut tiles = HeadTiles {
             keys_t: RightTiles::default(),
-            values: RightTiles::default(),
-            keys: RightTiles::default(),
+            strip_right: RightTiles::default(),
             values_t: RightTiles::default(),
             left: LeftTiles::default(),
             right: RightTiles::default(),
@@ -791,12 +789,12 @@ impl HeadTiles {
         tiles.block_out = vec![0f32; BLOCK_ROWS * tiles.block_stride];
         tiles.keys_t.pack(k_head, keys, d, d, true);
         if backward {
-            tiles.keys.pack(k_head, keys, d, d, false);
+            tiles.strip_right.pack(k_head, keys, d, d, false);
             tiles.values_t.pack(v_head, keys, dv, dv, true);
             tiles.dk_t = vec![0f32; d.next_multiple_of(32) * tiles.keys_stride];
             tiles.dv_t = vec![0f32; dv.next_multiple_of(32) * tiles.keys_stride];
         } else {
-            tiles.values.pack(v_head, keys, dv, dv, false);
+            tiles.strip_right.pack(v_head, keys, dv, dv, false);
         }
         tiles
     }
@@ -813,37 +811,41 @@ impl HeadTiles {
         tile_product(&self.left, &self.keys_t, width, scores, stride, false);
     }
 
-    /// `out = P·V` for the block's probabilities `probs` `[rows, width]`.
-    fn weighted_values(
+    /// `out = strip·B` `[rows, cols]` for a block's strip `[rows, width]` (the probabilities
+    /// `P`, or the scaled score gradients `dS`) and the head's `V` (forward) or `K` (backward).
+    fn strip_times(
         &mut self,
-        probs: &[f32],
+        strip: &[f32],
         (rows, width, stride): (usize, usize, usize),
-        dv: usize,
+        cols: usize,
         out: &mut [f32],
     ) {
-        self.left.pack(probs, rows, width, (stride, 1));
+        self.left.pack(strip, rows, width, (stride, 1));
         tile_product(
             &self.left,
-            &self.values,
-            dv,
+            &self.strip_right,
+            cols,
             &mut self.block_out,
             self.block_stride,
             false,
         );
-        self.copy_out(rows, dv, out);
+        self.copy_out(rows, cols, out);
     }
 
-    /// `dVᵀ += dOᵀ·P` over the block's rows.
-    fn add_value_grad(
+    /// `dVᵀ += dOᵀ·P` (`block` = dO, `gathered` = values) or `dKᵀ += Qᵀ·dS` (`block` = Q):
+    /// over the block's rows, `block` `[rows, cols]`.
+    fn gather(
         &mut self,
-        probs: &[f32],
+        block: &[f32],
+        cols: usize,
+        strip: &[f32],
         (rows, width, stride): (usize, usize, usize),
-        d_out: &[f32],
-        dv: usize,
+        values: bool,
     ) {
-        self.left.pack(d_out, dv, rows, (1, dv));
-        self.right.pack(probs, rows, width, stride, false);
-        tile_product(&self.left, &self.right, width, &mut self.dv_t, self.keys_stride, true);
+        self.left.pack(block, cols, rows, (1, cols));
+        self.right.pack(strip, rows, width, stride, false);
+        let gathered = if values { &mut self.dv_t } else { &mut self.dk_t };
+        tile_product(&self.left, &self.right, width, gathered, self.keys_stride, true);
     }
 
     /// `d_scores = dO·Vᵀ` over the block's visible keys.
@@ -856,20 +858,6 @@ impl HeadTiles {
     ) {
         self.left.pack(d_out, rows, dv, (dv, 1));
         tile_product(&self.left, &self.values_t, width, d_scores, stride, false);
-    }
-
-    /// `dq = dS·K` (`d_scores` already scaled).
-    fn query_grad(&mut self, d_scores: &[f32], (rows, width, stride): (usize, usize, usize), d: usize, dq: &mut [f32]) {
-        self.left.pack(d_scores, rows, width, (stride, 1));
-        tile_product(&self.left, &self.keys, d, &mut self.block_out, self.block_stride, false);
-        self.copy_out(rows, d, dq);
-    }
-
-    /// `dKᵀ += Qᵀ·dS` over the block's rows (`d_scores` already scaled).
-    fn add_key_grad(&mut self, d_scores: &[f32], (rows, width, stride): (usize, usize, usize), q: &[f32], d: usize) {
-        self.left.pack(q, d, rows, (1, d));
-        self.right.pack(d_scores, rows, width, stride, false);
-        tile_product(&self.left, &self.right, width, &mut self.dk_t, self.keys_stride, true);
     }
 
     /// Copies `[rows, cols]` of the block's product into `out` (rows `cols` apart).
@@ -976,7 +964,7 @@ pub fn host_attention_forward(
                 }
                 let out_block = &mut out_head[i0 * value_dim..(i0 + rows) * value_dim];
                 match tiles.as_mut() {
-                    Some(tiles) => tiles.weighted_values(&scores, (rows, width, stride), value_dim, out_block),
+                    Some(tiles) => tiles.strip_times(&scores, (rows, width, stride), value_dim, out_block),
                     None => matmul(
                         (rows, value_dim, width),
                         out_block,
@@ -1195,7 +1183,7 @@ pub fn host_attention_backward(
                     let q_block = &q_head[i0 * head_dim..(i0 + rows) * head_dim];
                     let dq_block = &mut dq_head[i0 * head_dim..(i0 + rows) * head_dim];
                     if let Some(tiles) = tiles.as_mut() {
-                        tiles.add_value_grad(probs, (rows, width, stride), d_out_block, value_dim);
+                        tiles.gather(d_out_block, value_dim, probs, (rows, width, stride), true);
                         tiles.prob_grad(d_out_block, (rows, width, stride), value_dim, d_scores);
                     } else {
                         // dV += Pᵀ·dO
@@ -1245,8 +1233,8 @@ pub fn host_attention_backward(
                         for r in 0..rows {
                             scale_row(&mut d_scores[r * stride..r * stride + width], spec.scale);
                         }
-                        tiles.query_grad(d_scores, (rows, width, stride), head_dim, dq_block);
-                        tiles.add_key_grad(d_scores, (rows, width, stride), q_block, head_dim);
+                        tiles.strip_times(d_scores, (rows, width, stride), head_dim, dq_block);
+                        tiles.gather(q_block, head_dim, d_scores, (rows, width, stride), false);
                     } else {
                         // dQ = dS·K·scale
                         matmul(
