@@ -15,13 +15,18 @@ const TRIM_THRESHOLD: libc::c_int = 1 << 30;
 /// step pays page faults and the kernel zeroing every page (15% of a SmolLM2 step in `perf`,
 /// 5.9 → 4.8 s/step measured with this setting; see bench/README.md). Keeping buffers up to
 /// 32 MiB on the heap and not trimming below 1 GiB of free memory avoids that; peak memory is
-/// unchanged. Call it first thing in `main`; it is a no-op outside Linux/glibc.
+/// unchanged. glibc caps that threshold at 32 MiB, so larger buffers (the loss's 64 MiB chunks
+/// of logits and their gradients) were still mapped afresh: 127 k page faults a step at
+/// SmolLM2 256 × 4. Turning `mmap` off for allocations (`M_MMAP_MAX` 0) serves those from the
+/// heap too (glibc retries a thread arena's failed request on the main one): 3 k a step, the
+/// same peak RSS. Call it first thing in `main`; it is a no-op outside Linux/glibc.
 pub fn reuse_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before other threads exist.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
     }
 }
 
