@@ -79,16 +79,20 @@ pub fn bf16_value(bits: u16) -> f32 {
 crate::simd::multiversion! {
     /// Rows `[rows ≤ 32, cols]` of `x` (`stride` apart) rounded to bf16 into one row block of
     /// left tiles: per 32 columns two 16 × 32 tiles (rows 0–15, then 16–31), zero past `rows`
-    /// and `cols`.
-    fn round_block(x: &[f32], rows: usize, cols: usize, stride: usize, out: &mut [u16]) {
+    /// and `cols`. With `factors`, row `r` is multiplied by `factors[r]` first (in f32, as a
+    /// separate pass of `x[j] *= f` would).
+    fn round_block(x: &[f32], rows: usize, cols: usize, stride: usize, factors: Option<&[f32]>, out: &mut [u16]) {
         debug_assert!(rows <= BLOCK_M);
-        out.fill(0);
+        if rows < BLOCK_M || cols % TILE_K != 0 {
+            out.fill(0);
+        }
         for r in 0..rows {
             let src = &x[r * stride..r * stride + cols];
             let (half, row) = (r / 16, r % 16);
+            let factor = factors.map_or(1.0, |f| f[r]);
             for (t, chunk) in src.chunks(TILE_K).enumerate() {
                 let dst = &mut out[(t * 2 + half) * 512 + row * TILE_K..][..chunk.len()];
-                dst.iter_mut().zip(chunk).for_each(|(d, &s)| *d = bf16_bits(s));
+                dst.iter_mut().zip(chunk).for_each(|(d, &s)| *d = bf16_bits(s * factor));
             }
         }
     }
@@ -152,7 +156,7 @@ impl LeftOperand {
         let mut bits = vec![0u16; m.div_ceil(BLOCK_M) * block];
         bits.par_chunks_mut(block)
             .zip(x.par_chunks(BLOCK_M * k))
-            .for_each(|(dst, src)| round_block(src, src.len() / k, k, k, dst));
+            .for_each(|(dst, src)| round_block(src, src.len() / k, k, k, None, dst));
         Self { bits, k_tiles }
     }
 
@@ -402,19 +406,49 @@ pub(crate) struct LeftTiles {
 impl LeftTiles {
     /// Packs `A` `[m, k]` with element `(i, l)` at `src[i·rs + l·cs]`, rounded to bf16.
     pub(crate) fn pack(&mut self, src: &[f32], m: usize, k: usize, (rs, cs): (usize, usize)) {
+        self.pack_scaled(src, m, k, (rs, cs), None);
+    }
+
+    /// [`LeftTiles::pack`] of `diag(factors)·A`: row `i` multiplied by `factors[i]` in f32
+    /// before it is rounded (rows read contiguously, `cs` = 1, when `factors` are given).
+    pub(crate) fn pack_scaled(
+        &mut self,
+        src: &[f32],
+        m: usize,
+        k: usize,
+        (rs, cs): (usize, usize),
+        factors: Option<&[f32]>,
+    ) {
         self.k_tiles = k.div_ceil(TILE_K);
         self.m_blocks = m.div_ceil(BLOCK_M);
         let block = self.k_tiles * 1024;
-        self.bits.clear();
+        if cs != 1 {
+            // The element-wise path below writes only the values, not the padding.
+            self.bits.clear();
+        }
+        // `round_block` writes whole blocks, padding included.
         self.bits.resize(self.m_blocks * block, 0);
         if m == 0 || k == 0 {
             return;
         }
         assert!((m - 1) * rs + (k - 1) * cs < src.len(), "left operand out of bounds");
+        if let Some(factors) = factors {
+            assert!(
+                cs == 1 && factors.len() >= m,
+                "row factors need contiguous rows, one factor each"
+            );
+        }
         if cs == 1 {
             for (mb, dst) in self.bits.chunks_exact_mut(block).enumerate() {
                 let rows = BLOCK_M.min(m - mb * BLOCK_M);
-                round_block(&src[mb * BLOCK_M * rs..], rows, k, rs, dst);
+                round_block(
+                    &src[mb * BLOCK_M * rs..],
+                    rows,
+                    k,
+                    rs,
+                    factors.map(|f| &f[mb * BLOCK_M..]),
+                    dst,
+                );
             }
         } else {
             // A transposed read (a 64 × 64 block in the attention kernels): element by element.

@@ -567,10 +567,11 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
 }
 
 crate::simd::multiversion! {
-    /// `row[j] = e^(row[j] − shift)`; returns their sum (in 16 lanes, so that both loops
-    /// vectorise; compiled for the CPU's widest vectors, see [`crate::simd`]).
-    fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
-        row.iter_mut().for_each(|x| *x = fast_exp(*x - shift));
+    /// `row[j] = e^(row[j]·scale − shift)`; returns their sum (in 16 lanes, so that both loops
+    /// vectorise; compiled for the CPU's widest vectors, see [`crate::simd`]). `scale` 1
+    /// multiplies exactly; otherwise it is the pass of [`scale_row`] folded in, same values.
+    fn exp_shifted(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+        row.iter_mut().for_each(|x| *x = fast_exp(*x * scale - shift));
         let mut lanes = [0f32; 16];
         let mut chunks = row.chunks_exact(16);
         for chunk in &mut chunks {
@@ -609,11 +610,11 @@ crate::simd::multiversion! {
 }
 
 crate::simd::multiversion! {
-    /// Softmax's backward for one row, `dS = P∘(dP − δ)` in place of `dP`, with `δ = dO·O`
-    /// (vectorised for the CPU).
-    fn softmax_grad_row(d_scores: &mut [f32], probs: &[f32], d_out: &[f32], out: &[f32]) {
+    /// Softmax's backward for one row, `dS = P∘(dP − δ)·scale` in place of `dP`, with
+    /// `δ = dO·O` (vectorised for the CPU; `scale` 1 multiplies exactly).
+    fn softmax_grad_row(d_scores: &mut [f32], probs: &[f32], d_out: &[f32], out: &[f32], scale: f32) {
         let delta: f32 = out.iter().zip(d_out).map(|(a, b)| a * b).sum();
-        d_scores.iter_mut().zip(probs).for_each(|(d, p)| *d = p * (*d - delta));
+        d_scores.iter_mut().zip(probs).for_each(|(d, p)| *d = p * (*d - delta) * scale);
     }
 }
 
@@ -657,7 +658,9 @@ fn visible_keys(i: usize, dims: &AttentionDims, spec: &AttentionSpec) -> usize {
 
 /// Scaled (and softcapped) scores of query rows `i0..i0 + rows` of one head against keys
 /// `0..width`, plus the mask, into `scores` (`[rows, width]`, rows `stride` apart); with a
-/// softcap, `slope` gets `d capped / d scaled` = `1 − tanh²`.
+/// softcap, `slope` gets `d capped / d scaled` = `1 − tanh²`. Returns the factor the caller
+/// still multiplies the scores by (1, or the scale when tiles wrote plain products and no
+/// mask or softcap follows: it goes into [`exp_shifted`], saving a pass over the strip).
 #[allow(clippy::too_many_arguments)]
 fn block_scores(
     q_head: &[f32],
@@ -669,10 +672,17 @@ fn block_scores(
     tiles: Option<&mut HeadTiles>,
     scores: &mut [f32],
     mut slope: Option<&mut [f32]>,
-) {
+) -> f32 {
     let d = dims.head_dim;
-    // Tiles write the plain products; the scale goes into the row pass below.
+    // Tiles write the plain products; the scale goes into the row pass below, or, with nothing
+    // else to apply to the scores, into the caller's exponentials (returned: a positive factor
+    // keeps the row maximum, `fl(max·s) = max fl(x·s)`, so the values are the same).
     let prescale = if tiles.is_some() { spec.scale } else { 1.0 };
+    let deferred = if mask.is_none() && spec.softcap.is_none() && prescale > 0.0 {
+        prescale
+    } else {
+        1.0
+    };
     match tiles {
         Some(tiles) => tiles.scores(q_head, (i0, rows, width, stride), d, scores),
         None => matmul(
@@ -693,7 +703,7 @@ fn block_scores(
         let Some(cap) = spec.softcap else {
             match mask_row {
                 Some(mask_row) => scale_add_row(row, prescale, mask_row),
-                None if prescale != 1.0 => scale_row(row, prescale),
+                None if prescale != 1.0 && deferred == 1.0 => scale_row(row, prescale),
                 None => {}
             }
             continue;
@@ -716,6 +726,7 @@ fn block_scores(
             scale_add_row(row, 1.0, mask_row);
         }
     }
+    deferred
 }
 
 /// Row stride of a block's score strip over `width` keys: tile products write whole 32-column
@@ -811,16 +822,18 @@ impl HeadTiles {
         tile_product(&self.left, &self.keys_t, width, scores, stride, false);
     }
 
-    /// `out = strip·B` `[rows, cols]` for a block's strip `[rows, width]` (the probabilities
-    /// `P`, or the scaled score gradients `dS`) and the head's `V` (forward) or `K` (backward).
+    /// `out = diag(factors)·strip·B` `[rows, cols]` for a block's strip `[rows, width]` (the
+    /// probabilities `P` before their normalisation, or the scaled score gradients `dS`) and the
+    /// head's `V` (forward) or `K` (backward); each row multiplied by its factor before rounding.
     fn strip_times(
         &mut self,
         strip: &[f32],
         (rows, width, stride): (usize, usize, usize),
+        factors: Option<&[f32]>,
         cols: usize,
         out: &mut [f32],
     ) {
-        self.left.pack(strip, rows, width, (stride, 1));
+        self.left.pack_scaled(strip, rows, width, (stride, 1), factors);
         tile_product(
             &self.left,
             &self.strip_right,
@@ -935,7 +948,7 @@ pub fn host_attention_forward(
                 let width = visible_keys(i0 + rows - 1, &dims, &spec);
                 let stride = strip_stride(width, on_tiles);
                 let block = (i0, rows, width, stride);
-                block_scores(
+                let pending = block_scores(
                     q_head,
                     k_head,
                     mask,
@@ -946,25 +959,33 @@ pub fn host_attention_forward(
                     &mut scores,
                     None,
                 );
+                // On tiles each row's 1/sum is applied as P is packed (one pass fewer).
+                let mut normalisers = [1f32; BLOCK_ROWS];
                 for r in 0..rows {
                     let row = &mut scores[r * stride..r * stride + width];
                     let visible = visible_keys(i0 + r, &dims, &spec);
                     let (seen, hidden) = row.split_at_mut(visible);
                     hidden.fill(0.0);
-                    let best = row_max(seen);
+                    let best = row_max(seen) * pending;
                     if best < FULLY_MASKED || may_see_hidden_keys(q_head, i0 + r, key_norm, &dims, &spec) {
                         seen.fill(0.0);
                         fallback.push(i0 + r);
                         continue;
                     }
                     let max = sink.map_or(best, |s| s.max(best));
-                    let sum = sink.map_or(0.0, |s| (s - max).exp()) + exp_shifted(seen, max);
-                    scale_row(seen, 1.0 / sum);
+                    let sum = sink.map_or(0.0, |s| (s - max).exp()) + exp_shifted(seen, pending, max);
+                    if tiles.is_some() {
+                        normalisers[r] = 1.0 / sum;
+                    } else {
+                        scale_row(seen, 1.0 / sum);
+                    }
                     lse_head[i0 + r] = max + sum.ln();
                 }
                 let out_block = &mut out_head[i0 * value_dim..(i0 + rows) * value_dim];
                 match tiles.as_mut() {
-                    Some(tiles) => tiles.strip_times(&scores, (rows, width, stride), value_dim, out_block),
+                    Some(tiles) => {
+                        tiles.strip_times(&scores, (rows, width, stride), Some(&normalisers), value_dim, out_block)
+                    }
                     None => matmul(
                         (rows, value_dim, width),
                         out_block,
@@ -1155,7 +1176,7 @@ pub fn host_attention_backward(
                     let probs = &mut probs[..];
                     let d_scores = &mut d_scores[..];
                     let mut slope = spec.softcap.map(|_| &mut slope[..]);
-                    block_scores(
+                    let pending = block_scores(
                         q_head,
                         k_head,
                         mask,
@@ -1176,7 +1197,7 @@ pub fn host_attention_backward(
                             seen.fill(0.0);
                             fallback.push(i0 + r);
                         } else {
-                            exp_shifted(seen, lse_row);
+                            exp_shifted(seen, pending, lse_row);
                         }
                     }
                     let d_out_block = &d_out_head[i0 * value_dim..(i0 + rows) * value_dim];
@@ -1211,7 +1232,14 @@ pub fn host_attention_backward(
                             1.0,
                         );
                     }
-                    // dS = P∘(dP − rowsum(dO∘O)), through the softcap's slope.
+                    // dS = P∘(dP − rowsum(dO∘O)), through the softcap's slope. On tiles the scale
+                    // goes into dS before it is rounded (both products use it): in the same pass
+                    // without a softcap, in a pass after the slope's with one.
+                    let scale_in_pass = if tiles.is_some() && slope.is_none() {
+                        spec.scale
+                    } else {
+                        1.0
+                    };
                     for r in 0..rows {
                         let i = i0 + r;
                         let row = r * stride..r * stride + width;
@@ -1220,6 +1248,7 @@ pub fn host_attention_backward(
                             &probs[row.clone()],
                             &d_out_head[i * value_dim..(i + 1) * value_dim],
                             &out_head[i * value_dim..(i + 1) * value_dim],
+                            scale_in_pass,
                         );
                         if let Some(slope) = slope.as_deref() {
                             d_scores[row.clone()]
@@ -1229,11 +1258,12 @@ pub fn host_attention_backward(
                         }
                     }
                     if let Some(tiles) = tiles.as_mut() {
-                        // The scale goes into dS before it is rounded (both products use it).
-                        for r in 0..rows {
-                            scale_row(&mut d_scores[r * stride..r * stride + width], spec.scale);
+                        if slope.is_some() {
+                            for r in 0..rows {
+                                scale_row(&mut d_scores[r * stride..r * stride + width], spec.scale);
+                            }
                         }
-                        tiles.strip_times(d_scores, (rows, width, stride), head_dim, dq_block);
+                        tiles.strip_times(d_scores, (rows, width, stride), None, head_dim, dq_block);
                         tiles.gather(q_block, head_dim, d_scores, (rows, width, stride), false);
                     } else {
                         // dQ = dS·K·scale
@@ -1747,14 +1777,14 @@ pub(crate) mod tests {
         // The row kernels (compiled for the CPU's widest vectors) give fast_exp's values bit for bit.
         let scores: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 * 0.19 - 150.0).collect();
         let mut row = scores.clone();
-        exp_shifted(&mut row, 3.0);
+        exp_shifted(&mut row, 1.0, 3.0);
         for (got, x) in row.iter().zip(&scores) {
             assert_eq!(got.to_bits(), fast_exp(x - 3.0).to_bits(), "e^({x} - 3)");
         }
         let best = scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
         assert_eq!(row_max(&scores), best);
         let mut row: Vec<f32> = (0..37).map(|i| i as f32 * 0.1).collect();
-        let sum = exp_shifted(&mut row, 1.0);
+        let sum = exp_shifted(&mut row, 1.0, 1.0);
         let exact: f32 = (0..37).map(|i| (i as f32 * 0.1 - 1.0).exp()).sum();
         assert!((sum - exact).abs() <= 1e-5 * exact, "{sum} vs {exact}");
     }
@@ -2043,10 +2073,12 @@ pub(crate) mod tests {
     fn bf16_products_round_their_operands_as_the_reference_formulas_say() {
         // Two query blocks (the second 44 rows: padded tiles), head widths off the tile sizes,
         // GQA, a padded sequence (its first rows take the exact path), sinks; then softcap, a
-        // sliding window and a cache (keys ≠ queries).
+        // sliding window and a cache (keys ≠ queries); then a plain causal mask (dropped: the
+        // scale folded into the exponentials, the normalisation into the packing of P).
         let cases = [
             (2, 4, 2, BLOCK_ROWS + 44, 0, 40, 24, vec![0, 7], None, None, true),
             (1, 2, 1, 70, 10, 64, 64, vec![3], Some(30), Some(5.0), false),
+            (1, 3, 1, BLOCK_ROWS + 20, 0, 32, 48, vec![0], None, None, false),
         ];
         for (batch, heads, kv_heads, seq, past, d, dv, pads, window, softcap, with_sinks) in cases {
             let keys = seq + past;
