@@ -76,12 +76,89 @@ pub fn bf16_value(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
 
+/// Whether the CPU converts f32 to bf16 itself (`vcvtne2ps2bf16`, AVX512_BF16: every CPU with
+/// AMX has it). It rounds as [`bf16_bits`] does (to nearest even, NaN kept quiet) except that
+/// subnormal inputs (below 1.2e-38 in size) become zero, as in oneDNN's conversions.
+fn converts_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Rows `[rows ≤ 32, cols]` of `x` (`stride` apart) rounded to bf16 into one row block of
+/// left tiles: per 32 columns two 16 × 32 tiles (rows 0–15, then 16–31), zero past `rows`
+/// and `cols`. With `factors`, row `r` is multiplied by `factors[r]` first (in f32, as a
+/// separate pass of `x[j] *= f` would).
+fn round_block(x: &[f32], rows: usize, cols: usize, stride: usize, factors: Option<&[f32]>, out: &mut [u16]) {
+    assert!(
+        rows <= BLOCK_M && out.len() >= cols.div_ceil(TILE_K) * 1024,
+        "one row block of tiles"
+    );
+    assert!(rows == 0 || (rows - 1) * stride + cols <= x.len(), "rows out of bounds");
+    assert!(factors.is_none_or(|f| f.len() >= rows), "one factor per row");
+    #[cfg(target_arch = "x86_64")]
+    if converts_bf16() {
+        // SAFETY: the CPU has AVX512_BF16 and AVX512BW (checked); bounds asserted above.
+        unsafe { round_block_converting(x, rows, cols, stride, factors, out) };
+        return;
+    }
+    round_block_soft(x, rows, cols, stride, factors, out);
+}
+
+/// [`round_block`] with the CPU's conversion: 32 values per instruction, the padding past
+/// `cols` written by the same stores (masked loads read zeros there).
+///
+/// # Safety
+/// AVX512_BF16 and AVX512BW; the bounds [`round_block`] asserts.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round_block_converting(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    factors: Option<&[f32]>,
+    out: &mut [u16],
+) {
+    use std::arch::x86_64::*;
+    if rows < BLOCK_M {
+        out.fill(0);
+    }
+    let mask_of = |n: usize| -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    };
+    for r in 0..rows {
+        let src = x[r * stride..].as_ptr();
+        let (half, row) = (r / 16, r % 16);
+        let factor = _mm512_set1_ps(factors.map_or(1.0, |f| f[r]));
+        for t in 0..cols.div_ceil(TILE_K) {
+            let l0 = t * TILE_K;
+            let left = cols - l0;
+            // SAFETY: the masked loads read only columns < cols of row r (asserted in bounds);
+            // the store writes the 32 values of tile row `row` inside `out` (asserted length).
+            unsafe {
+                let lo = _mm512_maskz_loadu_ps(mask_of(left), src.add(l0));
+                let hi = _mm512_maskz_loadu_ps(mask_of(left.saturating_sub(16)), src.wrapping_add(l0 + 16));
+                let packed = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, factor), _mm512_mul_ps(lo, factor));
+                let dst = out.as_mut_ptr().add((t * 2 + half) * 512 + row * TILE_K);
+                _mm512_storeu_si512(dst.cast(), std::mem::transmute::<__m512bh, __m512i>(packed));
+            }
+        }
+    }
+}
+
 crate::simd::multiversion! {
-    /// Rows `[rows ≤ 32, cols]` of `x` (`stride` apart) rounded to bf16 into one row block of
-    /// left tiles: per 32 columns two 16 × 32 tiles (rows 0–15, then 16–31), zero past `rows`
-    /// and `cols`. With `factors`, row `r` is multiplied by `factors[r]` first (in f32, as a
-    /// separate pass of `x[j] *= f` would).
-    fn round_block(x: &[f32], rows: usize, cols: usize, stride: usize, factors: Option<&[f32]>, out: &mut [u16]) {
+    /// [`round_block`] in software rounding ([`bf16_bits`]), for CPUs without AVX512_BF16.
+    fn round_block_soft(x: &[f32], rows: usize, cols: usize, stride: usize, factors: Option<&[f32]>, out: &mut [u16]) {
         debug_assert!(rows <= BLOCK_M);
         if rows < BLOCK_M || cols % TILE_K != 0 {
             out.fill(0);
@@ -109,11 +186,18 @@ crate::simd::multiversion! {
     }
 }
 
+/// `src` `[k, n]` (rows `stride` apart) rounded to bf16 into right panels of 16 columns
+/// (`k_tiles` tiles each): tile row `r` of tile `t`, column `j` of panel `p` holds
+/// `(B[32t + 2r, 16p + j], B[32t + 2r + 1, 16p + j])` as one word; zero past `k` and `n`.
+fn pack_pairs(src: &[f32], k: usize, n: usize, stride: usize, k_tiles: usize, out: &mut [u32]) {
+    pack_pairs_with(src, k, n, stride, k_tiles, out);
+}
+
 crate::simd::multiversion! {
-    /// `src` `[k, n]` (rows `stride` apart) rounded to bf16 into right panels of 16 columns
-    /// (`k_tiles` tiles each): tile row `r` of tile `t`, column `j` of panel `p` holds
-    /// `(B[32t + 2r, 16p + j], B[32t + 2r + 1, 16p + j])` as one word; zero past `k` and `n`.
-    fn pack_pairs(src: &[f32], k: usize, n: usize, stride: usize, k_tiles: usize, out: &mut [u32]) {
+    /// [`pack_pairs`]; whole pairs of 16 columns by the CPU's conversion where it has one
+    /// ([`converts_bf16`]), the rest in software rounding ([`bf16_bits`]).
+    fn pack_pairs_with(src: &[f32], k: usize, n: usize, stride: usize, k_tiles: usize, out: &mut [u32]) {
+        let converting = converts_bf16();
         let word = |lo: f32, hi: f32| bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16;
         for (p, panel) in out.chunks_exact_mut(k_tiles * 256).enumerate() {
             let n0 = p * 16;
@@ -121,7 +205,15 @@ crate::simd::multiversion! {
             for pair in 0..k_tiles * 16 {
                 let dst = &mut panel[(pair / 16) * 256 + (pair % 16) * 16..][..16];
                 let (lo, hi) = (2 * pair, 2 * pair + 1);
-                if width == 16 && hi < k {
+                if width == 16 && hi < k && converting {
+                    let a: &[f32; 16] = src[lo * stride + n0..][..16].try_into().expect("16 values");
+                    let b: &[f32; 16] = src[hi * stride + n0..][..16].try_into().expect("16 values");
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the CPU converts (checked above); the arrays are 64 bytes each.
+                    unsafe {
+                        pair_words(a, b, dst.try_into().expect("16 words"))
+                    };
+                } else if width == 16 && hi < k {
                     let a = &src[lo * stride + n0..][..16];
                     let b = &src[hi * stride + n0..][..16];
                     for j in 0..16 {
@@ -138,6 +230,29 @@ crate::simd::multiversion! {
                 }
             }
         }
+    }
+}
+
+/// `[a0, b0, a1, b1, …]` from `[a0 … a15, b0 … b15]` (16-bit lanes).
+const INTERLEAVE: [i16; 32] = [
+    0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15,
+    31,
+];
+
+/// `out[j] = bf16(a[j]) | bf16(b[j]) << 16` by the CPU's conversion (see [`converts_bf16`]).
+///
+/// # Safety
+/// AVX512_BF16 and AVX512BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pair_words(a: &[f32; 16], b: &[f32; 16], out: &mut [u32; 16]) {
+    use std::arch::x86_64::*;
+    // SAFETY: each pointer covers 64 bytes (the arrays' sizes).
+    unsafe {
+        let packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(b.as_ptr()), _mm512_loadu_ps(a.as_ptr()));
+        let order = _mm512_loadu_si512(INTERLEAVE.as_ptr().cast());
+        let words = _mm512_permutexvar_epi16(order, std::mem::transmute::<__m512bh, __m512i>(packed));
+        _mm512_storeu_si512(out.as_mut_ptr().cast(), words);
     }
 }
 
@@ -714,6 +829,78 @@ pub fn matmul(g: &[f32], m: usize, w: &[u16], shape: [usize; 2]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// f32 values across the range: ties, NaN, infinities, signs, a subnormal.
+    fn awkward(n: usize) -> Vec<f32> {
+        let special = [
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            f32::NAN,
+            f32::INFINITY,
+            -0.0,
+            -2.5e30,
+            1e-39,
+        ];
+        (0..n)
+            .map(|i| match special.get(i % 97) {
+                Some(&v) => v,
+                None => ((i * 7919 % 1999) as f32 - 999.5) * 1.37e-3 * (1 + i % 5) as f32,
+            })
+            .collect()
+    }
+
+    /// What a subnormal becomes on either path (the CPU's conversion flushes it to zero).
+    fn either(bits: u16, x: f32) -> bool {
+        bits == bf16_bits(x) || (x.is_subnormal() && bits & 0x7FFF == 0)
+    }
+
+    #[test]
+    fn row_blocks_and_pair_panels_hold_the_rounded_values() {
+        // 29 rows (a partial block), 70 columns (a partial tile step), rows 75 apart, factors.
+        let (rows, cols, stride): (usize, usize, usize) = (29, 70, 75);
+        let x = awkward(rows * stride);
+        let factors: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 / 7.0).collect();
+        for f in [None, Some(&factors[..])] {
+            let mut out = vec![7u16; cols.div_ceil(TILE_K) * 1024];
+            round_block(&x, rows, cols, stride, f, &mut out);
+            for t in 0..cols.div_ceil(TILE_K) {
+                for r in 0..BLOCK_M {
+                    for c in 0..TILE_K {
+                        let got = out[(t * 2 + r / 16) * 512 + (r % 16) * TILE_K + c];
+                        let l = t * TILE_K + c;
+                        if r < rows && l < cols {
+                            let v = x[r * stride + l] * f.map_or(1.0, |f| f[r]);
+                            assert!(either(got, v), "row {r} col {l}: {got:#06x} for {v:e}");
+                        } else {
+                            assert_eq!(got, 0, "padding at row {r} col {l}");
+                        }
+                    }
+                }
+            }
+        }
+        // B [k 45, n 37]: partial pairs and panels.
+        let (k, n): (usize, usize) = (45, 37);
+        let k_tiles = k.div_ceil(TILE_K);
+        let x = awkward(k * stride);
+        let mut words = vec![7u32; n.div_ceil(16) * k_tiles * 256];
+        pack_pairs(&x, k, n, stride, k_tiles, &mut words);
+        for (p, panel) in words.chunks_exact(k_tiles * 256).enumerate() {
+            for pair in 0..k_tiles * 16 {
+                for j in 0..16 {
+                    let w = panel[(pair / 16) * 256 + (pair % 16) * 16 + j];
+                    let col = p * 16 + j;
+                    for (half, row) in [(w as u16, 2 * pair), ((w >> 16) as u16, 2 * pair + 1)] {
+                        if row < k && col < n {
+                            let v = x[row * stride + col];
+                            assert!(either(half, v), "B[{row}, {col}]: {half:#06x} for {v:e}");
+                        } else {
+                            assert_eq!(half, 0, "padding at B[{row}, {col}]");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn rounding_is_to_nearest_even() {
