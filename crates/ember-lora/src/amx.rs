@@ -160,7 +160,7 @@ crate::simd::multiversion! {
     /// [`round_block`] in software rounding ([`bf16_bits`]), for CPUs without AVX512_BF16.
     fn round_block_soft(x: &[f32], rows: usize, cols: usize, stride: usize, factors: Option<&[f32]>, out: &mut [u16]) {
         debug_assert!(rows <= BLOCK_M);
-        if rows < BLOCK_M || cols % TILE_K != 0 {
+        if rows < BLOCK_M || !cols.is_multiple_of(TILE_K) {
             out.fill(0);
         }
         for r in 0..rows {
