@@ -27,6 +27,7 @@ mod linear;
 pub mod merge;
 pub mod quant;
 mod simd;
+mod skinny;
 
 pub use adapter::{AdapterFiles, AdapterTensors};
 pub use attention::{attention, AttentionSpec};
