@@ -21,7 +21,6 @@ use rayon::prelude::*;
 
 use crate::attention::{matmul_into, place_of, prim, to_device, HostMatrix, HostTensors};
 use crate::quant::{float, EmberBackend, QuantMatrix};
-use crate::skinny;
 
 /// Elements per parallel task of the host kernels (smaller tensors run on one thread).
 const TASK_ELEMENTS: usize = 1 << 14;
@@ -749,51 +748,17 @@ pub fn host_lora_linear_backward(
             (Some(base_grad()), Some(d_adapter))
         }
     };
-    let d_lora_a = token_contraction(&g_b.values, r, x_adapter, 1.0).unwrap_or_else(|| {
-        let mut d_lora_a = vec![0f32; r * in_dim];
-        matmul_into(&mut d_lora_a, false, &g_b.t(), x_adapter, 1.0);
-        d_lora_a
-    });
-    let d_lora_b = match token_contraction(low, r, d_out, scaling) {
-        // ∂Bᵀ `[r, out]` transposed.
-        Some(d_lora_b_t) => {
-            let mut d_lora_b = vec![0f32; out_dim * r];
-            for (j, row) in d_lora_b_t.chunks_exact(out_dim.max(1)).enumerate() {
-                for (o, &v) in row.iter().enumerate() {
-                    d_lora_b[o * r + j] = v;
-                }
-            }
-            d_lora_b
-        }
-        None => {
-            let mut d_lora_b = vec![0f32; out_dim * r];
-            matmul_into(
-                &mut d_lora_b,
-                false,
-                &d_out.t(),
-                &HostMatrix::row_major(low, [rows, r]),
-                scaling,
-            );
-            d_lora_b
-        }
-    };
+    let mut d_lora_a = vec![0f32; r * in_dim];
+    matmul_into(&mut d_lora_a, false, &g_b.t(), x_adapter, 1.0);
+    let mut d_lora_b = vec![0f32; out_dim * r];
+    matmul_into(
+        &mut d_lora_b,
+        false,
+        &d_out.t(),
+        &HostMatrix::row_major(low, [rows, r]),
+        scaling,
+    );
     (d_x, d_adapter, d_lora_a, d_lora_b)
-}
-
-/// `scale·Sᵀ·W` `[r, n]` for the adapter's skinny `S` `[tokens, r]` (row-major) and `W`
-/// `[tokens, n]` by [`skinny::skinny_tn`], where that is the faster product (AVX-512, small
-/// rank, `W`'s columns contiguous); `None` for the general matmul.
-fn token_contraction(s: &[f32], r: usize, w: &HostMatrix<'_>, scale: f32) -> Option<Vec<f32>> {
-    let [k, n] = w.dims;
-    let [row_stride, col_stride] = w.strides;
-    if col_stride != 1 || !skinny::suits(k, r, n) {
-        return None;
-    }
-    let mut c = skinny::skinny_tn(s, r, &w.values, row_stride, [k, r, n]);
-    if scale != 1.0 {
-        c.iter_mut().for_each(|x| *x *= scale);
-    }
-    Some(c)
 }
 
 /// [`host_lora_linear_forward`] on a CPU backend's tensors.
@@ -1522,113 +1487,110 @@ mod tests {
 
     #[test]
     fn lora_linear_and_its_gradients_match_autodiff_of_the_composition() {
-        // The second shape takes the skinny kernel for the adapter gradients (tokens × width
-        // ≥ 2¹⁶ with AVX-512) where the CPU has it.
-        for (rows, inp, out, r, s) in [(37, 24, 19, 4, 1.75f32), (600, 130, 120, 5, 0.5)] {
-            let xv = random(rows * inp, 21, 1.0);
-            // W kept as its transpose in memory, as LoraLinear stores it (read in place, strided).
-            let wv = random(out * inp, 22, 0.5);
-            let (av, bv) = (random(r * inp, 23, 0.5), random(out * r, 24, 0.5));
-            let biasv = random(out, 25, 1.0);
-            let keep: Vec<f32> = random(rows * inp, 26, 1.0)
-                .iter()
-                .map(|v| if *v > -0.4 { 1.4 } else { 0.0 })
-                .collect();
-            let g = random(rows * out, 27, 1.0);
-            // (dropout-like separate adapter input, x tracked)
-            for (separate, x_tracked) in [(false, true), (true, true), (false, false)] {
-                let run = |fused: bool| {
-                    let mut x = tensor::<Grad, 2>(xv.clone(), [rows, inp]);
-                    if x_tracked {
-                        x = x.require_grad();
-                    }
-                    let w = crate::matmul_layout(tensor::<Grad, 2>(wv.clone(), [out, inp]));
-                    let bias = tensor::<Grad, 1>(biasv.clone(), [out]);
-                    let a = tensor::<Grad, 2>(av.clone(), [r, inp]).require_grad();
-                    let b = tensor::<Grad, 2>(bv.clone(), [out, r]).require_grad();
-                    let x_adapter = separate.then(|| x.clone() * tensor::<Grad, 2>(keep.clone(), [rows, inp]));
-                    let y = if fused {
-                        lora_linear(x.clone(), x_adapter, w, Some(bias), a.clone(), b.clone(), s)
-                    } else {
-                        let xa = x_adapter.unwrap_or_else(|| x.clone());
-                        eager_lora(x.clone(), xa, w, bias, a.clone(), b.clone(), s)
-                    };
-                    let grads = (y.clone() * tensor::<Grad, 2>(g.clone(), [rows, out])).sum().backward();
-                    (
-                        values(y),
-                        x.grad(&grads).map(values),
-                        values(a.grad(&grads).unwrap()),
-                        values(b.grad(&grads).unwrap()),
-                    )
-                };
-                let (want, want_dx, want_da, want_db) = run(false);
-                let (got, got_dx, got_da, got_db) = run(true);
-                let case = format!("separate {separate}, x tracked {x_tracked}");
-                assert_rel(&format!("{case}: value"), &got, &want, 1e-5);
-                assert_eq!(got_dx.is_some(), x_tracked, "{case}");
-                if let (Some(got_dx), Some(want_dx)) = (&got_dx, &want_dx) {
-                    assert_rel(&format!("{case}: dx"), got_dx, want_dx, 1e-5);
+        let (rows, inp, out, r, s) = (37, 24, 19, 4, 1.75f32);
+        let xv = random(rows * inp, 21, 1.0);
+        // W kept as its transpose in memory, as LoraLinear stores it (read in place, strided).
+        let wv = random(out * inp, 22, 0.5);
+        let (av, bv) = (random(r * inp, 23, 0.5), random(out * r, 24, 0.5));
+        let biasv = random(out, 25, 1.0);
+        let keep: Vec<f32> = random(rows * inp, 26, 1.0)
+            .iter()
+            .map(|v| if *v > -0.4 { 1.4 } else { 0.0 })
+            .collect();
+        let g = random(rows * out, 27, 1.0);
+        // (dropout-like separate adapter input, x tracked)
+        for (separate, x_tracked) in [(false, true), (true, true), (false, false)] {
+            let run = |fused: bool| {
+                let mut x = tensor::<Grad, 2>(xv.clone(), [rows, inp]);
+                if x_tracked {
+                    x = x.require_grad();
                 }
-                assert_rel(&format!("{case}: dA"), &got_da, &want_da, 1e-5);
-                assert_rel(&format!("{case}: dB"), &got_db, &want_db, 1e-5);
+                let w = crate::matmul_layout(tensor::<Grad, 2>(wv.clone(), [out, inp]));
+                let bias = tensor::<Grad, 1>(biasv.clone(), [out]);
+                let a = tensor::<Grad, 2>(av.clone(), [r, inp]).require_grad();
+                let b = tensor::<Grad, 2>(bv.clone(), [out, r]).require_grad();
+                let x_adapter = separate.then(|| x.clone() * tensor::<Grad, 2>(keep.clone(), [rows, inp]));
+                let y = if fused {
+                    lora_linear(x.clone(), x_adapter, w, Some(bias), a.clone(), b.clone(), s)
+                } else {
+                    let xa = x_adapter.unwrap_or_else(|| x.clone());
+                    eager_lora(x.clone(), xa, w, bias, a.clone(), b.clone(), s)
+                };
+                let grads = (y.clone() * tensor::<Grad, 2>(g.clone(), [rows, out])).sum().backward();
+                (
+                    values(y),
+                    x.grad(&grads).map(values),
+                    values(a.grad(&grads).unwrap()),
+                    values(b.grad(&grads).unwrap()),
+                )
+            };
+            let (want, want_dx, want_da, want_db) = run(false);
+            let (got, got_dx, got_da, got_db) = run(true);
+            let case = format!("separate {separate}, x tracked {x_tracked}");
+            assert_rel(&format!("{case}: value"), &got, &want, 1e-5);
+            assert_eq!(got_dx.is_some(), x_tracked, "{case}");
+            if let (Some(got_dx), Some(want_dx)) = (&got_dx, &want_dx) {
+                assert_rel(&format!("{case}: dx"), got_dx, want_dx, 1e-5);
+            }
+            assert_rel(&format!("{case}: dA"), &got_da, &want_da, 1e-5);
+            assert_rel(&format!("{case}: dB"), &got_db, &want_db, 1e-5);
 
-                // The burn-op composition (GPU backends' path) on the same values.
-                let p = |v: &Vec<f32>, dims: [usize; 2]| prim(tensor::<Cpu, 2>(v.clone(), dims));
-                let operands = LoraOperands::<Cpu> {
-                    weight: LoraBase::Dense(prim(crate::matmul_layout(tensor::<Cpu, 2>(wv.clone(), [out, inp])))),
-                    bias: Some(prim(tensor::<Cpu, 1>(biasv.clone(), [out]))),
-                    scaling: s,
-                };
-                let xa: Vec<f32> = if separate {
-                    xv.iter().zip(&keep).map(|(x, k)| x * k).collect()
-                } else {
-                    xv.clone()
-                };
-                let (y, low) = device_lora_linear::<Cpu>(
-                    p(&xv, [rows, inp]),
-                    separate.then(|| p(&xa, [rows, inp])),
-                    p(&av, [r, inp]),
-                    p(&bv, [out, r]),
-                    &operands,
-                );
-                assert!(
-                    max_rel(&values(float::<Cpu, 2>(y)), &want) < 1e-5,
-                    "{case}: device value"
-                );
-                let input = match (x_tracked, separate) {
-                    (false, _) => InputGrad::None,
-                    (true, false) => InputGrad::Sum,
-                    (true, true) => InputGrad::Separate,
-                };
-                let d = device_lora_linear_backward::<Cpu>(
-                    p(&xa, [rows, inp]),
-                    p(&av, [r, inp]),
-                    p(&bv, [out, r]),
-                    low,
-                    &operands,
-                    p(&g, [rows, out]),
-                    input,
-                );
-                assert!(
-                    max_rel(&values(float::<Cpu, 2>(d.lora_a)), &want_da) < 1e-5,
-                    "{case}: device dA"
-                );
-                assert!(
-                    max_rel(&values(float::<Cpu, 2>(d.lora_b)), &want_db) < 1e-5,
-                    "{case}: device dB"
-                );
-                if let Some(want_dx) = &want_dx {
-                    // ∂x of the eager run holds both parts (the adapter's through the mask).
-                    let mut dx = values(float::<Cpu, 2>(d.x.unwrap()));
-                    if let Some(d_adapter) = d.x_adapter {
-                        for ((dx, da), k) in dx.iter_mut().zip(values(float::<Cpu, 2>(d_adapter))).zip(&keep) {
-                            *dx += da * k;
-                        }
+            // The burn-op composition (GPU backends' path) on the same values.
+            let p = |v: &Vec<f32>, dims: [usize; 2]| prim(tensor::<Cpu, 2>(v.clone(), dims));
+            let operands = LoraOperands::<Cpu> {
+                weight: LoraBase::Dense(prim(crate::matmul_layout(tensor::<Cpu, 2>(wv.clone(), [out, inp])))),
+                bias: Some(prim(tensor::<Cpu, 1>(biasv.clone(), [out]))),
+                scaling: s,
+            };
+            let xa: Vec<f32> = if separate {
+                xv.iter().zip(&keep).map(|(x, k)| x * k).collect()
+            } else {
+                xv.clone()
+            };
+            let (y, low) = device_lora_linear::<Cpu>(
+                p(&xv, [rows, inp]),
+                separate.then(|| p(&xa, [rows, inp])),
+                p(&av, [r, inp]),
+                p(&bv, [out, r]),
+                &operands,
+            );
+            assert!(
+                max_rel(&values(float::<Cpu, 2>(y)), &want) < 1e-5,
+                "{case}: device value"
+            );
+            let input = match (x_tracked, separate) {
+                (false, _) => InputGrad::None,
+                (true, false) => InputGrad::Sum,
+                (true, true) => InputGrad::Separate,
+            };
+            let d = device_lora_linear_backward::<Cpu>(
+                p(&xa, [rows, inp]),
+                p(&av, [r, inp]),
+                p(&bv, [out, r]),
+                low,
+                &operands,
+                p(&g, [rows, out]),
+                input,
+            );
+            assert!(
+                max_rel(&values(float::<Cpu, 2>(d.lora_a)), &want_da) < 1e-5,
+                "{case}: device dA"
+            );
+            assert!(
+                max_rel(&values(float::<Cpu, 2>(d.lora_b)), &want_db) < 1e-5,
+                "{case}: device dB"
+            );
+            if let Some(want_dx) = &want_dx {
+                // ∂x of the eager run holds both parts (the adapter's through the mask).
+                let mut dx = values(float::<Cpu, 2>(d.x.unwrap()));
+                if let Some(d_adapter) = d.x_adapter {
+                    for ((dx, da), k) in dx.iter_mut().zip(values(float::<Cpu, 2>(d_adapter))).zip(&keep) {
+                        *dx += da * k;
                     }
-                    assert!(max_rel(&dx, want_dx) < 1e-5, "{case}: device dx");
-                } else {
-                    assert!(d.x.is_none() && d.x_adapter.is_none(), "{case}");
                 }
+                assert!(max_rel(&dx, want_dx) < 1e-5, "{case}: device dx");
+            } else {
+                assert!(d.x.is_none() && d.x_adapter.is_none(), "{case}");
             }
         }
     }

@@ -27,7 +27,6 @@ mod linear;
 pub mod merge;
 pub mod quant;
 mod simd;
-mod skinny;
 
 pub use adapter::{AdapterFiles, AdapterTensors};
 pub use attention::{attention, AttentionSpec};
