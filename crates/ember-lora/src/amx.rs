@@ -186,17 +186,14 @@ crate::simd::multiversion! {
     }
 }
 
-/// `src` `[k, n]` (rows `stride` apart) rounded to bf16 into right panels of 16 columns
-/// (`k_tiles` tiles each): tile row `r` of tile `t`, column `j` of panel `p` holds
-/// `(B[32t + 2r, 16p + j], B[32t + 2r + 1, 16p + j])` as one word; zero past `k` and `n`.
-fn pack_pairs(src: &[f32], k: usize, n: usize, stride: usize, k_tiles: usize, out: &mut [u32]) {
-    pack_pairs_with(src, k, n, stride, k_tiles, out);
-}
-
 crate::simd::multiversion! {
-    /// [`pack_pairs`]; whole pairs of 16 columns by the CPU's conversion where it has one
-    /// ([`converts_bf16`]), the rest in software rounding ([`bf16_bits`]).
-    fn pack_pairs_with(src: &[f32], k: usize, n: usize, stride: usize, k_tiles: usize, out: &mut [u32]) {
+    /// `src` `[k, n]` (rows `stride` apart) rounded to bf16 into right panels of 16 columns
+    /// (`k_tiles` tiles each): tile row `r` of tile `t`, column `j` of panel `p` holds
+    /// `(B[32t + 2r, 16p + j], B[32t + 2r + 1, 16p + j])` as one word; zero past `k` and `n`.
+    /// Whole pairs of 16 columns by the CPU's conversion where it has one ([`converts_bf16`]),
+    /// the rest in software rounding ([`bf16_bits`]).
+    fn pack_pairs(src: &[f32], k: usize, n: usize, stride: usize, k_tiles: usize, out: &mut [u32]) {
+        #[cfg(target_arch = "x86_64")]
         let converting = converts_bf16();
         let word = |lo: f32, hi: f32| bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16;
         for (p, panel) in out.chunks_exact_mut(k_tiles * 256).enumerate() {
@@ -205,17 +202,15 @@ crate::simd::multiversion! {
             for pair in 0..k_tiles * 16 {
                 let dst = &mut panel[(pair / 16) * 256 + (pair % 16) * 16..][..16];
                 let (lo, hi) = (2 * pair, 2 * pair + 1);
-                if width == 16 && hi < k && converting {
+                if width == 16 && hi < k {
                     let a: &[f32; 16] = src[lo * stride + n0..][..16].try_into().expect("16 values");
                     let b: &[f32; 16] = src[hi * stride + n0..][..16].try_into().expect("16 values");
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the CPU converts (checked above); the arrays are 64 bytes each.
-                    unsafe {
-                        pair_words(a, b, dst.try_into().expect("16 words"))
-                    };
-                } else if width == 16 && hi < k {
-                    let a = &src[lo * stride + n0..][..16];
-                    let b = &src[hi * stride + n0..][..16];
+                    if converting {
+                        // SAFETY: the CPU converts (checked above); the arrays are 64 bytes each.
+                        unsafe { pair_words(a, b, dst.try_into().expect("16 words")) };
+                        continue;
+                    }
                     for j in 0..16 {
                         dst[j] = word(a[j], b[j]);
                     }
