@@ -1,14 +1,19 @@
 //! Times the CPU attention kernels (forward + backward) with f32 and with bf16 products.
 //!
-//! `cargo run --release -p ember-lora --example attention_bench -- [SEQ] [HEADS] [KV_HEADS] [HEAD_DIM] [REPEATS]`
-//! (defaults: SmolLM2-135M's attention at 2048 positions, one sequence).
+//! `cargo run --release -p ember-lora --example attention_bench -- [SEQ] [HEADS] [KV_HEADS] [HEAD_DIM] [REPEATS] [KINDS]`
+//! (defaults: SmolLM2-135M's attention at 2048 positions, one sequence; KINDS `both`, `f32` or
+//! `bf16`: which products to time, each twice, alternating).
 
 use std::time::Instant;
 
 use ember_lora::attention::{host_attention_backward, host_attention_forward, AttentionDims, AttentionSpec, HostMask};
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("a number")).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .take(5)
+        .map(|a| a.parse().expect("a number"))
+        .collect();
     let arg = |i: usize, default: usize| args.get(i).copied().unwrap_or(default);
     let (seq, heads, kv_heads, d, repeats) = (arg(0, 2048), arg(1, 9), arg(2, 3), arg(3, 64), arg(4, 3));
     let dims = AttentionDims {
@@ -40,7 +45,13 @@ fn main() {
         .collect();
     let host_mask = HostMask::new(&mask, &[1, 1, seq, seq], &dims);
     let flops = 7.0 * 2.0 * (seq * seq / 2 * d * heads) as f64;
-    for bf16_products in [false, true, false, true] {
+    let kinds: &[bool] = match std::env::args().nth(6).as_deref() {
+        None | Some("both") => &[false, true, false, true],
+        Some("f32") => &[false, false],
+        Some("bf16") => &[true, true],
+        Some(other) => panic!("KINDS is both, f32 or bf16, not {other}"),
+    };
+    for &bf16_products in kinds {
         let spec = AttentionSpec {
             scale: 1.0 / (d as f32).sqrt(),
             softcap: None,

@@ -24,8 +24,17 @@ const BLOCK_M: usize = 32;
 const BLOCK_N: usize = 32;
 /// bf16 values of `k` per tile step.
 const TILE_K: usize = 32;
-/// Tile steps of `k` per pass over the rows (the packed panel slice stays in L2).
+/// Tile steps of `k` per pass over the rows in [`product_by_column_blocks`] (the packed panel
+/// slice stays in L2).
 const CHUNK_K_TILES: usize = 32;
+/// Packed bytes of `B` up to which [`product`] packs it whole before the products (a small
+/// model's layer weights; SmolLM2-135M's largest is 1.7 MiB).
+const PREPACK_BYTES: usize = 4 << 20;
+/// Row blocks of `A` per task of [`product_grouped`] (64 rows).
+const TASK_ROW_BLOCKS: usize = 2;
+/// Bytes of packed `B` per column group of [`product_grouped`]: a task walks one group per row
+/// block, the group staying in L2 (a larger `B` is walked in several groups, as separate tasks).
+const GROUP_BYTES: usize = 1 << 20;
 
 /// Whether this CPU and OS run AMX bf16 tiles (checked once per process; the first call asks
 /// Linux for the tile state). `EMBER_NO_AMX=1` turns it off.
@@ -678,6 +687,13 @@ unsafe impl Sync for SendPtr {}
 
 /// `A·B` into a new row-major `[m, n]` f32 buffer: `a` `[m, k]` f32 rows, rounded to bf16.
 ///
+/// Output blocks are walked along the output's rows ([`product_grouped`]): `B` up to
+/// [`PREPACK_BYTES`] packed (a small model's layer weights) is packed whole first and the rows
+/// split between tasks too; a wider one (an output head) is packed per column group by the task
+/// that walks it. A `B` whose every pair of panels is over a quarter of [`GROUP_BYTES`] (`k` over
+/// ~4k: the head's input gradient, a sum over the vocabulary) is walked a column block per task
+/// with `k` in chunks ([`product_by_column_blocks`]).
+///
 /// # Panics
 /// If AMX is not [`available`].
 fn product(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<f32> {
@@ -686,6 +702,20 @@ fn product(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<
     if m == 0 || n == 0 || k == 0 {
         return vec![0f32; m * n];
     }
+    let pair_bytes = 2 * k.div_ceil(TILE_K) * 1024;
+    if n.div_ceil(BLOCK_N) * pair_bytes <= PREPACK_BYTES {
+        product_grouped(a, m, k, n, b, GROUP_BYTES, true)
+    } else if 4 * pair_bytes <= GROUP_BYTES {
+        product_grouped(a, m, k, n, b, GROUP_BYTES, false)
+    } else {
+        product_by_column_blocks(a, m, k, n, b)
+    }
+}
+
+/// [`product`] for a large `B`: one task per column block packs its two panels and walks all
+/// row blocks of `A` under them, `k` in chunks of [`CHUNK_K_TILES`] (the panels' slice stays in
+/// L1/L2; the output block is reloaded between chunks).
+fn product_by_column_blocks(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<f32> {
     // Every element is written by the first pass over k before any is read (no zeroing pass).
     let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
     // SAFETY: MaybeUninit needs no initialisation; the capacity is m·n.
@@ -742,6 +772,117 @@ fn product(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<
     let mut out = std::mem::ManuallyDrop::new(out);
     // SAFETY: every one of the m·n values was written above (blocks cover all rows and columns
     // in the first k pass); MaybeUninit<f32> has f32's layout.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), m * n, out.capacity()) }
+}
+
+/// [`product`] with `B`'s packed columns walked in groups of at most `group_bytes` (at least
+/// one pair of panels per group).
+///
+/// With `prepack`, `B` is packed whole first, in parallel, and each task takes
+/// [`TASK_ROW_BLOCKS`] row blocks of `A` and one column group; without, each task packs its
+/// column group and takes all rows. For each of its row blocks a task walks the group's column
+/// blocks left to right: its rows of `A` stay in L1/L2 while the group streams from L2, and the
+/// output's rows are written one cache line after the next (walking the rows under one column
+/// block instead touches a new page per row: the output stores cost a third of the product).
+/// Each 32 × 32 output block is summed over all of `k` in tiles and stored once.
+fn product_grouped(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    b: RightOperand<'_>,
+    group_bytes: usize,
+    prepack: bool,
+) -> Vec<f32> {
+    assert!(available(), "AMX bf16 tiles are not available on this CPU");
+    assert_eq!(a.len(), m * k, "a is [m, k]");
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
+    // Every element is written by its block's store before any is read (no zeroing pass).
+    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
+    // SAFETY: MaybeUninit needs no initialisation; the capacity is m·n.
+    unsafe { out.set_len(m * n) };
+    let left = LeftOperand::round(a, m, k);
+    let k_tiles = left.k_tiles;
+    let (m_blocks, n_blocks) = (m.div_ceil(BLOCK_M), n.div_ceil(BLOCK_N));
+    // Two panels of 16 columns per column block, k_tiles tiles of 1 KiB each.
+    let pair_len = 2 * k_tiles * 256;
+    let pack_pair = |nb: usize, pair: &mut [u32]| {
+        let (p0, p1) = pair.split_at_mut(k_tiles * 256);
+        b.pack_panel(nb * BLOCK_N, n, k, p0);
+        b.pack_panel(nb * BLOCK_N + 16, n, k, p1);
+    };
+    let mut packed = Vec::new();
+    if prepack {
+        packed = vec![0u32; n_blocks * pair_len];
+        packed
+            .par_chunks_mut(pair_len)
+            .enumerate()
+            .for_each(|(nb, pair)| pack_pair(nb, pair));
+    }
+    let group = (group_bytes / (pair_len * 4)).max(1);
+    let n_groups = n_blocks.div_ceil(group);
+    // Packed whole, tasks split the rows too; packed per group, a task takes all rows.
+    let task_blocks = if prepack { TASK_ROW_BLOCKS } else { m_blocks };
+    let m_tasks = m_blocks.div_ceil(task_blocks);
+    let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
+    (0..m_tasks * n_groups)
+        .into_par_iter()
+        .for_each_init(Vec::new, |own: &mut Vec<u32>, task| {
+            let (mt, ng) = (task % m_tasks, task / m_tasks);
+            let nbs = ng * group..((ng + 1) * group).min(n_blocks);
+            let panels: &[u32] = if prepack {
+                &packed[nbs.start * pair_len..nbs.end * pair_len]
+            } else {
+                own.resize(nbs.len() * pair_len, 0);
+                for (i, pair) in own.chunks_exact_mut(pair_len).enumerate() {
+                    pack_pair(nbs.start + i, pair);
+                }
+                own
+            };
+            let out_ptr = &out_ptr;
+            let mut scratch = [0f32; BLOCK_M * BLOCK_N];
+            // SAFETY: AMX is available (asserted above).
+            let _tiles = unsafe { TileSession::start() };
+            for mb in mt * task_blocks..((mt + 1) * task_blocks).min(m_blocks) {
+                let m0 = mb * BLOCK_M;
+                let rows = BLOCK_M.min(m - m0);
+                for nb in nbs.clone() {
+                    let n0 = nb * BLOCK_N;
+                    let cols = BLOCK_N.min(n - n0);
+                    let p0 = panels[(nb - nbs.start) * pair_len..].as_ptr();
+                    // SAFETY: `left` holds m_blocks row blocks of k_tiles tile steps, `panels`
+                    // the group's pairs of panels of k_tiles tiles; the output block is either
+                    // 32 × 32 inside `out` (this task's rows and columns only) or the local
+                    // scratch, whose rows inside the output are copied there.
+                    unsafe {
+                        let p1 = p0.add(k_tiles * 256);
+                        if rows == BLOCK_M && cols == BLOCK_N {
+                            let c = out_ptr.0.add(m0 * n + n0);
+                            block(left.block(mb), p0, p1, 0..k_tiles, c, n * 4, false);
+                        } else {
+                            block(
+                                left.block(mb),
+                                p0,
+                                p1,
+                                0..k_tiles,
+                                scratch.as_mut_ptr(),
+                                BLOCK_N * 4,
+                                false,
+                            );
+                            for r in 0..rows {
+                                let dst = std::slice::from_raw_parts_mut(out_ptr.0.add((m0 + r) * n + n0), cols);
+                                dst.copy_from_slice(&scratch[r * BLOCK_N..r * BLOCK_N + cols]);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: every one of the m·n values was written above (the tasks' blocks cover all rows
+    // and columns); MaybeUninit<f32> has f32's layout.
     unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), m * n, out.capacity()) }
 }
 
@@ -893,6 +1034,48 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The product's orders change which task computes a block and when, not its value: every
+    /// block is summed over `k` in order either way (column groups of one pair of panels up to
+    /// one group; column blocks with `k` in chunks, the block reloaded between them), for both
+    /// operand layouts, partial row blocks and columns.
+    #[test]
+    fn products_in_either_order_are_the_same_bits() {
+        if !available() {
+            println!("no AMX: nothing to compare");
+            return;
+        }
+        let finite = |len: usize| -> Vec<f32> {
+            awkward(len)
+                .into_iter()
+                .map(|v| if v.is_finite() { v } else { 0.5 })
+                .collect()
+        };
+        for (m, k, n) in [(150usize, 70usize, 200usize), (40, 1100, 50)] {
+            // W [n, k]: B = Wᵀ (k × n, the forward product) or B = W (n × k, the input gradient).
+            let w: Vec<u16> = finite(n * k).into_iter().map(bf16_bits).collect();
+            let pair_bytes = 2 * k.max(n).div_ceil(TILE_K) * 1024;
+            for (b, inner, outer) in [
+                (RightOperand::Transposed { w: &w, cols: k }, k, n),
+                (RightOperand::Direct { w: &w, cols: k }, n, k),
+            ] {
+                let a = finite(m * inner);
+                let whole = product_grouped(&a, m, inner, outer, b, usize::MAX, true);
+                let same = |other: &[f32]| whole.iter().zip(other).all(|(p, q)| p.to_bits() == q.to_bits());
+                for group_bytes in [0, pair_bytes, 3 * pair_bytes] {
+                    for prepack in [true, false] {
+                        let grouped = product_grouped(&a, m, inner, outer, b, group_bytes, prepack);
+                        assert!(
+                            same(&grouped),
+                            "[{m}, {inner}, {outer}] in groups of {group_bytes} bytes, packed whole: {prepack}"
+                        );
+                    }
+                }
+                let by_columns = product_by_column_blocks(&a, m, inner, outer, b);
+                assert!(same(&by_columns), "[{m}, {inner}, {outer}] by column blocks");
             }
         }
     }
