@@ -667,8 +667,10 @@ pub(crate) fn tile_product(a: &LeftTiles, b: &RightTiles, n: usize, c: &mut [f32
     // operands hold `a.k_tiles` tile steps per row block and panel.
     unsafe {
         let _tiles = TileSession::start();
-        for nb in 0..n_blocks {
-            for mb in 0..a.m_blocks {
+        // Along each row block, so that the output's rows are written a cache line after the
+        // next (see `product_grouped`).
+        for mb in 0..a.m_blocks {
+            for nb in 0..n_blocks {
                 let out = c.as_mut_ptr().add(mb * BLOCK_M * c_stride + nb * BLOCK_N);
                 let (b0, b1) = (b.panel(2 * nb), b.panel(2 * nb + 1));
                 block(a.block(mb), b0, b1, 0..a.k_tiles, out, c_stride * 4, accumulate);
