@@ -571,13 +571,18 @@ crate::simd::multiversion! {
     /// vectorise; compiled for the CPU's widest vectors, see [`crate::simd`]). `scale` 1
     /// multiplies exactly; otherwise it is the pass of [`scale_row`] folded in, same values.
     fn exp_shifted(row: &mut [f32], scale: f32, shift: f32) -> f32 {
-        row.iter_mut().for_each(|x| *x = fast_exp(*x * scale - shift));
+        // One pass: each chunk's exponentials go into the lanes as they are written.
         let mut lanes = [0f32; 16];
-        let mut chunks = row.chunks_exact(16);
+        let mut chunks = row.chunks_exact_mut(16);
         for chunk in &mut chunks {
-            lanes.iter_mut().zip(chunk).for_each(|(l, x)| *l += x);
+            for (l, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
+                *x = fast_exp(*x * scale - shift);
+                *l += *x;
+            }
         }
-        lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+        let rest = chunks.into_remainder();
+        rest.iter_mut().for_each(|x| *x = fast_exp(*x * scale - shift));
+        lanes.iter().sum::<f32>() + rest.iter().sum::<f32>()
     }
 }
 
