@@ -27,6 +27,10 @@ const TILE_K: usize = 32;
 /// Tile steps of `k` per pass over the rows in [`product_by_column_blocks`] (the packed panel
 /// slice stays in L2).
 const CHUNK_K_TILES: usize = 32;
+/// Tile steps of `k` per part of [`product_split_k`] (2048 values of `k`).
+const SPLIT_K_TILES: usize = 64;
+/// The most bytes of partial outputs [`product`] takes [`product_split_k`] for.
+const SPLIT_K_PARTIAL_BYTES: usize = 64 << 20;
 /// Packed bytes of `B` up to which [`product`] packs it whole before the products (a small
 /// model's layer weights; SmolLM2-135M's largest is 1.7 MiB).
 const PREPACK_BYTES: usize = 4 << 20;
@@ -709,9 +713,68 @@ fn product(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<
         product_grouped(a, m, k, n, b, GROUP_BYTES, true)
     } else if 4 * pair_bytes <= GROUP_BYTES {
         product_grouped(a, m, k, n, b, GROUP_BYTES, false)
+    } else if k.div_ceil(SPLIT_K_TILES * TILE_K) * m.next_multiple_of(BLOCK_M) * n.next_multiple_of(BLOCK_N) * 4
+        <= SPLIT_K_PARTIAL_BYTES
+    {
+        product_split_k(a, m, k, n, b)
     } else {
         product_by_column_blocks(a, m, k, n, b)
     }
+}
+
+/// [`product`] for a long `k` and a small output (the output head's input gradient: `k` the
+/// vocabulary, `[rows, hidden]` out): `k` split into parts of [`SPLIT_K_TILES`] tile steps, one
+/// task per part packing its slice of `B` and multiplying its slice of `A` into a partial
+/// output, the partials then added in order. `A` and `B` are each read once (walking column
+/// blocks instead re-reads all of `A` per block: 18 × 33 MB for SmolLM2's head at 341 rows).
+fn product_split_k(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<f32> {
+    let left = LeftOperand::round(a, m, k);
+    let k_tiles = left.k_tiles;
+    let (m_blocks, n_blocks) = (m.div_ceil(BLOCK_M), n.div_ceil(BLOCK_N));
+    let (rows, cols) = (m_blocks * BLOCK_M, n_blocks * BLOCK_N);
+    let parts = k_tiles.div_ceil(SPLIT_K_TILES);
+    // Each part's output padded to whole blocks, so that tiles store straight into it.
+    let mut partial = vec![0f32; parts * rows * cols];
+    partial.par_chunks_mut(rows * cols).enumerate().for_each(|(part, c)| {
+        let t0 = part * SPLIT_K_TILES;
+        let steps = SPLIT_K_TILES.min(k_tiles - t0);
+        let (k0, len) = (t0 * TILE_K, (steps * TILE_K).min(k - t0 * TILE_K));
+        // B's rows k0..k0 + len: W's rows (input gradient) or columns (forward) from k0 on.
+        let slice = match b {
+            RightOperand::Transposed { w, cols } => RightOperand::Transposed { w: &w[k0..], cols },
+            RightOperand::Direct { w, cols } => RightOperand::Direct {
+                w: &w[k0 * cols..],
+                cols,
+            },
+        };
+        let mut panels = vec![0u32; n_blocks * 2 * steps * 256];
+        for (p, panel) in panels.chunks_exact_mut(steps * 256).enumerate() {
+            slice.pack_panel(p * 16, n, len, panel);
+        }
+        // SAFETY: AMX is available (`product` asserted it).
+        let _tiles = unsafe { TileSession::start() };
+        for mb in 0..m_blocks {
+            for nb in 0..n_blocks {
+                // SAFETY: row block mb of `left` holds k_tiles ≥ t0 + steps tile steps; the
+                // panels `steps` tiles each; the block lies inside this part's padded output.
+                unsafe {
+                    let p0 = panels[2 * nb * steps * 256..].as_ptr();
+                    let p1 = p0.add(steps * 256);
+                    let out = c.as_mut_ptr().add(mb * BLOCK_M * cols + nb * BLOCK_N);
+                    block(left.block(mb).add(t0 * 1024), p0, p1, 0..steps, out, cols * 4, false);
+                }
+            }
+        }
+    });
+    let mut out = vec![0f32; m * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        for part in partial.chunks_exact(rows * cols) {
+            row.iter_mut()
+                .zip(&part[i * cols..i * cols + n])
+                .for_each(|(o, p)| *o += p);
+        }
+    });
+    out
 }
 
 /// [`product`] for a large `B`: one task per column block packs its two panels and walks all
@@ -1056,7 +1119,12 @@ mod tests {
                 .map(|v| if v.is_finite() { v } else { 0.5 })
                 .collect()
         };
-        for (m, k, n) in [(150usize, 70usize, 200usize), (40, 1100, 50)] {
+        for (m, k, n) in [
+            (150usize, 70usize, 200usize),
+            (40, 1100, 50),
+            (37, 4500, 40),
+            (37, 40, 4500),
+        ] {
             // W [n, k]: B = Wᵀ (k × n, the forward product) or B = W (n × k, the input gradient).
             let w: Vec<u16> = finite(n * k).into_iter().map(bf16_bits).collect();
             let pair_bytes = 2 * k.max(n).div_ceil(TILE_K) * 1024;
@@ -1078,6 +1146,19 @@ mod tests {
                 }
                 let by_columns = product_by_column_blocks(&a, m, inner, outer, b);
                 assert!(same(&by_columns), "[{m}, {inner}, {outer}] by column blocks");
+                // Split over k the sums run in another order: equal up to f32 rounding of
+                // sums of `inner` products.
+                let split = product_split_k(&a, m, inner, outer, b);
+                let scale = whole.iter().fold(1f32, |s, v| s.max(v.abs()));
+                let worst = whole
+                    .iter()
+                    .zip(&split)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= 1e-6 * inner as f32 * scale,
+                    "[{m}, {inner}, {outer}] split over k: {worst} off (values up to {scale})"
+                );
             }
         }
     }
