@@ -728,6 +728,11 @@ fn product(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<
 /// output, the partials then added in order. `A` and `B` are each read once (walking column
 /// blocks instead re-reads all of `A` per block: 18 × 33 MB for SmolLM2's head at 341 rows).
 fn product_split_k(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<f32> {
+    assert!(available(), "AMX bf16 tiles are not available on this CPU");
+    assert_eq!(a.len(), m * k, "a is [m, k]");
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
     let left = LeftOperand::round(a, m, k);
     let k_tiles = left.k_tiles;
     let (m_blocks, n_blocks) = (m.div_ceil(BLOCK_M), n.div_ceil(BLOCK_N));
@@ -781,6 +786,11 @@ fn product_split_k(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>)
 /// row blocks of `A` under them, `k` in chunks of [`CHUNK_K_TILES`] (the panels' slice stays in
 /// L1/L2; the output block is reloaded between chunks).
 fn product_by_column_blocks(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>) -> Vec<f32> {
+    assert!(available(), "AMX bf16 tiles are not available on this CPU");
+    assert_eq!(a.len(), m * k, "a is [m, k]");
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
     // Every element is written by the first pass over k before any is read (no zeroing pass).
     let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
     // SAFETY: MaybeUninit needs no initialisation; the capacity is m·n.
