@@ -697,8 +697,9 @@ unsafe impl Sync for SendPtr {}
 /// [`PREPACK_BYTES`] packed (a small model's layer weights) is packed whole first and the rows
 /// split between tasks too; a wider one (an output head) is packed per column group by the task
 /// that walks it. A `B` whose every pair of panels is over a quarter of [`GROUP_BYTES`] (`k` over
-/// ~4k: the head's input gradient, a sum over the vocabulary) is walked a column block per task
-/// with `k` in chunks ([`product_by_column_blocks`]).
+/// ~4k: the head's input gradient, a sum over the vocabulary) is split over `k` into partial
+/// outputs ([`product_split_k`]) while those stay under [`SPLIT_K_PARTIAL_BYTES`], else walked a
+/// column block per task with `k` in chunks ([`product_by_column_blocks`]).
 ///
 /// # Panics
 /// If AMX is not [`available`].
