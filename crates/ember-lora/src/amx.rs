@@ -691,6 +691,26 @@ unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
 
+/// A product's output buffer of `len` values, left unwritten: the product's blocks write every
+/// value before any is read (no zeroing pass).
+fn unwritten_output(len: usize) -> Vec<std::mem::MaybeUninit<f32>> {
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation; the capacity is `len`.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// The values of an [`unwritten_output`] once written.
+///
+/// # Safety
+/// Every value of `out` has been written.
+unsafe fn written(out: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: all values are initialised (the caller's contract); MaybeUninit<f32> has f32's
+    // layout, so pointer, length and capacity describe a Vec<f32>.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
+}
+
 /// `A·B` into a new row-major `[m, n]` f32 buffer: `a` `[m, k]` f32 rows, rounded to bf16.
 ///
 /// Output blocks are walked along the output's rows ([`product_grouped`]): `B` up to
@@ -792,10 +812,7 @@ fn product_by_column_blocks(a: &[f32], m: usize, k: usize, n: usize, b: RightOpe
     if m == 0 || n == 0 || k == 0 {
         return vec![0f32; m * n];
     }
-    // Every element is written by the first pass over k before any is read (no zeroing pass).
-    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
-    // SAFETY: MaybeUninit needs no initialisation; the capacity is m·n.
-    unsafe { out.set_len(m * n) };
+    let mut out = unwritten_output(m * n);
     let left = LeftOperand::round(a, m, k);
     let k_tiles = left.k_tiles;
     let m_blocks = m.div_ceil(BLOCK_M);
@@ -845,10 +862,9 @@ fn product_by_column_blocks(a: &[f32], m: usize, k: usize, n: usize, b: RightOpe
                 }
             }
         });
-    let mut out = std::mem::ManuallyDrop::new(out);
     // SAFETY: every one of the m·n values was written above (blocks cover all rows and columns
-    // in the first k pass); MaybeUninit<f32> has f32's layout.
-    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), m * n, out.capacity()) }
+    // in the first k pass).
+    unsafe { written(out) }
 }
 
 /// [`product`] with `B`'s packed columns walked in groups of at most `group_bytes` (at least
@@ -875,10 +891,7 @@ fn product_grouped(
     if m == 0 || n == 0 || k == 0 {
         return vec![0f32; m * n];
     }
-    // Every element is written by its block's store before any is read (no zeroing pass).
-    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
-    // SAFETY: MaybeUninit needs no initialisation; the capacity is m·n.
-    unsafe { out.set_len(m * n) };
+    let mut out = unwritten_output(m * n);
     let left = LeftOperand::round(a, m, k);
     let k_tiles = left.k_tiles;
     let (m_blocks, n_blocks) = (m.div_ceil(BLOCK_M), n.div_ceil(BLOCK_N));
@@ -956,10 +969,9 @@ fn product_grouped(
                 }
             }
         });
-    let mut out = std::mem::ManuallyDrop::new(out);
     // SAFETY: every one of the m·n values was written above (the tasks' blocks cover all rows
-    // and columns); MaybeUninit<f32> has f32's layout.
-    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), m * n, out.capacity()) }
+    // and columns).
+    unsafe { written(out) }
 }
 
 /// Rows of `x` below which [`matmul_transposed`] reads the weight in place, row by row (one
