@@ -40,30 +40,32 @@ rss_mib() { awk '{printf "%.0f", $1 / 1024}' "$1"; }
 
 # train_rounds DTYPE PEFT: ROUNDS rounds of Ember then (PEFT=1) PEFT at 256 x 4, then at 2048 x 1,
 # each base in DTYPE; one line per round into $OUT/DTYPE.rounds (tokens/s: Ember 256 x 4, PEFT,
-# Ember 2048 x 1, PEFT; "-" for a side not run). Peak RSS files are the last round's.
+# Ember 2048 x 1, PEFT; "-" for a side not run). Peak RSS files are the last round's; PEFT's
+# first f32 round writes the adapter that the merge row merges.
 train_rounds() {
-    local dtype=$1 peft=$2 round
+    local dtype=$1 peft=$2 round seq batch steps name line
     : > "$OUT/$dtype.rounds"
     for round in $(seq 1 "$ROUNDS"); do
         echo "   round $round of $ROUNDS ($dtype)"
-        EMBER_DTYPE=$dtype /usr/bin/time -f %M -o "$OUT/ember_$dtype.rss" "$BIN/examples/step_bench" "$OUT/base-hf" \
-            256 4 "$STEPS" 0 > "$OUT/ember_$dtype.json"
-        local p="-" pl="-"
-        if [ "$peft" = 1 ]; then
-            /usr/bin/time -f %M -o "$OUT/peft_$dtype.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" \
-                --seq 256 --batch 4 --steps "$STEPS" --dtype "$dtype" --adapter-out "$OUT/peft-adapter" \
-                > "$OUT/peft_$dtype.log"
-            p=$(json tokens_per_s < "$OUT/peft_$dtype.log")
-        fi
-        EMBER_DTYPE=$dtype /usr/bin/time -f %M -o "$OUT/ember_${dtype}_long.rss" "$BIN/examples/step_bench" \
-            "$OUT/base-hf" 2048 1 "$LONG_STEPS" 0 > "$OUT/ember_${dtype}_long.json"
-        if [ "$peft" = 1 ]; then
-            /usr/bin/time -f %M -o "$OUT/peft_${dtype}_long.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" \
-                --seq 2048 --batch 1 --steps "$LONG_STEPS" --dtype "$dtype" > "$OUT/peft_${dtype}_long.log"
-            pl=$(json tokens_per_s < "$OUT/peft_${dtype}_long.log")
-        fi
-        echo "$(json tokens_per_s < "$OUT/ember_$dtype.json") $p $(json tokens_per_s < "$OUT/ember_${dtype}_long.json") $pl" \
-            >> "$OUT/$dtype.rounds"
+        line=""
+        for shape in "256 4 $STEPS $dtype" "2048 1 $LONG_STEPS ${dtype}_long"; do
+            read -r seq batch steps name <<< "$shape"
+            EMBER_DTYPE=$dtype /usr/bin/time -f %M -o "$OUT/ember_$name.rss" "$BIN/examples/step_bench" \
+                "$OUT/base-hf" "$seq" "$batch" "$steps" 0 > "$OUT/ember_$name.json"
+            line="$line $(json tokens_per_s < "$OUT/ember_$name.json")"
+            if [ "$peft" != 1 ]; then
+                line="$line -"
+                continue
+            fi
+            local adapter=()
+            if [ "$dtype" = float32 ] && [ "$round" = 1 ] && [ "$seq" = 256 ]; then
+                adapter=(--adapter-out "$OUT/peft-adapter")
+            fi
+            /usr/bin/time -f %M -o "$OUT/peft_$name.rss" "$PYTHON" bench/peft_reference.py train "$OUT/base-hf" \
+                --seq "$seq" --batch "$batch" --steps "$steps" --dtype "$dtype" "${adapter[@]}" > "$OUT/peft_$name.log"
+            line="$line $(json tokens_per_s < "$OUT/peft_$name.log")"
+        done
+        echo "${line# }" >> "$OUT/$dtype.rounds"
     done
 }
 # round_median DTYPE COLUMN; ratio_median DTYPE EMBER_COLUMN PEFT_COLUMN (per-round ratios)
