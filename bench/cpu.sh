@@ -32,7 +32,7 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 # three invocations rebuilt burn and its dependencies for each (~25 minutes on 2 cores, every
 # run). EMBER_FEATURES are ember-train's (step_bench's backend: cuda, wgpu, blas).
 features=""
-for f in ${EMBER_FEATURES//,/ }; do features="$features ember-train/$f"; done
+for f in $(tr , " " <<< "${EMBER_FEATURES:-}"); do features="$features ember-train/$f"; done
 cargo build --release -p ember-cli --bin ember -p ember-train --example step_bench \
     -p ember-model --example generate_bench ${features:+--features "${features# }"}
 BIN="${CARGO_TARGET_DIR:-target}/release"
