@@ -1125,11 +1125,13 @@ mod tests {
 
     #[test]
     fn row_blocks_and_pair_panels_hold_the_rounded_values() {
-        // 29 rows (a partial block), 70 columns (a partial tile step), rows 75 apart, factors.
-        let (rows, cols, stride): (usize, usize, usize) = (29, 70, 75);
-        let x = awkward(rows * stride);
-        let factors: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 / 7.0).collect();
-        for f in [None, Some(&factors[..])] {
+        // 29 rows (a partial block) or 32, 70 columns (a partial tile step), rows 75 apart,
+        // factors; written over a dirty buffer (the buffers are reused between products).
+        let (cols, stride): (usize, usize) = (70, 75);
+        for (rows, f) in [29, 32].into_iter().flat_map(|rows| [(rows, false), (rows, true)]) {
+            let x = awkward(rows * stride);
+            let factors: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 / 7.0).collect();
+            let f = f.then_some(&factors[..]);
             let mut out = vec![7u16; cols.div_ceil(TILE_K) * 1024];
             round_block(&x, rows, cols, stride, f, &mut out);
             for t in 0..cols.div_ceil(TILE_K) {
@@ -1165,6 +1167,41 @@ mod tests {
                         } else {
                             assert_eq!(half, 0, "padding at B[{row}, {col}]");
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A weight's panels ([`RightOperand::pack_panel`]) written over a dirty buffer (the buffers
+    /// are reused between products): every word, padding included, for both readings of a stored
+    /// W (forward: B = Wᵀ of W [37, 45]; input gradient: B = W of W [45, 37]), partial pairs and
+    /// panels (k 45, n 37).
+    #[test]
+    fn weight_panels_are_written_whole() {
+        if !available() {
+            println!("no AMX: the panels are packed with AVX-512 for the tiles only");
+            return;
+        }
+        let (k, n): (usize, usize) = (45, 37);
+        let w: Vec<u16> = awkward(k * n).into_iter().map(bf16_bits).collect();
+        for (b, at) in [
+            (
+                RightOperand::Transposed { w: &w, cols: k },
+                (|r, c| c * 45 + r) as fn(usize, usize) -> usize,
+            ),
+            (RightOperand::Direct { w: &w, cols: n }, |r, c| r * 37 + c),
+        ] {
+            let k_tiles = k.div_ceil(TILE_K);
+            for n0 in (0..n).step_by(16) {
+                let mut panel = vec![7u32; k_tiles * 256];
+                b.pack_panel(n0, n, k, &mut panel);
+                for (pair, j) in (0..k_tiles * 16).flat_map(|p| (0..16).map(move |j| (p, j))) {
+                    let word = panel[(pair / 16) * 256 + (pair % 16) * 16 + j];
+                    for (half, row) in [(word as u16, 2 * pair), ((word >> 16) as u16, 2 * pair + 1)] {
+                        let col = n0 + j;
+                        let want = if row < k && col < n { w[at(row, col)] } else { 0 };
+                        assert_eq!(half, want, "panel at {n0}: B[{row}, {col}]");
                     }
                 }
             }
