@@ -9,7 +9,9 @@
 //! - [`merge`]: a streaming merge of an adapter into safetensors shards;
 //! - [`quant`]: quantized frozen weights (QLoRA) and [`EmberBackend`], Ember's own burn ops;
 //! - [`amx`]: bf16 products on Intel AMX tiles (a bf16 frozen base on the CPU);
-//! - [`attention`]: fused attention with its own backward pass (one of those ops).
+//! - [`attention`]: fused attention with its own backward pass (one of those ops);
+//! - [`threads`]: the worker pool a step runs on, so that the kernels' parallel regions fork
+//!   from inside it.
 //!
 //! Weight paths such as `model.layers.3.self_attn.q_proj` are born in `ember-model` and handed
 //! here; this crate never learns a model's names.
@@ -27,6 +29,7 @@ mod linear;
 pub mod merge;
 pub mod quant;
 mod simd;
+pub mod threads;
 
 pub use adapter::{AdapterFiles, AdapterTensors};
 pub use attention::{attention, AttentionSpec};

@@ -43,8 +43,11 @@ pub fn evaluate_loss<B: EmberBackend>(
             continue;
         }
         let (input, _) = batch_to_device::<B>(&batch, &device);
-        let sum = target_loss_sum(model, model.forward_hidden(input), &batch.labels);
-        let value: f32 = burn::tensor::ElementConversion::elem(sum.into_scalar());
+        // the head and the loss on the worker pool too (the forward already runs there)
+        let value: f32 = ember_lora::threads::install(|| {
+            let sum = target_loss_sum(model, model.forward_hidden(input), &batch.labels);
+            burn::tensor::ElementConversion::elem(sum.into_scalar())
+        });
         total += value as f64;
         tokens += batch.target_tokens;
     }

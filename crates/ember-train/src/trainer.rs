@@ -97,7 +97,14 @@ impl<B: EmberAutodiffBackend> Trainer<B> {
     /// The loss of every micro-batch is its summed cross-entropy divided by the number of
     /// target tokens in the whole window, so the accumulated gradient is that of the mean over
     /// all the window's targets (not the mean of micro-batch means).
+    ///
+    /// The step runs on a worker of Ember's thread pool ([`ember_lora::threads`]).
     pub fn train_step(&mut self, window: &[Batch], lr: f64) -> Result<StepStats> {
+        ember_lora::threads::install(|| self.train_step_here(window, lr))
+    }
+
+    /// [`Trainer::train_step`] on the calling thread.
+    fn train_step_here(&mut self, window: &[Batch], lr: f64) -> Result<StepStats> {
         let target_tokens: usize = window.iter().map(|b| b.target_tokens).sum();
         let tokens: usize = window
             .iter()
@@ -223,6 +230,11 @@ impl<B: EmberAutodiffBackend> Trainer<B> {
 
     /// Gradients of the mean loss over `batch`'s targets, by parameter name (for checks).
     pub fn gradients(&mut self, batch: &Batch) -> BTreeMap<String, Tensor<Inner<B>, 2>> {
+        ember_lora::threads::install(|| self.gradients_here(batch))
+    }
+
+    /// [`Trainer::gradients`] on the calling thread.
+    fn gradients_here(&mut self, batch: &Batch) -> BTreeMap<String, Tensor<Inner<B>, 2>> {
         let (input, _) = batch_to_device::<B>(batch, &self.device);
         let hidden = self.model.forward_hidden(input);
         let loss = target_loss_sum(&self.model, hidden, &batch.labels).div_scalar(batch.target_tokens as f64);

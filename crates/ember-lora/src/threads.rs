@@ -1,0 +1,68 @@
+//! Ember's worker threads.
+//!
+//! The host kernels split their work with rayon. Called from a thread outside rayon's pool
+//! (the program's main thread), every parallel region is injected into the pool's shared
+//! queue, every worker is woken for it, and the caller sleeps on a lock until the region ends:
+//! a few thousand regions per training step, each paying those wake-ups. [`install`] runs a
+//! whole step (or forward) on one of the pool's own workers instead: its regions are forked
+//! onto that worker's queue and taken by the others as they are free, and nothing sleeps on a
+//! lock between them. `bench/README.md` measures the difference on the training step.
+
+use std::sync::OnceLock;
+
+/// Stack of each worker. The code of a whole step runs on one, where it ran on the main thread
+/// (8 MiB) before; an autodiff graph is dropped node by node, recursively.
+const WORKER_STACK_BYTES: usize = 64 << 20;
+
+/// Ember's pool: as many workers as rayon's global pool would have (`RAYON_NUM_THREADS`, else
+/// one per CPU), each with [`WORKER_STACK_BYTES`] of stack. `None` when the threads could not be
+/// started (the work then runs on the caller's thread, as without the pool).
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("ember-worker-{i}"))
+            .stack_size(WORKER_STACK_BYTES)
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Runs `work` on a worker of Ember's thread pool and returns its result; its parallel regions
+/// (the host kernels' `par_*` and `gemm`'s) run on that pool. Called from a thread that is already
+/// a rayon worker (of any pool), `work` runs right there.
+pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return work();
+    }
+    match pool() {
+        Some(pool) => pool.install(work),
+        None => work(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    #[test]
+    fn work_runs_on_a_worker_and_its_regions_on_the_same_pool() {
+        let outside = rayon::current_thread_index();
+        assert_eq!(outside, None, "the test harness thread is no rayon worker");
+        let (index, threads, sum) = install(|| {
+            let sum: u64 = (0..10_000u64).into_par_iter().map(|i| i * i).sum();
+            (rayon::current_thread_index(), rayon::current_num_threads(), sum)
+        });
+        assert!(index.is_some(), "work ran outside the pool");
+        assert_eq!(threads, pool().expect("pool").current_num_threads());
+        assert_eq!(sum, (0..10_000u64).map(|i| i * i).sum::<u64>());
+        // nested: runs inline on the same worker
+        let nested = install(|| {
+            let here = rayon::current_thread_index();
+            (here, install(rayon::current_thread_index))
+        });
+        assert_eq!(nested.0, nested.1);
+    }
+}
