@@ -971,6 +971,13 @@ pub trait EmberBackend: Backend {
         false
     }
 
+    /// Whether the backend computes on this process's CPU threads (rayon's): its steps and
+    /// forwards then run on a worker of [`crate::threads`]' pool. Device backends queue their
+    /// work from the calling thread, and stay on it.
+    fn kernels_on_host() -> bool {
+        false
+    }
+
     /// `x·deq(W)ᵀ`.
     ///
     /// # Shapes
@@ -1161,6 +1168,10 @@ impl<B> EmberAutodiffBackend for B where
 macro_rules! host_ember_backend {
     ($($backend:ty),*) => {$(
         impl EmberBackend for $backend {
+            fn kernels_on_host() -> bool {
+                true
+            }
+
             fn bf16_base_on_host(device: &Self::Device) -> bool {
                 !<Self as Backend>::supports_dtype(device, burn::tensor::DType::BF16)
             }
@@ -1325,6 +1336,10 @@ mod autodiff {
 
         fn bf16_base_on_host(device: &Self::Device) -> bool {
             B::bf16_base_on_host(device)
+        }
+
+        fn kernels_on_host() -> bool {
+            B::kernels_on_host()
         }
 
         fn quant_linear(x: FloatTensor<Self>, w: &Arc<QuantMatrix>) -> FloatTensor<Self> {

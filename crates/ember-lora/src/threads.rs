@@ -7,8 +7,11 @@
 //! whole step (or forward) on one of the pool's own workers instead: its regions are forked
 //! onto that worker's queue and taken by the others as they are free, and nothing sleeps on a
 //! lock between them. `bench/README.md` measures the difference on the training step.
+//! [`run_for`] does that for the backends whose kernels run on the host.
 
 use std::sync::OnceLock;
+
+use crate::EmberBackend;
 
 /// Stack of each worker. The code of a whole step runs on one, where it ran on the main thread
 /// (8 MiB) before; an autodiff graph is dropped node by node, recursively.
@@ -42,6 +45,16 @@ pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// [`install`] for a backend whose kernels run on the host ([`EmberBackend::kernels_on_host`]);
+/// on any other, `work` runs on the calling thread (a GPU backend's queue stays with it).
+pub fn run_for<B: EmberBackend, R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    if B::kernels_on_host() {
+        install(work)
+    } else {
+        work()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +77,12 @@ mod tests {
             (here, install(rayon::current_thread_index))
         });
         assert_eq!(nested.0, nested.1);
+    }
+
+    #[test]
+    fn host_backends_run_on_the_pool() {
+        type Cpu = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+        assert!(<Cpu as EmberBackend>::kernels_on_host());
+        assert!(run_for::<Cpu, _>(rayon::current_thread_index).is_some());
     }
 }

@@ -1376,7 +1376,7 @@ impl<B: EmberBackend> CausalLm<B> {
     /// - `input.input_ids`: `[batch, seq]`
     /// - `logits`: `[batch, seq, vocab]`; each hidden state `[batch, seq, hidden]`
     pub fn forward_with_hidden(&self, input: ModelInput<B>, output_hidden_states: bool) -> ModelOutput<B> {
-        ember_lora::threads::install(|| {
+        ember_lora::threads::run_for::<B, _>(|| {
             let (x, hidden_states) = self.decode(input, output_hidden_states);
             let logits = self.lm_head_logits(x);
             ModelOutput { logits, hidden_states }
@@ -1571,7 +1571,7 @@ impl<B: EmberBackend> CausalLm<B> {
     /// - `input.input_ids`: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward_hidden(&self, input: ModelInput<B>) -> Tensor<B, 3> {
-        ember_lora::threads::install(|| self.decode(input, false).0)
+        ember_lora::threads::run_for::<B, _>(|| self.decode(input, false).0)
     }
 
     /// One decoding step with a key/value cache: runs `input_ids` after the cached positions
@@ -1588,7 +1588,7 @@ impl<B: EmberBackend> CausalLm<B> {
         position_ids: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 2> {
-        ember_lora::threads::install(|| {
+        ember_lora::threads::run_for::<B, _>(|| {
             let hidden = self.forward_step_hidden(input_ids, attention_mask, position_ids, cache);
             let [batch, seq, _] = hidden.dims();
             let logits = self.lm_head_logits(hidden.narrow(1, seq - 1, 1));
@@ -1618,7 +1618,7 @@ impl<B: EmberBackend> CausalLm<B> {
             padding: Some(padding.clone()),
             packed_runs: None,
         };
-        ember_lora::threads::install(|| self.walk(input_ids, position_ids, mask, rows, Some(cache), false).0)
+        ember_lora::threads::run_for::<B, _>(|| self.walk(input_ids, position_ids, mask, rows, Some(cache), false).0)
     }
 
     /// The normalised config the model was built from.

@@ -44,7 +44,7 @@ pub fn evaluate_loss<B: EmberBackend>(
         }
         let (input, _) = batch_to_device::<B>(&batch, &device);
         // the head and the loss on the worker pool too (the forward already runs there)
-        let value: f32 = ember_lora::threads::install(|| {
+        let value: f32 = ember_lora::threads::run_for::<B, _>(|| {
             let sum = target_loss_sum(model, model.forward_hidden(input), &batch.labels);
             burn::tensor::ElementConversion::elem(sum.into_scalar())
         });

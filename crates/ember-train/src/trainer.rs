@@ -98,9 +98,9 @@ impl<B: EmberAutodiffBackend> Trainer<B> {
     /// target tokens in the whole window, so the accumulated gradient is that of the mean over
     /// all the window's targets (not the mean of micro-batch means).
     ///
-    /// The step runs on a worker of Ember's thread pool ([`ember_lora::threads`]).
+    /// On a CPU backend the step runs on a worker of Ember's thread pool ([`ember_lora::threads`]).
     pub fn train_step(&mut self, window: &[Batch], lr: f64) -> Result<StepStats> {
-        ember_lora::threads::install(|| self.train_step_here(window, lr))
+        ember_lora::threads::run_for::<B, _>(|| self.train_step_here(window, lr))
     }
 
     /// [`Trainer::train_step`] on the calling thread.
@@ -230,7 +230,7 @@ impl<B: EmberAutodiffBackend> Trainer<B> {
 
     /// Gradients of the mean loss over `batch`'s targets, by parameter name (for checks).
     pub fn gradients(&mut self, batch: &Batch) -> BTreeMap<String, Tensor<Inner<B>, 2>> {
-        ember_lora::threads::install(|| self.gradients_here(batch))
+        ember_lora::threads::run_for::<B, _>(|| self.gradients_here(batch))
     }
 
     /// [`Trainer::gradients`] on the calling thread.
