@@ -19,6 +19,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use crate::buffer::{unwritten, written, written_slice};
+
 /// Rows of the output kept in tiles at once (two tiles of 16).
 const BLOCK_M: usize = 32;
 /// Columns of the output kept in tiles at once (two tiles of 16).
@@ -722,26 +724,6 @@ unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
 
-/// A product's output buffer of `len` values, left unwritten: the product's blocks write every
-/// value before any is read (no zeroing pass).
-fn unwritten_output(len: usize) -> Vec<std::mem::MaybeUninit<f32>> {
-    let mut out = Vec::with_capacity(len);
-    // SAFETY: MaybeUninit needs no initialisation; the capacity is `len`.
-    unsafe { out.set_len(len) };
-    out
-}
-
-/// The values of an [`unwritten_output`] once written.
-///
-/// # Safety
-/// Every value of `out` has been written.
-unsafe fn written(out: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
-    let mut out = std::mem::ManuallyDrop::new(out);
-    // SAFETY: all values are initialised (the caller's contract); MaybeUninit<f32> has f32's
-    // layout, so pointer, length and capacity describe a Vec<f32>.
-    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
-}
-
 /// `A·B` into a new row-major `[m, n]` f32 buffer: `a` `[m, k]` f32 rows, rounded to bf16.
 ///
 /// Output blocks are walked along the output's rows ([`product_grouped`]): `B` up to
@@ -792,7 +774,7 @@ fn product_split_k(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>)
     let parts = k_tiles.div_ceil(SPLIT_K_TILES);
     // Each part's output padded to whole blocks, so that tiles store straight into it; every
     // block of every part is stored (no zeroing pass).
-    let mut partial = unwritten_output(parts * rows * cols);
+    let mut partial = unwritten(parts * rows * cols);
     partial
         .par_chunks_mut(rows * cols)
         .enumerate()
@@ -824,7 +806,7 @@ fn product_split_k(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>)
     // SAFETY: the loop over (mb, nb) above stored every block of every part's padded output.
     let partial = unsafe { written(partial) };
     // The parts summed in order, the first one seeding each row.
-    let mut out = unwritten_output(m * n);
+    let mut out = unwritten(m * n);
     out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
         let mut parts = partial
             .chunks_exact(rows * cols)
@@ -833,8 +815,8 @@ fn product_split_k(a: &[f32], m: usize, k: usize, n: usize, b: RightOperand<'_>)
         row.iter_mut().zip(first).for_each(|(o, &p)| {
             o.write(p);
         });
-        // SAFETY: every value of the row was written just above; MaybeUninit<f32> has f32's layout.
-        let row = unsafe { &mut *(row as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+        // SAFETY: every value of the row was written just above.
+        let row = unsafe { written_slice(row) };
         for part in parts {
             row.iter_mut().zip(part).for_each(|(o, p)| *o += p);
         }
@@ -852,7 +834,7 @@ fn product_by_column_blocks(a: &[f32], m: usize, k: usize, n: usize, b: RightOpe
     if m == 0 || n == 0 || k == 0 {
         return vec![0f32; m * n];
     }
-    let mut out = unwritten_output(m * n);
+    let mut out = unwritten(m * n);
     let left = LeftOperand::round(a, m, k);
     let k_tiles = left.k_tiles;
     let m_blocks = m.div_ceil(BLOCK_M);
@@ -931,7 +913,7 @@ fn product_grouped(
     if m == 0 || n == 0 || k == 0 {
         return vec![0f32; m * n];
     }
-    let mut out = unwritten_output(m * n);
+    let mut out = unwritten(m * n);
     let left = LeftOperand::round(a, m, k);
     let k_tiles = left.k_tiles;
     let (m_blocks, n_blocks) = (m.div_ceil(BLOCK_M), n.div_ceil(BLOCK_N));

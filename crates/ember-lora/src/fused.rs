@@ -12,6 +12,7 @@
 //!
 //! Constants of the frozen base (the norm weight, the rotary tables) get no gradient.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
@@ -20,6 +21,7 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::attention::{matmul_into, place_of, prim, to_device, HostMatrix, HostTensors};
+use crate::buffer::{unwritten, written, written_slice};
 use crate::quant::{float, EmberBackend, QuantMatrix};
 
 /// Elements per parallel task of the host kernels (smaller tensors run on one thread).
@@ -107,21 +109,33 @@ fn inverse_rms(row: &[f32], eps: f64) -> f32 {
 /// - `x`: `[rows·dim]`; `weight`: `[dim]`; output: `[rows·dim]`
 pub fn host_rms_norm_forward(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
     let dim = weight.len();
-    let mut out = vec![0f32; x.len()];
+    assert_whole_rows(x.len(), dim);
+    let mut out = unwritten(x.len());
     out.par_chunks_mut(dim * task_rows(dim))
         .zip(x.par_chunks(dim * task_rows(dim)))
         .for_each(|(out, x)| rms_norm_rows(out, x, weight, eps));
-    out
+    // SAFETY: `x` is whole rows (checked above); the chunks of `out` and `x` pair up one to one
+    // and each task writes every value of its rows.
+    unsafe { written(out) }
+}
+
+/// `len` values are whole rows of `dim` (the row kernels then write every value).
+fn assert_whole_rows(len: usize, dim: usize) {
+    assert!(
+        dim > 0 && len % dim == 0,
+        "{len} values are no whole number of rows of {dim}"
+    );
 }
 
 crate::simd::multiversion! {
-    /// Rows of [`host_rms_norm_forward`] (vectorised for the CPU, see [`crate::simd`]).
-    fn rms_norm_rows(out: &mut [f32], x: &[f32], weight: &[f32], eps: f64) {
+    /// Rows of [`host_rms_norm_forward`], every value of `out` written (vectorised for the CPU,
+    /// see [`crate::simd`]).
+    fn rms_norm_rows(out: &mut [MaybeUninit<f32>], x: &[f32], weight: &[f32], eps: f64) {
         let dim = weight.len();
         for (o, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
             let r = inverse_rms(x, eps);
             for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
-                *o = x * r * w;
+                o.write(x * r * w);
             }
         }
     }
@@ -133,17 +147,28 @@ crate::simd::multiversion! {
 /// - `x`, `d_out`: `[rows·dim]`; `weight`: `[dim]`; output: `[rows·dim]`
 pub fn host_rms_norm_backward(x: &[f32], weight: &[f32], eps: f64, d_out: &[f32]) -> Vec<f32> {
     let dim = weight.len();
-    let mut dx = vec![0f32; x.len()];
+    assert_whole_rows(x.len(), dim);
+    assert_eq!(
+        d_out.len(),
+        x.len(),
+        "RMSNorm backward of {} inputs and {} output gradients",
+        x.len(),
+        d_out.len()
+    );
+    let mut dx = unwritten(x.len());
     let task = dim * task_rows(dim);
     dx.par_chunks_mut(task)
         .zip(x.par_chunks(task).zip(d_out.par_chunks(task)))
         .for_each(|(dx, (x, g))| rms_norm_grad_rows(dx, x, g, weight, eps));
-    dx
+    // SAFETY: `x` and `d_out` are the same whole rows (checked above); the chunks pair up one to
+    // one and each task writes every value of its rows of `dx`.
+    unsafe { written(dx) }
 }
 
 crate::simd::multiversion! {
-    /// Rows of [`host_rms_norm_backward`] (vectorised for the CPU, see [`crate::simd`]).
-    fn rms_norm_grad_rows(dx: &mut [f32], x: &[f32], g: &[f32], weight: &[f32], eps: f64) {
+    /// Rows of [`host_rms_norm_backward`], every value of `dx` written (vectorised for the CPU,
+    /// see [`crate::simd`]).
+    fn rms_norm_grad_rows(dx: &mut [MaybeUninit<f32>], x: &[f32], g: &[f32], weight: &[f32], eps: f64) {
         let dim = weight.len();
         for ((dx, x), g) in dx
             .chunks_exact_mut(dim)
@@ -154,7 +179,7 @@ crate::simd::multiversion! {
             let dot = lane_sum(g.iter().zip(weight).zip(x).map(|((g, w), x)| g * w * x)) / dim as f32;
             let c = r * r * r * dot;
             for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(weight) {
-                *dx = r * (g * w) - x * c;
+                dx.write(r * (g * w) - x * c);
             }
         }
     }
@@ -392,42 +417,68 @@ fn sigmoid(x: f32) -> f32 {
 
 /// [`swiglu`] on host values.
 pub fn host_swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; gate.len()];
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "SwiGLU of {} gate and {} up values",
+        gate.len(),
+        up.len()
+    );
+    let mut out = unwritten(gate.len());
     out.par_chunks_mut(TASK_ELEMENTS)
         .zip(gate.par_chunks(TASK_ELEMENTS).zip(up.par_chunks(TASK_ELEMENTS)))
         .for_each(|(o, (g, u))| swiglu_chunk(o, g, u));
-    out
+    // SAFETY: the chunks of `out`, `gate` and `up` pair up one to one (equal lengths, checked
+    // above) and each task writes every value of its chunk.
+    unsafe { written(out) }
 }
 
 crate::simd::multiversion! {
-    /// A chunk of [`host_swiglu_forward`] (vectorised for the CPU, see [`crate::simd`]).
-    fn swiglu_chunk(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    /// A chunk of [`host_swiglu_forward`], every value of `out` written (vectorised for the
+    /// CPU, see [`crate::simd`]).
+    fn swiglu_chunk(out: &mut [MaybeUninit<f32>], gate: &[f32], up: &[f32]) {
         for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g * sigmoid(*g) * u;
+            o.write(g * sigmoid(*g) * u);
         }
     }
 }
 
 /// The backward pass of [`host_swiglu_forward`] (formulas at [`device_swiglu_backward`]).
 pub fn host_swiglu_backward(gate: &[f32], up: &[f32], d_out: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut d_gate = vec![0f32; gate.len()];
-    let mut d_up = vec![0f32; gate.len()];
+    let len = gate.len();
+    assert!(
+        up.len() == len && d_out.len() == len,
+        "SwiGLU backward of {len} gate, {} up and {} output-gradient values",
+        up.len(),
+        d_out.len()
+    );
+    let mut d_gate = unwritten(len);
+    let mut d_up = unwritten(len);
     d_gate
         .par_chunks_mut(TASK_ELEMENTS)
         .zip(d_up.par_chunks_mut(TASK_ELEMENTS))
         .zip(gate.par_chunks(TASK_ELEMENTS).zip(up.par_chunks(TASK_ELEMENTS)))
         .zip(d_out.par_chunks(TASK_ELEMENTS))
         .for_each(|(((dg, du), (gate, up)), d)| swiglu_grad_chunk(dg, du, gate, up, d));
-    (d_gate, d_up)
+    // SAFETY: the chunks of all five buffers pair up one to one (equal lengths, checked above)
+    // and each task writes every value of its chunks of `d_gate` and `d_up`.
+    unsafe { (written(d_gate), written(d_up)) }
 }
 
 crate::simd::multiversion! {
-    /// A chunk of [`host_swiglu_backward`] (vectorised for the CPU, see [`crate::simd`]).
-    fn swiglu_grad_chunk(d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32], d_out: &[f32]) {
+    /// A chunk of [`host_swiglu_backward`], every value of `d_gate` and `d_up` written
+    /// (vectorised for the CPU, see [`crate::simd`]).
+    fn swiglu_grad_chunk(
+        d_gate: &mut [MaybeUninit<f32>],
+        d_up: &mut [MaybeUninit<f32>],
+        gate: &[f32],
+        up: &[f32],
+        d_out: &[f32],
+    ) {
         for ((((dg, du), x), u), d) in d_gate.iter_mut().zip(d_up).zip(gate).zip(up).zip(d_out) {
             let s = sigmoid(*x);
-            *du = d * x * s;
-            *dg = d * u * s * (1.0 + x * (1.0 - s));
+            du.write(d * x * s);
+            dg.write(d * u * s * (1.0 + x * (1.0 - s)));
         }
     }
 }
@@ -881,13 +932,15 @@ pub fn host_cross_entropy_rows(
     spec: CrossEntropySpec,
 ) -> (Vec<f32>, Vec<f32>) {
     let rows = targets.len();
+    assert_eq!(
+        logits.len(),
+        rows * vocab,
+        "{} logits for {rows} targets over a vocabulary of {vocab}",
+        logits.len()
+    );
     let mut nll = vec![0f32; rows];
-    let mut grad = if spec.gradient {
-        vec![0f32; logits.len()]
-    } else {
-        Vec::new()
-    };
-    let row_nll = |z: &[f32], y: i64, dz: Option<&mut [f32]>| -> f32 {
+    let mut grad = unwritten(if spec.gradient { logits.len() } else { 0 });
+    let row_nll = |z: &[f32], y: i64, dz: Option<&mut [MaybeUninit<f32>]>| -> f32 {
         let y = usize::try_from(y)
             .ok()
             .filter(|&y| y < vocab)
@@ -904,22 +957,27 @@ pub fn host_cross_entropy_rows(
             .zip(logits.par_chunks(vocab).zip(targets.par_iter()))
             .for_each(|(nll, (z, &y))| *nll = row_nll(z, y, None));
     }
-    (nll, grad)
+    // SAFETY: with a gradient, `grad` has `rows` rows of `vocab` (checked above), each paired
+    // with one target and written whole by `cross_entropy_row`; without, it is empty.
+    (nll, unsafe { written(grad) })
 }
 
 crate::simd::multiversion! {
     /// One row of [`host_cross_entropy_rows`]: the negative log-likelihood of target `y`
     /// (checked by the caller) and, with `dz`, its gradient (vectorised for the CPU, see
     /// [`crate::simd`]).
-    fn cross_entropy_row(z: &[f32], y: usize, dz: Option<&mut [f32]>, softcap: Option<f32>) -> f32 {
+    fn cross_entropy_row(z: &[f32], y: usize, dz: Option<&mut [MaybeUninit<f32>]>, softcap: Option<f32>) -> f32 {
         let max = crate::simd::lane_max(z);
         let nll_of = |total: f32| total.ln() + max - z[y];
         match dz {
             None => nll_of(lane_sum(z.iter().map(|&v| crate::attention::fast_exp(v - max)))),
             Some(dz) => {
+                assert_eq!(dz.len(), z.len(), "gradient row of {} for {} logits", dz.len(), z.len());
                 dz.iter_mut()
                     .zip(z)
-                    .for_each(|(d, &v)| *d = crate::attention::fast_exp(v - max));
+                    .for_each(|(d, &v)| _ = d.write(crate::attention::fast_exp(v - max)));
+                // SAFETY: the pass above wrote every value (as long as `z`, checked).
+                let dz = unsafe { written_slice(dz) };
                 let total = lane_sum(dz.iter().copied());
                 let inv = 1.0 / total;
                 match softcap {

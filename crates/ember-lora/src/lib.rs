@@ -21,6 +21,7 @@ pub mod adapter;
 pub mod amx;
 pub mod atomic;
 pub mod attention;
+mod buffer;
 pub mod config;
 mod error;
 pub mod expert;
