@@ -24,6 +24,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::amx::{tile_product, LeftTiles, RightTiles};
+use crate::buffer::{unwritten, written};
 use crate::quant::{float, EmberBackend};
 
 /// Query rows per block of the CPU kernels.
@@ -505,16 +506,86 @@ pub(crate) fn gemm_strided(
     }
     let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
     assert!(last(dst_rs, dst_cs, m, n) < dst.len(), "matmul: dst out of bounds");
+    // SAFETY: `dst` is `dst.len()` values, borrowed mutably (so it aliases neither operand).
+    unsafe {
+        gemm_to_pointer(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            (dst_rs, dst_cs),
+            accumulate,
+            lhs,
+            (lhs_rs, lhs_cs),
+            rhs,
+            (rhs_rs, rhs_cs),
+            alpha,
+            parallelism,
+        )
+    }
+}
+
+/// `alpha·lhs·rhs` into a new row-major `[m, n]` buffer on the whole thread pool, with no
+/// zeroing pass first: gemm writes every value of an output it is told not to read.
+///
+/// # Shapes
+/// - `lhs`: `[m, k]`; `rhs`: `[k, n]`; output: `[m, n]`
+pub(crate) fn matmul_new(lhs: &HostMatrix<'_>, rhs: &HostMatrix<'_>, alpha: f32) -> Vec<f32> {
+    let ([m, k], [k2, n]) = (lhs.dims, rhs.dims);
+    assert_eq!(k, k2, "matmul of {:?} by {:?}", lhs.dims, rhs.dims);
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * n];
+    }
+    let mut out = unwritten(m * n);
+    // SAFETY: `out` holds the m·n values of a row-major `[m, n]`, owned here (so it aliases
+    // neither operand); gemm does not read an output it does not accumulate into.
+    unsafe {
+        gemm_to_pointer(
+            (m, n, k),
+            out.as_mut_ptr().cast::<f32>(),
+            (n, 1),
+            false,
+            &lhs.values,
+            lhs.strides(),
+            &rhs.values,
+            rhs.strides(),
+            alpha,
+            Parallelism::Rayon(0),
+        );
+        // SAFETY: m, n, k > 0: gemm wrote every value of the output.
+        written(out)
+    }
+}
+
+/// [`gemm_strided`] into an output given by pointer, `m`, `n`, `k` all positive.
+///
+/// # Safety
+/// `dst` is valid for writes (and, with `accumulate`, reads) of every element `(i, j)` at
+/// `i·dst_rs + j·dst_cs` for `i < m`, `j < n`, and aliases neither operand. Without
+/// `accumulate` it need not be initialised: gemm writes every such element without reading it.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_to_pointer(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    alpha: f32,
+    parallelism: Parallelism,
+) {
+    debug_assert!(m > 0 && n > 0 && k > 0);
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
     assert!(last(lhs_rs, lhs_cs, m, k) < lhs.len(), "matmul: lhs out of bounds");
     assert!(last(rhs_rs, rhs_cs, k, n) < rhs.len(), "matmul: rhs out of bounds");
-    // SAFETY: the asserts above keep every element the kernel touches inside the slices; `dst`
-    // is borrowed mutably, so it aliases neither operand.
+    // SAFETY: the asserts above keep every operand element the kernel reads inside the slices;
+    // the output is the caller's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             dst_cs as isize,
             dst_rs as isize,
             accumulate,

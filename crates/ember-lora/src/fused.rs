@@ -20,7 +20,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::attention::{matmul_into, place_of, prim, to_device, HostMatrix, HostTensors};
+use crate::attention::{matmul_into, matmul_new, place_of, prim, to_device, HostMatrix, HostTensors};
 use crate::buffer::{unwritten, written, written_slice};
 use crate::quant::{float, EmberBackend, QuantMatrix};
 
@@ -728,14 +728,15 @@ pub fn host_lora_linear_forward(
         assert_eq!(bias.len(), out_dim, "bias of {} for {out_dim} outputs", bias.len());
     }
     let mut out = match weight {
-        HostBase::Matrix(weight) => {
-            let mut out = vec![0f32; rows * out_dim];
-            if let Some(bias) = bias {
+        HostBase::Matrix(weight) => match bias {
+            Some(bias) => {
+                let mut out = vec![0f32; rows * out_dim];
                 add_bias_rows(&mut out, bias, false);
+                matmul_into(&mut out, true, x, &weight.t(), 1.0);
+                out
             }
-            matmul_into(&mut out, bias.is_some(), x, &weight.t(), 1.0);
-            out
-        }
+            None => matmul_new(x, &weight.t(), 1.0),
+        },
         HostBase::Blocks(blocks) => {
             let mut out = blocks.matmul_transposed(&x.row_major_values(), rows);
             if let Some(bias) = bias {
@@ -744,8 +745,7 @@ pub fn host_lora_linear_forward(
             out
         }
     };
-    let mut low = vec![0f32; rows * r];
-    matmul_into(&mut low, false, x_adapter.unwrap_or(x), &lora_a.t(), 1.0);
+    let low = matmul_new(x_adapter.unwrap_or(x), &lora_a.t(), 1.0);
     matmul_into(
         &mut out,
         true,
@@ -768,47 +768,27 @@ pub fn host_lora_linear_backward(
     d_out: &HostMatrix<'_>,
     input: InputGrad,
 ) -> (Option<Vec<f32>>, Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
-    let [rows, in_dim] = x_adapter.dims;
-    let [out_dim, r] = lora_b.dims;
+    let rows = x_adapter.dims[0];
+    let r = lora_b.dims[1];
     // s·(g·B), [rows, r]
-    let mut g_b = vec![0f32; rows * r];
-    matmul_into(&mut g_b, false, d_out, lora_b, scaling);
+    let g_b = matmul_new(d_out, lora_b, scaling);
     let g_b = HostMatrix::row_major(&g_b, [rows, r]);
-    let product = |dst: &mut Vec<f32>, accumulate: bool, lhs: &HostMatrix<'_>, rhs: &HostMatrix<'_>| {
-        matmul_into(dst, accumulate, lhs, rhs, 1.0)
-    };
     // g·W
     let base_grad = || match weight {
-        HostBase::Matrix(weight) => {
-            let mut d_x = vec![0f32; rows * in_dim];
-            product(&mut d_x, false, d_out, weight);
-            d_x
-        }
+        HostBase::Matrix(weight) => matmul_new(d_out, weight, 1.0),
         HostBase::Blocks(blocks) => blocks.matmul(&d_out.row_major_values(), rows),
     };
     let (d_x, d_adapter) = match input {
         InputGrad::None => (None, None),
         InputGrad::Sum => {
             let mut d_x = base_grad();
-            product(&mut d_x, true, &g_b, lora_a);
+            matmul_into(&mut d_x, true, &g_b, lora_a, 1.0);
             (Some(d_x), None)
         }
-        InputGrad::Separate => {
-            let mut d_adapter = vec![0f32; rows * in_dim];
-            product(&mut d_adapter, false, &g_b, lora_a);
-            (Some(base_grad()), Some(d_adapter))
-        }
+        InputGrad::Separate => (Some(base_grad()), Some(matmul_new(&g_b, lora_a, 1.0))),
     };
-    let mut d_lora_a = vec![0f32; r * in_dim];
-    matmul_into(&mut d_lora_a, false, &g_b.t(), x_adapter, 1.0);
-    let mut d_lora_b = vec![0f32; out_dim * r];
-    matmul_into(
-        &mut d_lora_b,
-        false,
-        &d_out.t(),
-        &HostMatrix::row_major(low, [rows, r]),
-        scaling,
-    );
+    let d_lora_a = matmul_new(&g_b.t(), x_adapter, 1.0);
+    let d_lora_b = matmul_new(&d_out.t(), &HostMatrix::row_major(low, [rows, r]), scaling);
     (d_x, d_adapter, d_lora_a, d_lora_b)
 }
 
