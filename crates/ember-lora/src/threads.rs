@@ -8,8 +8,14 @@
 //! onto that worker's queue and taken by the others as they are free, and nothing sleeps on a
 //! lock between them. `bench/README.md` measures the difference on the training step.
 //! [`run_for`] does that for the backends whose kernels run on the host.
+//!
+//! One piece of work runs on the pool at a time; other threads wait for their turn. A worker
+//! waiting inside a parallel region takes whatever work is queued, so a second step would
+//! otherwise run on top of the first one's stack, and burn's autodiff holds a graph's lock while
+//! its backward runs and takes every graph's lock when a backward ends: the second step's end
+//! would wait on the first one's lock, held lower on the same thread, for ever.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use crate::EmberBackend;
 
@@ -35,12 +41,21 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
 /// Runs `work` on a worker of Ember's thread pool and returns its result; its parallel regions
 /// (the host kernels' `par_*` and `gemm`'s) run on that pool. Called from a thread that is already
 /// a rayon worker (of any pool), `work` runs right there.
+///
+/// One piece of work runs on the pool at a time (see the module's docs); a caller waits for
+/// the one before it.
 pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    /// Held while a piece of work runs on the pool.
+    static TURN: Mutex<()> = Mutex::new(());
     if rayon::current_thread_index().is_some() {
         return work();
     }
     match pool() {
-        Some(pool) => pool.install(work),
+        Some(pool) => {
+            // A panic in an earlier piece of work leaves nothing to repair: the lock guards no data.
+            let _turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+            pool.install(work)
+        }
         None => work(),
     }
 }
@@ -77,6 +92,36 @@ mod tests {
             (here, install(rayon::current_thread_index))
         });
         assert_eq!(nested.0, nested.1);
+    }
+
+    /// Threads that install work at the same time take turns: no piece of work starts while
+    /// another one runs (a worker waiting in a parallel region would otherwise take the other
+    /// piece up on its own stack).
+    #[test]
+    fn concurrent_callers_take_turns() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let running = AtomicUsize::new(0);
+        let most = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..20 {
+                        install(|| {
+                            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            let sum: u64 = (0..200_000u64).into_par_iter().map(|i| i % 7).sum();
+                            running.fetch_sub(1, Ordering::SeqCst);
+                            sum
+                        });
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            1,
+            "two pieces of work ran on the pool at once"
+        );
     }
 
     #[test]
