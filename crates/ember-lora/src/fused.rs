@@ -122,7 +122,7 @@ pub fn host_rms_norm_forward(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
 /// `len` values are whole rows of `dim` (the row kernels then write every value).
 fn assert_whole_rows(len: usize, dim: usize) {
     assert!(
-        dim > 0 && len % dim == 0,
+        dim > 0 && len.is_multiple_of(dim),
         "{len} values are no whole number of rows of {dim}"
     );
 }
