@@ -34,8 +34,8 @@ const STEP_STACK_BYTES: usize = 64 << 20;
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 thread_local! {
-    /// Whether this thread is the step thread.
-    static ON_STEP_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether this thread is one of Ember's pool: the step thread or another worker.
+    static IN_EMBER_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The step thread's queue, starting the thread and Ember's pool on first use: as many workers
@@ -55,10 +55,11 @@ fn step_queue() -> Option<&'static mpsc::Sender<Job>> {
                     let pool = rayon::ThreadPoolBuilder::new()
                         .use_current_thread()
                         .thread_name(|i| format!("ember-worker-{i}"))
+                        .start_handler(|_| IN_EMBER_POOL.with(|on| on.set(true)))
                         .build();
                     let _ = started.send(pool.is_ok());
                     if pool.is_ok() {
-                        ON_STEP_THREAD.with(|on| on.set(true));
+                        IN_EMBER_POOL.with(|on| on.set(true));
                         for job in jobs {
                             job();
                         }
@@ -73,9 +74,11 @@ fn step_queue() -> Option<&'static mpsc::Sender<Job>> {
 
 /// Runs `work` on Ember's step thread and returns its result (a panic in `work` resumes here);
 /// its parallel regions (the host kernels' `par_*` and `gemm`'s) run on Ember's pool. Called on
-/// the step thread, `work` runs right there. Callers take turns (see the module's docs).
+/// a thread of that pool (the step thread, or a worker inside one of its parallel regions, which
+/// would otherwise wait on the step thread that waits on it), `work` runs right there. Callers
+/// take turns (see the module's docs).
 pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    if ON_STEP_THREAD.with(|on| on.get()) {
+    if IN_EMBER_POOL.with(|on| on.get()) {
         return work();
     }
     let Some(queue) = step_queue() else {
@@ -132,6 +135,17 @@ mod tests {
         // every piece of work on the same thread (one allocator arena); nested: inline
         let again = install(|| (std::thread::current().id(), install(|| std::thread::current().id())));
         assert_eq!(again, (thread, thread));
+        // from inside a parallel region, on whichever worker runs it: inline too
+        let inside: Vec<bool> = install(|| {
+            (0..64u32)
+                .into_par_iter()
+                .map(|_| {
+                    let here = std::thread::current().id();
+                    install(|| std::thread::current().id()) == here
+                })
+                .collect()
+        });
+        assert!(inside.iter().all(|&inline| inline));
     }
 
     #[test]
